@@ -1,0 +1,246 @@
+"""`UNet3DConditionModel`: Stable Diffusion's UNet inflated to clips, as in Tune-A-Video.
+
+Config keys, state-dict keys and numerics follow the original Tune-A-Video model, so its configs and tuned
+checkpoints load unchanged (798 tensors for SD 1.x: SD's 686 plus `attn_temp`/`norm_temp` in each of the 16
+transformer blocks).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput, logging
+from torch import nn
+
+from .resnet import InflatedConv3d
+from .unet_blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, get_block
+
+logger = logging.get_logger(__name__)
+
+TEMPORAL_KEY = "_temp."  # every parameter that inflation adds: `attn_temp.*` and `norm_temp.*`
+
+
+@dataclass
+class UNet3DConditionOutput(BaseOutput):
+    """`sample`: the predicted noise (or v), `(batch, channels, frames, height, width)`."""
+
+    sample: torch.Tensor
+
+
+class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
+    """The inflated SD UNet on latent clips `(batch, 4, frames, height/8, width/8)`.
+
+    Its constructor takes the original project's config keys (those of diffusers 0.11's 2D UNet, with 3D block
+    names). Features SD never used (class embeddings, dual or only-cross attention, scale-shift time embedding) are
+    refused rather than half-supported.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        center_input_sample: bool = False,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        down_block_types: tuple[str, ...] = (
+            "CrossAttnDownBlock3D",
+            "CrossAttnDownBlock3D",
+            "CrossAttnDownBlock3D",
+            "DownBlock3D",
+        ),
+        mid_block_type: str = "UNetMidBlock3DCrossAttn",
+        up_block_types: tuple[str, ...] = ("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        only_cross_attention: bool = False,
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        layers_per_block: int = 2,
+        downsample_padding: int = 1,
+        mid_block_scale_factor: float = 1.0,
+        act_fn: str = "silu",
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        cross_attention_dim: int = 1280,
+        attention_head_dim: int | tuple[int, ...] = 8,
+        dual_cross_attention: bool = False,
+        use_linear_projection: bool = False,
+        class_embed_type: str | None = None,
+        num_class_embeds: int | None = None,
+        upcast_attention: bool = False,
+        resnet_time_scale_shift: str = "default",
+    ):
+        super().__init__()
+        unsupported = {
+            "only_cross_attention": any(only_cross_attention)
+            if isinstance(only_cross_attention, (list, tuple))
+            else bool(only_cross_attention),
+            "dual_cross_attention": dual_cross_attention,
+            "class_embed_type": class_embed_type is not None or num_class_embeds is not None,
+            "resnet_time_scale_shift": resnet_time_scale_shift != "default",
+            "act_fn": act_fn != "silu",
+        }
+        if any(unsupported.values()):
+            raise ValueError(f"UNet3DConditionModel does not support {[k for k, v in unsupported.items() if v]}")
+        if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
+            raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length")
+        self.sample_size = sample_size
+        heads = [attention_head_dim] * len(down_block_types) if isinstance(attention_head_dim, int) else list(attention_head_dim)
+
+        self.conv_in = InflatedConv3d(in_channels, block_out_channels[0], 3, padding=1)
+        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
+        time_embed_dim = block_out_channels[0] * 4
+        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim)
+
+        common = dict(
+            temb_channels=time_embed_dim,
+            resnet_eps=norm_eps,
+            resnet_groups=norm_num_groups,
+            cross_attention_dim=cross_attention_dim,
+            use_linear_projection=use_linear_projection,
+            upcast_attention=upcast_attention,
+        )
+        self.down_blocks = nn.ModuleList()
+        output_channel = block_out_channels[0]
+        for i, name in enumerate(down_block_types):
+            input_channel, output_channel = output_channel, block_out_channels[i]
+            self.down_blocks.append(
+                get_block(
+                    DOWN_BLOCKS,
+                    name,
+                    in_channels=input_channel,
+                    out_channels=output_channel,
+                    num_layers=layers_per_block,
+                    add_downsample=i < len(block_out_channels) - 1,
+                    downsample_padding=downsample_padding,
+                    num_attention_heads=heads[i],
+                    **common,
+                )
+            )
+
+        self.mid_block = get_block(
+            MID_BLOCKS,
+            mid_block_type,
+            in_channels=block_out_channels[-1],
+            output_scale_factor=mid_block_scale_factor,
+            num_attention_heads=heads[-1],
+            **common,
+        )
+
+        self.up_blocks = nn.ModuleList()
+        reversed_channels = list(reversed(block_out_channels))
+        reversed_heads = list(reversed(heads))
+        output_channel = reversed_channels[0]
+        for i, name in enumerate(up_block_types):
+            prev_output_channel, output_channel = output_channel, reversed_channels[i]
+            self.up_blocks.append(
+                get_block(
+                    UP_BLOCKS,
+                    name,
+                    in_channels=reversed_channels[min(i + 1, len(block_out_channels) - 1)],
+                    prev_output_channel=prev_output_channel,
+                    out_channels=output_channel,
+                    num_layers=layers_per_block + 1,
+                    add_upsample=i < len(block_out_channels) - 1,
+                    num_attention_heads=reversed_heads[i],
+                    **common,
+                )
+            )
+
+        # statistics over all frames of a clip, like the ResNet GroupNorms
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = InflatedConv3d(block_out_channels[0], out_channels, 3, padding=1)
+
+    def set_default_attn_processor(self) -> None:
+        """Plain-maths attention everywhere (sparse-causal where it was); the reference for other backends."""
+        self.set_attn_processor(AttnProcessor())
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        return_dict: bool = True,
+    ) -> UNet3DConditionOutput | tuple[torch.Tensor]:
+        """Predict noise for `sample` `(batch, channels, frames, h, w)` given text `(batch, tokens, dim)`."""
+        # latents whose size is not a multiple of the total upsampling factor need explicit upsample sizes
+        upsample_factor = 2 ** (len(self.up_blocks) - 1)
+        forward_upsample_size = any(size % upsample_factor != 0 for size in sample.shape[-2:])
+
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        timesteps = torch.as_tensor(timestep, device=sample.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps[None]
+        timesteps = timesteps.expand(sample.shape[0])
+        # one time embedding per clip; Timesteps returns float32, so cast to the model's dtype
+        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=self.dtype))
+
+        sample = self.conv_in(sample)
+        skips = (sample,)
+        for block in self.down_blocks:
+            sample, block_skips = block(sample, emb, encoder_hidden_states)
+            skips += block_skips
+
+        sample = self.mid_block(sample, emb, encoder_hidden_states)
+
+        for i, block in enumerate(self.up_blocks):
+            block_skips = skips[-len(block.resnets) :]
+            skips = skips[: -len(block.resnets)]
+            upsample_size = skips[-1].shape[2:] if forward_upsample_size and i < len(self.up_blocks) - 1 else None
+            sample = block(sample, block_skips, emb, encoder_hidden_states, upsample_size)
+
+        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))
+        if not return_dict:
+            return (sample,)
+        return UNet3DConditionOutput(sample=sample)
+
+    @classmethod
+    def from_pretrained_2d(
+        cls, pretrained_model_path: str | os.PathLike, subfolder: str | None = None, **kwargs
+    ) -> "UNet3DConditionModel":
+        """Inflate a Stable Diffusion 1.x/2.x UNet folder (`.bin` or `.safetensors`, fp16 variants via `variant=`).
+
+        Takes every SD weight by name and initialises the temporal layers (`attn_temp`, `norm_temp`), whose output
+        projection is zero, so the result equals the image model on a clip of identical frames. `kwargs` go to
+        `UNet2DConditionModel.from_pretrained` (`variant`, `torch_dtype`, ...).
+        """
+        unet_2d = UNet2DConditionModel.from_pretrained(pretrained_model_path, subfolder=subfolder, **kwargs)
+        model = cls.from_config(cls.config_from_2d(unet_2d.config))
+        state_dict = unet_2d.state_dict()
+        del unet_2d
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        bad_missing = [key for key in missing if TEMPORAL_KEY not in key]
+        if unexpected or bad_missing:
+            raise ValueError(
+                f"{pretrained_model_path}: not a 4-level Stable Diffusion UNet (unexpected keys {unexpected[:3]}, "
+                f"missing keys {bad_missing[:3]})"
+            )
+        dtype = next(iter(state_dict.values())).dtype
+        return model if dtype == model.dtype else model.to(dtype=dtype)
+
+    @classmethod
+    def config_from_2d(cls, config_2d: dict) -> dict:
+        """The 3D config for a 2D SD UNet config: the 3D block names, and only the keys this model knows."""
+        known = set(cls._get_init_keys(cls)) - {"self"}
+        config = {key: value for key, value in dict(config_2d).items() if key in known}
+        # newer configs spell the head count `num_attention_heads`; older ones misname it `attention_head_dim`
+        if config_2d.get("num_attention_heads") is not None:
+            config["attention_head_dim"] = config_2d["num_attention_heads"]
+        levels = len(config_2d["block_out_channels"])
+        config["down_block_types"] = ["CrossAttnDownBlock3D"] * (levels - 1) + ["DownBlock3D"]
+        config["up_block_types"] = ["UpBlock3D"] + ["CrossAttnUpBlock3D"] * (levels - 1)
+        config["mid_block_type"] = "UNetMidBlock3DCrossAttn"
+        return config
+

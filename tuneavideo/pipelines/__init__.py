@@ -1,0 +1,3 @@
+from .pipeline_tuneavideo import TuneAVideoPipeline, TuneAVideoPipelineOutput
+
+__all__ = ["TuneAVideoPipeline", "TuneAVideoPipelineOutput"]

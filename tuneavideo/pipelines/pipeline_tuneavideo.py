@@ -1,0 +1,219 @@
+"""`TuneAVideoPipeline`: text-to-video sampling with a tuned inflated UNet (inference only)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..models.resnet import fold_frames, unfold_frames
+from ..models.unet import UNet3DConditionModel
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class TuneAVideoPipelineOutput(BaseOutput):
+    """`videos`: `(batch, 3, frames, height, width)` float32 in [0, 1], a torch tensor or a numpy array."""
+
+    videos: torch.Tensor | np.ndarray
+
+
+class TuneAVideoPipeline(DiffusionPipeline):
+    """Sample clips from prompts with Stable Diffusion's VAE and text encoder and a tuned `UNet3DConditionModel`.
+
+    For edits, pass `latents=` the DDIM-inverted latent of the source clip (`tuneavideo.util.ddim_inversion`) and
+    use a DDIM scheduler with as many steps as the inversion had. One inverted latent of batch 1 serves every
+    prompt and every `num_videos_per_prompt`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet3DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
+
+    def enable_vae_slicing(self) -> None:
+        """Decode one frame at a time (kept for callers of the original; same as `pipe.vae.enable_slicing()`)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        device: torch.device,
+        num_videos_per_prompt: int = 1,
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+    ) -> torch.Tensor:
+        """Text embeddings `(2*batch*n, tokens, dim)` ordered [unconditional, conditional], or the conditional half."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        embeddings = self._embed(prompts, device, truncate_warning=True)
+        if do_classifier_free_guidance:
+            if negative_prompt is None:
+                negative = [""] * len(prompts)
+            elif isinstance(negative_prompt, str):
+                negative = [negative_prompt] * len(prompts)
+            else:
+                negative = list(negative_prompt)
+                if len(negative) != len(prompts):
+                    raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+            embeddings = torch.cat([self._embed(negative, device), embeddings])
+        # each prompt's embedding repeated for its videos: [p0, p0, p1, p1, ...]
+        return embeddings.repeat_interleave(num_videos_per_prompt, dim=0)
+
+    def _embed(self, prompts: list[str], device: torch.device, truncate_warning: bool = False) -> torch.Tensor:
+        max_length = self.tokenizer.model_max_length
+        inputs = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        if truncate_warning:
+            full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+            if full.shape[-1] > inputs.input_ids.shape[-1]:
+                dropped = self.tokenizer.batch_decode(full[:, max_length - 1 : -1])
+                logger.warning(f"The text encoder reads at most {max_length} tokens; dropped: {dropped}")
+        attention_mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            attention_mask = inputs.attention_mask.to(device)
+        return self.text_encoder(inputs.input_ids.to(device), attention_mask=attention_mask)[0]
+
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """Latent clips `(batch, 4, frames, h, w)` -> float32 numpy videos `(batch, 3, frames, H, W)` in [0, 1]."""
+        num_frames = latents.shape[2]
+        frames = fold_frames(latents / self.vae.config.scaling_factor)
+        video = unfold_frames(self.vae.decode(frames).sample, num_frames)
+        return (video / 2 + 0.5).clamp(0, 1).cpu().float().numpy()
+
+    def prepare_latents(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape[1:]) != tuple(shape[1:]) or latents.shape[0] not in (1, shape[0]):
+                raise ValueError(
+                    f"latents of shape {tuple(latents.shape)} do not fit this request, which needs "
+                    f"{tuple(shape)} (batch 1 is repeated): check video_length, height and width"
+                )
+            latents = latents.to(device=device, dtype=dtype).expand(shape).contiguous()
+        return latents * self.scheduler.init_noise_sigma
+
+    def check_inputs(self, prompt, height: int, width: int, callback_steps: int | None) -> None:
+        if not isinstance(prompt, (str, list)) or not prompt:
+            raise ValueError(f"`prompt` must be a non-empty string or list of strings, got {prompt!r}")
+        if height % 8 or width % 8:
+            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
+            raise ValueError(f"`callback_steps` must be a positive integer, got {callback_steps!r}")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        video_length: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_videos_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "tensor",
+        return_dict: bool = True,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        callback_steps: int | None = 1,
+        **kwargs,
+    ) -> TuneAVideoPipelineOutput | torch.Tensor | np.ndarray:
+        """Generate `num_videos_per_prompt` clips per prompt.
+
+        `video_length`, `height` and `width` default to the shape of `latents` when given, else to the UNet's
+        sample size. Extra keyword arguments (the training config's `use_inv_latent`, `num_inv_steps`, ...) are
+        ignored, as the original did. Returns `.videos` `(batch, 3, frames, height, width)` in [0, 1]: a torch
+        tensor for `output_type="tensor"` (or "pt"), else numpy.
+        """
+        if latents is not None:
+            video_length = video_length or latents.shape[2]
+            height = height or latents.shape[3] * self.vae_scale_factor
+            width = width or latents.shape[4] * self.vae_scale_factor
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if video_length is None:
+            raise ValueError("`video_length` is required when no `latents` are given")
+        self.check_inputs(prompt, height, width, callback_steps)
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        device = self._execution_device
+        do_classifier_free_guidance = guidance_scale > 1.0
+
+        # 1. text embeddings, [unconditional, conditional]
+        text_embeddings = self.encode_prompt(
+            prompt, device, num_videos_per_prompt, negative_prompt, do_classifier_free_guidance
+        )
+
+        # 2. timesteps and starting latents
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        shape = (
+            batch_size * num_videos_per_prompt,
+            self.unet.config.in_channels,
+            video_length,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        latents = self.prepare_latents(shape, text_embeddings.dtype, device, generator, latents)
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        # 3. denoising loop with classifier-free guidance
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=text_embeddings).sample.to(latents.dtype)
+                if do_classifier_free_guidance:
+                    noise_uncond, noise_text = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+                progress_bar.update()
+                if callback is not None and i % callback_steps == 0:
+                    callback(i, t, latents)
+
+        # 4. decode
+        video = self.decode_latents(latents)
+        if output_type in ("tensor", "pt"):
+            video = torch.from_numpy(video)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return video
+        return TuneAVideoPipelineOutput(videos=video)
+
+    def _step_kwargs(self, generator, eta: float) -> dict:
+        # only DDIM-like schedulers take `eta` and `generator`
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in parameters:
+            kwargs["eta"] = eta
+        if "generator" in parameters:
+            kwargs["generator"] = generator
+        return kwargs
