@@ -1,0 +1,24 @@
+"""Tune Stable Diffusion on one clip.
+
+    accelerate launch train_tuneavideo.py --config=configs/man-skiing.yaml
+    accelerate launch train_tuneavideo.py --config=configs/man-skiing.yaml max_train_steps=300 train_data.n_sample_frames=16
+
+Everything after `--config` is a `key=value` override of the config file (see tuneavideo/config.py for every key).
+"""
+
+import argparse
+
+from tuneavideo.config import load_config
+from tuneavideo.training import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/man-skiing.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_train_steps=300")
+    args = parser.parse_args()
+    train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

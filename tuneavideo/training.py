@@ -1,0 +1,343 @@
+"""One-shot tuning of an inflated Stable Diffusion UNet on one clip (the loop behind `train_tuneavideo.py`).
+
+As the original: frozen VAE and text encoder; only modules whose names end with `trainable_modules` learn; DDPM
+noise at a uniform random timestep; MSE to the noise (or to v); AdamW; constant LR; gradient-norm clipping. Runs
+on one or many processes (`accelerate launch`), on GPU or CPU; validation and saving happen on the main process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import diffusers
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.utils.import_utils import is_xformers_available
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .atomic import atomic_path
+from .config import TrainConfig
+from .data.dataset import TuneAVideoDataset
+from .inversion import ddim_inversion
+from .models.resnet import fold_frames, unfold_frames
+from .models.unet import UNet3DConditionModel
+from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
+from .tuned_parameters import FILENAME as TUNED_PARAMETERS, save_tuned_parameters, trainable_parameter_names
+from .video_io import save_videos_grid
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Tune on `cfg.train_data`'s clip and write the run to `cfg.output_dir`; returns that folder."""
+    output_dir = Path(cfg.output_dir)
+    mixed_precision = _usable_mixed_precision(cfg.mixed_precision)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    if mixed_precision != (cfg.mixed_precision or "no"):
+        logger.warning(f"mixed_precision={cfg.mixed_precision} needs a CUDA GPU; training in float32 instead")
+    if cfg.seed is not None:
+        set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        _write_run_config(cfg, output_dir)
+
+    # models: everything frozen but the trainable UNet modules
+    base = cfg.pretrained_model_path
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    unet = UNet3DConditionModel.from_pretrained_2d(base, subfolder="unet")
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.requires_grad_(False)
+    trainable = trainable_parameter_names(unet, cfg.trainable_modules)
+    if not trainable:
+        raise ValueError(f"trainable_modules {cfg.trainable_modules} match no module of the UNet")
+    named = dict(unet.named_parameters())
+    for name in trainable:
+        named[name].requires_grad_(True)
+    logger.info(f"trainable parameters: {sum(named[n].numel() for n in trainable):,} in {len(trainable)} tensors")
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.enable_xformers_memory_efficient_attention:
+        _enable_xformers(unet)
+
+    learning_rate = cfg.learning_rate
+    if cfg.scale_lr:
+        learning_rate *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
+    optimizer = _optimizer(cfg, [named[n] for n in trainable], learning_rate)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps * cfg.gradient_accumulation_steps,
+        num_training_steps=cfg.max_train_steps * cfg.gradient_accumulation_steps,
+    )
+
+    # data: the clip is decoded once; its latent distribution and the prompt's embedding are computed once too
+    data = cfg.train_data
+    dataset = TuneAVideoDataset(
+        data.video_path, data.prompt, data.width, data.height, data.n_sample_frames, data.sample_start_idx,
+        data.sample_frame_rate,
+    )
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    _register_trainable_only_checkpoints(accelerator, trainable)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    vae.enable_slicing()  # encode and decode frame by frame: the whole clip at once is a memory spike
+    pixel_values = dataset[0]["pixel_values"].to(accelerator.device, dtype=weight_dtype)
+    with torch.no_grad():
+        posterior = vae.encode(pixel_values).latent_dist
+        prompt_ids = tokenizer(
+            data.prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(accelerator.device)
+        encoder_hidden_states = text_encoder(prompt_ids)[0].repeat(cfg.train_batch_size, 1, 1)
+    num_frames = pixel_values.shape[0]
+    scale = vae.config.scaling_factor
+
+    global_step = _resume(accelerator, cfg, output_dir)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("tuneavideo", config=_scalar_hparams(cfg))
+    progress = tqdm(
+        range(global_step, cfg.max_train_steps), initial=global_step, total=cfg.max_train_steps,
+        disable=not accelerator.is_local_main_process, desc="Steps",
+    )
+    unet.train()
+    while global_step < cfg.max_train_steps:
+        with accelerator.accumulate(unet):
+            # a fresh posterior sample of the clip each step, as the original's `latent_dist.sample()`
+            samples = [posterior.sample() for _ in range(cfg.train_batch_size)]
+            latents = torch.cat([unfold_frames(s, num_frames) for s in samples]) * scale
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+            ).long()
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            if noise_scheduler.config.prediction_type == "epsilon":
+                target = noise
+            elif noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                raise ValueError(f"unknown prediction_type {noise_scheduler.config.prediction_type!r}")
+            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+            loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at step {global_step + 1}: try mixed_precision=bf16 or no; "
+                    "the last checkpoint is kept"
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_([named[n] for n in trainable], cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+
+        if accelerator.sync_gradients:
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if global_step % cfg.checkpointing_steps == 0:
+                _save_checkpoint(accelerator, cfg, output_dir, global_step)
+            if global_step % cfg.validation_steps == 0 or global_step == cfg.max_train_steps:
+                if accelerator.is_main_process:
+                    _validate(cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames, global_step)
+                accelerator.wait_for_everyone()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_final(cfg, accelerator.unwrap_model(unet), output_dir)
+    accelerator.end_training()
+    return output_dir
+
+
+def _usable_mixed_precision(requested: str | None) -> str:
+    """fp16/bf16 need a CUDA GPU here; elsewhere train in float32 (the caller warns once)."""
+    requested = requested or "no"
+    return requested if requested == "no" or torch.cuda.is_available() else "no"
+
+
+def _enable_xformers(unet: UNet3DConditionModel) -> None:
+    if not (is_xformers_available() and torch.cuda.is_available()):
+        logger.warning("xformers is not available here; using PyTorch's scaled_dot_product_attention instead")
+        return
+    unet.enable_xformers_memory_efficient_attention()
+
+
+def _optimizer(cfg: TrainConfig, parameters: list[torch.nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
+    optimizer_class = torch.optim.AdamW
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError:
+            logger.warning("use_8bit_adam needs bitsandbytes (pip install bitsandbytes); using torch AdamW")
+        else:
+            optimizer_class = bitsandbytes.optim.AdamW8bit
+    return optimizer_class(
+        parameters,
+        lr=learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+
+
+def _register_trainable_only_checkpoints(accelerator: Accelerator, trainable: list[str]) -> None:
+    """Checkpoints hold the trainable tensors (plus optimizer, scheduler, RNG), not the whole frozen UNet."""
+    wanted = set(trainable)
+
+    def keep_trainable(models, weights, output_dir):
+        for index, weight in enumerate(weights):
+            weights[index] = {k: v for k, v in weight.items() if k.removeprefix("module.") in wanted}
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, output_dir: Path, step: int) -> None:
+    """`accelerator.save_state` into a temporary folder renamed to `checkpoint-STEP` when every process is done."""
+    final = output_dir / f"checkpoint-{step}"
+    temporary = output_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if cfg.checkpoints_total_limit is not None:
+            for old in _checkpoints(output_dir)[: -cfg.checkpoints_total_limit]:
+                shutil.rmtree(old)
+        logger.info(f"saved {final}")
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator: Accelerator, cfg: TrainConfig, output_dir: Path) -> int:
+    """Load the requested checkpoint; returns the step it was saved at (0 when starting fresh)."""
+    if not cfg.resume_from_checkpoint:
+        return 0
+    if cfg.resume_from_checkpoint == "latest":
+        found = _checkpoints(output_dir)
+        if not found:
+            logger.warning(f"no checkpoint in {output_dir} to resume from; starting from step 0")
+            return 0
+        path = found[-1]
+    else:
+        path = Path(cfg.resume_from_checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint folder at {path}")
+    logger.info(f"resuming from {path}")
+    # the checkpoint holds only the trainable tensors; the frozen ones come from the base model
+    accelerator.load_state(str(path), strict=False)
+    return int(path.name.split("-")[-1])
+
+
+@torch.no_grad()
+def _validate(cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames: int, step: int) -> None:
+    """Invert the clip with the current UNet, then sample every validation prompt from that latent."""
+    validation = cfg.validation_data
+    model = accelerator.unwrap_model(unet)
+    model.eval()
+    scheduler = DDIMScheduler.from_pretrained(cfg.pretrained_model_path, subfolder="scheduler")
+    pipeline = TuneAVideoPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=model, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    samples_dir = Path(cfg.output_dir) / "samples"
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed if cfg.seed is not None else 0)
+    with accelerator.autocast():
+        latents = None
+        if validation.use_inv_latent:
+            # the posterior mean, not a random sample: the inversion is then a function of the clip alone
+            clean = unfold_frames(posterior.mean, num_frames)[None].float() * vae.config.scaling_factor
+            clean = clean.to(accelerator.device)
+            latents = ddim_inversion(pipeline, scheduler, clean, validation.num_inv_steps)[-1]
+            with atomic_path(Path(cfg.output_dir) / "inv_latents" / f"ddim_latent-{step}.pt") as path:
+                torch.save(latents.cpu(), path)
+        videos = []
+        settings = {k: v for k, v in dataclasses.asdict(validation).items() if k not in ("prompts", "use_inv_latent", "num_inv_steps")}
+        for prompt in tqdm(validation.prompts, desc=f"Validation at step {step}", leave=False):
+            video = pipeline(prompt, generator=generator, latents=latents, **settings).videos
+            for suffix in (".gif", ".mp4"):
+                save_videos_grid(video, str(samples_dir / f"sample-{step}" / f"{_file_name(prompt)}{suffix}"), fps=_fps(cfg))
+            videos.append(video)
+        if videos:
+            save_videos_grid(torch.cat(videos), str(samples_dir / f"sample-{step}.gif"), fps=_fps(cfg))
+    model.train()
+
+
+def _fps(cfg: TrainConfig) -> float:
+    """The sampled frames' real rate: source fps / sample_frame_rate (8 when the source rate is unknown)."""
+    from .data.dataset import video_info
+
+    try:
+        return video_info(cfg.train_data.video_path).fps / cfg.train_data.sample_frame_rate
+    except ValueError:
+        return 8.0
+
+
+def _file_name(prompt: str) -> str:
+    """A prompt as a file name: path separators and control characters replaced."""
+    return re.sub(r"[/\\\x00-\x1f]", "_", prompt).strip()[:200] or "empty-prompt"
+
+
+def _write_run_config(cfg: TrainConfig, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.structured(cfg)
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    header = "".join(f"# {name} {version}\n" for name, version in versions.items())
+    with atomic_path(output_dir / "config.yaml") as path:
+        path.write_text(header + OmegaConf.to_yaml(resolved))
+
+
+def _scalar_hparams(cfg: TrainConfig) -> dict:
+    flat = OmegaConf.to_container(OmegaConf.structured(cfg))
+    result = {}
+    for key, value in flat.items():
+        if isinstance(value, dict):
+            result.update({f"{key}.{k}": v for k, v in value.items() if isinstance(v, (int, float, str, bool))})
+        elif isinstance(value, (int, float, str, bool)):
+            result[key] = value
+    return result
+
+
+def _save_final(cfg: TrainConfig, unet: UNet3DConditionModel, output_dir: Path) -> None:
+    """The tuned pipeline (float32 VAE and text encoder from the base, a DDIM scheduler) and the tuned tensors."""
+    base = cfg.pretrained_model_path
+    pipeline = TuneAVideoPipeline.from_pretrained(
+        base, unet=unet, scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler")
+    )
+    pipeline.save_pretrained(output_dir)
+    save_tuned_parameters(unet, output_dir / TUNED_PARAMETERS, cfg.trainable_modules)
+    logger.info(f"saved the tuned model to {output_dir}")
+
