@@ -46,6 +46,8 @@ def train(cfg: TrainConfig) -> Path:
     output_dir = Path(cfg.output_dir)
     mixed_precision = _usable_mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(
+        # several processes without CUDA (`accelerate launch --multi_gpu` on a CPU machine): CPU workers over gloo
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with="tensorboard",
@@ -78,6 +80,7 @@ def train(cfg: TrainConfig) -> Path:
     named = dict(unet.named_parameters())
     for name in trainable:
         named[name].requires_grad_(True)
+    logger.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}")
     logger.info(f"trainable parameters: {sum(named[n].numel() for n in trainable):,} in {len(trainable)} tensors")
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -102,6 +105,10 @@ def train(cfg: TrainConfig) -> Path:
         data.sample_frame_rate,
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if cfg.seed is not None and accelerator.num_processes > 1:
+        # the model was initialised alike everywhere (DDP also broadcasts rank 0's weights); each process now
+        # draws its own noise and timesteps, or they would all compute the same gradient
+        set_seed(cfg.seed + accelerator.process_index)
     _register_trainable_only_checkpoints(accelerator, trainable)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -279,7 +286,7 @@ def _validate(cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, n
         latents = None
         if validation.use_inv_latent:
             # the posterior mean, not a random sample: the inversion is then a function of the clip alone
-            clean = unfold_frames(posterior.mean, num_frames)[None].float() * vae.config.scaling_factor
+            clean = unfold_frames(posterior.mean, num_frames).float() * vae.config.scaling_factor
             clean = clean.to(accelerator.device)
             latents = ddim_inversion(pipeline, scheduler, clean, validation.num_inv_steps)[-1]
             with atomic_path(Path(cfg.output_dir) / "inv_latents" / f"ddim_latent-{step}.pt") as path:

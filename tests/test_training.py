@@ -1,0 +1,157 @@
+"""One-shot tuning end to end on the tiny model: outputs, tuned-parameter file, resume, two processes, learning."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from tuneavideo.config import load_config
+from tuneavideo.data.dataset import read_video_frames
+from tuneavideo.models.unet import UNet3DConditionModel
+from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
+from tuneavideo.training import train
+from tuneavideo.tuned_parameters import apply_tuned_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CLIP = ROOT / "data" / "sample.mp4"
+
+
+def write_config(path, tiny_sd, output_dir, **overrides):
+    """A config for the tiny model on the sample clip: 4 frames of 64x64, 2 validation prompts, 3 DDIM steps."""
+    text = f"""
+pretrained_model_path: "{tiny_sd}"
+output_dir: "{output_dir}"
+train_data:
+  video_path: "{SAMPLE_CLIP}"
+  prompt: "a ball is moving"
+  n_sample_frames: 4
+  width: 64
+  height: 64
+  sample_start_idx: 0
+  sample_frame_rate: 3
+validation_data:
+  prompts:
+    - "a red ball is moving"
+    - "a cat, cartoon style"
+  video_length: 4
+  width: 64
+  height: 64
+  num_inference_steps: 3
+  num_inv_steps: 3
+  guidance_scale: 12.5
+"""
+    top = dict(learning_rate="3e-5", max_train_steps=2, checkpointing_steps=2, validation_steps=2, seed=33)
+    top.update(mixed_precision="fp16", enable_xformers_memory_efficient_attention=True, **overrides)
+    text += "".join(f"{key}: {value}\n" for key, value in top.items())
+    Path(path).write_text(text)
+    return path
+
+
+def launch(config, *overrides, processes=1):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    command += ["--multi_gpu", "--main_process_port", "29517"] if processes > 1 else ["--mixed_precision", "no"]
+    command += [str(ROOT / "train_tuneavideo.py"), f"--config={config}", *overrides]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_accelerate_launch_writes_every_output(tiny_sd, tmp_path):
+    run = tmp_path / "run"
+    result = launch(write_config(tmp_path / "c.yaml", tiny_sd, run))
+    assert "trainable parameters: " in result.stderr + result.stdout
+    assert "training in float32" in result.stderr + result.stdout  # fp16 asked for on a CPU: warned, not failed
+
+    assert load_config(run / "config.yaml").max_train_steps == 2
+    assert "# diffusers " in (run / "config.yaml").read_text()
+    latent = torch.load(run / "inv_latents" / "ddim_latent-2.pt")
+    assert latent.shape == (1, 4, 4, 8, 8) and torch.isfinite(latent).all()
+    for prompt in ("a red ball is moving", "a cat, cartoon style"):
+        with Image.open(run / "samples" / "sample-2" / f"{prompt}.gif") as gif:
+            assert gif.size == (64, 64) and gif.n_frames == 4
+        frames = read_video_frames(run / "samples" / "sample-2" / f"{prompt}.mp4")
+        assert frames.shape == (4, 64, 64, 3)
+    with Image.open(run / "samples" / "sample-2.gif") as grid:
+        assert grid.size == (2 + 2 * 66, 64 + 4) and grid.n_frames == 4
+    assert (run / "checkpoint-2" / "optimizer.bin").exists()
+    assert any((run / "logs").rglob("events.out.tfevents.*"))
+
+    pipe = TuneAVideoPipeline.from_pretrained(run)
+    assert isinstance(pipe.unet, UNet3DConditionModel) and isinstance(pipe.scheduler, DDIMScheduler)
+    video = pipe("a cat", latents=latent, num_inference_steps=3).videos
+    assert video.shape == (1, 3, 4, 64, 64)
+
+    # the small tuned-parameters file on top of the base model is the saved UNet
+    tuned = UNet3DConditionModel.from_pretrained(run, subfolder="unet")
+    rebuilt = apply_tuned_parameters(UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet"), run / "tuned_parameters.safetensors")
+    for (name, expected), (_, value) in zip(tuned.state_dict().items(), rebuilt.state_dict().items()):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+    base = UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet").state_dict()
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, base[k]) and "attn_temp" not in k]
+    assert changed and all(k.endswith(("attn1.to_q.weight", "attn2.to_q.weight")) for k in changed)
+
+
+def test_two_processes_train_together(tiny_sd, tmp_path):
+    run = tmp_path / "run"
+    result = launch(write_config(tmp_path / "c.yaml", tiny_sd, run), processes=2)
+    assert "2 process(es)" in result.stderr + result.stdout
+    assert {p.name for p in (run / "checkpoint-2").glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert (run / "unet" / "config.json").exists() and (run / "tuned_parameters.safetensors").exists()
+
+
+def test_resumed_run_ends_with_the_same_weights(tiny_sd, tmp_path, fresh_accelerate_state):
+    def run(output_dir, steps, *extra):
+        config = write_config(tmp_path / f"{output_dir}.yaml", tiny_sd, tmp_path / output_dir, validation_steps=100)
+        train(load_config(config, [f"max_train_steps={steps}", "checkpointing_steps=2", *extra]))
+        AcceleratorState._reset_state(True)
+        return UNet3DConditionModel.from_pretrained(tmp_path / output_dir, subfolder="unet").state_dict()
+
+    straight = run("straight", 4)
+    stopped = run("resumed", 2)
+    resumed = run("resumed", 4, "resume_from_checkpoint=latest")
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(v, stopped[k]) for k, v in straight.items())  # steps 3 and 4 did something
+
+
+def test_loss_falls_when_overfitting_the_clip(tiny_sd, tmp_path, fresh_accelerate_state):
+    config = write_config(tmp_path / "c.yaml", tiny_sd, tmp_path / "run", validation_steps=1000)
+    cfg = load_config(config, ["max_train_steps=80", "learning_rate=1e-2", "checkpointing_steps=1000", "gradient_checkpointing=False", "trainable_modules=[attn1,attn2,attn_temp,ff]"])
+    train(cfg)
+
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from tuneavideo.data.dataset import TuneAVideoDataset
+    from tuneavideo.models.resnet import unfold_frames
+
+    data = cfg.train_data
+    clip = TuneAVideoDataset(data.video_path, data.prompt, 64, 64, 4, 0, 3)[0]["pixel_values"]
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    pipe = TuneAVideoPipeline.from_pretrained(tmp_path / "run")
+    scheduler = DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
+    with torch.no_grad():
+        latents = unfold_frames(vae.encode(clip).latent_dist.mean, 4) * vae.config.scaling_factor
+        text = pipe.encode_prompt(data.prompt, "cpu", do_classifier_free_guidance=False)
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn((16, *latents.shape[1:]), generator=generator)
+        timesteps = torch.linspace(50, 950, 16).long()
+        noisy = scheduler.add_noise(latents.expand(16, -1, -1, -1, -1), noise, timesteps)
+
+        def loss(unet):
+            return torch.nn.functional.mse_loss(unet(noisy, timesteps, text.expand(16, -1, -1)).sample, noise).item()
+
+        before = loss(UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet"))
+        after = loss(pipe.unet)
+    assert after < 0.9 * before, (before, after)
