@@ -19,6 +19,7 @@ from tuneavideo.data.dataset import (
     ClipTooShortError,
     TuneAVideoDataset,
     VideoReadError,
+    fit_size,
     read_video_frames,
     resize_frames,
     sample_frame_indices,
@@ -198,6 +199,37 @@ def test_resize_frames_is_exact_size_and_keeps_flat_colours():
     out = resize_frames(frames, width=24, height=40)  # upscale one axis, downscale the other
     assert out.shape == (2, 3, 40, 24) and out.dtype == torch.uint8
     assert out[0].unique().tolist() == [200] and out[1].unique().tolist() == [17]
+
+
+@pytest.mark.parametrize(
+    "source, long_side, expected",
+    [
+        ((256, 256), 512, (512, 512)),  # square stays square: as before the aspect ratio was kept
+        ((718, 718), 64, (64, 64)),
+        ((1920, 1080), 512, (512, 320)),  # 16:9: 288 rounds (half up) to 320
+        ((1080, 1920), 512, (320, 512)),  # portrait
+        ((1280, 720), 768, (768, 448)),
+        ((640, 480), 500, (448, 320)),  # the long side rounds down to a multiple of 64
+        ((4000, 100), 512, (512, 64)),  # at least one multiple on each side
+        ((64, 48), 40, (64, 64)),
+    ],
+)
+def test_fit_size(source, long_side, expected):
+    assert fit_size(*source, long_side) == expected
+    assert all(side % 64 == 0 for side in expected)
+
+
+def test_fit_size_rejects_nonsense():
+    with pytest.raises(ValueError, match="positive"):
+        fit_size(0, 10, 512)
+
+
+def test_dataset_keeps_the_aspect_ratio_when_asked(clip):
+    dataset = make_dataset(clip, width=256, height=256, keep_aspect=True)  # the clip is 64x48: 4:3
+    assert (dataset.width, dataset.height) == fit_size(WIDTH, HEIGHT, 256) == (256, 192)
+    assert dataset[0]["pixel_values"].shape == (5, 3, 192, 256)
+    squashed = make_dataset(clip, width=256, height=256)  # the original's exact size
+    assert (squashed.width, squashed.height) == (256, 256)
 
 
 # Readers ------------------------------------------------------------------------------------------------------------

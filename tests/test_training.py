@@ -155,3 +155,26 @@ def test_loss_falls_when_overfitting_the_clip(tiny_sd, tmp_path, fresh_accelerat
         before = loss(UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet"))
         after = loss(pipe.unet)
     assert after < 0.9 * before, (before, after)
+
+
+def test_frozen_weights_in_half_precision_still_train_in_float32(unet3d, clip_inputs):
+    from tuneavideo.training import cast_frozen_parameters
+    from tuneavideo.tuned_parameters import trainable_parameter_names
+
+    names = set(trainable_parameter_names(unet3d, ["attn1.to_q", "attn2.to_q", "attn_temp"]))
+    unet3d.requires_grad_(False)
+    for name, parameter in unet3d.named_parameters():
+        parameter.requires_grad_(name in names)
+    cast_frozen_parameters(unet3d, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in unet3d.named_parameters()}
+    assert all(dtypes[n] == torch.float32 for n in names)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if n not in names)
+
+    sample, timestep, text = clip_inputs(unet3d, frames=3)
+    unet3d.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prediction = unet3d(sample, timestep, text).sample
+    torch.nn.functional.mse_loss(prediction.float(), sample).backward()
+    for name, parameter in unet3d.named_parameters():
+        if name in names:
+            assert parameter.grad is not None and parameter.grad.dtype == torch.float32 and parameter.grad.abs().sum() > 0

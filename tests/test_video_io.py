@@ -150,10 +150,17 @@ def test_save_videos_grid_gif(tmp_path):
     assert not [p.name for p in path.parent.iterdir() if p.name != "sample.gif"]  # no temp files left
 
 
-def test_write_gif_refuses_fps_gif_cannot_play(tmp_path):
-    with pytest.raises(ValueError, match="mp4"):
-        write_gif(np.zeros((2, 4, 4, 3), np.uint8), tmp_path / "fast.gif", 60)
-    assert not list(tmp_path.iterdir())
+def test_write_gif_above_50_fps_keeps_every_kth_frame_at_real_speed(tmp_path):
+    frames = np.stack([np.full((4, 4, 3), 10 * i, np.uint8) for i in range(12)])
+    write_gif(frames, tmp_path / "fast.gif", 120)  # 3 frames of 120 fps per GIF frame of 40 fps
+    with Image.open(tmp_path / "fast.gif") as gif:
+        assert gif.n_frames == 4
+        durations, firsts = [], []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            durations.append(gif.info["duration"])
+            firsts.append(np.asarray(gif.convert("RGB"))[0, 0, 0])
+    assert sum(durations) == 100 and firsts == [0, 30, 60, 90]
 
 
 # ---------------------------------------------------------------- MP4

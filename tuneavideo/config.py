@@ -36,6 +36,7 @@ class TrainDataConfig:
 
     video_path: str
     prompt: str
+    # max(width, height) is the long side; frames keep the clip's aspect ratio, sides multiples of 64 (fit_size)
     width: int = 512
     height: int = 512
     n_sample_frames: int = 24
@@ -49,6 +50,7 @@ class ValidationDataConfig:
 
     prompts: list[str]
     video_length: int = 24  # must equal train_data.n_sample_frames when sampling from the inverted latent
+    # not used: samples are made at the tuned frames' size (train_data's, aspect kept); kept so old configs load
     width: int = 512
     height: int = 512
     num_inference_steps: int = 50

@@ -27,10 +27,7 @@ def ddim_inversion(
     scheduler's config (keeping its `set_alpha_to_one=False`, `steps_offset=1` and `prediction_type`), so
     v-prediction models invert correctly too.
     """
-    known = inspect.signature(DDIMInverseScheduler.__init__).parameters
-    config = {key: value for key, value in ddim_scheduler.config.items() if key in known}
-    inverse = DDIMInverseScheduler.from_config({**config, "clip_sample": False})
-    inverse.set_timesteps(num_inv_steps, device=video_latent.device)
+    inverse = inverse_scheduler(ddim_scheduler, num_inv_steps, video_latent.device)
     unet = pipeline.unet
     embedding = pipeline.encode_prompt(
         [prompt] * video_latent.shape[0], video_latent.device, do_classifier_free_guidance=False
@@ -43,3 +40,15 @@ def ddim_inversion(
         latent = inverse.step(noise_pred, t, latent).prev_sample
         latents.append(latent)
     return latents
+
+
+def inverse_scheduler(
+    ddim_scheduler: SchedulerMixin, num_inv_steps: int, device: torch.device | str | None = None
+) -> DDIMInverseScheduler:
+    """The `DDIMInverseScheduler` `ddim_inversion` steps with, timesteps set; its last timestep is the noise level
+    of the inverted latent (981 for SD's scheduler and 50 steps)."""
+    known = inspect.signature(DDIMInverseScheduler.__init__).parameters
+    config = {key: value for key, value in ddim_scheduler.config.items() if key in known}
+    inverse = DDIMInverseScheduler.from_config({**config, "clip_sample": False})
+    inverse.set_timesteps(num_inv_steps, device=device)
+    return inverse

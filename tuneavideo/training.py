@@ -35,8 +35,9 @@ from .inversion import ddim_inversion
 from .models.resnet import fold_frames, unfold_frames
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
-from .tuned_parameters import FILENAME as TUNED_PARAMETERS, save_tuned_parameters, trainable_parameter_names
-from .video_io import save_videos_grid
+from .tuned_parameters import FILENAME as TUNED_PARAMETERS
+from .tuned_parameters import apply_tuned_parameters, save_tuned_parameters, trainable_parameter_names
+from .video_io import prompt_file_name, save_videos_grid
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -102,8 +103,12 @@ def train(cfg: TrainConfig) -> Path:
     data = cfg.train_data
     dataset = TuneAVideoDataset(
         data.video_path, data.prompt, data.width, data.height, data.n_sample_frames, data.sample_start_idx,
-        data.sample_frame_rate,
+        data.sample_frame_rate, keep_aspect=True,
     )
+    logger.info(f"frames resized to {dataset.width}x{dataset.height} (the clip's aspect ratio, sides multiples of 64)")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if weight_dtype != torch.float32:
+        cast_frozen_parameters(unet, weight_dtype)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if cfg.seed is not None and accelerator.num_processes > 1:
         # the model was initialised alike everywhere (DDP also broadcasts rank 0's weights); each process now
@@ -111,7 +116,6 @@ def train(cfg: TrainConfig) -> Path:
         set_seed(cfg.seed + accelerator.process_index)
     _register_trainable_only_checkpoints(accelerator, trainable)
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.enable_slicing()  # encode and decode frame by frame: the whole clip at once is a memory spike
@@ -174,7 +178,8 @@ def train(cfg: TrainConfig) -> Path:
                 _save_checkpoint(accelerator, cfg, output_dir, global_step)
             if global_step % cfg.validation_steps == 0 or global_step == cfg.max_train_steps:
                 if accelerator.is_main_process:
-                    _validate(cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames, global_step)
+                    _validate(cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames, global_step,
+                              (dataset.width, dataset.height))
                 accelerator.wait_for_everyone()
 
     accelerator.wait_for_everyone()
@@ -182,6 +187,16 @@ def train(cfg: TrainConfig) -> Path:
         _save_final(cfg, accelerator.unwrap_model(unet), output_dir)
     accelerator.end_training()
     return output_dir
+
+
+def cast_frozen_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Hold frozen weights in `dtype` (half the UNet's memory in fp16/bf16), trainable ones in float32.
+
+    Autocast runs every layer in half precision either way; the trainable float32 master weights keep small
+    AdamW updates from rounding away.
+    """
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else dtype)
 
 
 def _usable_mixed_precision(requested: str | None) -> str:
@@ -272,8 +287,14 @@ def _resume(accelerator: Accelerator, cfg: TrainConfig, output_dir: Path) -> int
 
 
 @torch.no_grad()
-def _validate(cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames: int, step: int) -> None:
-    """Invert the clip with the current UNet, then sample every validation prompt from that latent."""
+def _validate(
+    cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames: int, step: int, size: tuple[int, int]
+) -> None:
+    """Invert the clip with the current UNet, then sample every validation prompt from that latent.
+
+    Samples are `size` (width, height): the tuned frames' size, which keeps the source's aspect ratio, rather than
+    `validation_data.width/height` (an inverted latent of another size could not be sampled anyway).
+    """
     validation = cfg.validation_data
     model = accelerator.unwrap_model(unet)
     model.eval()
@@ -293,10 +314,11 @@ def _validate(cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, n
                 torch.save(latents.cpu(), path)
         videos = []
         settings = {k: v for k, v in dataclasses.asdict(validation).items() if k not in ("prompts", "use_inv_latent", "num_inv_steps")}
+        settings.update(width=size[0], height=size[1])
         for prompt in tqdm(validation.prompts, desc=f"Validation at step {step}", leave=False):
             video = pipeline(prompt, generator=generator, latents=latents, **settings).videos
             for suffix in (".gif", ".mp4"):
-                save_videos_grid(video, str(samples_dir / f"sample-{step}" / f"{_file_name(prompt)}{suffix}"), fps=_fps(cfg))
+                save_videos_grid(video, str(samples_dir / f"sample-{step}" / f"{prompt_file_name(prompt)}{suffix}"), fps=_fps(cfg))
             videos.append(video)
         if videos:
             save_videos_grid(torch.cat(videos), str(samples_dir / f"sample-{step}.gif"), fps=_fps(cfg))
@@ -311,11 +333,6 @@ def _fps(cfg: TrainConfig) -> float:
         return video_info(cfg.train_data.video_path).fps / cfg.train_data.sample_frame_rate
     except ValueError:
         return 8.0
-
-
-def _file_name(prompt: str) -> str:
-    """A prompt as a file name: path separators and control characters replaced."""
-    return re.sub(r"[/\\\x00-\x1f]", "_", prompt).strip()[:200] or "empty-prompt"
 
 
 def _write_run_config(cfg: TrainConfig, output_dir: Path) -> None:
@@ -339,12 +356,16 @@ def _scalar_hparams(cfg: TrainConfig) -> dict:
 
 
 def _save_final(cfg: TrainConfig, unet: UNet3DConditionModel, output_dir: Path) -> None:
-    """The tuned pipeline (float32 VAE and text encoder from the base, a DDIM scheduler) and the tuned tensors."""
+    """The tuned tensors, then the tuned pipeline (float32 VAE and text encoder from the base, a DDIM scheduler).
+
+    The saved UNet is the base model plus the tuned-parameters file, so it is float32 even when the frozen weights
+    were held in half precision during training, and equals what `apply_tuned_parameters` rebuilds.
+    """
     base = cfg.pretrained_model_path
+    tuned_file = save_tuned_parameters(unet, output_dir / TUNED_PARAMETERS, cfg.trainable_modules)
+    unet = apply_tuned_parameters(UNet3DConditionModel.from_pretrained_2d(base, subfolder="unet"), tuned_file)
     pipeline = TuneAVideoPipeline.from_pretrained(
         base, unet=unet, scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler")
     )
     pipeline.save_pretrained(output_dir)
-    save_tuned_parameters(unet, output_dir / TUNED_PARAMETERS, cfg.trainable_modules)
     logger.info(f"saved the tuned model to {output_dir}")
-

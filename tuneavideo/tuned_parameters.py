@@ -1,9 +1,9 @@
 """The tuned parameters alone: a small file that turns the base model into the tuned one.
 
-Tuning touches only the modules named in `trainable_modules` (74 M of 909 M parameters for SD 1.x), so this file
-holds those tensors; `apply_tuned_parameters` loads them into a UNet inflated from the base model with
-`UNet3DConditionModel.from_pretrained_2d`. The untuned temporal layers the file lacks (`norm_temp`) are
-deterministic at initialisation, so base + file equals the saved `unet/` exactly.
+Tuning touches only the modules named in `trainable_modules` (74 M of 909 M parameters for SD 1.x). This file holds
+those tensors and every layer that inflation added (`attn_temp`, `norm_temp`: not in the base model, and randomly
+initialised when untuned); `apply_tuned_parameters` loads them into a UNet inflated from the base model with
+`UNet3DConditionModel.from_pretrained_2d`, which then equals the tuned UNet exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path
+from .models.unet import TEMPORAL_KEY
 
 FILENAME = "tuned_parameters.safetensors"
 
@@ -29,12 +30,10 @@ def trainable_parameter_names(unet: torch.nn.Module, trainable_modules: list[str
 
 
 def save_tuned_parameters(unet: torch.nn.Module, path: str | os.PathLike, trainable_modules: list[str]) -> Path:
-    """Write the trainable tensors of `unet` (float32) to `path`, atomically."""
+    """Write the trainable and temporal tensors of `unet` (float32) to `path`, atomically."""
     parameters = dict(unet.named_parameters())
-    tensors = {
-        name: parameters[name].detach().float().cpu().contiguous()
-        for name in trainable_parameter_names(unet, trainable_modules)
-    }
+    names = set(trainable_parameter_names(unet, trainable_modules)) | {n for n in parameters if TEMPORAL_KEY in n}
+    tensors = {name: parameters[name].detach().float().cpu().contiguous() for name in sorted(names)}
     with atomic_path(path) as temporary:
         save_file(tensors, temporary, metadata={"trainable_modules": json.dumps(list(trainable_modules))})
     return Path(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 from fractions import Fraction
 from pathlib import Path
@@ -22,8 +23,8 @@ from PIL import Image
 from .atomic import atomic_path
 
 # GIF stores frame delays in 1/100 s and browsers replace delays under 20 ms with ~100 ms, so faster GIFs would
-# play *slower*; refuse them instead of writing a file that lies about its speed.
-_GIF_MAX_FPS = 50
+# play *slower*; above this rate a GIF keeps every k-th frame instead, to play at real speed.
+GIF_MAX_FPS = 50
 
 
 def make_grid(videos: torch.Tensor, n_rows: int = 4, padding: int = 2) -> torch.Tensor:
@@ -86,6 +87,11 @@ def save_videos_grid(
         write_mp4(frames, path, fps)
 
 
+def prompt_file_name(prompt: str) -> str:
+    """A prompt as a file name (no suffix): path separators and control characters replaced, at most 200 characters."""
+    return re.sub(r"[/\\\x00-\x1f]", "_", prompt).strip()[:200] or "empty-prompt"
+
+
 def _check_frames(frames: np.ndarray) -> None:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise ValueError(f"expected non-empty (t, h, w, 3) uint8 frames, got {frames.dtype} {frames.shape}")
@@ -111,10 +117,13 @@ def gif_durations_ms(n_frames: int, fps: float) -> list[int]:
 
 
 def write_gif(frames: np.ndarray, path: str | os.PathLike[str], fps: float) -> None:
-    """Write ``(t, h, w, 3)`` uint8 frames as a looping GIF with per-frame delays of ~1000/fps ms."""
+    """Write ``(t, h, w, 3)`` uint8 frames as a looping GIF with per-frame delays of ~1000/fps ms.
+
+    Above 50 fps every k-th frame is kept at fps / k, since a GIF cannot play faster.
+    """
     _check_frames(frames)
-    if _exact_fps(fps) > _GIF_MAX_FPS:
-        raise ValueError(f"GIF cannot play faster than {_GIF_MAX_FPS} fps (got {fps}); write an .mp4 instead")
+    step = math.ceil(_exact_fps(fps) / GIF_MAX_FPS)
+    frames, fps = frames[::step], _exact_fps(fps) / step
     images = [Image.fromarray(frame) for frame in frames]
     with atomic_path(path) as tmp:
         images[0].save(

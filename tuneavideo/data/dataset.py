@@ -6,6 +6,7 @@ the clip on every step and silently returned fewer frames when the clip was too 
 """
 
 import importlib
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -108,6 +109,23 @@ def sample_frame_indices(
     )
 
 
+def fit_size(source_width: int, source_height: int, long_side: int = 512, multiple: int = 64) -> tuple[int, int]:
+    """The ``(width, height)`` to tune and edit a ``source_width`` x ``source_height`` clip at, keeping its aspect.
+
+    Both sides are multiples of ``multiple`` (64: the VAE's 8x and the UNet's three 2x downsamplings must divide
+    them). The long side is ``long_side`` rounded down to a multiple (at least one multiple), the short side the
+    nearest multiple to the source's ratio (at least one multiple). A square source gives ``(L, L)``, as before;
+    16:9 at 512 gives ``(512, 320)``.
+    """
+    if min(source_width, source_height, long_side, multiple) <= 0:
+        raise ValueError(f"sizes must be positive, got source {source_width}x{source_height}, long side {long_side}, "
+                         f"multiple {multiple}")
+    long = max(multiple, long_side // multiple * multiple)
+    ratio = min(source_width, source_height) / max(source_width, source_height)
+    short = max(multiple, math.floor(long * ratio / multiple + 0.5) * multiple)  # half rounds up, not to even
+    return (long, short) if source_width >= source_height else (short, long)
+
+
 def resize_frames(frames: np.ndarray, width: int, height: int) -> torch.Tensor:
     """Resize ``(frames, H, W, 3)`` uint8 to exactly ``width`` x ``height`` (aspect ratio not kept, as in the original).
 
@@ -129,6 +147,10 @@ class TuneAVideoDataset(Dataset):
     The clip is decoded, sampled and resized once in ``__init__`` (so a too-short clip fails before training starts)
     and kept as uint8; ``__getitem__`` only converts it.
 
+    With ``keep_aspect`` (what training and editing use) the frames are resized to
+    ``fit_size(source width, source height, max(width, height))``, so a non-square clip is not squashed; without it
+    to exactly ``width`` x ``height``, as the original did. ``self.width`` and ``self.height`` hold the size used.
+
     Items are ``{"pixel_values": float32 (frames, 3, height, width) in [-1, 1], "prompt_ids": prompt_ids}``;
     ``prompt_ids`` is left out while it is None (it can be assigned after construction, as the original did).
     """
@@ -145,6 +167,7 @@ class TuneAVideoDataset(Dataset):
         prompt_ids: torch.Tensor | None = None,
         *,
         backend: str | None = None,
+        keep_aspect: bool = False,
     ) -> None:
         self.video_path = os.fspath(video_path)
         self.prompt = prompt
@@ -155,6 +178,9 @@ class TuneAVideoDataset(Dataset):
         self.frame_indices = sample_frame_indices(
             info.num_frames, n_sample_frames, sample_start_idx, sample_frame_rate, self.video_path
         )
+        if keep_aspect:
+            width, height = fit_size(info.width, info.height, max(width, height))
+        self.width, self.height = width, height
         frames = read_video_frames(self.video_path, self.frame_indices, self.backend)
         self.frames = resize_frames(frames, width, height)
 

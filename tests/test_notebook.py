@@ -1,0 +1,54 @@
+"""`postprocess.ipynb` runs headless (nbclient) on the sample clip and shows what it promises.
+
+The kernel is this interpreter, named in a kernelspec written to a temporary JUPYTER_PATH, so the test works in any
+fresh virtual environment with the requirements installed (no `ipykernel install` into the user's Jupyter).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "postprocess.ipynb"
+KERNEL = "tuneavideo-test"
+
+
+@pytest.fixture
+def kernel(tmp_path, monkeypatch) -> str:
+    spec = tmp_path / "jupyter" / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return KERNEL
+
+
+def test_notebook_is_stored_clean_and_uses_only_postprocess_and_video_io():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code)
+    imports = {line.split()[1] for cell in code for line in cell.source.splitlines() if line.startswith("from ")}
+    ours = {name for name in imports if name.startswith("tuneavideo")}
+    assert ours == {"tuneavideo.postprocess", "tuneavideo.video_io"}  # no model, no training code
+
+
+def test_notebook_runs_headless_on_the_sample_clip(kernel, tmp_path):
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    # like papermill: override the settings cell so the run writes only under tmp_path and finds no edit
+    settings = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
+    overrides = f'WORK = Path(r"{tmp_path / "work"}")\nEDITS_DIR = Path(r"{tmp_path / "no-edits"}")'
+    notebook.cells.insert(settings + 1, nbformat.v4.new_code_cell(overrides))
+    NotebookClient(notebook, kernel_name=kernel, timeout=120, resources={"metadata": {"path": str(ROOT)}}).execute()
+
+    text = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs)
+    assert "sound: True" in text and "muxed: True" in text and "muxed: False" in text
+    assert text.count("video 1.000 s, audio 1.000 s") == 3  # the demo's 8 frames at 8 fps, whatever span is muxed
+    work = tmp_path / "work"
+    assert {"stand-in-edit.mp4", "span.wav", "edit-with-sound.mp4"} <= {p.name for p in work.iterdir()}
