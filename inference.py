@@ -5,15 +5,14 @@
 
 Writes, per prompt, `<prompt>.mp4` (H.264 with the source's sound over the same span) and `<prompt>.gif`, plus
 `side-by-side.mp4` (the source and every edit), to <run>/edits unless --output-dir says otherwise.
+Bad input ends with a one-line error; add --debug (or set TUNEAVIDEO_DEBUG=1) for the traceback.
 """
 
 import argparse
 import logging
-import sys
 
-from tuneavideo.config import ConfigError
-from tuneavideo.data.dataset import ClipTooShortError, VideoReadError
-from tuneavideo.editing import EditError, EditOptions, edit, run_folder
+from tuneavideo.cli import run_cli
+from tuneavideo.editing import EditOptions, edit, run_folder
 
 
 def positive_int(text: str) -> int:
@@ -23,7 +22,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = parser.add_mutually_exclusive_group(required=True)
     run.add_argument("--model", help="the tuned run folder (a training output_dir), e.g. outputs/man-skiing")
@@ -44,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = EditOptions(
@@ -52,11 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         guidance_scale=args.guidance_scale, inv_steps=args.inv_steps, num_videos_per_prompt=args.num_videos_per_prompt,
         eta=args.eta, output_dir=args.output_dir, audio=not args.no_audio,
     )
-    try:
-        result = edit(run_folder(args.model, args.config), options)
-    except (EditError, ConfigError, VideoReadError, ClipTooShortError) as err:
-        # expected user errors: one line, no traceback
-        sys.exit(f"inference.py: error: {err}")
+    result = edit(run_folder(args.model, args.config), options)
     width, height = result.size
     print(f"wrote {len(result.videos)} edit(s) at {width}x{height}, {float(result.fps):g} fps, "
           f"{'with' if result.with_audio else 'without'} sound, to {result.folder}:")
@@ -65,4 +60,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "inference.py")

@@ -4,21 +4,23 @@
     accelerate launch train_tuneavideo.py --config=configs/man-skiing.yaml max_train_steps=300 train_data.n_sample_frames=16
 
 Everything after `--config` is a `key=value` override of the config file (see tuneavideo/config.py for every key).
+Bad input ends with a one-line error; add --debug (or set TUNEAVIDEO_DEBUG=1) for the traceback.
 """
 
 import argparse
 
+from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.training import train
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/man-skiing.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_train_steps=300")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     train(load_config(args.config, args.overrides))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "train_tuneavideo.py")

@@ -4,13 +4,19 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # any accidental hub call fails loudly
 
+from pathlib import Path
+
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.tiny import make_tiny_sd
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CLIP = ROOT / "data" / "sample.mp4"
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +52,49 @@ def clip_inputs():
         return sample, timestep, text
 
     return make
+
+
+@pytest.fixture
+def run_config(tiny_sd, tmp_path):
+    """A function writing a training config for the tiny model on the sample clip (4 frames of 64x64, two
+    validation prompts, 3 DDIM steps, 2 training steps) with top-level `overrides`; returns its path."""
+
+    def write(output_dir, name="config.yaml", video=SAMPLE_CLIP, prompt="a ball is moving", **overrides) -> Path:
+        text = f"""
+pretrained_model_path: "{tiny_sd}"
+output_dir: "{output_dir}"
+train_data:
+  video_path: "{video}"
+  prompt: "{prompt}"
+  n_sample_frames: 4
+  width: 64
+  height: 64
+  sample_start_idx: 0
+  sample_frame_rate: 3
+validation_data:
+  prompts:
+    - "a red ball is moving"
+    - "a cat, cartoon style"
+  video_length: 4
+  width: 64
+  height: 64
+  num_inference_steps: 3
+  num_inv_steps: 3
+  guidance_scale: 12.5
+"""
+        top = dict(learning_rate="3e-5", max_train_steps=2, checkpointing_steps=2, validation_steps=2, seed=33)
+        top.update(mixed_precision="fp16", enable_xformers_memory_efficient_attention=True, **overrides)
+        text += "".join(f"{key}: {value}\n" for key, value in top.items())
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Tests that call `train()` in-process: accelerate keeps one process-wide state, reset around each."""
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

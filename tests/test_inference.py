@@ -22,6 +22,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 import inference
+from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.data.dataset import TuneAVideoDataset, fit_size
 from tuneavideo.editing import EditOptions, edit, invert_source, sampling_scheduler
@@ -235,7 +236,7 @@ def test_a_run_that_is_not_there_is_a_one_line_error(tmp_path, case, capsys):
                           'train_data: {video_path: v.mp4, prompt: p}\nvalidation_data: {prompts: [q]}\n')
         args = ["--config", str(config)]
     with pytest.raises(SystemExit) as exit_info:
-        inference.main([*args, "--prompt", "a cat"])
+        run_cli(inference.main, "inference.py", [*args, "--prompt", "a cat"])
     message = str(exit_info.value.code)
     assert message.startswith("inference.py: error: ") and "\n" not in message
     assert ("config.yaml" in message) if case == "no config" else ("no such run folder" in message)

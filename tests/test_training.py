@@ -19,38 +19,6 @@ from tuneavideo.training import train
 from tuneavideo.tuned_parameters import apply_tuned_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_CLIP = ROOT / "data" / "sample.mp4"
-
-
-def write_config(path, tiny_sd, output_dir, **overrides):
-    """A config for the tiny model on the sample clip: 4 frames of 64x64, 2 validation prompts, 3 DDIM steps."""
-    text = f"""
-pretrained_model_path: "{tiny_sd}"
-output_dir: "{output_dir}"
-train_data:
-  video_path: "{SAMPLE_CLIP}"
-  prompt: "a ball is moving"
-  n_sample_frames: 4
-  width: 64
-  height: 64
-  sample_start_idx: 0
-  sample_frame_rate: 3
-validation_data:
-  prompts:
-    - "a red ball is moving"
-    - "a cat, cartoon style"
-  video_length: 4
-  width: 64
-  height: 64
-  num_inference_steps: 3
-  num_inv_steps: 3
-  guidance_scale: 12.5
-"""
-    top = dict(learning_rate="3e-5", max_train_steps=2, checkpointing_steps=2, validation_steps=2, seed=33)
-    top.update(mixed_precision="fp16", enable_xformers_memory_efficient_attention=True, **overrides)
-    text += "".join(f"{key}: {value}\n" for key, value in top.items())
-    Path(path).write_text(text)
-    return path
 
 
 def launch(config, *overrides, processes=1):
@@ -62,16 +30,9 @@ def launch(config, *overrides, processes=1):
     return result
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
-def test_accelerate_launch_writes_every_output(tiny_sd, tmp_path):
+def test_accelerate_launch_writes_every_output(tiny_sd, tmp_path, run_config):
     run = tmp_path / "run"
-    result = launch(write_config(tmp_path / "c.yaml", tiny_sd, run))
+    result = launch(run_config(run))
     assert "trainable parameters: " in result.stderr + result.stdout
     assert "training in float32" in result.stderr + result.stdout  # fp16 asked for on a CPU: warned, not failed
 
@@ -104,17 +65,17 @@ def test_accelerate_launch_writes_every_output(tiny_sd, tmp_path):
     assert changed and all(k.endswith(("attn1.to_q.weight", "attn2.to_q.weight")) for k in changed)
 
 
-def test_two_processes_train_together(tiny_sd, tmp_path):
+def test_two_processes_train_together(tmp_path, run_config):
     run = tmp_path / "run"
-    result = launch(write_config(tmp_path / "c.yaml", tiny_sd, run), processes=2)
+    result = launch(run_config(run), processes=2)
     assert "2 process(es)" in result.stderr + result.stdout
     assert {p.name for p in (run / "checkpoint-2").glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert (run / "unet" / "config.json").exists() and (run / "tuned_parameters.safetensors").exists()
 
 
-def test_resumed_run_ends_with_the_same_weights(tiny_sd, tmp_path, fresh_accelerate_state):
+def test_resumed_run_ends_with_the_same_weights(tmp_path, run_config, fresh_accelerate_state):
     def run(output_dir, steps, *extra):
-        config = write_config(tmp_path / f"{output_dir}.yaml", tiny_sd, tmp_path / output_dir, validation_steps=100)
+        config = run_config(tmp_path / output_dir, f"{output_dir}.yaml", validation_steps=100)
         train(load_config(config, [f"max_train_steps={steps}", "checkpointing_steps=2", *extra]))
         AcceleratorState._reset_state(True)
         return UNet3DConditionModel.from_pretrained(tmp_path / output_dir, subfolder="unet").state_dict()
@@ -127,8 +88,8 @@ def test_resumed_run_ends_with_the_same_weights(tiny_sd, tmp_path, fresh_acceler
     assert any(not torch.equal(v, stopped[k]) for k, v in straight.items())  # steps 3 and 4 did something
 
 
-def test_loss_falls_when_overfitting_the_clip(tiny_sd, tmp_path, fresh_accelerate_state):
-    config = write_config(tmp_path / "c.yaml", tiny_sd, tmp_path / "run", validation_steps=1000)
+def test_loss_falls_when_overfitting_the_clip(tiny_sd, tmp_path, run_config, fresh_accelerate_state):
+    config = run_config(tmp_path / "run", validation_steps=1000)
     cfg = load_config(config, ["max_train_steps=80", "learning_rate=1e-2", "checkpointing_steps=1000", "gradient_checkpointing=False", "trainable_modules=[attn1,attn2,attn_temp,ff]"])
     train(cfg)
 

@@ -22,11 +22,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from .errors import UserError
+
 # accelerate's spellings; None defers to the `accelerate config` default.
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override is invalid; the message is one line naming the source and the full key."""
 
 
@@ -198,6 +200,8 @@ def _check_values(cfg: TrainConfig, source: str) -> None:
                for section in ("train_data", "validation_data") for dim in ("width", "height")]
     checks += [
         ("train_data.sample_start_idx", td.sample_start_idx >= 0, "must be >= 0"),
+        ("train_data.prompt", bool(td.prompt.strip()), "must describe the clip, e.g. 'a man is skiing'"),
+        ("validation_data.prompts", all(p.strip() for p in vd.prompts), "must not hold an empty prompt"),
         ("learning_rate", cfg.learning_rate > 0, "must be > 0"),
         ("trainable_modules", len(cfg.trainable_modules) > 0, "must name at least one module"),
         ("mixed_precision", cfg.mixed_precision in (*MIXED_PRECISION_CHOICES, None),

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from .errors import UserError
 from .config import TrainConfig, load_config
 from .data.dataset import TuneAVideoDataset, VideoReadError
 from .inversion import ddim_inversion, inverse_scheduler
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 SIDE_BY_SIDE = "side-by-side"  # file stem of the source-and-every-edit comparison
 
 
-class EditError(ValueError):
+class EditError(UserError):
     """The run folder or the options cannot give an edit; the message is one line."""
 
 

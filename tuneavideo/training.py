@@ -10,8 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
-import shutil
+import signal
 from pathlib import Path
 
 import diffusers
@@ -29,12 +28,21 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .atomic import atomic_path
+from .checkpointing import (
+    keep_only_trainable_in_checkpoints,
+    list_checkpoints,
+    remove_checkpoints,
+    resume,
+    save_checkpoint,
+)
+from .checks import check_output_dir, check_sd_folder
 from .config import TrainConfig
 from .data.dataset import TuneAVideoDataset
+from .errors import UserError
 from .inversion import ddim_inversion
-from .models.resnet import fold_frames, unfold_frames
+from .models.resnet import unfold_frames
 from .models.unet import UNet3DConditionModel
-from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
+from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline, truncated_text
 from .tuned_parameters import FILENAME as TUNED_PARAMETERS
 from .tuned_parameters import apply_tuned_parameters, save_tuned_parameters, trainable_parameter_names
 from .video_io import prompt_file_name, save_videos_grid
@@ -45,6 +53,15 @@ logger = get_logger(__name__, log_level="INFO")
 def train(cfg: TrainConfig) -> Path:
     """Tune on `cfg.train_data`'s clip and write the run to `cfg.output_dir`; returns that folder."""
     output_dir = Path(cfg.output_dir)
+    # bad paths fail here, in seconds, before any model is loaded
+    check_sd_folder(cfg.pretrained_model_path)
+    check_output_dir(output_dir, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite)
+    data = cfg.train_data
+    # the clip is decoded once; its latent distribution and the prompt's embedding are computed once too
+    dataset = TuneAVideoDataset(
+        data.video_path, data.prompt, data.width, data.height, data.n_sample_frames, data.sample_start_idx,
+        data.sample_frame_rate, keep_aspect=True,
+    )
     mixed_precision = _usable_mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(
         # several processes without CUDA (`accelerate launch --multi_gpu` on a CPU machine): CPU workers over gloo
@@ -63,21 +80,27 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.seed is not None:
         set_seed(cfg.seed)
     if accelerator.is_main_process:
+        if cfg.overwrite and not cfg.resume_from_checkpoint:
+            remove_checkpoints(output_dir)  # a fresh run must not resume from the replaced run's state later
         _write_run_config(cfg, output_dir)
 
     # models: everything frozen but the trainable UNet modules
     base = cfg.pretrained_model_path
-    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    unet = UNet3DConditionModel.from_pretrained_2d(base, subfolder="unet")
+    tokenizer = _load(CLIPTokenizer.from_pretrained, base, "tokenizer")
+    text_encoder = _load(CLIPTextModel.from_pretrained, base, "text_encoder")
+    vae = _load(AutoencoderKL.from_pretrained, base, "vae")
+    noise_scheduler = _load(DDPMScheduler.from_pretrained, base, "scheduler")
+    unet = _load(UNet3DConditionModel.from_pretrained_2d, base, "unet")
+    dropped = truncated_text(tokenizer, data.prompt)
+    if dropped:
+        logger.warning(f"train_data.prompt is longer than the text encoder's {tokenizer.model_max_length} tokens; "
+                       f"dropped: {dropped!r}")
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.requires_grad_(False)
     trainable = trainable_parameter_names(unet, cfg.trainable_modules)
     if not trainable:
-        raise ValueError(f"trainable_modules {cfg.trainable_modules} match no module of the UNet")
+        raise UserError(f"trainable_modules {cfg.trainable_modules} match no module of the UNet (e.g. attn1.to_q)")
     named = dict(unet.named_parameters())
     for name in trainable:
         named[name].requires_grad_(True)
@@ -99,12 +122,6 @@ def train(cfg: TrainConfig) -> Path:
         num_training_steps=cfg.max_train_steps * cfg.gradient_accumulation_steps,
     )
 
-    # data: the clip is decoded once; its latent distribution and the prompt's embedding are computed once too
-    data = cfg.train_data
-    dataset = TuneAVideoDataset(
-        data.video_path, data.prompt, data.width, data.height, data.n_sample_frames, data.sample_start_idx,
-        data.sample_frame_rate, keep_aspect=True,
-    )
     logger.info(f"frames resized to {dataset.width}x{dataset.height} (the clip's aspect ratio, sides multiples of 64)")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if weight_dtype != torch.float32:
@@ -114,7 +131,7 @@ def train(cfg: TrainConfig) -> Path:
         # the model was initialised alike everywhere (DDP also broadcasts rank 0's weights); each process now
         # draws its own noise and timesteps, or they would all compute the same gradient
         set_seed(cfg.seed + accelerator.process_index)
-    _register_trainable_only_checkpoints(accelerator, trainable)
+    keep_only_trainable_in_checkpoints(accelerator, trainable)
 
     vae.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
@@ -130,7 +147,7 @@ def train(cfg: TrainConfig) -> Path:
     num_frames = pixel_values.shape[0]
     scale = vae.config.scaling_factor
 
-    global_step = _resume(accelerator, cfg, output_dir)
+    global_step = resume(accelerator, cfg.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process:
         accelerator.init_trackers("tuneavideo", config=_scalar_hparams(cfg))
     progress = tqdm(
@@ -138,55 +155,112 @@ def train(cfg: TrainConfig) -> Path:
         disable=not accelerator.is_local_main_process, desc="Steps",
     )
     unet.train()
-    while global_step < cfg.max_train_steps:
-        with accelerator.accumulate(unet):
-            # a fresh posterior sample of the clip each step, as the original's `latent_dist.sample()`
-            samples = [posterior.sample() for _ in range(cfg.train_batch_size)]
-            latents = torch.cat([unfold_frames(s, num_frames) for s in samples]) * scale
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-            ).long()
-            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-            if noise_scheduler.config.prediction_type == "epsilon":
-                target = noise
-            elif noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                raise ValueError(f"unknown prediction_type {noise_scheduler.config.prediction_type!r}")
-            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-            loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at step {global_step + 1}: try mixed_precision=bf16 or no; "
-                    "the last checkpoint is kept"
-                )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_([named[n] for n in trainable], cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
+    with CtrlC() as ctrl_c:
+        while global_step < cfg.max_train_steps:
+            with accelerator.accumulate(unet):
+                loss = _diffusion_loss(unet, noise_scheduler, posterior, num_frames, scale, encoder_hidden_states)
+                losses = accelerator.gather(loss.detach())  # every process sees every loss, so all stop together
+                if not torch.isfinite(losses).all():
+                    _stop_diverged(losses, global_step + 1, output_dir)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_([named[n] for n in trainable], cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
 
-        if accelerator.sync_gradients:
-            global_step += 1
-            progress.update(1)
-            logs = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-            if global_step % cfg.checkpointing_steps == 0:
-                _save_checkpoint(accelerator, cfg, output_dir, global_step)
-            if global_step % cfg.validation_steps == 0 or global_step == cfg.max_train_steps:
-                if accelerator.is_main_process:
-                    _validate(cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames, global_step,
-                              (dataset.width, dataset.height))
-                accelerator.wait_for_everyone()
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                logs = {"loss": losses.mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(**logs)
+                accelerator.log(logs, step=global_step)
+                interrupted = ctrl_c.agreed(accelerator)
+                if global_step % cfg.checkpointing_steps == 0 or interrupted:
+                    save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+                if interrupted:
+                    raise KeyboardInterrupt(f"saved checkpoint-{global_step}; continue with resume_from_checkpoint=latest")
+                if global_step % cfg.validation_steps == 0 or global_step == cfg.max_train_steps:
+                    if accelerator.is_main_process:
+                        _validate(cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames, global_step,
+                                  (dataset.width, dataset.height))
+                    accelerator.wait_for_everyone()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _save_final(cfg, accelerator.unwrap_model(unet), output_dir)
     accelerator.end_training()
     return output_dir
+
+
+class CtrlC:
+    """Turns Ctrl-C (SIGINT) during the loop into a request to checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to stop now)")
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any process was interrupted; all processes must agree, or they would wait for each other."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def __enter__(self) -> "CtrlC":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _load(loader, base: str, subfolder: str):
+    """Load one component of the base model; a broken or mismatched file becomes a one-line error."""
+    try:
+        return loader(base, subfolder=subfolder)
+    except (OSError, ValueError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"{Path(base) / subfolder}: cannot load it as a Stable Diffusion {subfolder} ({first_line}); "
+            "download the model again with ./download_models.sh"
+        ) from err
+
+
+def _diffusion_loss(unet, noise_scheduler, posterior, num_frames: int, scale: float, encoder_hidden_states):
+    """The original's objective: MSE between the UNet's prediction and the noise (or v) at a random timestep.
+
+    Each step draws a fresh posterior sample of the clip (the original's `latent_dist.sample()`), fresh noise and
+    one timestep per clip; `encoder_hidden_states` holds one prompt embedding per clip of the batch.
+    """
+    samples = [posterior.sample() for _ in range(encoder_hidden_states.shape[0])]
+    latents = torch.cat([unfold_frames(sample, num_frames) for sample in samples]) * scale
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+    ).long()
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+
+def _stop_diverged(losses: torch.Tensor, step: int, output_dir: Path) -> None:
+    """Stop on a NaN or infinite loss, before it reaches the weights or a checkpoint."""
+    last = list_checkpoints(output_dir)
+    kept = f"{last[-1]} is the last good checkpoint (resume_from_checkpoint=latest)" if last else "no checkpoint yet"
+    raise UserError(
+        f"the loss became {', '.join(f'{v:g}' for v in losses.flatten().tolist())} at step {step}: try mixed_precision=bf16 or no, or a lower "
+        f"learning_rate; {kept}"
+    )
 
 
 def cast_frozen_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -228,62 +302,6 @@ def _optimizer(cfg: TrainConfig, parameters: list[torch.nn.Parameter], learning_
         weight_decay=cfg.adam_weight_decay,
         eps=cfg.adam_epsilon,
     )
-
-
-def _register_trainable_only_checkpoints(accelerator: Accelerator, trainable: list[str]) -> None:
-    """Checkpoints hold the trainable tensors (plus optimizer, scheduler, RNG), not the whole frozen UNet."""
-    wanted = set(trainable)
-
-    def keep_trainable(models, weights, output_dir):
-        for index, weight in enumerate(weights):
-            weights[index] = {k: v for k, v in weight.items() if k.removeprefix("module.") in wanted}
-
-    accelerator.register_save_state_pre_hook(keep_trainable)
-
-
-def _checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, output_dir: Path, step: int) -> None:
-    """`accelerator.save_state` into a temporary folder renamed to `checkpoint-STEP` when every process is done."""
-    final = output_dir / f"checkpoint-{step}"
-    temporary = output_dir / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        if cfg.checkpoints_total_limit is not None:
-            for old in _checkpoints(output_dir)[: -cfg.checkpoints_total_limit]:
-                shutil.rmtree(old)
-        logger.info(f"saved {final}")
-    accelerator.wait_for_everyone()
-
-
-def _resume(accelerator: Accelerator, cfg: TrainConfig, output_dir: Path) -> int:
-    """Load the requested checkpoint; returns the step it was saved at (0 when starting fresh)."""
-    if not cfg.resume_from_checkpoint:
-        return 0
-    if cfg.resume_from_checkpoint == "latest":
-        found = _checkpoints(output_dir)
-        if not found:
-            logger.warning(f"no checkpoint in {output_dir} to resume from; starting from step 0")
-            return 0
-        path = found[-1]
-    else:
-        path = Path(cfg.resume_from_checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint folder at {path}")
-    logger.info(f"resuming from {path}")
-    # the checkpoint holds only the trainable tensors; the frozen ones come from the base model
-    accelerator.load_state(str(path), strict=False)
-    return int(path.name.split("-")[-1])
 
 
 @torch.no_grad()

@@ -16,16 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import UserError
+
 # Reader names in order of preference, and the module each needs.
 VIDEO_BACKENDS = ("decord", "pyav", "imageio")
 _BACKEND_MODULES = {"decord": "decord", "pyav": "av", "imageio": "imageio_ffmpeg"}
 
 
-class VideoReadError(ValueError):
+class VideoReadError(UserError):
     """A file is missing or cannot be decoded as a video; the message is one line naming the file."""
 
 
-class ClipTooShortError(ValueError):
+class ClipTooShortError(UserError):
     """The clip has fewer frames than the sampling settings ask for; the message says which settings would fit."""
 
 

@@ -20,6 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, logging
 from torch import nn
 
+from ..errors import UserError
 from .resnet import InflatedConv3d
 from .unet_blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, get_block
 
@@ -223,7 +224,7 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         bad_missing = [key for key in missing if TEMPORAL_KEY not in key]
         if unexpected or bad_missing:
-            raise ValueError(
+            raise UserError(
                 f"{pretrained_model_path}: not a 4-level Stable Diffusion UNet (unexpected keys {unexpected[:3]}, "
                 f"missing keys {bad_missing[:3]})"
             )

@@ -27,6 +27,13 @@ class TuneAVideoPipelineOutput(BaseOutput):
     videos: torch.Tensor | np.ndarray
 
 
+def truncated_text(tokenizer: CLIPTokenizer, prompt: str) -> str:
+    """The end of `prompt` that the text encoder never sees (past its `model_max_length` tokens), or ""."""
+    ids = tokenizer(prompt, truncation=False).input_ids
+    kept = tokenizer.model_max_length - 1  # the last kept position holds the end-of-text token
+    return tokenizer.decode(ids[kept:-1]).strip() if len(ids) > tokenizer.model_max_length else ""
+
+
 class TuneAVideoPipeline(DiffusionPipeline):
     """Sample clips from prompts with Stable Diffusion's VAE and text encoder and a tuned `UNet3DConditionModel`.
 
@@ -84,10 +91,10 @@ class TuneAVideoPipeline(DiffusionPipeline):
         max_length = self.tokenizer.model_max_length
         inputs = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         if truncate_warning:
-            full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-            if full.shape[-1] > inputs.input_ids.shape[-1]:
-                dropped = self.tokenizer.batch_decode(full[:, max_length - 1 : -1])
-                logger.warning(f"The text encoder reads at most {max_length} tokens; dropped: {dropped}")
+            for prompt in prompts:
+                dropped = truncated_text(self.tokenizer, prompt)
+                if dropped:
+                    logger.warning(f"the text encoder reads at most {max_length} tokens; dropped: {dropped!r}")
         attention_mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             attention_mask = inputs.attention_mask.to(device)

@@ -1,0 +1,97 @@
+"""Resumable training state: small `checkpoint-STEP` folders, written atomically, and resuming from them.
+
+A checkpoint holds the trainable tensors, optimizer, LR schedule and every process's RNG state (not the frozen
+UNet, which the base model restores). It is written under a temporary name and renamed once every process is done,
+so a crash, a kill or a full disk never leaves a half-written `checkpoint-STEP` that `latest` would pick.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+from .errors import UserError
+
+logger = get_logger(__name__, log_level="INFO")
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def keep_only_trainable_in_checkpoints(accelerator: Accelerator, trainable: list[str]) -> None:
+    """Make `accelerator.save_state` store only the `trainable` tensors of the prepared model."""
+    wanted = set(trainable)
+
+    def keep_trainable(models, weights, output_dir):
+        for index, weight in enumerate(weights):
+            weights[index] = {k: v for k, v in weight.items() if k.removeprefix("module.") in wanted}
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete `checkpoint-STEP` folders, oldest first (temporary `.checkpoint-STEP.tmp` ones are not listed)."""
+    found = [p for p in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def remove_checkpoints(output_dir: Path) -> None:
+    for path in list_checkpoints(output_dir):
+        shutil.rmtree(path)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None = None) -> Path:
+    """`accelerator.save_state` (on every process) into a temporary folder renamed to `checkpoint-STEP`."""
+    final = output_dir / f"checkpoint-{step}"
+    temporary = output_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(temporary))
+    except OSError as err:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if err.errno in DISK_FULL:
+            last = list_checkpoints(output_dir)
+            kept = f"; {last[-1]} is the last complete checkpoint" if last else ""
+            raise UserError(
+                f"no space left on the disk of {output_dir} while saving checkpoint-{step}{kept}: free space, then "
+                "resume with resume_from_checkpoint=latest"
+            ) from err
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+        logger.info(f"saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume(accelerator: Accelerator, resume_from_checkpoint: str | None, output_dir: Path) -> int:
+    """Load the requested checkpoint (a path or "latest"); returns the step it was saved at (0 when none)."""
+    if not resume_from_checkpoint:
+        return 0
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning(f"no checkpoint in {output_dir} to resume from; starting from step 0")
+            return 0
+        path = found[-1]
+    else:
+        path = Path(resume_from_checkpoint)
+        if not path.is_dir() or not re.fullmatch(r"checkpoint-\d+", path.name):
+            raise UserError(f"resume_from_checkpoint={path}: no checkpoint-STEP folder there; use latest or a path")
+    logger.info(f"resuming from {path}")
+    # the checkpoint holds only the trainable tensors; the frozen ones come from the base model
+    accelerator.load_state(str(path), strict=False)
+    return int(path.name.split("-")[-1])

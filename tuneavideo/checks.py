@@ -1,0 +1,52 @@
+"""Checks that run before any model is loaded, so bad paths fail at once with a message that says what to do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_sd_folder(path: str | Path) -> Path:
+    """`path` must be a local Stable Diffusion folder in diffusers layout (what ./download_models.sh writes)."""
+    folder = Path(path)
+    if not folder.exists():
+        raise UserError(
+            f"pretrained_model_path {folder}: no such folder; download the weights with ./download_models.sh "
+            "(or point pretrained_model_path at a diffusers Stable Diffusion folder)"
+        )
+    if not folder.is_dir():
+        raise UserError(f"pretrained_model_path {folder}: is a file, not a Stable Diffusion model folder")
+    missing = [name for name in SD_COMPONENTS if not (folder / name).is_dir()]
+    if missing:
+        raise UserError(
+            f"pretrained_model_path {folder}: not a Stable Diffusion model folder (no {', '.join(missing)}/); "
+            "download one with ./download_models.sh"
+        )
+    config = folder / "unet" / "config.json"
+    try:
+        unet_config = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{config}: unreadable UNet config ({err}); download the model again") from err
+    if not isinstance(unet_config, dict) or len(unet_config.get("block_out_channels", [])) != 4:
+        raise UserError(f"{config}: not a 4-level Stable Diffusion 1.x/2.x UNet")
+    return folder
+
+
+def holds_a_run(output_dir: str | Path) -> bool:
+    """Whether `output_dir` already has a training run's files in it."""
+    folder = Path(output_dir)
+    markers = ("config.yaml", "model_index.json", "unet", "tuned_parameters.safetensors")
+    return any((folder / name).exists() for name in markers) or any(folder.glob("checkpoint-*"))
+
+
+def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse to write a new run over an earlier one unless asked to (resume it, or overwrite it)."""
+    if holds_a_run(output_dir) and not (resuming or overwrite):
+        raise UserError(
+            f"output_dir {output_dir} already holds a run: continue it with resume_from_checkpoint=latest, "
+            "replace it with overwrite=true, or choose another output_dir"
+        )
