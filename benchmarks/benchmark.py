@@ -6,7 +6,8 @@
 
 Jobs: `train` (one tuning step: default trainable modules, gradient checkpointing, AdamW step), `denoise` (one
 classifier-free-guided UNet call, batch 2), `invert` (one inversion UNet call, batch 1), `vae` (encode + decode
-the clip frame by frame). `--attention plain` swaps every attention to plain maths (softmax of an explicit score
+the clip frame by frame). `--attention sdpa-dup` keeps SDPA but gathers sparse-causal keys as the original did (duplicates for frames 0
+and 1). `--attention plain` swaps every attention to plain maths (softmax of an explicit score
 matrix, sparse-causal keys duplicated for frames 0 and 1): the original's computation without xformers, so both
 are compared in one run. Each job runs in a fresh process, so its peak memory (RSS on CPU,
 `torch.cuda.max_memory_allocated` on GPU) is its own. Prints a table and writes JSON.
@@ -42,6 +43,9 @@ UNET_GFLOP_PER_FRAME_512 = 677  # forward of the SD 1.x UNet on one 64x64 latent
 
 
 def build_unet(model: str, attention: str, dtype):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from tuneavideo.models.attention import SparseCausalAttnProcessor
     from tuneavideo.models.unet import UNet3DConditionModel
 
     config = dict(
@@ -55,6 +59,13 @@ def build_unet(model: str, attention: str, dtype):
     unet = UNet3DConditionModel.from_config(UNet3DConditionModel.config_from_2d(config))
     if attention == "plain":
         unet.set_default_attn_processor()
+    elif attention == "sdpa-dup":
+        # SDPA, but sparse-causal keys and values gathered as the original did: [frame 0, frame i-1] for every
+        # frame, duplicates for frames 0 and 1 included (measures the de-duplication of the default processor)
+        unet.set_attn_processor(
+            {name: SparseCausalAttnProcessor(AttnProcessor2_0()) if ".attn1." in name else AttnProcessor2_0()
+             for name in unet.attn_processors}
+        )
     return unet.to(dtype=dtype)
 
 
@@ -151,7 +162,7 @@ def main() -> None:
     parser.add_argument("--frames", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
     parser.add_argument("--model", choices=sorted(UNET_CONFIGS), default="sd1")
-    parser.add_argument("--attention", nargs="+", choices=["sdpa", "plain"], default=["sdpa"])
+    parser.add_argument("--attention", nargs="+", choices=["sdpa", "sdpa-dup", "plain"], default=["sdpa"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp32 on CPU, fp16 on GPU")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 0 on CPU, 2 on GPU)")

@@ -56,9 +56,18 @@ def test_sd14_layout_has_798_keys_and_74m_trainable_parameters():
     assert sum(dict(unet_3d.named_parameters())[n].numel() for n in names) == 74_354_880
 
 
-def test_inflated_model_on_identical_frames_equals_the_image_model(tiny_sd):
-    unet_2d = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
-    unet_3d = UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet").eval()
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_inflated_model_on_identical_frames_equals_the_image_model(tiny_sd, tmp_path, variant):
+    if variant == "sd1":
+        path, subfolder = tiny_sd, "unet"
+    else:  # SD 2.x: linear projections, a head count per level, upcast attention
+        config = dict(UNet2DConditionModel.load_config(tiny_sd, subfolder="unet"))
+        config.update(use_linear_projection=True, attention_head_dim=[2, 4, 4, 4], upcast_attention=True)
+        torch.manual_seed(0)
+        UNet2DConditionModel.from_config(config).save_pretrained(tmp_path / "unet")
+        path, subfolder = tmp_path, "unet"
+    unet_2d = UNet2DConditionModel.from_pretrained(path, subfolder=subfolder).eval()
+    unet_3d = UNet3DConditionModel.from_pretrained_2d(path, subfolder=subfolder).eval()
     for name, parameter in unet_3d.named_parameters():
         if "attn_temp.to_out.0" in name:
             assert torch.count_nonzero(parameter) == 0, name  # weight and bias zero-initialised

@@ -24,9 +24,26 @@ class _CheckpointedBlock(nn.Module):
         return layer(*args)
 
 
-def _transformer(out_channels: int, heads: int, cross_attention_dim: int, groups: int, **kwargs) -> Transformer3DModel:
+def _transformers(
+    count: int,
+    heads: int,
+    cross_attention_dim: int,
+    out_channels: int,
+    resnet_groups: int = 32,
+    use_linear_projection: bool = False,
+    upcast_attention: bool = False,
+    **_,
+) -> nn.ModuleList:
     # SD's `attention_head_dim` config value is the number of heads; each head gets channels / heads
-    return Transformer3DModel(heads, out_channels // heads, out_channels, cross_attention_dim, groups, **kwargs)
+    return nn.ModuleList(
+        [
+            Transformer3DModel(
+                heads, out_channels // heads, out_channels, cross_attention_dim, resnet_groups,
+                use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
+            )
+            for _ in range(count)
+        ]
+    )
 
 
 class DownBlock3D(_CheckpointedBlock):
@@ -67,30 +84,11 @@ class DownBlock3D(_CheckpointedBlock):
 
 
 class CrossAttnDownBlock3D(DownBlock3D):
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        temb_channels: int,
-        num_layers: int = 1,
-        resnet_eps: float = 1e-6,
-        resnet_groups: int = 32,
-        add_downsample: bool = True,
-        downsample_padding: int = 1,
-        num_attention_heads: int = 8,
-        cross_attention_dim: int = 1280,
-        **transformer_kwargs,
-    ):
-        super().__init__(
-            in_channels, out_channels, temb_channels, num_layers, resnet_eps, resnet_groups, add_downsample,
-            downsample_padding,
-        )
-        self.attentions = nn.ModuleList(
-            [
-                _transformer(out_channels, num_attention_heads, cross_attention_dim, resnet_groups, **transformer_kwargs)
-                for _ in range(num_layers)
-            ]
-        )
+    """`DownBlock3D` with a transformer after every ResNet."""
+
+    def __init__(self, *, num_attention_heads: int = 8, cross_attention_dim: int = 1280, **kwargs):
+        super().__init__(**kwargs)
+        self.attentions = _transformers(len(self.resnets), num_attention_heads, cross_attention_dim, **kwargs)
 
 
 class UpBlock3D(_CheckpointedBlock):
@@ -137,30 +135,11 @@ class UpBlock3D(_CheckpointedBlock):
 
 
 class CrossAttnUpBlock3D(UpBlock3D):
-    def __init__(
-        self,
-        in_channels: int,
-        prev_output_channel: int,
-        out_channels: int,
-        temb_channels: int,
-        num_layers: int = 1,
-        resnet_eps: float = 1e-6,
-        resnet_groups: int = 32,
-        add_upsample: bool = True,
-        num_attention_heads: int = 8,
-        cross_attention_dim: int = 1280,
-        **transformer_kwargs,
-    ):
-        super().__init__(
-            in_channels, prev_output_channel, out_channels, temb_channels, num_layers, resnet_eps, resnet_groups,
-            add_upsample,
-        )
-        self.attentions = nn.ModuleList(
-            [
-                _transformer(out_channels, num_attention_heads, cross_attention_dim, resnet_groups, **transformer_kwargs)
-                for _ in range(num_layers)
-            ]
-        )
+    """`UpBlock3D` with a transformer after every ResNet."""
+
+    def __init__(self, *, num_attention_heads: int = 8, cross_attention_dim: int = 1280, **kwargs):
+        super().__init__(**kwargs)
+        self.attentions = _transformers(len(self.resnets), num_attention_heads, cross_attention_dim, **kwargs)
 
 
 class UNetMidBlock3DCrossAttn(_CheckpointedBlock):
@@ -178,8 +157,8 @@ class UNetMidBlock3DCrossAttn(_CheckpointedBlock):
         super().__init__()
         resnet = dict(temb_channels=temb_channels, groups=resnet_groups, eps=resnet_eps, output_scale_factor=output_scale_factor)
         self.resnets = nn.ModuleList([ResnetBlock3D(in_channels, **resnet), ResnetBlock3D(in_channels, **resnet)])
-        self.attentions = nn.ModuleList(
-            [_transformer(in_channels, num_attention_heads, cross_attention_dim, resnet_groups, **transformer_kwargs)]
+        self.attentions = _transformers(
+            1, num_attention_heads, cross_attention_dim, in_channels, resnet_groups, **transformer_kwargs
         )
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
