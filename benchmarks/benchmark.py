@@ -133,6 +133,9 @@ def run_job(args) -> dict:
                 with torch.no_grad():
                     unet(sample, torch.tensor([500], device=device), text)
 
+    if args.compile and args.jobs[0] != "vae":
+        unet.forward = torch.compile(unet.forward)
+        args.warmup = max(args.warmup, 1)  # the first call compiles
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -173,6 +176,7 @@ def main() -> None:
         help="keep glibc's default allocator settings (by default jobs run with MALLOC_MMAP_THRESHOLD_=1048576, "
         "which returns freed activation buffers to the OS instead of keeping them in the heap)",
     )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (compile time not counted)")
     parser.add_argument("--json", default="benchmark-results.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,7 +195,8 @@ def main() -> None:
     header = f"{'job':8} {'attention':9} {'frames':>6} {'size':>5} {'seconds':>9} {'peak GB':>8} {'TFLOP/s':>8}"
     card = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
     malloc = "default malloc" if args.malloc_default else "MALLOC_MMAP_THRESHOLD_=1048576"
-    print(f"{args.model} on {args.device} ({card}), {args.dtype}, torch {torch.__version__}, {malloc}")
+    compiled = ", torch.compile" if args.compile else ""
+    print(f"{args.model} on {args.device} ({card}), {args.dtype}, torch {torch.__version__}, {malloc}{compiled}")
     print(header)
     for job in args.jobs:
         for attention in args.attention if job != "vae" else ["-"]:
@@ -201,6 +206,7 @@ def main() -> None:
                     command += ["--sizes", str(size), "--model", args.model, "--device", args.device]
                     command += ["--dtype", args.dtype, "--warmup", str(args.warmup), "--repeat", str(args.repeat)]
                     command += ["--attention", attention if attention != "-" else "sdpa"]
+                    command += ["--compile"] if args.compile else []
                     env = dict(os.environ)
                     if not args.malloc_default:
                         env["MALLOC_MMAP_THRESHOLD_"] = "1048576"
