@@ -110,9 +110,24 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
     if not os.path.isfile(source):
         raise ConfigError(f"config file not found: {source}")
     try:
+        with open(source, encoding="utf-8") as file:
+            # The top-level node only, nothing constructed: OmegaConf.load fails on a plain value at the top (a bare
+            # OSError for "4", an AssertionError for "'true'", whose string it parses as YAML again), so refuse those.
+            root = yaml.compose(file, Loader=yaml.SafeLoader)
+        if root is not None and not isinstance(root, yaml.MappingNode):
+            shape = "a list" if isinstance(root, yaml.SequenceNode) else f"the single value {root.value[:60]!r}"
+            raise ConfigError(f"{source}: top level must be a mapping of keys such as in configs/*.yaml, got {shape}")
         file_cfg = OmegaConf.load(source)
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: invalid YAML: {' '.join(str(err).split())}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{source}: is not UTF-8 text (byte {err.start} is invalid); save it as UTF-8") from err
+    except OSError as err:  # e.g. no read permission
+        raise ConfigError(f"{source}: cannot be read ({err.strerror or err}); check its permissions") from err
+    except RecursionError as err:  # yaml.compose recurses per nesting level; no config nests that deep
+        raise ConfigError(f"{source}: is nested too deeply to be a config; compare it with configs/*.yaml") from err
+    except OmegaConfBaseException as err:  # e.g. a null or list key, which no config can hold
+        raise ConfigError(f"{source}: {_first_line(err)}; keys must be names such as in configs/*.yaml") from err
     if not isinstance(file_cfg, DictConfig):
         raise ConfigError(f"{source}: top level must be a mapping of keys, got a {type(file_cfg).__name__}")
     override_cfg = OmegaConf.create()
@@ -121,6 +136,15 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
             override_cfg = OmegaConf.merge(override_cfg, OmegaConf.from_dotlist([item]))
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             raise ConfigError(f"override {item!r}: {' '.join(str(err).split())}") from err
+        except UnicodeError as err:  # undecodable bytes in a command-line argument arrive as lone surrogates
+            raise ConfigError(f"override {item!r}: is not valid text ({err.reason}); retype it") from err
+        except TypeError as err:  # OmegaConf.merge's bare error for a list meeting a mapping at the same key
+            raise ConfigError(f"override {item!r}: sets a list and a mapping at the same key as an earlier "
+                              "override; give each key one shape") from err
+        except RecursionError as err:  # a key nested thousands deep; no config key is
+            raise ConfigError(f"override {item!r}: key is nested too deeply") from err
+        except IndexError as err:  # OmegaConf's key parser fails on some bracket typos, e.g. "[=1"
+            raise ConfigError(f"override {item!r}: cannot parse the key; write key=value, e.g. seed=33") from err
 
     merged = _merge(OmegaConf.structured(TrainConfig), _fix_yaml_no(file_cfg), source)
     merged = _merge(merged, _fix_yaml_no(override_cfg), f"{source} + overrides")
@@ -128,13 +152,15 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _to_config_error(err, source) from err
+    _check_list_items(cfg, source)
     _check_values(cfg, source)
     return cfg
 
 
 def _fix_yaml_no(cfg: DictConfig) -> DictConfig:
     """Map ``mixed_precision: no`` back to "no": YAML 1.1 reads a bare ``no`` as the boolean False."""
-    if cfg.get("mixed_precision") is False:
+    # An interpolation is left alone: resolving it here, before the merge, could only fail.
+    if not OmegaConf.is_interpolation(cfg, "mixed_precision") and cfg.get("mixed_precision") is False:
         cfg.mixed_precision = "no"
     return cfg
 
@@ -145,6 +171,26 @@ def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as err:
         raise _to_config_error(err, source) from err
+    except TypeError as err:  # OmegaConf's bare error for a mapping given to a list field; it names no key
+        key = _mapping_for_list(OmegaConf.to_container(update))
+        where = f"'{key}' expects {_expected_type(key)}, got a mapping" if key else "a mapping is given for a list"
+        raise ConfigError(f"{source}: {where}; give the whole list, e.g. {key or 'key'}=['a','b']") from err
+    except RecursionError as err:  # keys nested thousands deep; no config key is
+        raise ConfigError(f"{source}: keys are nested too deeply") from err
+
+
+def _mapping_for_list(update: object, cls: type = TrainConfig, key: str = "") -> str | None:
+    """The first full key where the plain container ``update`` holds a mapping for a list field of ``cls``."""
+    if not isinstance(update, dict):
+        return None
+    hints = typing.get_type_hints(cls)
+    for name, value in update.items():
+        hint, full_key = hints.get(name), f"{key}.{name}" if key else str(name)
+        if typing.get_origin(hint) is list and isinstance(value, dict):
+            return full_key
+        if dataclasses.is_dataclass(hint) and (found := _mapping_for_list(value, hint, full_key)) is not None:
+            return found
+    return None
 
 
 def _to_config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -152,9 +198,12 @@ def _to_config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
     if isinstance(err, ConfigKeyError) and key:
         parent, name = _resolve(key)
         valid = [f.name for f in dataclasses.fields(parent)] if parent else []
+        if name in valid:  # the key is fine; the error is below it (e.g. the empty key in "train_data..width=1")
+            return ConfigError(f"{source}: {_first_line(err)} (under {key!r})")
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(valid)}" if valid else ""
-        return ConfigError(f"{source}: unknown key '{key}'{hint}")
+        # repr: a key typed by the user may hold a newline or other control characters; the message stays one line.
+        return ConfigError(f"{source}: unknown key {key!r}{hint}")
     if isinstance(err, MissingMandatoryValue) and key:
         return ConfigError(f"{source}: missing required value '{key}'")
     if isinstance(err, ValidationError) and key:
@@ -184,6 +233,20 @@ def _expected_type(full_key: str) -> str:
     if full_key.endswith("]"):  # a list element: report the element type
         hint = typing.get_args(hint)[0]
     return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
+
+
+def _check_list_items(cfg: object, source: str, prefix: str = "") -> None:
+    """Reject list items of the wrong type: OmegaConf lets a ``list[str]`` field hold nested lists and mappings."""
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        value = getattr(cfg, name)
+        if dataclasses.is_dataclass(hint):
+            _check_list_items(value, source, f"{prefix}{name}.")
+        elif typing.get_origin(hint) is list:
+            (item_type,) = typing.get_args(hint)
+            for index, item in enumerate(value):
+                if not isinstance(item, item_type):
+                    raise ConfigError(f"{source}: '{prefix}{name}[{index}]' expects {item_type.__name__}, got "
+                                      f"{item!r}; quote it if it is meant as text")
 
 
 def _check_values(cfg: TrainConfig, source: str) -> None:

@@ -183,7 +183,7 @@ def train(cfg: TrainConfig) -> Path:
                 if global_step % cfg.validation_steps == 0 or global_step == cfg.max_train_steps:
                     if accelerator.is_main_process:
                         _validate(cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames, global_step,
-                                  (dataset.width, dataset.height))
+                                  (dataset.width, dataset.height), dataset.source_fps / data.sample_frame_rate)
                     accelerator.wait_for_everyone()
 
     accelerator.wait_for_everyone()
@@ -306,7 +306,8 @@ def _optimizer(cfg: TrainConfig, parameters: list[torch.nn.Parameter], learning_
 
 @torch.no_grad()
 def _validate(
-    cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames: int, step: int, size: tuple[int, int]
+    cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames: int, step: int, size: tuple[int, int],
+    fps: float,
 ) -> None:
     """Invert the clip with the current UNet, then sample every validation prompt from that latent.
 
@@ -336,21 +337,11 @@ def _validate(
         for prompt in tqdm(validation.prompts, desc=f"Validation at step {step}", leave=False):
             video = pipeline(prompt, generator=generator, latents=latents, **settings).videos
             for suffix in (".gif", ".mp4"):
-                save_videos_grid(video, str(samples_dir / f"sample-{step}" / f"{prompt_file_name(prompt)}{suffix}"), fps=_fps(cfg))
+                save_videos_grid(video, str(samples_dir / f"sample-{step}" / f"{prompt_file_name(prompt)}{suffix}"), fps=fps)
             videos.append(video)
         if videos:
-            save_videos_grid(torch.cat(videos), str(samples_dir / f"sample-{step}.gif"), fps=_fps(cfg))
+            save_videos_grid(torch.cat(videos), str(samples_dir / f"sample-{step}.gif"), fps=fps)
     model.train()
-
-
-def _fps(cfg: TrainConfig) -> float:
-    """The sampled frames' real rate: source fps / sample_frame_rate (8 when the source rate is unknown)."""
-    from .data.dataset import video_info
-
-    try:
-        return video_info(cfg.train_data.video_path).fps / cfg.train_data.sample_frame_rate
-    except ValueError:
-        return 8.0
 
 
 def _write_run_config(cfg: TrainConfig, output_dir: Path) -> None:

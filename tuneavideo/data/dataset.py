@@ -1,15 +1,12 @@
 """The single training clip: decode once, sample frames, resize, scale to [-1, 1].
 
 Three interchangeable readers (decord, PyAV, imageio-ffmpeg) decode at the clip's native size; resizing is done here
-in torch so every reader yields the same frames. The original used decord only, resized inside the decoder, re-decoded
+in torch so every reader yields the same frames. Reading itself is in `readers.py`. The original used decord only, resized inside the decoder, re-decoded
 the clip on every step and silently returned fewer frames when the clip was too short; all three are fixed here.
 """
 
-import importlib
 import math
 import os
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,65 +14,24 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from .readers import (
+    VIDEO_BACKENDS,
+    FramesMissingError,
+    VideoInfo,
+    VideoReadError,
+    frames_text,
+    read_video_frames,
+    select_backend,
+    video_info,
+)
 
-# Reader names in order of preference, and the module each needs.
-VIDEO_BACKENDS = ("decord", "pyav", "imageio")
-_BACKEND_MODULES = {"decord": "decord", "pyav": "av", "imageio": "imageio_ffmpeg"}
-
-
-class VideoReadError(UserError):
-    """A file is missing or cannot be decoded as a video; the message is one line naming the file."""
-
+__all__ = [
+    "VIDEO_BACKENDS", "ClipTooShortError", "TuneAVideoDataset", "VideoInfo", "VideoReadError", "fit_size",
+    "read_video_frames", "resize_frames", "sample_frame_indices", "select_backend", "video_info",
+]
 
 class ClipTooShortError(UserError):
     """The clip has fewer frames than the sampling settings ask for; the message says which settings would fit."""
-
-
-class VideoInfo(NamedTuple):
-    """Basic facts about a video stream."""
-
-    num_frames: int
-    fps: float
-    width: int
-    height: int
-
-
-def select_backend(preferred: str | None = None) -> str:
-    """Return the reader to use: ``preferred`` if given, else the first importable of decord, PyAV, imageio-ffmpeg.
-
-    Raises:
-        ImportError: ``preferred`` (or, without it, every reader) cannot be imported.
-    """
-    if preferred is not None and preferred not in VIDEO_BACKENDS:
-        raise ValueError(f"unknown video backend {preferred!r}; choose from {', '.join(VIDEO_BACKENDS)}")
-    for name in (preferred,) if preferred else VIDEO_BACKENDS:
-        try:
-            importlib.import_module(_BACKEND_MODULES[name])
-        except ImportError:
-            continue
-        return name
-    wanted = preferred or "any of " + ", ".join(_BACKEND_MODULES.values())
-    raise ImportError(f"no video reader available: install {wanted}")
-
-
-def video_info(path: str | os.PathLike, backend: str | None = None) -> VideoInfo:
-    """Return ``(num_frames, fps, width, height)`` of the first video stream of ``path``."""
-    path = _checked_path(path)
-    return _backend_functions(select_backend(backend))[1](path)
-
-
-def read_video_frames(
-    path: str | os.PathLike, indices: Sequence[int] | None = None, backend: str | None = None
-) -> np.ndarray:
-    """Decode frames ``indices`` (all frames if None) at native size.
-
-    Returns:
-        uint8 array ``(frames, height, width, 3)``, RGB, in the order of ``indices``.
-    """
-    path = _checked_path(path)
-    if indices is not None and len(indices) == 0:
-        raise ValueError("indices must name at least one frame (or be None for all frames)")
-    return _backend_functions(select_backend(backend))[0](path, None if indices is None else list(indices))
 
 
 def sample_frame_indices(
@@ -91,7 +47,7 @@ def sample_frame_indices(
                          f"{n_sample_frames}, {sample_frame_rate}, {sample_start_idx}")
     if sample_start_idx >= num_frames:
         raise ClipTooShortError(
-            f"{path}: has {num_frames} frames, so sample_start_idx={sample_start_idx} is past its end; "
+            f"{path}: has {frames_text(num_frames)}, so sample_start_idx={sample_start_idx} is past its end; "
             f"use sample_start_idx<={num_frames - 1}"
         )
     indices = list(range(sample_start_idx, num_frames, sample_frame_rate))[:n_sample_frames]
@@ -106,8 +62,9 @@ def sample_frame_indices(
     if max_start >= 0:
         fits.append(f"sample_start_idx<={max_start}")
     raise ClipTooShortError(
-        f"{path}: has {num_frames} frames but n_sample_frames={n_sample_frames}, sample_start_idx={sample_start_idx}, "
-        f"sample_frame_rate={sample_frame_rate} needs frame {last_needed}; use " + " or ".join(fits)
+        f"{path}: has {frames_text(num_frames)} but n_sample_frames={n_sample_frames}, "
+        f"sample_start_idx={sample_start_idx}, sample_frame_rate={sample_frame_rate} needs frame {last_needed}; use "
+        + " or ".join(fits)
     )
 
 
@@ -183,7 +140,20 @@ class TuneAVideoDataset(Dataset):
         if keep_aspect:
             width, height = fit_size(info.width, info.height, max(width, height))
         self.width, self.height = width, height
-        frames = read_video_frames(self.video_path, self.frame_indices, self.backend)
+        try:
+            frames = read_video_frames(self.video_path, self.frame_indices, self.backend)
+        except FramesMissingError as err:
+            if err.num_frames >= info.num_frames:
+                raise
+            # The file lists more frames than decode (truncated or damaged): say what fits the frames that do.
+            note = (f" (only {err.num_frames} of the {info.num_frames} frames it lists decode: the file is truncated "
+                    "or damaged)")
+            try:
+                sample_frame_indices(err.num_frames, n_sample_frames, sample_start_idx, sample_frame_rate,
+                                     self.video_path)
+            except ClipTooShortError as short:
+                raise ClipTooShortError(f"{short}{note}") from err
+            raise  # not reached: a frame index was past the decodable ones, so the sampling above cannot fit
         self.frames = resize_frames(frames, width, height)
 
     def __len__(self) -> int:
@@ -197,140 +167,3 @@ class TuneAVideoDataset(Dataset):
             item["prompt_ids"] = self.prompt_ids
         return item
 
-
-# Readers. Each takes a checked path (and a list of indices or None) and raises VideoReadError naming the file.
-
-ReadFn = Callable[[str, list[int] | None], np.ndarray]
-InfoFn = Callable[[str], VideoInfo]
-
-
-def _checked_path(path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise VideoReadError(f"{path}: no such video file")
-    return path
-
-
-def _backend_functions(name: str) -> tuple[ReadFn, InfoFn]:
-    match name:
-        case "decord":
-            return _read_decord, _info_decord
-        case "pyav":
-            return _read_pyav, _info_pyav
-        case "imageio":
-            return _read_imageio, _info_imageio
-    raise ValueError(f"unknown video backend {name!r}")
-
-
-def _not_a_video(path: str, err: Exception) -> VideoReadError:
-    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return VideoReadError(f"{path}: cannot be read as a video ({detail})")
-
-
-def _take(path: str, frames: dict[int, np.ndarray], indices: list[int], count: int) -> np.ndarray:
-    """Stack ``frames`` in ``indices`` order; the streaming readers call this after decoding ``count`` frames."""
-    missing = [i for i in indices if i not in frames]
-    if missing:
-        raise VideoReadError(f"{path}: has {count} frames, cannot read frame {missing[0]}")
-    return np.stack([frames[i] for i in indices])
-
-
-def _open_decord(path: str):
-    import decord
-
-    try:
-        # No width/height here (unlike the original): resizing is done by resize_frames for every backend alike.
-        return decord.VideoReader(path)
-    except (RuntimeError, decord.DECORDError) as err:  # decord raises both for unreadable input
-        raise _not_a_video(path, err) from err
-
-
-def _read_decord(path: str, indices: list[int] | None) -> np.ndarray:
-    reader = _open_decord(path)
-    if indices is None:
-        indices = list(range(len(reader)))
-    if indices and max(indices) >= len(reader):
-        raise VideoReadError(f"{path}: has {len(reader)} frames, cannot read frame {max(indices)}")
-    # asnumpy() instead of decord.bridge.set_bridge("torch"): the bridge is process-wide state.
-    return reader.get_batch(indices).asnumpy()
-
-
-def _info_decord(path: str) -> VideoInfo:
-    reader = _open_decord(path)
-    height, width = reader[0].shape[:2]
-    return VideoInfo(len(reader), float(reader.get_avg_fps()), width, height)
-
-
-def _open_pyav(path: str):
-    import av
-
-    try:
-        container = av.open(path)
-    except av.FFmpegError as err:
-        raise _not_a_video(path, err) from err
-    if not container.streams.video:
-        container.close()
-        raise VideoReadError(f"{path}: has no video stream")
-    return container
-
-
-def _read_pyav(path: str, indices: list[int] | None) -> np.ndarray:
-    wanted = None if indices is None else set(indices)
-    frames: dict[int, np.ndarray] = {}
-    count = 0
-    with _open_pyav(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for count, frame in enumerate(container.decode(stream), start=1):
-            if wanted is None or count - 1 in wanted:
-                frames[count - 1] = frame.to_ndarray(format="rgb24")
-            if wanted is not None and len(frames) == len(wanted):
-                break  # no need to decode the rest of the clip
-    return _take(path, frames, sorted(frames) if indices is None else indices, count)
-
-
-def _info_pyav(path: str) -> VideoInfo:
-    with _open_pyav(path) as container:
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        if rate is None:
-            raise VideoReadError(f"{path}: video stream has no frame rate")
-        # Some containers (e.g. WebM) do not store a frame count; count by decoding then.
-        num_frames = stream.frames or sum(1 for _ in container.decode(stream))
-        return VideoInfo(num_frames, float(rate), stream.codec_context.width, stream.codec_context.height)
-
-
-def _open_imageio(path: str):
-    import imageio.v2 as iio
-
-    try:
-        return iio.get_reader(path, format="ffmpeg")
-    except (OSError, RuntimeError) as err:  # OSError: ffmpeg found no stream; RuntimeError: no plugin accepts it
-        raise _not_a_video(path, err) from err
-
-
-def _read_imageio(path: str, indices: list[int] | None) -> np.ndarray:
-    wanted = None if indices is None else set(indices)
-    frames: dict[int, np.ndarray] = {}
-    count = 0
-    reader = _open_imageio(path)
-    try:
-        for count, frame in enumerate(reader.iter_data(), start=1):
-            if wanted is None or count - 1 in wanted:
-                frames[count - 1] = np.asarray(frame)
-            if wanted is not None and len(frames) == len(wanted):
-                break
-    finally:
-        reader.close()
-    return _take(path, frames, sorted(frames) if indices is None else indices, count)
-
-
-def _info_imageio(path: str) -> VideoInfo:
-    reader = _open_imageio(path)
-    try:
-        meta = reader.get_meta_data()
-        width, height = meta["size"]
-        # meta["nframes"] is only an estimate (duration x fps, or inf); count_frames() decodes to count exactly.
-        return VideoInfo(reader.count_frames(), float(meta["fps"]), width, height)
-    finally:
-        reader.close()

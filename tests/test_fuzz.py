@@ -1,0 +1,389 @@
+"""Property-based fuzzing (hypothesis) of the video readers and the config loader.
+
+Properties:
+
+* ``video_info`` / ``read_video_frames``, for every reader, on random bytes and on mutations (flipped, deleted,
+  inserted, zeroed byte ranges, truncation) of small valid clips made here: they return a uint8 ``(f, H, W, 3)`` array
+  (or a VideoInfo) or raise VideoReadError/ClipTooShortError with a one-line message naming the file. The readers run
+  in a worker subprocess with a per-example watchdog, so a hang or a crash of the interpreter (decord is C++; it
+  aborted on a mutated MP4 before PyAV checked files for it) fails the example instead of pytest.
+* ``load_config(path, overrides)`` on random YAML-ish text, random mappings, mutated shipped configs and random
+  dotlist overrides: it returns a TrainConfig with the declared field types or raises a one-line ConfigError.
+
+CI runs a small fixed set of examples (``derandomize=True``: the same ones every run, about 20-30 s in all). To fuzz
+longer locally, with fresh random examples each run::
+
+    FUZZ_EXAMPLES=2000 .venv/bin/python -m pytest -q tests/test_fuzz.py
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import typing
+from pathlib import Path
+
+import imageio_ffmpeg
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tuneavideo.config import ConfigError, TrainConfig, load_config
+from tuneavideo.data.dataset import VIDEO_BACKENDS, select_backend
+
+REPO = Path(__file__).resolve().parents[1]
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
+WATCHDOG_S = 30.0  # per example; a clip here takes well under a second with any reader, a config milliseconds
+
+
+def fuzz_settings(ci_examples: int) -> settings:
+    """``ci_examples`` fixed examples, or FUZZ_EXAMPLES random ones when that is set."""
+    return settings(
+        max_examples=FUZZ_EXAMPLES or ci_examples,
+        derandomize=not FUZZ_EXAMPLES,
+        database=None,  # nothing written into the repository; a failure prints the example to reproduce it
+        deadline=None,  # watchdogs guard against hangs instead: the reader worker's timeout, SIGALRM for configs
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def installed(backend: str) -> bool:
+    try:
+        select_backend(backend)
+    except ImportError:
+        return False
+    return True
+
+
+# Video readers ------------------------------------------------------------------------------------------------------
+
+# Runs in the worker: one path per stdin line, one JSON line of results per path.
+WORKER = r"""
+import json, sys
+from tuneavideo.data.dataset import ClipTooShortError, VideoReadError, read_video_frames, video_info
+
+backend = sys.argv[1]
+for line in sys.stdin:
+    path = line.rstrip("\n")
+    results = {}
+    calls = {"info": lambda: video_info(path, backend), "all": lambda: read_video_frames(path, None, backend),
+             "first": lambda: read_video_frames(path, [0], backend)}
+    for name, call in calls.items():
+        try:
+            value = call()
+        except (VideoReadError, ClipTooShortError) as err:
+            results[name] = {"error": str(err)}
+        except Exception as err:  # not allowed: reported to the test, which fails on it
+            results[name] = {"unexpected": f"{type(err).__module__}.{type(err).__qualname__}: {err}"}
+        else:
+            if name == "info":
+                results[name] = {"info": list(value), "types": [type(v).__name__ for v in value]}
+            else:
+                results[name] = {"shape": list(value.shape), "dtype": str(value.dtype)}
+    print(json.dumps(results), flush=True)
+"""
+
+
+class ReaderWorker:
+    """A subprocess that reads files with one backend; a crash or a hang is reported as an AssertionError."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.process: subprocess.Popen | None = None
+        self.stderr = tempfile.TemporaryFile()
+
+    def _start(self) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        self.stderr.seek(0)
+        self.stderr.truncate()
+        return subprocess.Popen([sys.executable, "-c", WORKER, self.backend], cwd=REPO, env=env, bufsize=0,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+
+    def read(self, path: Path) -> dict:
+        if self.process is None or self.process.poll() is not None:
+            self.process = self._start()
+        self.process.stdin.write(f"{path}\n".encode())
+        line = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                if not selector.select(timeout=WATCHDOG_S):
+                    self.close()
+                    raise AssertionError(f"{self.backend} reader hung (> {WATCHDOG_S:.0f} s) on {path}")
+                chunk = self.process.stdout.read(65536)
+                if not chunk:  # the worker died
+                    code = self.process.wait()
+                    self.stderr.seek(0)
+                    tail = self.stderr.read()[-1500:].decode(errors="replace")
+                    self.process = None
+                    raise AssertionError(f"{self.backend} reader crashed the interpreter (exit code {code}) on "
+                                         f"{path}:\n{tail}")
+                line += chunk
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def workers():
+    started = {name: ReaderWorker(name) for name in VIDEO_BACKENDS}
+    yield started
+    for worker in started.values():
+        worker.close()
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", *args], check=True)
+
+
+def _make_seed_clips() -> dict[str, bytes]:
+    """Small valid clips to mutate: MP4 with its index after or before the frames, and Matroska (no frame count)."""
+    with tempfile.TemporaryDirectory() as folder:
+        clips = {}
+        for name, extra in (("moov_last.mp4", []), ("moov_first.mp4", ["-movflags", "+faststart"]), ("clip.mkv", [])):
+            path = os.path.join(folder, name)
+            ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=12", "-frames:v", "10", "-c:v", "libx264",
+                   "-g", "4", "-pix_fmt", "yuv420p", *extra, path)
+            clips[name] = Path(path).read_bytes()
+        return clips
+
+
+SEED_CLIPS = _make_seed_clips()
+
+
+@st.composite
+def mutated_clips(draw) -> tuple[str, bytes]:
+    """A seed clip with 1-3 byte-range edits."""
+    name = draw(st.sampled_from(sorted(SEED_CLIPS)))
+    data = bytearray(SEED_CLIPS[name])
+    for _ in range(draw(st.integers(1, 3))):
+        start = draw(st.integers(0, max(0, len(data) - 1)))
+        length = draw(st.sampled_from([1, 1, 2, 4, 16, 64]))  # mostly small edits, so many files still decode
+        match draw(st.sampled_from(["flip", "delete", "insert", "zero", "truncate"])):
+            case "flip":
+                data[start : start + length] = bytes(b ^ 0xFF for b in data[start : start + length])
+            case "delete":
+                del data[start : start + length]
+            case "insert":
+                data[start:start] = draw(st.binary(min_size=1, max_size=length))
+            case "zero":
+                data[start : start + length] = bytes(len(data[start : start + length]))
+            case "truncate":
+                del data[start:]
+    return name[name.index(".") :], bytes(data)
+
+
+def check_results(results: dict, path: Path) -> None:
+    """Each call gave a well-formed result or one of our errors, with a one-line message naming the file."""
+    for call, result in results.items():
+        assert "unexpected" not in result, f"{call}: {result['unexpected']}"
+        if "error" in result:
+            message = result["error"]
+            assert message.startswith(f"{path}: ") and "\n" not in message, f"{call}: {message!r}"
+        elif call == "info":
+            num_frames, fps, width, height = result["info"]
+            assert result["types"] == ["int", "float", "int", "int"], result
+            assert num_frames >= 1 and width >= 1 and height >= 1 and math.isfinite(fps) and fps > 0, result
+        else:
+            frames, height, width, channels = result["shape"]
+            assert result["dtype"] == "uint8" and channels == 3 and height >= 1 and width >= 1, result
+            assert frames == 1 if call == "first" else frames >= 1, result
+
+
+BACKENDS = [name if installed(name) else pytest.param(name, marks=pytest.mark.skip("not installed"))
+            for name in VIDEO_BACKENDS]
+# imageio-ffmpeg starts an FFmpeg process per call (about 0.3 s a file), so it gets fewer examples.
+CI_EXAMPLES = {"decord": 80, "pyav": 80, "imageio": 20}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_readers_on_random_bytes(backend, workers, tmp_path):
+    @fuzz_settings(CI_EXAMPLES[backend] // 3)
+    @given(st.one_of(
+        st.binary(max_size=2048),
+        # Random bytes behind a real MP4 header get further into the demuxers.
+        st.binary(max_size=2048).map(lambda tail: SEED_CLIPS["moov_first.mp4"][:32] + tail),
+    ))
+    def check(data: bytes) -> None:
+        path = tmp_path / "random.mp4"
+        path.write_bytes(data)
+        check_results(workers[backend].read(path), path)
+
+    check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_readers_on_mutated_clips(backend, workers, tmp_path):
+    @fuzz_settings(CI_EXAMPLES[backend])
+    @given(mutated_clips())
+    def check(clip: tuple[str, bytes]) -> None:
+        suffix, data = clip
+        path = tmp_path / f"mutated{suffix}"
+        path.write_bytes(data)
+        check_results(workers[backend].read(path), path)
+
+    check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_worker_reads_the_seed_clips(backend, workers, tmp_path):
+    # The harness itself: unmutated clips decode in full, so the fuzz tests above do reach the decoders.
+    for name, data in SEED_CLIPS.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        results = workers[backend].read(path)
+        check_results(results, path)
+        assert results["info"]["info"][0] == 10 and results["all"]["shape"] == [10, 48, 64, 3], (name, results)
+
+
+# Config loader ------------------------------------------------------------------------------------------------------
+
+CONFIG_TEXTS = [path.read_text() for path in sorted((REPO / "configs").glob("*.yaml"))]
+# Every key of the schema, dotted, so random overrides and mappings often hit real keys.
+SCHEMA_KEYS: list[str] = []
+for _field in dataclasses.fields(TrainConfig):
+    SCHEMA_KEYS.append(_field.name)
+    if dataclasses.is_dataclass(_field.type):
+        SCHEMA_KEYS += [f"{_field.name}.{sub.name}" for sub in dataclasses.fields(_field.type)]
+YAML_TOKENS = ["", " ", "\n", "  ", ":", ": ", "- ", "[", "]", "{", "}", ",", "'", '"', "#", "&a", "*a", "!!str",
+               "|", ">", "?", "~", "null", "true", "no", "0", "-1", "24", "3e-5", "1e999", ".nan", "???", "${seed}",
+               "${oc.env:HOME}", "${nope}", "\t", "\\", "é", "\x00", "%", "@", "`"]
+YAML_VALUES = ["1", "-1", "0", "512", "null", "true", "no", "fp16", "3e-5", ".inf", "abc", "[]", "{}", "[a, b]",
+               "{a: 1}", "'x'", "???", "${seed}", "${train_data.width}", "${oc.env:NOPE}", "[[1]]", "''"]
+
+yaml_ish_text = st.lists(st.one_of(st.sampled_from(YAML_TOKENS + SCHEMA_KEYS), st.text(max_size=5)),
+                         max_size=40).map("".join)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=10))
+mappings = st.dictionaries(
+    st.one_of(st.sampled_from([key.split(".")[-1] for key in SCHEMA_KEYS]), st.text(max_size=8)),
+    st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                         max_size=3), max_leaves=8),
+    max_size=8,
+)
+overrides = st.lists(
+    st.builds(lambda key, sep, value: f"{key}{sep}{value}",
+              st.one_of(st.sampled_from(SCHEMA_KEYS + ["validation_data.prompts[0]", "x", "train_data.x", ""]),
+                        st.text(max_size=10)),
+              st.sampled_from(["=", "==", "", "=="]),
+              st.one_of(st.sampled_from(YAML_VALUES), st.text(max_size=10))),
+    max_size=4,
+)
+
+
+@st.composite
+def mutated_configs(draw) -> str:
+    """A shipped config with 1-5 line or character edits."""
+    lines = draw(st.sampled_from(CONFIG_TEXTS)).split("\n")
+    for _ in range(draw(st.integers(1, 5))):
+        index = draw(st.integers(0, len(lines) - 1))
+        match draw(st.sampled_from(["delete", "duplicate", "replace value", "insert", "indent", "edit"])):
+            case "delete":
+                del lines[index]
+                lines = lines or [""]
+            case "duplicate":
+                lines.insert(index, lines[index])
+            case "replace value":
+                key = lines[index].split(":")[0]
+                lines[index] = f"{key}: {draw(st.sampled_from(YAML_VALUES))}"
+            case "insert":
+                lines.insert(index, f"{draw(st.sampled_from(SCHEMA_KEYS)).split('.')[-1]}: "
+                                    f"{draw(st.sampled_from(YAML_VALUES))}")
+            case "indent":
+                lines[index] = draw(st.sampled_from(["", "  ", "    ", "\t"])) + lines[index].lstrip()
+            case "edit":
+                line = lines[index]
+                at = draw(st.integers(0, len(line)))
+                lines[index] = line[:at] + draw(st.sampled_from(YAML_TOKENS)) + line[at + draw(st.integers(0, 3)) :]
+    return "\n".join(lines)
+
+
+def has_declared_types(cfg: object) -> bool:
+    """Whether every field of the dataclass ``cfg`` (recursively) holds a value of its annotated type."""
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        value = getattr(cfg, name)
+        if dataclasses.is_dataclass(hint):
+            if not (isinstance(value, hint) and has_declared_types(value)):
+                return False
+            continue
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, type(int | None)) else (hint,)
+        if not any(_is_instance(value, option) for option in options):
+            return False
+    return True
+
+
+def _is_instance(value: object, hint: object) -> bool:
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_is_instance(element, item) for element in value)
+    if hint is float:
+        return isinstance(value, float)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float):
+    """Raise TimeoutError in the main thread if the block runs longer than ``seconds`` (a hang fails the example)."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"no result within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def check_load(tmp_path: Path, text: str, extra: list[str]) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        with watchdog(WATCHDOG_S):
+            cfg = load_config(path, extra)
+    except ConfigError as err:
+        message = str(err)
+        assert "\n" not in message, message
+        assert message.startswith((f"{path}", "override ")), message
+    else:
+        assert isinstance(cfg, TrainConfig) and has_declared_types(cfg), cfg
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("configs")
+
+
+@fuzz_settings(150)
+@given(text=st.one_of(yaml_ish_text, mappings.map(lambda m: yaml.safe_dump(m, allow_unicode=True))),
+       extra=overrides)
+def test_config_loader_on_random_text_and_mappings(config_dir, text, extra):
+    check_load(config_dir, text, extra)
+
+
+@fuzz_settings(150)
+@given(text=mutated_configs(), extra=overrides)
+def test_config_loader_on_mutated_configs(config_dir, text, extra):
+    check_load(config_dir, text, extra)
+
+
+@fuzz_settings(100)
+@given(extra=overrides)
+def test_config_loader_on_random_overrides(config_dir, extra):
+    check_load(config_dir, CONFIG_TEXTS[0], extra)
