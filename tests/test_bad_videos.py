@@ -25,8 +25,8 @@ from tuneavideo.data.dataset import (
     ClipTooShortError,
     TuneAVideoDataset,
     VideoReadError,
+    backend_available,
     read_video_frames,
-    select_backend,
     video_info,
 )
 
@@ -36,15 +36,9 @@ NUM_FRAMES, FPS, WIDTH, HEIGHT = 30, 12, 64, 48
 ACTIONS = ("give ", "check ", "re-encode", "copy ", "use ", "sample fewer")
 
 
-def installed(backend: str) -> bool:
-    try:
-        select_backend(backend)
-    except ImportError:
-        return False
-    return True
 
 
-BACKENDS = [name if installed(name) else pytest.param(name, marks=pytest.mark.skip("not installed"))
+BACKENDS = [name if backend_available(name) else pytest.param(name, marks=pytest.mark.skip("not installed"))
             for name in VIDEO_BACKENDS]
 
 
@@ -269,7 +263,7 @@ def test_frame_table_listing_billions_of_frames_does_not_crash(media):
         "for backend in sys.argv[2:]:\n"
         "    print(backend, *video_info(sys.argv[1], backend), *read_video_frames(sys.argv[1], None, backend).shape)"
     )
-    backends = [name for name in VIDEO_BACKENDS if installed(name)]
+    backends = [name for name in VIDEO_BACKENDS if backend_available(name)]
     result = subprocess.run([sys.executable, "-c", code, str(media["billions of frames.mp4"]), *backends],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-2000:]}"

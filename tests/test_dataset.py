@@ -19,6 +19,7 @@ from tuneavideo.data.dataset import (
     ClipTooShortError,
     TuneAVideoDataset,
     VideoReadError,
+    backend_available,
     fit_size,
     read_video_frames,
     resize_frames,
@@ -32,15 +33,9 @@ NUM_FRAMES, FPS, WIDTH, HEIGHT = 30, 12, 64, 48
 STEP = 8  # grey-level step per frame index
 
 
-def installed(backend: str) -> bool:
-    try:
-        select_backend(backend)
-    except ImportError:
-        return False
-    return True
 
 
-INSTALLED = [name for name in VIDEO_BACKENDS if installed(name)]
+INSTALLED = [name for name in VIDEO_BACKENDS if backend_available(name)]
 # Parametrize over every reader, skipping (not silently dropping) the ones not installed here.
 BACKENDS = [name if name in INSTALLED else pytest.param(name, marks=pytest.mark.skip("not installed"))
             for name in VIDEO_BACKENDS]
@@ -306,11 +301,11 @@ def test_select_backend():
 def test_backend_fallback_order(clip, monkeypatch):
     # A None entry in sys.modules makes `import x` raise ImportError, as if x were not installed.
     monkeypatch.setitem(sys.modules, "decord", None)
-    if installed("pyav"):
+    if backend_available("pyav"):
         assert select_backend() == "pyav"
         assert make_dataset(clip).frame_indices == [3, 7, 11, 15, 19]
     monkeypatch.setitem(sys.modules, "av", None)
-    if installed("imageio"):
+    if backend_available("imageio"):
         assert select_backend() == "imageio"
         assert decode_indices(read_video_frames(clip, [4, 9])) == [4, 9]
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)

@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tuneavideo.config import ConfigError, TrainConfig, load_config
-from tuneavideo.data.dataset import VIDEO_BACKENDS, select_backend
+from tuneavideo.data.dataset import VIDEO_BACKENDS, backend_available
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
@@ -54,12 +54,6 @@ def fuzz_settings(ci_examples: int) -> settings:
     )
 
 
-def installed(backend: str) -> bool:
-    try:
-        select_backend(backend)
-    except ImportError:
-        return False
-    return True
 
 
 # Video readers ------------------------------------------------------------------------------------------------------
@@ -201,7 +195,7 @@ def check_results(results: dict, path: Path) -> None:
             assert frames == 1 if call == "first" else frames >= 1, result
 
 
-BACKENDS = [name if installed(name) else pytest.param(name, marks=pytest.mark.skip("not installed"))
+BACKENDS = [name if backend_available(name) else pytest.param(name, marks=pytest.mark.skip("not installed"))
             for name in VIDEO_BACKENDS]
 # imageio-ffmpeg starts an FFmpeg process per call (about 0.3 s a file), so it gets fewer examples.
 CI_EXAMPLES = {"decord": 80, "pyav": 80, "imageio": 20}

@@ -1,11 +1,9 @@
 """One-shot tuning end to end on the tiny model: outputs, tuned-parameter file, resume, two processes, learning."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from accelerate.state import AcceleratorState
 from diffusers import DDIMScheduler
@@ -94,6 +92,7 @@ def test_loss_falls_when_overfitting_the_clip(tiny_sd, tmp_path, run_config, fre
     train(cfg)
 
     from diffusers import AutoencoderKL, DDPMScheduler
+
     from tuneavideo.data.dataset import TuneAVideoDataset
     from tuneavideo.models.resnet import unfold_frames
 

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from .errors import UserError
 from .config import TrainConfig, load_config
 from .data.dataset import TuneAVideoDataset, VideoReadError
+from .errors import UserError
 from .inversion import ddim_inversion, inverse_scheduler
 from .models.resnet import unfold_frames
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline

@@ -19,6 +19,7 @@ from .readers import (
     FramesMissingError,
     VideoInfo,
     VideoReadError,
+    backend_available,
     frames_text,
     read_video_frames,
     select_backend,
@@ -26,7 +27,7 @@ from .readers import (
 )
 
 __all__ = [
-    "VIDEO_BACKENDS", "ClipTooShortError", "TuneAVideoDataset", "VideoInfo", "VideoReadError", "fit_size",
+    "VIDEO_BACKENDS", "ClipTooShortError", "backend_available", "TuneAVideoDataset", "VideoInfo", "VideoReadError", "fit_size",
     "read_video_frames", "resize_frames", "sample_frame_indices", "select_backend", "video_info",
 ]
 

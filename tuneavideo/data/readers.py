@@ -61,6 +61,15 @@ def select_backend(preferred: str | None = None) -> str:
     raise ImportError(f"no video reader available: install {wanted}")
 
 
+def backend_available(name: str) -> bool:
+    """Whether the reader `name` (one of `VIDEO_BACKENDS`) can be used here."""
+    try:
+        select_backend(name)
+    except ImportError:
+        return False
+    return True
+
+
 def video_info(path: str | os.PathLike, backend: str | None = None) -> VideoInfo:
     """Return ``(num_frames, fps, width, height)`` of the first video stream of ``path``."""
     path = _checked_path(path)
