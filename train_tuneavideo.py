@@ -9,13 +9,13 @@ Bad input ends with a one-line error; add --debug (or set TUNEAVIDEO_DEBUG=1) fo
 
 import argparse
 
-from tuneavideo.cli import run_cli
+from tuneavideo.cli import OneLineArgumentParser, run_cli
 from tuneavideo.config import load_config
 from tuneavideo.training import train
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/man-skiing.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_train_steps=300")
     args = parser.parse_args(argv)

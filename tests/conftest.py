@@ -10,13 +10,11 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
+from tests.helpers import ROOT, SAMPLE_CLIP  # noqa: F401  (ROOT: still importable from here)
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.tiny import make_tiny_sd
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_CLIP = ROOT / "data" / "sample.mp4"
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +80,9 @@ validation_data:
   num_inv_steps: 3
   guidance_scale: 12.5
 """
-        top = dict(learning_rate="3e-5", max_train_steps=2, checkpointing_steps=2, validation_steps=2, seed=33)
-        top.update(mixed_precision="fp16", enable_xformers_memory_efficient_attention=True, **overrides)
+        top = dict(learning_rate="3e-5", max_train_steps=2, checkpointing_steps=2, validation_steps=2, seed=33,
+                   mixed_precision="fp16", enable_xformers_memory_efficient_attention=True)
+        top.update(overrides)
         text += "".join(f"{key}: {value}\n" for key, value in top.items())
         path = tmp_path / name
         path.write_text(text)

@@ -12,6 +12,7 @@ from tuneavideo.config import (
     TrainDataConfig,
     ValidationDataConfig,
     load_config,
+    validation_prompts,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,8 +159,11 @@ def test_defaults_fill_keys_the_yaml_omits(tmp_path):
     assert (cfg.checkpointing_steps, cfg.validation_steps, cfg.max_train_steps) == (500, 100, 500)
     assert cfg.resume_from_checkpoint is None and cfg.seed is None
     assert cfg.overwrite is False and cfg.checkpoints_total_limit is None
-    assert (cfg.train_data.n_sample_frames, cfg.train_data.sample_frame_rate) == (24, 1)
-    assert (cfg.validation_data.guidance_scale, cfg.validation_data.num_inv_steps) == (12.5, 50)
+    # the original's defaults: its dataset's 8 frames, its pipeline's guidance 7.5; video_length follows the frames
+    assert (cfg.train_data.n_sample_frames, cfg.train_data.sample_frame_rate) == (8, 1)
+    assert (cfg.validation_data.guidance_scale, cfg.validation_data.video_length) == (7.5, 8)
+    assert (cfg.validation_data.use_inv_latent, cfg.validation_data.num_inv_steps) == (True, 50)
+    assert (cfg.train_data.window, cfg.train_data.sample_end_idx, cfg.train_data.fps) == ("fixed", None, None)
 
 
 def test_overrides_apply_last_and_are_typed():
@@ -267,7 +271,9 @@ def test_invalid_yaml_and_non_mapping(tmp_path):
         ("train_data.sample_frame_rate=0", "train_data.sample_frame_rate=0"),
         ("mixed_precision=fp32", "mixed_precision='fp32'"),
         ("train_data.width=500", "train_data.width=500"),
-        ("validation_data.height=100", "validation_data.height=100"),
+        ("train_data.window=sliding", "train_data.window='sliding'"),
+        ("train_data.sample_end_idx=0", "train_data.sample_end_idx=0"),
+        ("validation_data.guidance_scale=nan", "validation_data.guidance_scale=nan"),
         ("validation_data.video_length=8", "validation_data.video_length=8"),
         ("learning_rate=0", "learning_rate=0.0"),
         ("checkpoints_total_limit=0", "checkpoints_total_limit=0"),
@@ -289,3 +295,61 @@ def test_video_length_may_differ_without_inversion():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_validation_width_and_height_are_accepted_and_not_checked():
+    # kept so that old configs load; samples have the tuned frames' size
+    cfg = load_config(CONFIGS / "man-skiing.yaml", ["validation_data.height=100", "validation_data.width=3"])
+    assert (cfg.validation_data.width, cfg.validation_data.height) == (3, 100)
+
+
+LOVEU_CONFIG = """\
+pretrained_model_path: ./checkpoints/stable-diffusion-v1-4
+output_dir: ./outputs/loveu-tgve-2023/DAVIS_480p/bmx-rider
+train_data:
+  video_path: ./data/loveu-tgve-2023/DAVIS_480p/480p_frames/bmx-rider
+  prompt: A person does a trick on a BMX bike at a skatepark.
+  height: 480
+  width: 480
+  num_frames: 32
+  frame_rate: 1
+validation_data:
+  prompts:
+    style: A person does a trick on a BMX bike at a skatepark, grayscale.
+    object: A person does a trick on a unicycle at a skatepark.
+  height: 480
+  width: 480
+  num_inference_steps: 50
+  guidance_scale: 12.5
+  use_inv_latent: true
+  num_inv_steps: 50
+learning_rate: 3.0e-05
+max_train_steps: 500
+checkpointing_steps: 100
+validation_steps: 100
+seed: 33
+mixed_precision: fp16
+"""
+
+
+def test_the_loveu_benchmark_keys_load_as_written(tmp_path):
+    cfg = load_config(write(tmp_path, LOVEU_CONFIG))
+    td, vd = cfg.train_data, cfg.validation_data
+    assert (td.n_sample_frames, td.sample_frame_rate, td.window) == (32, 1, "random")
+    assert (td.width, td.height) == (480, 480) and vd.video_length == 32
+    assert validation_prompts(vd) == [("style", "A person does a trick on a BMX bike at a skatepark, grayscale."),
+                                      ("object", "A person does a trick on a unicycle at a skatepark.")]
+    # an explicit window wins over the benchmark's random one
+    assert load_config(write(tmp_path, LOVEU_CONFIG), ["train_data.window=fixed"]).train_data.window == "fixed"
+
+
+def test_an_alias_and_its_name_together_are_refused(tmp_path):
+    text = LOVEU_CONFIG.replace("  num_frames: 32\n", "  num_frames: 32\n  n_sample_frames: 8\n")
+    assert "train_data.num_frames and train_data.n_sample_frames name the same setting" in expect_error(
+        write(tmp_path, text))
+
+
+@pytest.mark.parametrize("prompts", ["prompts: 3", "prompts: [1, 2]", "prompts: {style: [a]}", "prompts: {}"])
+def test_prompts_must_be_a_list_or_a_mapping_of_prompts(tmp_path, prompts):
+    message = expect_error(write(tmp_path, MINIMAL.replace('prompts: ["a prompt"]', prompts)))
+    assert "validation_data.prompts=" in message and "must be a list of prompts, or a mapping" in message

@@ -1,26 +1,29 @@
-"""Property-based fuzzing (hypothesis) of the video readers and the config loader.
+"""Property-based fuzzing (hypothesis) of the clip reader and the config loader.
 
 Properties:
 
-* ``video_info`` / ``read_video_frames``, for every reader, on random bytes and on mutations (flipped, deleted,
-  inserted, zeroed byte ranges, truncation) of small valid clips made here: they return a uint8 ``(f, H, W, 3)`` array
-  (or a VideoInfo) or raise VideoReadError/ClipTooShortError with a one-line message naming the file. The readers run
-  in a worker subprocess with a per-example watchdog, so a hang or a crash of the interpreter (decord is C++; it
-  aborted on a mutated MP4 before PyAV checked files for it) fails the example instead of pytest.
+* `Clip(path).info`, `list(Clip(path).frames())` and `Clip(path).read([0])`, on random bytes and on mutations (flipped,
+  deleted, inserted, zeroed byte ranges, truncation) of small valid clips made here, and on folders of frames among
+  which some files are random bytes, damaged images or images of another size: they give frames of the size `info`
+  states (uint8 `(H, W, 3)`) or raise VideoReadError with a one-line message naming the file or folder. The reader
+  runs in a worker subprocess with a per-example watchdog, so a hang or a crash of the interpreter (FFmpeg is C) fails
+  the example instead of pytest.
 * ``load_config(path, overrides)`` on random YAML-ish text, random mappings, mutated shipped configs and random
   dotlist overrides: it returns a TrainConfig with the declared field types or raises a one-line ConfigError.
 
-CI runs a small fixed set of examples (``derandomize=True``: the same ones every run, about 20-30 s in all). To fuzz
-longer locally, with fresh random examples each run::
+CI runs a small fixed set of examples (``derandomize=True``: the same ones every run). To fuzz longer locally, with
+fresh random examples each run::
 
     FUZZ_EXAMPLES=2000 .venv/bin/python -m pytest -q tests/test_fuzz.py
 """
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -29,18 +32,18 @@ import tempfile
 import typing
 from pathlib import Path
 
-import imageio_ffmpeg
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
-from tuneavideo.config import ConfigError, TrainConfig, load_config
-from tuneavideo.data.dataset import VIDEO_BACKENDS, backend_available
+from tests.helpers import ROOT, ffmpeg, index_frames
+from tuneavideo.config import ConfigError, TrainConfig, ValidationDataConfig, load_config
 
-REPO = Path(__file__).resolve().parents[1]
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
-WATCHDOG_S = 30.0  # per example; a clip here takes well under a second with any reader, a config milliseconds
+WATCHDOG_S = 30.0  # per example; a clip here takes well under a second, a config milliseconds
 
 
 def fuzz_settings(ci_examples: int) -> settings:
@@ -50,54 +53,54 @@ def fuzz_settings(ci_examples: int) -> settings:
         derandomize=not FUZZ_EXAMPLES,
         database=None,  # nothing written into the repository; a failure prints the example to reproduce it
         deadline=None,  # watchdogs guard against hangs instead: the reader worker's timeout, SIGALRM for configs
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
     )
 
 
-
-
-# Video readers ------------------------------------------------------------------------------------------------------
+# Clip reader ---------------------------------------------------------------------------------------------------------
 
 # Runs in the worker: one path per stdin line, one JSON line of results per path.
 WORKER = r"""
-import json, sys
-from tuneavideo.data.dataset import ClipTooShortError, VideoReadError, read_video_frames, video_info
+import json, math, sys
+from tuneavideo.data.readers import Clip, VideoReadError
 
-backend = sys.argv[1]
+def describe(name, value):
+    if name == "info":
+        return {"info": [value.num_frames, value.fps.numerator, value.fps.denominator, value.width, value.height,
+                         value.start_time], "types": [type(v).__name__ for v in vars(value).values()]}
+    if name == "all":
+        return {"count": len(value), "shapes": sorted({frame.shape for frame in value}),
+                "dtypes": sorted({str(frame.dtype) for frame in value})}
+    return {"shape": list(value.shape), "dtype": str(value.dtype)}
+
 for line in sys.stdin:
     path = line.rstrip("\n")
     results = {}
-    calls = {"info": lambda: video_info(path, backend), "all": lambda: read_video_frames(path, None, backend),
-             "first": lambda: read_video_frames(path, [0], backend)}
+    calls = {"info": lambda: Clip(path).info, "all": lambda: list(Clip(path).frames()),
+             "first": lambda: Clip(path).read([0])}
     for name, call in calls.items():
         try:
-            value = call()
-        except (VideoReadError, ClipTooShortError) as err:
+            results[name] = describe(name, call())
+        except VideoReadError as err:
             results[name] = {"error": str(err)}
-        except Exception as err:  # not allowed: reported to the test, which fails on it
+        except BaseException as err:  # not allowed: reported to the test, which fails on it
             results[name] = {"unexpected": f"{type(err).__module__}.{type(err).__qualname__}: {err}"}
-        else:
-            if name == "info":
-                results[name] = {"info": list(value), "types": [type(v).__name__ for v in value]}
-            else:
-                results[name] = {"shape": list(value.shape), "dtype": str(value.dtype)}
     print(json.dumps(results), flush=True)
 """
 
 
 class ReaderWorker:
-    """A subprocess that reads files with one backend; a crash or a hang is reported as an AssertionError."""
+    """A subprocess that reads clips; a crash or a hang is reported as an AssertionError."""
 
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
+    def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
         self.stderr = tempfile.TemporaryFile()
 
     def _start(self) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self.stderr.seek(0)
         self.stderr.truncate()
-        return subprocess.Popen([sys.executable, "-c", WORKER, self.backend], cwd=REPO, env=env, bufsize=0,
+        return subprocess.Popen([sys.executable, "-c", WORKER], cwd=ROOT, env=env, bufsize=0,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
 
     def read(self, path: Path) -> dict:
@@ -110,15 +113,14 @@ class ReaderWorker:
             while not line.endswith(b"\n"):
                 if not selector.select(timeout=WATCHDOG_S):
                     self.close()
-                    raise AssertionError(f"{self.backend} reader hung (> {WATCHDOG_S:.0f} s) on {path}")
+                    raise AssertionError(f"the reader hung (> {WATCHDOG_S:.0f} s) on {path}")
                 chunk = self.process.stdout.read(65536)
                 if not chunk:  # the worker died
                     code = self.process.wait()
                     self.stderr.seek(0)
                     tail = self.stderr.read()[-1500:].decode(errors="replace")
                     self.process = None
-                    raise AssertionError(f"{self.backend} reader crashed the interpreter (exit code {code}) on "
-                                         f"{path}:\n{tail}")
+                    raise AssertionError(f"the reader crashed the interpreter (exit code {code}) on {path}:\n{tail}")
                 line += chunk
         return json.loads(line)
 
@@ -130,15 +132,10 @@ class ReaderWorker:
 
 
 @pytest.fixture(scope="module")
-def workers():
-    started = {name: ReaderWorker(name) for name in VIDEO_BACKENDS}
+def worker():
+    started = ReaderWorker()
     yield started
-    for worker in started.values():
-        worker.close()
-
-
-def ffmpeg(*args: str) -> None:
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", *args], check=True)
+    started.close()
 
 
 def _make_seed_clips() -> dict[str, bytes]:
@@ -156,14 +153,11 @@ def _make_seed_clips() -> dict[str, bytes]:
 SEED_CLIPS = _make_seed_clips()
 
 
-@st.composite
-def mutated_clips(draw) -> tuple[str, bytes]:
-    """A seed clip with 1-3 byte-range edits."""
-    name = draw(st.sampled_from(sorted(SEED_CLIPS)))
-    data = bytearray(SEED_CLIPS[name])
-    for _ in range(draw(st.integers(1, 3))):
+def mutate(draw, data: bytearray, max_edits: int = 3) -> bytes:
+    """`data` with 1-`max_edits` byte-range edits, mostly small so that many files still decode."""
+    for _ in range(draw(st.integers(1, max_edits))):
         start = draw(st.integers(0, max(0, len(data) - 1)))
-        length = draw(st.sampled_from([1, 1, 2, 4, 16, 64]))  # mostly small edits, so many files still decode
+        length = draw(st.sampled_from([1, 1, 2, 4, 16, 64]))
         match draw(st.sampled_from(["flip", "delete", "insert", "zero", "truncate"])):
             case "flip":
                 data[start : start + length] = bytes(b ^ 0xFF for b in data[start : start + length])
@@ -175,75 +169,127 @@ def mutated_clips(draw) -> tuple[str, bytes]:
                 data[start : start + length] = bytes(len(data[start : start + length]))
             case "truncate":
                 del data[start:]
-    return name[name.index(".") :], bytes(data)
+    return bytes(data)
+
+
+@st.composite
+def mutated_clips(draw) -> tuple[str, bytes]:
+    """A seed clip with 1-3 byte-range edits."""
+    name = draw(st.sampled_from(sorted(SEED_CLIPS)))
+    return name[name.index(".") :], mutate(draw, bytearray(SEED_CLIPS[name]))
+
+
+def _encoded(frame: np.ndarray, kind: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+FRAMES = index_frames(4, 32, 24)
+VALID_IMAGES = {kind: [_encoded(frame, kind) for frame in FRAMES] for kind in ("PNG", "JPEG")}
+
+
+@st.composite
+def frame_folders(draw) -> dict[str, bytes]:
+    """File name -> bytes: 1-4 valid 32x24 frames, and 1-2 files (new, or in place of a frame) of random bytes, a
+    damaged image or an image of another size, at any place in the name order."""
+    files = {}
+    for index in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["PNG", "JPEG"]))
+        files[f"{index:03d}.{'png' if kind == 'PNG' else 'jpg'}"] = VALID_IMAGES[kind][index]
+    for _ in range(draw(st.integers(1, 2))):
+        index, extra = draw(st.integers(0, 4)), draw(st.sampled_from(["", "b"]))
+        name = f"{index:03d}{extra}.{draw(st.sampled_from(['png', 'jpg']))}"
+        kind = draw(st.sampled_from(["PNG", "JPEG"]))
+        match draw(st.sampled_from(["random", "mutated", "other size"])):
+            case "random":
+                files[name] = draw(st.binary(max_size=512))
+            case "mutated":
+                files[name] = mutate(draw, bytearray(VALID_IMAGES[kind][draw(st.integers(0, 3))]))
+            case "other size":
+                files[name] = _encoded(index_frames(1, draw(st.sampled_from([24, 33])), 24)[0], kind)
+    return files
 
 
 def check_results(results: dict, path: Path) -> None:
-    """Each call gave a well-formed result or one of our errors, with a one-line message naming the file."""
+    """Each call gave a well-formed result or our error, with a one-line message naming the file or folder (or a file
+    in it); frames have the size `info` states."""
+    where = re.escape(str(path)) + (r"(/[^/]+)?" if path.is_dir() else "")
     for call, result in results.items():
         assert "unexpected" not in result, f"{call}: {result['unexpected']}"
         if "error" in result:
             message = result["error"]
-            assert message.startswith(f"{path}: ") and "\n" not in message, f"{call}: {message!r}"
+            assert re.match(rf"{where}: ", message) and "\n" not in message, f"{call}: {message!r}"
         elif call == "info":
-            num_frames, fps, width, height = result["info"]
-            assert result["types"] == ["int", "float", "int", "int"], result
-            assert num_frames >= 1 and width >= 1 and height >= 1 and math.isfinite(fps) and fps > 0, result
+            num_frames, fps_numerator, fps_denominator, width, height, start_time = result["info"]
+            assert result["types"] == ["int", "Fraction", "int", "int", "float"], result
+            assert num_frames >= 1 and width >= 1 and height >= 1 and fps_numerator > 0 < fps_denominator, result
+            assert math.isfinite(start_time), result
         else:
-            frames, height, width, channels = result["shape"]
-            assert result["dtype"] == "uint8" and channels == 3 and height >= 1 and width >= 1, result
-            assert frames == 1 if call == "first" else frames >= 1, result
+            shapes = [result["shape"][1:]] if call == "first" else result["shapes"]
+            assert (result["count"] >= 1 and result["dtypes"] == ["uint8"]) if call == "all" else (
+                result["shape"][0] == 1 and result["dtype"] == "uint8"), result
+            assert len(shapes) == 1 and shapes[0][2] == 3, result
+            if "info" in results["info"]:
+                width, height = results["info"]["info"][3:5]
+                assert list(shapes[0][:2]) == [height, width], results
 
 
-BACKENDS = [name if backend_available(name) else pytest.param(name, marks=pytest.mark.skip("not installed"))
-            for name in VIDEO_BACKENDS]
-# imageio-ffmpeg starts an FFmpeg process per call (about 0.3 s a file), so it gets fewer examples.
-CI_EXAMPLES = {"decord": 80, "pyav": 80, "imageio": 20}
+@fuzz_settings(30)
+@given(st.one_of(
+    st.binary(max_size=2048),
+    # Random bytes behind a real MP4 header get further into the demuxers.
+    st.binary(max_size=2048).map(lambda tail: SEED_CLIPS["moov_first.mp4"][:32] + tail),
+))
+def test_reader_on_random_bytes(worker, tmp_path, data):
+    path = tmp_path / "random.mp4"
+    path.write_bytes(data)
+    check_results(worker.read(path), path)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_readers_on_random_bytes(backend, workers, tmp_path):
-    @fuzz_settings(CI_EXAMPLES[backend] // 3)
-    @given(st.one_of(
-        st.binary(max_size=2048),
-        # Random bytes behind a real MP4 header get further into the demuxers.
-        st.binary(max_size=2048).map(lambda tail: SEED_CLIPS["moov_first.mp4"][:32] + tail),
-    ))
-    def check(data: bytes) -> None:
-        path = tmp_path / "random.mp4"
-        path.write_bytes(data)
-        check_results(workers[backend].read(path), path)
-
-    check()
+@fuzz_settings(80)
+@given(mutated_clips())
+def test_reader_on_mutated_clips(worker, tmp_path, clip):
+    suffix, data = clip
+    path = tmp_path / f"mutated{suffix}"
+    path.write_bytes(data)
+    check_results(worker.read(path), path)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_readers_on_mutated_clips(backend, workers, tmp_path):
-    @fuzz_settings(CI_EXAMPLES[backend])
-    @given(mutated_clips())
-    def check(clip: tuple[str, bytes]) -> None:
-        suffix, data = clip
-        path = tmp_path / f"mutated{suffix}"
-        path.write_bytes(data)
-        check_results(workers[backend].read(path), path)
-
-    check()
+@fuzz_settings(30)
+@given(frame_folders())
+def test_reader_on_damaged_frame_folders(worker, tmp_path_factory, files):
+    folder = tmp_path_factory.mktemp("frames")
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    check_results(worker.read(folder), folder)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_worker_reads_the_seed_clips(backend, workers, tmp_path):
-    # The harness itself: unmutated clips decode in full, so the fuzz tests above do reach the decoders.
+def test_worker_reads_the_seed_clips_and_folders(worker, tmp_path):
+    # The harness itself: unmutated clips and folders read in full, so the fuzz tests above do reach the decoders.
     for name, data in SEED_CLIPS.items():
         path = tmp_path / name
         path.write_bytes(data)
-        results = workers[backend].read(path)
+        results = worker.read(path)
         check_results(results, path)
-        assert results["info"]["info"][0] == 10 and results["all"]["shape"] == [10, 48, 64, 3], (name, results)
+        assert results["info"]["info"][:5] == [10, 12, 1, 64, 48], (name, results)
+        assert results["all"]["count"] == 10 and results["all"]["shapes"] == [[48, 64, 3]], (name, results)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, (png, jpeg) in enumerate(zip(*VALID_IMAGES.values())):
+        (folder / f"{index}.png").write_bytes(png)
+        (folder / f"{index}b.jpg").write_bytes(jpeg)
+    results = worker.read(folder)
+    check_results(results, folder)
+    assert results["info"]["info"][:5] == [8, 24, 1, 32, 24] and results["all"]["count"] == 8, results
+    (folder / "9.png").write_bytes(b"random bytes")
+    message = worker.read(folder)["all"]["error"]
+    assert re.fullmatch(rf"{re.escape(str(folder / '9.png'))}: cannot be read as an image .*", message), message
 
 
 # Config loader ------------------------------------------------------------------------------------------------------
 
-CONFIG_TEXTS = [path.read_text() for path in sorted((REPO / "configs").glob("*.yaml"))]
+CONFIG_TEXTS = [path.read_text() for path in sorted((ROOT / "configs").glob("*.yaml"))]
 # Every key of the schema, dotted, so random overrides and mappings often hit real keys.
 SCHEMA_KEYS: list[str] = []
 for _field in dataclasses.fields(TrainConfig):
@@ -303,9 +349,14 @@ def mutated_configs(draw) -> str:
 
 
 def has_declared_types(cfg: object) -> bool:
-    """Whether every field of the dataclass ``cfg`` (recursively) holds a value of its annotated type."""
+    """Whether every field of the dataclass ``cfg`` (recursively) holds a value of its annotated type; a field typed
+    ``Any`` holds what ANY_FIELDS says it must."""
     for name, hint in typing.get_type_hints(type(cfg)).items():
         value = getattr(cfg, name)
+        if hint is typing.Any:
+            if not ANY_FIELDS[type(cfg), name](value):  # a new Any field needs its check here: KeyError
+                return False
+            continue
         if dataclasses.is_dataclass(hint):
             if not (isinstance(value, hint) and has_declared_types(value)):
                 return False
@@ -314,6 +365,22 @@ def has_declared_types(cfg: object) -> bool:
         if not any(_is_instance(value, option) for option in options):
             return False
     return True
+
+
+def _are_prompts(value: object) -> bool:
+    """A non-empty list of prompts, or a non-empty mapping of names to prompts; no prompt blank."""
+    if isinstance(value, dict):
+        prompts = list(value.values())
+        if not all(isinstance(key, str) for key in value):
+            return False
+    elif isinstance(value, list):
+        prompts = value
+    else:
+        return False
+    return bool(prompts) and all(isinstance(prompt, str) and prompt.strip() for prompt in prompts)
+
+
+ANY_FIELDS = {(ValidationDataConfig, "prompts"): _are_prompts}
 
 
 def _is_instance(value: object, hint: object) -> bool:

@@ -29,14 +29,15 @@ def kernel(tmp_path, monkeypatch) -> str:
     return KERNEL
 
 
-def test_notebook_is_stored_clean_and_uses_only_postprocess_and_video_io():
+def test_notebook_is_stored_clean_and_uses_only_the_io_modules():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(not cell.outputs and cell.execution_count is None for cell in code)
     imports = {line.split()[1] for cell in code for line in cell.source.splitlines() if line.startswith("from ")}
     ours = {name for name in imports if name.startswith("tuneavideo")}
-    assert ours == {"tuneavideo.postprocess", "tuneavideo.video_io"}  # no model, no training code
+    # the reader, the sound steps and the writer: no model, no training code
+    assert ours == {"tuneavideo.data.readers", "tuneavideo.postprocess", "tuneavideo.video_io"}
 
 
 def test_notebook_runs_headless_on_the_sample_clip(kernel, tmp_path):

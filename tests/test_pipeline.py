@@ -1,12 +1,16 @@
 """Pipeline and DDIM inversion on the tiny model: shapes, determinism, latent sharing, the inversion update."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from tuneavideo.inversion import ddim_inversion
 from tuneavideo.models.unet import UNet3DConditionModel
+from tests.helpers import ROOT
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
+
+from tests.helpers import ROOT
 
 
 @pytest.fixture
@@ -101,24 +105,67 @@ def test_numpy_output_and_callbacks(pipe):
     assert seen == [0, 2]
 
 
-README_RECIPE = """
-import torch
-from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
-from tuneavideo.models.unet import UNet3DConditionModel
-from tuneavideo.util import save_videos_grid
+def test_a_scheduler_config_without_clip_sample_is_corrected_with_a_warning(tiny_sd, unet3d):
+    # Many community checkpoints' scheduler configs lack `clip_sample`; DDIM then defaults to clipping x0, which the
+    # original pipeline's constructor (like diffusers' SD pipelines) corrected, with a warning.
+    config = dict(DDIMScheduler.load_config(tiny_sd, subfolder="scheduler"))
+    del config["clip_sample"]
+    config["steps_offset"] = 0
+    unfixed = DDIMScheduler.from_config(config)
+    assert unfixed.config.clip_sample is True
+    with pytest.warns(FutureWarning, match="clip_sample"):
+        pipe = TuneAVideoPipeline.from_pretrained(tiny_sd, unet=unet3d, scheduler=unfixed)
+    assert (pipe.scheduler.config.clip_sample, pipe.scheduler.config.steps_offset) == (False, 1)
+    reference = TuneAVideoPipeline.from_pretrained(
+        tiny_sd, unet=unet3d, scheduler=DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler"))
+    latent = 3 * torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    settings = dict(latents=latent, num_inference_steps=4, guidance_scale=12.5, output_type="latent")
+    corrected, expected = (p("a cat", **settings).videos for p in (pipe, reference))
+    torch.testing.assert_close(corrected, expected, rtol=1e-5, atol=1e-6)
+    # what it corrects is no detail: with x0 clipping the same call gives another latent
+    clipping = DDIMScheduler.from_config(config)
+    pipe.scheduler = clipping
+    assert (pipe("a cat", **settings).videos - expected).abs().max() > 1e-2
 
-pretrained_model_path = "{base}"
-my_model_path = "{tuned}"
-unet = UNet3DConditionModel.from_pretrained(my_model_path, subfolder='unet', torch_dtype=torch.float32).to('cpu')
-pipe = TuneAVideoPipeline.from_pretrained(pretrained_model_path, unet=unet, torch_dtype=torch.float32).to("cpu")
-pipe.enable_vae_slicing()
 
-prompt = "spider man is skiing"
-ddim_inv_latent = torch.load(f"{{my_model_path}}/inv_latents/ddim_latent-500.pt").to(torch.float32)
-video = pipe(prompt, latents=ddim_inv_latent, video_length=3, height=64, width=64, num_inference_steps=4, guidance_scale=12.5).videos
+def test_encode_video_is_the_scaled_vae_posterior_of_every_frame(pipe):
+    frames = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    posterior = pipe.encode_video(iter(frames), chunk_size=2)  # streamed in chunks of 2, 2 and 1 frames
+    with torch.no_grad():
+        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+        expected = pipe.vae.encode(pixels).latent_dist
+    scale = pipe.vae.config.scaling_factor
+    assert posterior.mean.shape == (1, 4, 5, 8, 8)
+    torch.testing.assert_close(posterior.mean[0].transpose(0, 1), expected.mean * scale, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(posterior.std[0].transpose(0, 1), expected.std * scale, rtol=1e-5, atol=1e-7)
+    # and decoding is its mirror: the decoded clip has the frames' layout
+    decoded = pipe.decode_latents(posterior.mean)
+    assert decoded.shape == (1, 3, 5, 64, 64) and 0 <= decoded.min() and decoded.max() <= 1
 
-save_videos_grid(video, f"{out}/{{prompt}}.gif")
-"""
+
+def test_misspelt_arguments_are_not_swallowed(pipe):
+    with pytest.raises(TypeError, match="num_inference_step"):
+        pipe("a", video_length=2, num_inference_step=3)
+
+
+# What the README recipe says, replaced by what the tiny test model takes; each must occur exactly this often.
+RECIPE_SUBSTITUTIONS = {
+    '"./checkpoints/stable-diffusion-v1-4"': ("{base!r}", 1),
+    '"./outputs/man-skiing"': ("{tuned!r}", 1),
+    '.to("cuda")': ('.to("cpu")', 2),
+    "torch.float16": ("torch.float32", 3),
+    "video_length=24, height=512, width=512": ("video_length=3, height=64, width=64", 1),
+    "num_inference_steps=50": ("num_inference_steps=3", 1),
+    'f"./{prompt}.gif"': ('f"{out}/{{prompt}}.gif"', 1),
+}
+
+
+def readme_recipe() -> str:
+    """The Python block of README's "Editing from Python", as a user would copy it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Editing from Python") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("\n```", start)]
 
 
 def test_the_original_readme_recipe_runs(tiny_sd, unet3d, tmp_path):
@@ -128,7 +175,10 @@ def test_the_original_readme_recipe_runs(tiny_sd, unet3d, tmp_path):
     unet3d.save_pretrained(tuned / "unet")
     (tuned / "inv_latents").mkdir()
     torch.save(torch.randn(1, 4, 3, 8, 8).half(), tuned / "inv_latents" / "ddim_latent-500.pt")
-    exec(README_RECIPE.format(base=tiny_sd, tuned=tuned, out=tmp_path), {})
+    code = readme_recipe()
+    for text, (replacement, count) in RECIPE_SUBSTITUTIONS.items():
+        assert code.count(text) == count, f"README recipe: {text!r} occurs {code.count(text)} times, not {count}"
+        code = code.replace(text, replacement.format(base=str(tiny_sd), tuned=str(tuned), out=tmp_path))
+    exec(code, {})
     with Image.open(tmp_path / "spider man is skiing.gif") as gif:
         assert gif.size == (64, 64) and gif.n_frames == 3
-    assert isinstance(UNet3DConditionModel.from_pretrained(tuned, subfolder="unet"), UNet3DConditionModel)

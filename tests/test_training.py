@@ -1,22 +1,28 @@
-"""One-shot tuning end to end on the tiny model: outputs, tuned-parameter file, resume, two processes, learning."""
+"""One-shot tuning end to end on the tiny model: outputs, tuned-parameter file, the original's frames, random
+windows, resume, two processes, bf16 on the CPU, learning."""
 
+import math
 import subprocess
 import sys
-from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from accelerate.state import AcceleratorState
 from diffusers import DDIMScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.helpers import ROOT, SAMPLE_CLIP
 from tuneavideo.config import load_config
-from tuneavideo.data.dataset import read_video_frames
+from tuneavideo.data.readers import Clip
+from tuneavideo.editing import EditOptions, edit
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
-from tuneavideo.training import train
+from tuneavideo.training import TrainingWindows, train
 from tuneavideo.tuned_parameters import apply_tuned_parameters
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch(config, *overrides, processes=1):
@@ -41,7 +47,7 @@ def test_accelerate_launch_writes_every_output(tiny_sd, tmp_path, run_config):
     for prompt in ("a red ball is moving", "a cat, cartoon style"):
         with Image.open(run / "samples" / "sample-2" / f"{prompt}.gif") as gif:
             assert gif.size == (64, 64) and gif.n_frames == 4
-        frames = read_video_frames(run / "samples" / "sample-2" / f"{prompt}.mp4")
+        frames = Clip(run / "samples" / "sample-2" / f"{prompt}.mp4").read(range(4))
         assert frames.shape == (4, 64, 64, 3)
     with Image.open(run / "samples" / "sample-2.gif") as grid:
         assert grid.size == (2 + 2 * 66, 64 + 4) and grid.n_frames == 4
@@ -71,10 +77,12 @@ def test_two_processes_train_together(tmp_path, run_config):
     assert (run / "unet" / "config.json").exists() and (run / "tuned_parameters.safetensors").exists()
 
 
-def test_resumed_run_ends_with_the_same_weights(tmp_path, run_config, fresh_accelerate_state):
+@pytest.mark.parametrize("window", ["fixed", "random"])
+def test_resumed_run_ends_with_the_same_weights(window, tmp_path, run_config, fresh_accelerate_state):
     def run(output_dir, steps, *extra):
         config = run_config(tmp_path / output_dir, f"{output_dir}.yaml", validation_steps=100)
-        train(load_config(config, [f"max_train_steps={steps}", "checkpointing_steps=2", *extra]))
+        train(load_config(config, [f"max_train_steps={steps}", "checkpointing_steps=2", f"train_data.window={window}",
+                                   *extra]))
         AcceleratorState._reset_state(True)
         return UNet3DConditionModel.from_pretrained(tmp_path / output_dir, subfolder="unet").state_dict()
 
@@ -88,21 +96,18 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, run_config, fresh_acce
 
 def test_loss_falls_when_overfitting_the_clip(tiny_sd, tmp_path, run_config, fresh_accelerate_state):
     config = run_config(tmp_path / "run", validation_steps=1000)
-    cfg = load_config(config, ["max_train_steps=80", "learning_rate=1e-2", "checkpointing_steps=1000", "gradient_checkpointing=False", "trainable_modules=[attn1,attn2,attn_temp,ff]"])
+    cfg = load_config(config, ["max_train_steps=80", "learning_rate=1e-2", "checkpointing_steps=1000",
+                               "gradient_checkpointing=False", "trainable_modules=[attn1,attn2,attn_temp,ff]"])
     train(cfg)
 
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import DDPMScheduler
 
-    from tuneavideo.data.dataset import TuneAVideoDataset
-    from tuneavideo.models.resnet import unfold_frames
-
-    data = cfg.train_data
-    clip = TuneAVideoDataset(data.video_path, data.prompt, 64, 64, 4, 0, 3)[0]["pixel_values"]
-    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
     pipe = TuneAVideoPipeline.from_pretrained(tmp_path / "run")
     scheduler = DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
+    data = cfg.train_data
+    clip = Clip(data.video_path)
+    latents = pipe.encode_video(clip.frames((64, 64), 0, 12, 3)).mean
     with torch.no_grad():
-        latents = unfold_frames(vae.encode(clip).latent_dist.mean, 4) * vae.config.scaling_factor
         text = pipe.encode_prompt(data.prompt, "cpu", do_classifier_free_guidance=False)
         generator = torch.Generator().manual_seed(0)
         noise = torch.randn((16, *latents.shape[1:]), generator=generator)
@@ -115,6 +120,81 @@ def test_loss_falls_when_overfitting_the_clip(tiny_sd, tmp_path, run_config, fre
         before = loss(UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet"))
         after = loss(pipe.unet)
     assert after < 0.9 * before, (before, after)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("decord"), reason="decord (the original's reader) "
+                    "is not installed")
+@pytest.mark.parametrize("overrides", [[], ["train_data.width=200", "train_data.height=120",
+                                           "train_data.sample_start_idx=5"]])
+def test_a_run_tunes_on_the_original_frames(overrides, run_config, tmp_path):
+    # the original decoded with decord.VideoReader(path, width=W, height=H), resizing inside FFmpeg
+    import decord
+
+    cfg = load_config(run_config(tmp_path / "run"), overrides)
+    clip = Clip(cfg.train_data.video_path)
+    windows = TrainingWindows.plan(clip, cfg)
+    frames = np.stack(list(windows.decode(clip)))
+    width, height = windows.size
+    original = decord.VideoReader(str(clip.path), width=width, height=height).get_batch(list(windows.decoded))
+    assert frames.shape == (4, height, width, 3)
+    assert np.array_equal(frames, original.asnumpy())
+
+
+def test_random_windows_cover_every_start_and_follow_the_seed(run_config, tmp_path):
+    cfg = load_config(run_config(tmp_path / "run"), ["train_data.window=random", "train_data.sample_start_idx=2",
+                                                     "train_data.sample_end_idx=40"])
+    windows = TrainingWindows.plan(Clip(cfg.train_data.video_path), cfg)
+    # 4 frames 3 apart within [2, 40): windows start at 2..30 (the last one is frames 30, 33, 36, 39); frames 2..39
+    # are encoded once
+    assert windows.decoded == range(2, 40) and len(windows.starts) == 29
+    # a posterior whose mean is the frame index (and no spread): a sample shows which window it came from
+    index = torch.arange(len(windows.decoded), dtype=torch.float32).view(1, 1, -1, 1, 1).expand(1, 4, -1, 1, 1)
+    posterior = DiagonalGaussianDistribution(torch.cat([index, torch.full_like(index, -30.0)], dim=1))
+
+    def starts(seed: int, steps: int = 600) -> list[int]:
+        torch.manual_seed(seed)
+        drawn = []
+        for _ in range(steps // 2):
+            latents = windows.sample(posterior, batch_size=2)
+            for clip in latents:
+                first = round(float(clip[0, 0].mean()))
+                assert torch.allclose(clip[0, :, 0, 0], first + 3 * torch.arange(4.0), atol=1e-3)
+                drawn.append(first)
+        return drawn
+
+    drawn = starts(33)
+    assert sorted(set(drawn)) == list(range(29))  # every start that fits, and only those (positions from frame 2)
+    counts = np.bincount(drawn, minlength=29)
+    assert counts.min() > 0.4 * counts.mean() and counts.max() < 1.6 * counts.mean()  # spread evenly
+    assert starts(33) == drawn and starts(34) != drawn
+
+
+def _losses(run) -> list[float]:
+    """The loss of every step, as the run logged it to TensorBoard."""
+    events = EventAccumulator(str(next((run / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    return [event.value for event in events.Scalars("loss")]
+
+
+def test_bf16_on_the_cpu_trains_resumes_and_edits(tmp_path, run_config, fresh_accelerate_state):
+    def tune(name, precision, steps, *extra):
+        config = run_config(tmp_path / name, f"{name}.yaml", mixed_precision=precision, validation_steps=100)
+        train(load_config(config, [f"max_train_steps={steps}", "checkpointing_steps=2", *extra]))
+        AcceleratorState._reset_state(True)
+        return tmp_path / name
+
+    full = tune("float32", "no", 4)
+    half = tune("bf16", "bf16", 2)
+    trainable = load_file(half / "checkpoint-2" / "model.safetensors")
+    assert trainable and all(t.dtype == torch.float32 for t in trainable.values())  # master weights stay float32
+    half = tune("bf16", "bf16", 4, "resume_from_checkpoint=latest")
+    losses, reference = _losses(half), _losses(full)
+    assert len(losses) == len(reference) == 4 and all(math.isfinite(v) for v in losses)
+    # the same noise and timesteps (same seed): the losses differ by bf16 rounding only
+    assert losses == pytest.approx(reference, rel=0.05)
+    assert losses != reference  # bf16 did run
+    result = edit(half, EditOptions(["a red ball"], num_inference_steps=3, num_inv_steps=3, audio=False))
+    assert len(Clip(result.videos[0]).read(range(4))) == 4
 
 
 def test_frozen_weights_in_half_precision_still_train_in_float32(unet3d, clip_inputs):

@@ -151,10 +151,14 @@ def test_save_and_load_round_trip_and_original_format_checkpoint(unet3d, clip_in
     strict.load_state_dict(torch.load(original / "diffusion_pytorch_model.bin"), strict=True)
 
     sample, timestep, text = clip_inputs(unet3d)
+    weights = unet3d.state_dict()
     with torch.no_grad():
         expected = unet3d(sample, timestep, text).sample
         for model in (loaded, from_original, strict.eval()):
-            torch.testing.assert_close(model(sample, timestep, text).sample, expected, rtol=0, atol=0)
+            # the weights round-trip exactly; the outputs of separately built modules only closely, as their
+            # kernels can differ (oneDNN picks by CPU and memory alignment)
+            assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
+            torch.testing.assert_close(model(sample, timestep, text).sample, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_backends_give_the_same_output_and_keep_sparse_causal(unet3d, clip_inputs):

@@ -1,9 +1,13 @@
-"""Tests for tuneavideo.video_io: grid layout, value conversion, GIF timing and browser-safe MP4 output."""
+"""Tests for tuneavideo.video_io: grid layout, value conversion, GIF timing, browser-safe MP4 output streamed by
+`Mp4Writer` (atomic: nothing under the final name unless complete) and the sound cut to the picture's length.
+
+MP4s are read back with `Clip`, the package's one reader, and probed with PyAV (`tests.helpers.probe`).
+"""
 
 from __future__ import annotations
 
+import errno
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
@@ -11,31 +15,19 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from tuneavideo.atomic import atomic_path
+from tests.helpers import ffmpeg, frame_indices, index_frames, probe
+from tuneavideo.atomic import DiskFullError, atomic_path
+from tuneavideo.data.readers import Clip
 from tuneavideo.video_io import (
+    Mp4Writer,
     gif_durations_ms,
     grid_frames,
     make_grid,
-    read_video,
     save_videos_grid,
     side_by_side,
     write_gif,
     write_mp4,
 )
-
-
-def _probe_mp4(path: Path) -> dict:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        n = sum(1 for _ in container.decode(stream))
-        return {
-            "codec": stream.codec_context.name,
-            "pix_fmt": stream.codec_context.pix_fmt,
-            "rate": stream.average_rate,
-            "size": (stream.width, stream.height),
-            "frames": n,
-            "audio": len(container.streams.audio),
-        }
 
 
 def _videos(b: int, t: int, h: int, w: int) -> torch.Tensor:
@@ -53,7 +45,7 @@ def _videos(b: int, t: int, h: int, w: int) -> torch.Tensor:
 def test_make_grid_positions_match_hand_computed_layout():
     b, h, w = 5, 4, 6
     images = torch.stack([torch.full((3, h, w), float(k + 1)) for k in range(b)])
-    grid = make_grid(images, n_rows=2, padding=2)
+    grid = make_grid(images, columns=2, padding=2)
     # xmaps = 2 columns, ymaps = 3 rows; cells are (h+2) x (w+2) = 6 x 8 plus a 2 px border on top/left.
     assert grid.shape == (3, 3 * 6 + 2, 2 * 8 + 2)
     expected_offsets = [(2, 2), (2, 10), (8, 2), (8, 10), (14, 2)]
@@ -70,7 +62,7 @@ def test_make_grid_default_columns_and_padding():
     grid = make_grid(images)  # 4 per row -> 2 rows
     assert grid.shape == (3, 2 * 7 + 2, 4 * 9 + 2)
     assert torch.equal(grid[:, 9:14, 2:9], images[4])
-    no_pad = make_grid(images, n_rows=3, padding=0)
+    no_pad = make_grid(images, columns=3, padding=0)
     assert no_pad.shape == (3, 10, 21)
     assert torch.equal(no_pad[:, 5:10, 14:21], images[5])
 
@@ -90,7 +82,7 @@ def test_make_grid_rejects_bad_input():
     with pytest.raises(ValueError):
         make_grid(torch.rand(3, 5, 7))
     with pytest.raises(ValueError):
-        make_grid(torch.rand(2, 3, 5, 7), n_rows=0)
+        make_grid(torch.rand(2, 3, 5, 7), columns=0)
 
 
 # ---------------------------------------------------------------- value conversion
@@ -109,7 +101,7 @@ def test_grid_frames_rounds_clamps_and_zeroes_nan():
 def test_grid_frames_rescale_and_layout():
     videos = torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 1, 1, 3)
     assert grid_frames(videos, rescale=True)[0, 0, :, 0].tolist() == [0, 128, 255]  # 127.5 rounds half to even
-    frames = grid_frames(_videos(3, 4, 6, 5), n_rows=2)
+    frames = grid_frames(_videos(3, 4, 6, 5), columns=2)
     assert frames.shape == (4, 2 * 8 + 2, 2 * 7 + 2, 3)
     assert frames[:, 0, :].max() == 0 and frames[:, :, 0].max() == 0  # padding stays black
     assert frames[2, 10, 2].tolist() == [round(0.75 * 255), round(0.5 * 255), 128]  # video 2, frame 2
@@ -169,10 +161,10 @@ def test_write_gif_above_50_fps_keeps_every_kth_frame_at_real_speed(tmp_path):
 def test_save_videos_grid_mp4_pads_to_even_size(tmp_path):
     path = tmp_path / "out" / "sample.mp4"
     save_videos_grid(_videos(1, 9, 15, 21), str(path), fps=8)
-    info = _probe_mp4(path)
-    assert info == {"codec": "h264", "pix_fmt": "yuv420p", "rate": 8, "size": (22, 16), "frames": 9, "audio": 0}
-    frames, rate = read_video(path)
-    assert rate == 8 and frames.shape == (9, 16, 22, 3)
+    assert probe(path) == dict(frames=9, fps=8, size=(22, 16), codec="h264", pix_fmt="yuv420p", audio_seconds=None)
+    clip = Clip(path)
+    frames = np.stack(list(clip.frames()))
+    assert clip.info.fps == 8 and frames.shape == (9, 16, 22, 3)
     # Colour survives the yuv420p round trip (flat colours: only the BT.709 conversion error remains).
     expected = grid_frames(_videos(1, 9, 15, 21))[:, 7, 10].astype(int)
     assert np.abs(frames[:, 7, 10].astype(int) - expected).max() <= 6
@@ -180,13 +172,21 @@ def test_save_videos_grid_mp4_pads_to_even_size(tmp_path):
     assert np.abs(frames[:, 15].astype(int) - frames[:, 14].astype(int)).max() <= 6
 
 
+def test_save_videos_grid_columns(tmp_path):
+    # n_rows is the original's name for the videos per row: 3 videos, 2 per row -> 2 rows of 2 cells
+    save_videos_grid(_videos(3, 2, 6, 8), str(tmp_path / "grid.gif"), n_rows=2)
+    with Image.open(tmp_path / "grid.gif") as gif:
+        assert gif.size == (2 * 10 + 2, 2 * 8 + 2)
+
+
 @pytest.mark.parametrize(("fps", "rate"), [(12.5, Fraction(25, 2)), (30000 / 1001, Fraction(30000, 1001))])
 def test_write_mp4_fractional_fps_is_exact(tmp_path, fps, rate):
     frames = np.stack([np.full((32, 48, 3), 10 * i, np.uint8) for i in range(10)])
     path = tmp_path / "frac.mp4"
     write_mp4(frames, path, fps)
-    info = _probe_mp4(path)
-    assert info["rate"] == rate and info["frames"] == 10 and info["size"] == (48, 32)
+    info = probe(path)
+    assert info["fps"] == rate and info["frames"] == 10 and info["size"] == (48, 32)
+    assert Clip(path).info.fps == rate
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         assert float(stream.duration * stream.time_base) == pytest.approx(10 / rate, abs=1e-3)
@@ -218,6 +218,107 @@ def test_atomic_path_keeps_existing_file_on_failure(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_path_reports_a_full_disk_in_one_line(tmp_path):
+    target = tmp_path / "out" / "edit.mp4"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    with pytest.raises(DiskFullError) as info, atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(info.value) == (f"no space left on the disk of {target.parent} while writing edit.mp4; free space and "
+                               "run again (files written before are kept)")
+    assert [p.name for p in target.parent.iterdir()] == ["edit.mp4"] and target.read_bytes() == b"old"
+
+
+# ---------------------------------------------------------------- Mp4Writer
+
+
+def _index_video(num_frames: int = 24) -> np.ndarray:
+    return index_frames(num_frames, 48, 32)
+
+
+def test_mp4_writer_streams_frames_one_by_one(tmp_path):
+    path = tmp_path / "streamed.mp4"
+    with Mp4Writer(path, 12) as writer:
+        for count, frame in enumerate(_index_video(), 1):
+            writer.write(frame)
+            assert writer.count == count
+        # the encoder is running and the file is not there yet: only a temporary one beside it
+        assert writer._process.poll() is None
+        assert not path.exists() and len(list(tmp_path.iterdir())) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["streamed.mp4"]
+    assert probe(path) == dict(frames=24, fps=12, size=(48, 32), codec="h264", pix_fmt="yuv420p", audio_seconds=None)
+    assert frame_indices(np.stack(list(Clip(path).frames()))) == list(range(24))
+
+
+def test_mp4_writer_rejects_frames_of_another_size(tmp_path):
+    with pytest.raises(ValueError, match="frame 1 is 32x48, the video is 48x32"), Mp4Writer(tmp_path / "a.mp4", 8) as w:
+        w.write(_index_video(1)[0])
+        w.write(np.zeros((48, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="no frames were written"), Mp4Writer(tmp_path / "b.mp4", 8):
+        pass
+    with pytest.raises(ValueError, match="needs its num_frames"):
+        Mp4Writer(tmp_path / "c.mp4", 8, audio_path=tmp_path / "sound.wav")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError("the model failed"), KeyboardInterrupt()])
+@pytest.mark.parametrize("existing", [False, True])
+def test_mp4_writer_interrupted_leaves_nothing_behind(tmp_path, interruption, existing):
+    path = tmp_path / "edit.mp4"
+    if existing:
+        path.write_bytes(b"the previous edit")
+    with pytest.raises(type(interruption)), Mp4Writer(path, 8) as writer:
+        for frame in _index_video(5):
+            writer.write(frame)
+        encoder = writer._process
+        raise interruption
+    assert encoder.poll() is not None  # ffmpeg was stopped, not left running
+    if existing:
+        assert path.read_bytes() == b"the previous edit"
+    assert [p.name for p in tmp_path.iterdir()] == (["edit.mp4"] if existing else [])
+
+
+@pytest.fixture(scope="module")
+def tone(tmp_path_factory):
+    """A 440 Hz tone of 3 s (amplitude 1/8), 44.1 kHz mono WAV."""
+    path = tmp_path_factory.mktemp("sound") / "tone.wav"
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100:duration=3", path)
+    return path
+
+
+@pytest.mark.parametrize(("num_frames", "fps", "sound_s"), [(24, 12, 3.0), (10, 12.5, 3.0), (30, 8, 3.0),
+                                                            (16, 8, 0.5)])
+def test_write_mp4_with_sound_as_long_as_the_picture(tmp_path, tone, num_frames, fps, sound_s):
+    sound = tone
+    if sound_s < 3:  # shorter than the picture: padded with silence
+        sound = tmp_path / "short.wav"
+        ffmpeg("-i", tone, "-t", sound_s, sound)
+    path = tmp_path / "with sound.mp4"
+    write_mp4(_index_video(num_frames), path, fps, audio_path=sound)
+    info = probe(path)
+    assert (info["frames"], info["fps"], info["codec"]) == (num_frames, Fraction(fps), "h264")
+    assert abs(info["audio_seconds"] - num_frames / fps) < 1 / fps
+    with av.open(str(path)) as container:
+        audio = container.streams.audio[0]
+        assert audio.codec_context.name == "aac"
+        samples = np.concatenate([frame.to_ndarray()[0] for frame in container.decode(audio)])
+    loud = np.abs(samples[: int(0.4 * audio.rate)]).max()
+    spectrum = np.abs(np.fft.rfft(samples[: int(0.4 * audio.rate)]))
+    assert loud > 0.1 and np.fft.rfftfreq(int(0.4 * audio.rate), 1 / audio.rate)[spectrum.argmax()] == 440
+    if sound_s < num_frames / fps:
+        assert np.abs(samples[int((sound_s + 0.1) * audio.rate) :]).max() < 0.01  # silence after the sound ends
+
+
+def test_mp4_writer_with_sound_needs_the_frames_it_announced(tmp_path, tone):
+    path = tmp_path / "short.mp4"
+    message = "3 frames were written, not the num_frames=8 that the sound was cut to"
+    with pytest.raises(ValueError, match=message), Mp4Writer(path, 8, tone, num_frames=8) as writer:
+        for frame in _index_video(3):
+            writer.write(frame)
+    assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- side_by_side

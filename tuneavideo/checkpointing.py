@@ -7,7 +7,6 @@ so a crash, a kill or a full disk never leaves a half-written `checkpoint-STEP` 
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -16,11 +15,10 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
+from .atomic import DiskFullError, disk_full
 from .errors import UserError
 
 logger = get_logger(__name__, log_level="INFO")
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def keep_only_trainable_in_checkpoints(accelerator: Accelerator, trainable: list[str]) -> None:
@@ -54,16 +52,15 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(temporary))
-    except OSError as err:
+    except Exception as err:  # torch.save reports a full disk as a RuntimeError ("unexpected pos"), not OSError
+        full = disk_full(err, temporary)  # asked before the partial checkpoint is removed
         shutil.rmtree(temporary, ignore_errors=True)
-        if err.errno in DISK_FULL:
-            last = list_checkpoints(output_dir)
-            kept = f"; {last[-1]} is the last complete checkpoint" if last else ""
-            raise UserError(
-                f"no space left on the disk of {output_dir} while saving checkpoint-{step}{kept}: free space, then "
-                "resume with resume_from_checkpoint=latest"
-            ) from err
-        raise
+        if not full:
+            raise
+        last = list_checkpoints(output_dir)
+        kept = f"{last[-1]} is the last complete checkpoint" if last else "there is no complete checkpoint yet"
+        raise DiskFullError(f"no space left on the disk of {output_dir} while saving checkpoint-{step}; {kept}: "
+                            "free space, then resume with resume_from_checkpoint=latest") from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():

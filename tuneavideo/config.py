@@ -5,6 +5,10 @@ The original project passed ``OmegaConf.load(config)`` straight into ``main(**cf
 dataclasses below are the schema: YAML files hold only what differs per clip, unknown keys and wrong types fail at load
 time with a one-line :class:`ConfigError`, and ``train()`` receives real dataclass instances.
 
+The LOVEU-TGVE benchmark's configs load as written: its ``train_data.num_frames`` / ``frame_rate`` are read as
+``n_sample_frames`` / ``sample_frame_rate`` with a random window each step, and ``validation_data.prompts`` may map
+edit types to prompts.
+
 Usage::
 
     cfg = load_config("configs/man-skiing.yaml", ["max_train_steps=300", "train_data.n_sample_frames=16"])
@@ -12,11 +16,13 @@ Usage::
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +32,9 @@ from .errors import UserError
 
 # accelerate's spellings; None defers to the `accelerate config` default.
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+WINDOW_CHOICES = ("fixed", "random")
+# The LOVEU-TGVE benchmark's names for two train_data keys (its configs load unchanged).
+TRAIN_DATA_ALIASES = {"num_frames": "n_sample_frames", "frame_rate": "sample_frame_rate"}
 
 
 class ConfigError(UserError):
@@ -34,29 +43,37 @@ class ConfigError(UserError):
 
 @dataclass
 class TrainDataConfig:
-    """The single training clip and how frames are sampled from it."""
+    """The training clip and how frames are sampled from it."""
 
-    video_path: str
+    video_path: str  # a video file, or a folder of frame images
     prompt: str
-    # max(width, height) is the long side; frames keep the clip's aspect ratio, sides multiples of 64 (fit_size)
+    # The clip's frames are resized to width x height when the clip has that aspect ratio (the original squashed any
+    # clip to it); a clip of another aspect ratio keeps its own, long side max(width, height), sides multiples of 64.
     width: int = 512
     height: int = 512
-    n_sample_frames: int = 24
+    n_sample_frames: int = 8
     sample_start_idx: int = 0
     sample_frame_rate: int = 1  # take every n-th source frame
+    # fixed: the one window of n_sample_frames at sample_start_idx (the original); random: every step tunes on a
+    # window whose start is drawn among all that fit in [sample_start_idx, sample_end_idx).
+    window: str = "fixed"
+    sample_end_idx: int | None = None  # None: the end of the clip
+    fps: float | None = None  # frame rate of a folder of frames (None: 24); a video file has its own
 
 
 @dataclass
 class ValidationDataConfig:
     """Sampling settings for the periodic validation videos."""
 
-    prompts: list[str]
-    video_length: int = 24  # must equal train_data.n_sample_frames when sampling from the inverted latent
-    # not used: samples are made at the tuned frames' size (train_data's, aspect kept); kept so old configs load
+    # A list of prompts, or a mapping of names to prompts (LOVEU-TGVE: style, object, background, multiple); with a
+    # mapping each sample is saved under its name.
+    prompts: Any
+    video_length: int | None = None  # None: train_data.n_sample_frames, which it must equal with use_inv_latent
+    # accepted for compatibility and not used: samples have the tuned frames' size (train_data's, aspect kept)
     width: int = 512
     height: int = 512
     num_inference_steps: int = 50
-    guidance_scale: float = 12.5
+    guidance_scale: float = 7.5
     use_inv_latent: bool = True
     num_inv_steps: int = 50
     negative_prompt: str | None = None
@@ -96,6 +113,18 @@ class TrainConfig:
     checkpoints_total_limit: int | None = None  # keep at most this many checkpoint-N dirs (None: keep all)
 
 
+def validation_prompts(cfg: ValidationDataConfig) -> list[tuple[str | None, str]]:
+    """``(name, prompt)`` pairs of ``cfg.prompts``; the name is None for a plain list of prompts."""
+    if isinstance(cfg.prompts, dict):
+        return list(cfg.prompts.items())
+    return [(None, prompt) for prompt in cfg.prompts]
+
+
+# Everything OmegaConf and PyYAML raise on bad text, keys or values (OmegaConf lets some of Python's own through:
+# TypeError for a mapping given to a list, IndexError for some bracket typos, RecursionError for deep nesting).
+_LOAD_ERRORS = (OmegaConfBaseException, yaml.YAMLError, OSError, UnicodeError, TypeError, IndexError, RecursionError)
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
     """Merge the schema defaults, the YAML file at ``path`` and dotlist ``overrides`` into a :class:`TrainConfig`.
 
@@ -109,110 +138,98 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
     source = os.fspath(path)
     if not os.path.isfile(source):
         raise ConfigError(f"config file not found: {source}")
-    try:
-        with open(source, encoding="utf-8") as file:
-            # The top-level node only, nothing constructed: OmegaConf.load fails on a plain value at the top (a bare
-            # OSError for "4", an AssertionError for "'true'", whose string it parses as YAML again), so refuse those.
-            root = yaml.compose(file, Loader=yaml.SafeLoader)
-        if root is not None and not isinstance(root, yaml.MappingNode):
-            shape = "a list" if isinstance(root, yaml.SequenceNode) else f"the single value {root.value[:60]!r}"
-            raise ConfigError(f"{source}: top level must be a mapping of keys such as in configs/*.yaml, got {shape}")
-        file_cfg = OmegaConf.load(source)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: invalid YAML: {' '.join(str(err).split())}") from err
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{source}: is not UTF-8 text (byte {err.start} is invalid); save it as UTF-8") from err
-    except OSError as err:  # e.g. no read permission
-        raise ConfigError(f"{source}: cannot be read ({err.strerror or err}); check its permissions") from err
-    except RecursionError as err:  # yaml.compose recurses per nesting level; no config nests that deep
-        raise ConfigError(f"{source}: is nested too deeply to be a config; compare it with configs/*.yaml") from err
-    except OmegaConfBaseException as err:  # e.g. a null or list key, which no config can hold
-        raise ConfigError(f"{source}: {_first_line(err)}; keys must be names such as in configs/*.yaml") from err
-    if not isinstance(file_cfg, DictConfig):
-        raise ConfigError(f"{source}: top level must be a mapping of keys, got a {type(file_cfg).__name__}")
-    override_cfg = OmegaConf.create()
-    for item in overrides:  # one at a time, so a malformed value names its own override
+    merged = OmegaConf.structured(TrainConfig)
+    # the file, then each override on its own, so that an error names the one at fault
+    updates = [(source, lambda: _read_file(source))]
+    updates += [(f"override {item!r}", lambda item=item: OmegaConf.from_dotlist([item])) for item in overrides]
+    for where, read in updates:
+        update = None
         try:
-            override_cfg = OmegaConf.merge(override_cfg, OmegaConf.from_dotlist([item]))
-        except (OmegaConfBaseException, yaml.YAMLError) as err:
-            raise ConfigError(f"override {item!r}: {' '.join(str(err).split())}") from err
-        except UnicodeError as err:  # undecodable bytes in a command-line argument arrive as lone surrogates
-            raise ConfigError(f"override {item!r}: is not valid text ({err.reason}); retype it") from err
-        except TypeError as err:  # OmegaConf.merge's bare error for a list meeting a mapping at the same key
-            raise ConfigError(f"override {item!r}: sets a list and a mapping at the same key as an earlier "
-                              "override; give each key one shape") from err
-        except RecursionError as err:  # a key nested thousands deep; no config key is
-            raise ConfigError(f"override {item!r}: key is nested too deeply") from err
-        except IndexError as err:  # OmegaConf's key parser fails on some bracket typos, e.g. "[=1"
-            raise ConfigError(f"override {item!r}: cannot parse the key; write key=value, e.g. seed=33") from err
-
-    merged = _merge(OmegaConf.structured(TrainConfig), _fix_yaml_no(file_cfg), source)
-    merged = _merge(merged, _fix_yaml_no(override_cfg), f"{source} + overrides")
+            update = _as_written(read())
+            merged = OmegaConf.merge(merged, update)
+        except (ConfigError, *_LOAD_ERRORS) as err:
+            raise _config_error(err, where, update) from err
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise _to_config_error(err, source) from err
-    _check_list_items(cfg, source)
+        raise _config_error(err, source, None) from err
     _check_values(cfg, source)
     return cfg
 
 
-def _fix_yaml_no(cfg: DictConfig) -> DictConfig:
-    """Map ``mixed_precision: no`` back to "no": YAML 1.1 reads a bare ``no`` as the boolean False."""
-    # An interpolation is left alone: resolving it here, before the merge, could only fail.
-    if not OmegaConf.is_interpolation(cfg, "mixed_precision") and cfg.get("mixed_precision") is False:
-        cfg.mixed_precision = "no"
-    return cfg
+def _read_file(source: str) -> DictConfig:
+    with open(source, encoding="utf-8") as file:
+        # The top-level node only, nothing constructed: OmegaConf.load fails obscurely on a plain value at the top.
+        root = yaml.compose(file, Loader=yaml.SafeLoader)
+    if root is not None and not isinstance(root, yaml.MappingNode):
+        shape = "a list" if isinstance(root, yaml.SequenceNode) else f"the single value {root.value[:60]!r}"
+        raise ConfigError(f"top level must be a mapping of keys such as in configs/*.yaml, got {shape}")
+    return OmegaConf.load(source)
 
 
-def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
-    """``OmegaConf.merge`` with its multi-line errors turned into a one-line :class:`ConfigError` naming ``source``."""
-    try:
-        return OmegaConf.merge(base, update)
-    except OmegaConfBaseException as err:
-        raise _to_config_error(err, source) from err
-    except TypeError as err:  # OmegaConf's bare error for a mapping given to a list field; it names no key
-        key = _mapping_for_list(OmegaConf.to_container(update))
-        where = f"'{key}' expects {_expected_type(key)}, got a mapping" if key else "a mapping is given for a list"
-        raise ConfigError(f"{source}: {where}; give the whole list, e.g. {key or 'key'}=['a','b']") from err
-    except RecursionError as err:  # keys nested thousands deep; no config key is
-        raise ConfigError(f"{source}: keys are nested too deeply") from err
+def _as_written(update: DictConfig) -> DictConfig:
+    """Read values as their author meant them: `mixed_precision: no` is "no", not YAML 1.1's False, and the
+    LOVEU-TGVE names `num_frames` / `frame_rate` are `n_sample_frames` / `sample_frame_rate` with random windows."""
+    if not OmegaConf.is_interpolation(update, "mixed_precision") and update.get("mixed_precision") is False:
+        update.mixed_precision = "no"
+    data = update.get("train_data")
+    if isinstance(data, DictConfig):
+        for alias, name in TRAIN_DATA_ALIASES.items():
+            if alias in data:
+                if name in data:
+                    raise ConfigError(f"train_data.{alias} and train_data.{name} name the same setting; give one")
+                data[name] = data.pop(alias)
+                if name == "n_sample_frames":
+                    data.setdefault("window", "random")
+    return update
 
 
-def _mapping_for_list(update: object, cls: type = TrainConfig, key: str = "") -> str | None:
-    """The first full key where the plain container ``update`` holds a mapping for a list field of ``cls``."""
-    if not isinstance(update, dict):
-        return None
-    hints = typing.get_type_hints(cls)
-    for name, value in update.items():
-        hint, full_key = hints.get(name), f"{key}.{name}" if key else str(name)
-        if typing.get_origin(hint) is list and isinstance(value, dict):
-            return full_key
-        if dataclasses.is_dataclass(hint) and (found := _mapping_for_list(value, hint, full_key)) is not None:
-            return found
-    return None
-
-
-def _to_config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
-    key = err.full_key or ""
+def _config_error(err: Exception, where: str, update: object) -> ConfigError:
+    """One line naming ``where`` (the file or the override), the full key, what was given and what is allowed."""
+    if isinstance(err, ConfigError):
+        return ConfigError(f"{where}: {err}")
+    key = getattr(err, "full_key", None) or ""
     if isinstance(err, ConfigKeyError) and key:
         parent, name = _resolve(key)
         valid = [f.name for f in dataclasses.fields(parent)] if parent else []
         if name in valid:  # the key is fine; the error is below it (e.g. the empty key in "train_data..width=1")
-            return ConfigError(f"{source}: {_first_line(err)} (under {key!r})")
+            return ConfigError(f"{where}: {_first_line(err)} (under {key!r})")
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(valid)}" if valid else ""
-        # repr: a key typed by the user may hold a newline or other control characters; the message stays one line.
-        return ConfigError(f"{source}: unknown key {key!r}{hint}")
+        return ConfigError(f"{where}: unknown key {key!r}{hint}")
     if isinstance(err, MissingMandatoryValue) and key:
-        return ConfigError(f"{source}: missing required value '{key}'")
+        return ConfigError(f"{where}: missing required value '{key}'")
     if isinstance(err, ValidationError) and key:
-        return ConfigError(f"{source}: '{key}' expects {_expected_type(key)}; {_first_line(err)}")
-    return ConfigError(f"{source}: {_first_line(err)}")
+        return ConfigError(f"{where}: '{key}' expects {_expected_type(key)}; {_first_line(err)}")
+    if isinstance(err, TypeError) and isinstance(update, DictConfig):  # OmegaConf names no key here
+        key = _mapping_for_list(OmegaConf.to_container(update))
+        return ConfigError(f"{where}: '{key}' expects {_expected_type(key)}, got a mapping; give the whole list, "
+                           f"e.g. {key}=['a','b']")
+    if isinstance(err, OSError):
+        return ConfigError(f"{where}: cannot be read ({err.strerror or err}); check its permissions")
+    if isinstance(err, UnicodeDecodeError):
+        return ConfigError(f"{where}: is not UTF-8 text (byte {err.start} is invalid); save it as UTF-8")
+    if isinstance(err, RecursionError):
+        return ConfigError(f"{where}: keys are nested too deeply to be a config; compare it with configs/*.yaml")
+    if isinstance(err, yaml.YAMLError):
+        return ConfigError(f"{where}: invalid YAML: {' '.join(str(err).split())}")
+    return ConfigError(f"{where}: {_first_line(err)}; write key=value with keys such as in configs/*.yaml")
+
+
+def _mapping_for_list(update: object, cls: type = TrainConfig, key: str = "") -> str:
+    """The first full key where the plain container ``update`` holds a mapping for a list field of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    for name, value in update.items() if isinstance(update, dict) else ():
+        hint, full_key = hints.get(name), f"{key}.{name}" if key else str(name)
+        if typing.get_origin(hint) is list and isinstance(value, dict):
+            return full_key
+        if dataclasses.is_dataclass(hint) and (found := _mapping_for_list(value, hint, full_key)):
+            return found
+    return ""
 
 
 def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return " ".join(str(err).strip().splitlines()[0].split()) if str(err).strip() else type(err).__name__
 
 
 def _resolve(full_key: str) -> tuple[type | None, str]:
@@ -220,8 +237,8 @@ def _resolve(full_key: str) -> tuple[type | None, str]:
     *parents, name = re.sub(r"\[\d+\]", "", full_key).split(".")
     cls: type | None = TrainConfig
     for part in parents:
-        hints = typing.get_type_hints(cls) if cls else {}
-        cls = hints.get(part) if dataclasses.is_dataclass(hints.get(part)) else None
+        hint = typing.get_type_hints(cls).get(part) if cls else None
+        cls = hint if dataclasses.is_dataclass(hint) else None
     return cls, name
 
 
@@ -235,38 +252,34 @@ def _expected_type(full_key: str) -> str:
     return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
 
 
-def _check_list_items(cfg: object, source: str, prefix: str = "") -> None:
-    """Reject list items of the wrong type: OmegaConf lets a ``list[str]`` field hold nested lists and mappings."""
-    for name, hint in typing.get_type_hints(type(cfg)).items():
-        value = getattr(cfg, name)
-        if dataclasses.is_dataclass(hint):
-            _check_list_items(value, source, f"{prefix}{name}.")
-        elif typing.get_origin(hint) is list:
-            (item_type,) = typing.get_args(hint)
-            for index, item in enumerate(value):
-                if not isinstance(item, item_type):
-                    raise ConfigError(f"{source}: '{prefix}{name}[{index}]' expects {item_type.__name__}, got "
-                                      f"{item!r}; quote it if it is meant as text")
-
-
 def _check_values(cfg: TrainConfig, source: str) -> None:
     """Reject values that type-check but cannot work, before any model is loaded."""
     td, vd = cfg.train_data, cfg.validation_data
+    if vd.video_length is None:
+        vd.video_length = td.n_sample_frames
     positive_keys = ["max_train_steps", "train_batch_size", "gradient_accumulation_steps", "validation_steps",
                      "checkpointing_steps", "train_data.n_sample_frames", "train_data.sample_frame_rate",
                      "validation_data.video_length", "validation_data.num_inference_steps",
                      "validation_data.num_inv_steps"]
     checks = [(key, _get(cfg, key) >= 1, "must be >= 1") for key in positive_keys]
-    # The VAE downsamples by 8, so pixel sizes must divide into whole latents.
-    checks += [(f"{section}.{dim}", _get(cfg, f"{section}.{dim}") > 0 and _get(cfg, f"{section}.{dim}") % 8 == 0,
-                "must be a positive multiple of 8")
-               for section in ("train_data", "validation_data") for dim in ("width", "height")]
+    prompts = [prompt for _, prompt in validation_prompts(vd)] if _prompts_shape_ok(vd.prompts) else None
     checks += [
+        # The VAE downsamples by 8, so pixel sizes must divide into whole latents.
+        ("train_data.width", td.width > 0 and td.width % 8 == 0, "must be a positive multiple of 8"),
+        ("train_data.height", td.height > 0 and td.height % 8 == 0, "must be a positive multiple of 8"),
         ("train_data.sample_start_idx", td.sample_start_idx >= 0, "must be >= 0"),
+        ("train_data.sample_end_idx", td.sample_end_idx is None or td.sample_end_idx > td.sample_start_idx,
+         "must be greater than train_data.sample_start_idx, or null for the end of the clip"),
+        ("train_data.window", td.window in WINDOW_CHOICES, f"must be one of {', '.join(WINDOW_CHOICES)}"),
+        ("train_data.fps", td.fps is None or (math.isfinite(td.fps) and td.fps > 0), "must be > 0, or null"),
         ("train_data.prompt", bool(td.prompt.strip()), "must describe the clip, e.g. 'a man is skiing'"),
-        ("validation_data.prompts", all(p.strip() for p in vd.prompts), "must not hold an empty prompt"),
-        ("learning_rate", cfg.learning_rate > 0, "must be > 0"),
-        ("trainable_modules", len(cfg.trainable_modules) > 0, "must name at least one module"),
+        ("validation_data.prompts", prompts is not None,
+         "must be a list of prompts, or a mapping of names to prompts (e.g. style: ..., object: ...)"),
+        ("validation_data.prompts", prompts is None or all(p.strip() for p in prompts), "must not hold an empty prompt"),
+        ("validation_data.guidance_scale", math.isfinite(vd.guidance_scale), "must be a finite number"),
+        ("learning_rate", cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate), "must be > 0"),
+        ("trainable_modules", len(cfg.trainable_modules) > 0 and all(isinstance(m, str) for m in cfg.trainable_modules),
+         "must name at least one module, e.g. ['attn1.to_q']"),
         ("mixed_precision", cfg.mixed_precision in (*MIXED_PRECISION_CHOICES, None),
          f"must be one of {', '.join(MIXED_PRECISION_CHOICES)} or null"),
         ("checkpoints_total_limit", cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit >= 1,
@@ -278,6 +291,13 @@ def _check_values(cfg: TrainConfig, source: str) -> None:
     for key, ok, rule in checks:
         if not ok:
             raise ConfigError(f"{source}: {key}={_get(cfg, key)!r} {rule}")
+
+
+def _prompts_shape_ok(prompts: object) -> bool:
+    """A non-empty list of strings, or a non-empty mapping of names to strings."""
+    if isinstance(prompts, dict):
+        return bool(prompts) and all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())
+    return isinstance(prompts, list) and bool(prompts) and all(isinstance(p, str) for p in prompts)
 
 
 def _get(cfg: TrainConfig, dotted_key: str) -> object:

@@ -2,55 +2,77 @@
 
 A run folder (a training `output_dir`) holds everything an edit needs: `config.yaml` says which clip, which frames
 and what size were tuned; `unet/`, `vae/`, ... is the tuned pipeline with its DDIM scheduler; `inv_latents/` holds
-the DDIM inversion of the clip made at the end of tuning. `edit` reuses that latent when it fits (or inverts the
-clip itself), samples every prompt from it and writes, per prompt, an MP4 with the source's sound over the same
-span and a GIF, plus one side-by-side MP4 of the source and every edit, all at the sampled frames' real frame rate
-(source fps / `sample_frame_rate`), so picture and sound stay in sync.
+DDIM inversions of the clip. An edit covers a span of the source (by default the tuned window; `span` picks any
+seconds of it, or all of it) at a stride of source frames; it inverts those frames (or reuses the cached inversion),
+samples every prompt from that latent in overlapping windows of the tuned length (`tuneavideo.windows`), and writes,
+per prompt, an MP4 with the source's sound over the same span (and a GIF for short edits), plus one side-by-side
+MP4 of the source and every edit, all at source fps / stride, so picture and sound stay in sync.
+
+Memory does not grow with the clip beyond its latents: source frames are resized as they are decoded, and edited
+frames are decoded a few at a time and streamed to the encoder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
 
-from .config import TrainConfig, load_config
-from .data.dataset import TuneAVideoDataset, VideoReadError
+from .atomic import atomic_path
+from .config import ConfigError, TrainConfig, load_config
+from .data.dataset import ClipTooShortError, clip_size, decode_frames, tuned_window
+from .data.readers import Clip, VideoReadError, frames_text
 from .errors import UserError
-from .inversion import ddim_inversion, inverse_scheduler
-from .models.resnet import unfold_frames
+from .inversion import ddim_inversion, sampling_scheduler
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .postprocess import extract_audio, source_span
-from .video_io import grid_frames, prompt_file_name, side_by_side, write_gif, write_mp4
+from .video_io import Mp4Writer, grid_frames, prompt_file_name, side_by_side, write_gif
+from .windows import Window, plan_windows
 
 logger = logging.getLogger(__name__)
 
 SIDE_BY_SIDE = "side-by-side"  # file stem of the source-and-every-edit comparison
+GIF_MAX_FRAMES = 128  # longer edits get no GIF: a GIF is held whole in memory and grows to hundreds of MB
+DECODE_CHUNK = 8  # edited frames decoded (and source frames held) at once
 
 
 class EditError(UserError):
     """The run folder or the options cannot give an edit; the message is one line."""
 
 
+Span = tuple[Fraction | None, Fraction | None]  # seconds [start, end) of the source; None: its start / its end
+
+
 @dataclass
 class EditOptions:
     """What to make from a run. The defaults are the original project's: 50 DDIM steps, guidance 12.5, 50 inversion
-    steps, no negative prompt, deterministic DDIM (eta 0)."""
+    steps, no negative prompt, deterministic DDIM (eta 0), the tuned window."""
 
     prompts: list[str]
     negative_prompt: str | None = None
     seed: int | None = None  # None: the run's seed (0 if it had none)
-    steps: int = 50
+    num_inference_steps: int = 50
     guidance_scale: float = 12.5
-    inv_steps: int = 50
+    num_inv_steps: int = 50
     num_videos_per_prompt: int = 1
     eta: float = 0.0  # 0: deterministic, so the seed changes nothing; > 0 adds seeded noise at every step
+    span: Span | None = None  # None: the tuned window; (None, None): the whole clip
+    stride: int | None = None  # source frames per edited frame; None: the tuned sample_frame_rate
+    window: int | None = None  # frames per UNet call; None: the tuned n_sample_frames
+    overlap: int | None = None  # frames shared by neighbouring windows; None: a quarter window
     output_dir: str | os.PathLike | None = None  # None: <run>/edits
     audio: bool = True
 
@@ -61,13 +83,32 @@ class EditResult:
 
     folder: Path
     videos: list[Path]  # one MP4 per prompt and video, in prompt order
-    gifs: list[Path]
+    gifs: list[Path]  # empty when the edit is longer than GIF_MAX_FRAMES
     side_by_side: Path
     size: tuple[int, int]  # (width, height) of every edit
     fps: Fraction
-    span: tuple[float, float]  # seconds [start, end) of the source the edits cover
-    cached_latent: Path | None  # the run's inverted latent when reused; None when the clip was inverted here
+    frames: range  # the source frames edited
+    span: tuple[float, float]  # seconds [start, end) of the source's timeline the edits cover
+    windows: int  # UNet calls per denoising step
+    cached_latent: Path | None  # the inversion reused from the run folder; None when the clip was inverted here
     with_audio: bool  # whether the MP4s carry the source's sound
+
+
+def parse_span(text: str) -> Span:
+    """`all`, or `START:END` in seconds with either side optional (`:4.5`, `2:`, `1.5:3`)."""
+    if text.strip() == "all":
+        return None, None
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, end = (Fraction(part.strip()) if part.strip() else None for part in parts)
+    except (ValueError, ZeroDivisionError):
+        raise EditError(f"{text!r}: give all, or START:END in seconds (either side may be left out, e.g. 2:5.5 "
+                        "or :4)") from None
+    if (start is not None and start < 0) or (start is not None and end is not None and end <= start):
+        raise EditError(f"{text!r}: START must be >= 0 and before END")
+    return start, end
 
 
 def run_folder(model: str | os.PathLike | None = None, config: str | os.PathLike | None = None) -> Path:
@@ -89,115 +130,157 @@ def run_folder(model: str | os.PathLike | None = None, config: str | os.PathLike
     return run
 
 
+@dataclass
+class EditPlan:
+    """Everything an edit needs decided before any model is loaded, with every option and file checked."""
+
+    run: Path
+    cfg: TrainConfig
+    options: EditOptions
+    names: list[str]  # file stem of each prompt
+    clip: Clip
+    size: tuple[int, int]  # (width, height): the tuned size
+    stride: int
+    frames: range  # the source frames edited
+    window: int
+    windows: list[Window]
+    folder: Path
+    fps: Fraction
+    span: tuple[float, float]  # seconds of the source's timeline
+
+    @property
+    def cache(self) -> Path:
+        """Where the inversion of these frames is cached. The tuned window inverted as validation does it is the
+        run's own `ddim_latent-<max_train_steps>.pt`; any other span is keyed by everything it depends on."""
+        cfg, data, options = self.cfg, self.cfg.train_data, self.options
+        tuned = tuned_window(self.clip.info.num_frames, data.n_sample_frames, data.sample_start_idx,
+                             data.sample_frame_rate, self.clip.path)
+        validation = cfg.validation_data
+        if (self.frames == tuned and len(self.windows) == 1 and validation.use_inv_latent
+                and options.num_inv_steps == validation.num_inv_steps):
+            return self.run / "inv_latents" / f"ddim_latent-{cfg.max_train_steps}.pt"
+        source = os.stat(self.clip.path)
+        weights = [os.stat(p) for p in sorted((self.run / "unet").glob("diffusion_pytorch_model*"))]
+        key = dict(source=[os.path.abspath(self.clip.path), source.st_size, source.st_mtime_ns],
+                   unet=[[w.st_size, w.st_mtime_ns] for w in weights], size=list(self.size),
+                   frames=[self.frames.start, self.frames.stop, self.frames.step], num_inv_steps=options.num_inv_steps,
+                   windows=[[w.frames[0], w.frames[-1], len(w.frames)] for w in self.windows])
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.run / "inv_latents" / f"span-{digest}.pt"
+
+
+def plan_edit(run: str | os.PathLike, options: EditOptions) -> EditPlan:
+    """Check the run folder, its files and the options, and decide frames, size, windows and outputs."""
+    run = run_folder(run)
+    names = check_options(options)
+    cfg = _run_config(run)
+    data = cfg.train_data
+    clip = _source_clip(cfg, run)
+    stride = options.stride or data.sample_frame_rate
+    frames = edit_frames(clip, cfg, options.span, stride)
+    window = options.window or data.n_sample_frames
+    try:
+        windows = plan_windows(len(frames), window, options.overlap)
+    except ValueError as err:
+        raise EditError(f"--window {window} --overlap {options.overlap}: {err}") from None
+    timesteps = _scheduler_config(run)["num_train_timesteps"]
+    for name, steps in (("--num-inference-steps", options.num_inference_steps),
+                        ("--num-inv-steps", options.num_inv_steps)):
+        if steps > timesteps:
+            raise EditError(f"{name} {steps}: at most {timesteps} (the model's timesteps)")
+    folder = _output_folder(Path(options.output_dir) if options.output_dir is not None else run / "edits")
+    span = source_span(frames.start, len(frames), stride, float(clip.info.fps), clip.info.start_time)
+    size = clip_size(clip.info.width, clip.info.height, data.width, data.height)
+    return EditPlan(run, cfg, options, names, clip, size, stride, frames, window, windows, folder,
+                    clip.info.fps / stride, span)
+
+
 def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
     """Edit the clip tuned in `run` with every prompt of `options`; see the module docstring for the outputs."""
-    run = run_folder(run)
-    names = _check(options)
-    cfg = load_config(run / "config.yaml")
-    data = cfg.train_data
-    source = _source_clip(cfg, run)
-    width, height, num_frames = source.width, source.height, len(source.frame_indices)
-    source_fps = Fraction(source.source_fps).limit_denominator(1001)  # e.g. 30000/1001, not 29.97002997
-    fps = source_fps / data.sample_frame_rate  # the sampled frames' real timing
-    span = source_span(data.sample_start_idx, num_frames, data.sample_frame_rate, float(source_fps))
-
+    plan = plan_edit(run, options)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = TuneAVideoPipeline.from_pretrained(run, dtype=dtype).to(device)
-    pipe.enable_vae_slicing()  # one frame at a time through the VAE: the whole clip at once is a memory spike
+    pipe = _load_pipeline(plan.run, torch.float16 if device.type == "cuda" else torch.float32).to(device)
+    pipe.vae.enable_slicing()  # one frame at a time through the VAE: the whole clip at once is a memory spike
+    pipe.set_progress_bar_config(disable=True)  # one bar for the whole edit instead
     run_scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    if max(options.steps, options.inv_steps) > run_scheduler.config.num_train_timesteps:
-        raise EditError(f"--steps and --inv-steps can be at most {run_scheduler.config.num_train_timesteps}")
-
-    latent_shape = (1, pipe.unet.config.in_channels, num_frames, height // pipe.vae_scale_factor,
-                    width // pipe.vae_scale_factor)
-    cached = run / "inv_latents" / f"ddim_latent-{cfg.max_train_steps}.pt"
-    latent = _cached_latent(cached, cfg, options.inv_steps, latent_shape)
-    if latent is None:
-        cached = None
-        latent = invert_source(pipe, source, run_scheduler, options.inv_steps)
-    pipe.scheduler = sampling_scheduler(run_scheduler, options.steps, options.inv_steps)
-
+    width, height = plan.size
+    cache = plan.cache
+    latent = _cached_latent(cache, (1, pipe.unet.config.in_channels, len(plan.frames), height // 8, width // 8))
+    reused = latent is not None
+    windows = len(plan.windows)
+    work = windows * (options.num_inference_steps * len(options.prompts) + (not reused) * options.num_inv_steps)
+    cfg = plan.cfg
     seed = options.seed if options.seed is not None else cfg.seed if cfg.seed is not None else 0
     if options.num_videos_per_prompt > 1 and options.eta == 0:
         logger.warning("note: with eta 0 DDIM is deterministic, so the videos of a prompt are alike; "
                        "use --eta > 0 for variations")
-    folder = Path(options.output_dir) if options.output_dir is not None else run / "edits"
-    folder.mkdir(parents=True, exist_ok=True)
-    videos, gifs, edits = [], [], []
-    with tempfile.TemporaryDirectory(prefix="tav-edit-") as tmp:
-        audio = _span_audio(data.video_path, span, Path(tmp)) if options.audio else None
-        for prompt, name in zip(options.prompts, names):
+    with tqdm(total=work, desc=f"Editing {frames_text(len(plan.frames))} in {windows} window(s)",
+              unit="window-step") as bar:
+        def progress(*_) -> None:
+            bar.update(windows)
+
+        if reused:
+            logger.info(f"using the run's inverted latent {cache}")
+        else:
+            source = pipe.encode_video(_source_frames(plan)).mean
+            latent = ddim_inversion(pipe, run_scheduler, source, options.num_inv_steps, window_size=plan.window,
+                                    window_overlap=options.overlap, callback=progress)[-1]
+            with atomic_path(cache) as path:
+                torch.save(latent.cpu(), path)
+        pipe.scheduler = sampling_scheduler(run_scheduler, options.num_inference_steps, options.num_inv_steps)
+        edited = []
+        for prompt in options.prompts:
             # a generator per prompt, so a prompt's edit does not depend on the prompts before it
             generator = torch.Generator(device).manual_seed(seed)
-            pipe.set_progress_bar_config(desc=f"Editing {prompt!r}")
-            video = pipe(
-                prompt, latents=latent, num_inference_steps=options.steps, guidance_scale=options.guidance_scale,
-                negative_prompt=options.negative_prompt, num_videos_per_prompt=options.num_videos_per_prompt,
-                eta=options.eta, generator=generator,
-            ).videos
-            for index in range(video.shape[0]):
-                frames = grid_frames(video[index : index + 1])
-                stem = name if video.shape[0] == 1 else f"{name}-{index}"
-                videos.append(folder / f"{stem}.mp4")
-                write_mp4(frames, videos[-1], fps, audio_path=audio)
-                gifs.append(folder / f"{stem}.gif")
-                write_gif(frames, gifs[-1], fps)
-                edits.append(frames)
-        original = source.frames.permute(0, 2, 3, 1).numpy()  # the tuned frames, already at the edit size
-        comparison = folder / f"{SIDE_BY_SIDE}.mp4"
-        write_mp4(side_by_side([original, *edits]), comparison, fps, audio_path=audio)
-    return EditResult(folder, videos, gifs, comparison, (width, height), fps, span, cached, audio is not None)
+            edited.append(pipe(
+                prompt, latents=latent, num_inference_steps=options.num_inference_steps,
+                guidance_scale=options.guidance_scale, negative_prompt=options.negative_prompt,
+                num_videos_per_prompt=options.num_videos_per_prompt, eta=options.eta, generator=generator,
+                output_type="latent", callback=progress, window_size=plan.window, window_overlap=options.overlap,
+            ).videos)
+    stems = [name if options.num_videos_per_prompt == 1 else f"{name}-{index}"
+             for name in plan.names for index in range(options.num_videos_per_prompt)]
+    with tempfile.TemporaryDirectory(prefix="tav-edit-") as tmp:
+        audio = _span_audio(plan.clip.path, plan.span, Path(tmp)) if options.audio else None
+        videos, gifs, comparison = _write(pipe, torch.cat(edited), _source_frames(plan), stems, plan.folder,
+                                          plan.fps, audio)
+    return EditResult(plan.folder, videos, gifs, comparison, plan.size, plan.fps, plan.frames, plan.span, windows,
+                      cache if reused else None, audio is not None)
 
 
-@torch.no_grad()
-def invert_source(
-    pipe: TuneAVideoPipeline, source: TuneAVideoDataset, scheduler: DDIMScheduler, inv_steps: int
-) -> torch.Tensor:
-    """DDIM inversion of the tuned frames as training does it: the VAE posterior mean, float32 latents.
-
-    Returns the noisiest latent `(1, 4, frames, h/8, w/8)`, float32.
-    """
-    pixels = source[0]["pixel_values"].to(pipe.device, pipe.vae.dtype)
-    mean = pipe.vae.encode(pixels).latent_dist.mean
-    clean = unfold_frames(mean.float(), pixels.shape[0]) * pipe.vae.config.scaling_factor
-    pipe.set_progress_bar_config(desc=f"Inverting the source ({inv_steps} DDIM steps)")
-    return ddim_inversion(pipe, scheduler, clean, inv_steps)[-1]
-
-
-def sampling_scheduler(scheduler: DDIMScheduler, steps: int, inv_steps: int) -> DDIMScheduler:
-    """A DDIM scheduler for `steps` steps whose first timestep is the noise level of a latent inverted in `inv_steps`.
-
-    With as many steps as the inversion had (the default, and the original's only way) that is `scheduler` itself.
-    Otherwise the two grids start at different timesteps (951 for 20 steps, 981 for 50): the sampler would then
-    misread how noisy the latent is. With SD's "leading" spacing the grid can be shifted (`steps_offset`) to start
-    where the inversion ended whenever `steps <= inv_steps`; else a note says so and the grid is kept.
-    """
-    target = int(inverse_scheduler(scheduler, inv_steps).timesteps[-1])
-    sampler = DDIMScheduler.from_config(scheduler.config)
-    sampler.set_timesteps(steps)
-    first = int(sampler.timesteps[0])
-    if first == target:
-        return sampler
-    offset = sampler.config.steps_offset + target - first
-    if sampler.config.timestep_spacing == "leading" and offset >= 0:
-        return DDIMScheduler.from_config(scheduler.config, steps_offset=offset)
-    logger.warning(f"note: sampling in {steps} steps starts at timestep {first}, but the latent inverted in "
-                   f"{inv_steps} steps is at {target}; the edit may follow the source less closely "
-                   "(use --steps <= --inv-steps)")
-    return sampler
+def edit_frames(clip: Clip, cfg: TrainConfig, span: Span | None, stride: int) -> range:
+    """The source frames an edit covers: frames `i` with `START * fps <= i < END * fps`, every `stride`-th from the
+    first; without a span, those of the tuned window `[start, start + n_sample_frames * sample_frame_rate)`."""
+    info, data = clip.info, cfg.train_data
+    if span is None:
+        start = data.sample_start_idx
+        stop = min(info.num_frames, start + data.n_sample_frames * data.sample_frame_rate)
+    else:
+        start = math.ceil(span[0] * info.fps) if span[0] is not None else 0
+        stop = min(info.num_frames, math.ceil(span[1] * info.fps)) if span[1] is not None else info.num_frames
+    frames = range(start, stop, stride)
+    if not frames:
+        length = float(info.num_frames / info.fps)
+        raise EditError(f"--span holds no frame of {clip.path} ({frames_text(info.num_frames)}, {length:.2f} s at "
+                        f"{float(info.fps):g} fps); give a span within 0:{length:.2f}")
+    return frames
 
 
-def _check(options: EditOptions) -> list[str]:
+def check_options(options: EditOptions) -> list[str]:
     """Reject options that cannot work before any model is loaded; returns each prompt's file stem."""
     if not options.prompts or not all(isinstance(p, str) and p.strip() for p in options.prompts):
         raise EditError("give at least one non-empty --prompt")
-    for name, value in (("--steps", options.steps), ("--inv-steps", options.inv_steps),
-                        ("--num-videos-per-prompt", options.num_videos_per_prompt)):
-        if value < 1:
-            raise EditError(f"{name} must be >= 1, got {value}")
-    if options.eta < 0:
-        raise EditError(f"--eta must be >= 0, got {options.eta}")
+    # option: (value, smallest allowed); None keeps the default
+    counts = {"--num-inference-steps": (options.num_inference_steps, 1), "--num-inv-steps": (options.num_inv_steps, 1),
+              "--num-videos-per-prompt": (options.num_videos_per_prompt, 1), "--stride": (options.stride, 1),
+              "--window": (options.window, 2), "--overlap": (options.overlap, 0)}
+    for name, (value, smallest) in counts.items():
+        if value is not None and value < smallest:
+            raise EditError(f"{name} must be >= {smallest}, got {value}")
+    if not math.isfinite(options.guidance_scale):
+        raise EditError(f"--guidance-scale must be a finite number, got {options.guidance_scale}")
+    if not (math.isfinite(options.eta) and options.eta >= 0):
+        raise EditError(f"--eta must be a finite number >= 0, got {options.eta}")
     names = [prompt_file_name(prompt) for prompt in options.prompts]
     clashes = sorted({n for n in names if names.count(n) > 1 or n == SIDE_BY_SIDE})
     if clashes:
@@ -205,41 +288,121 @@ def _check(options: EditOptions) -> list[str]:
     return names
 
 
-def _source_clip(cfg: TrainConfig, run: Path) -> TuneAVideoDataset:
-    """The frames the run was tuned on, at the size it was tuned at (the source's aspect ratio kept)."""
-    data = cfg.train_data
+def _write(pipe: TuneAVideoPipeline, latents: torch.Tensor, source, stems: list[str], folder: Path, fps: Fraction,
+           audio: str | None) -> tuple[list[Path], list[Path], Path]:
+    """Decode `latents` `(videos, 4, frames, h, w)` a few frames at a time into one MP4 per video (and a GIF when
+    short), and the side-by-side of the `source` frames and every video, all streamed to the encoder."""
+    num_frames = latents.shape[2]
+    videos = [folder / f"{stem}.mp4" for stem in stems]
+    comparison = folder / f"{SIDE_BY_SIDE}.mp4"
+    gif_frames: list[list[np.ndarray]] | None = [[] for _ in stems] if num_frames <= GIF_MAX_FRAMES else None
+    with ExitStack() as stack:
+        writers = [stack.enter_context(Mp4Writer(path, fps, audio, num_frames)) for path in videos]
+        side = stack.enter_context(Mp4Writer(comparison, fps, audio, num_frames))
+        chunk: list[np.ndarray] = []
+        for index, frame in enumerate(source):
+            chunk.append(frame)
+            if len(chunk) < DECODE_CHUNK and index + 1 < num_frames:
+                continue
+            first = index + 1 - len(chunk)
+            with torch.no_grad():
+                decoded = [grid_frames(torch.from_numpy(pipe.decode_latents(latents[k : k + 1, :, first : index + 1])))
+                           for k in range(len(stems))]
+            for k, frames in enumerate(decoded):
+                for frame_of_edit in frames:
+                    writers[k].write(frame_of_edit)
+                if gif_frames is not None:
+                    gif_frames[k].extend(frames)
+            for frame_of_all in side_by_side([np.stack(chunk), *decoded]):
+                side.write(frame_of_all)
+            chunk = []
+    gifs = []
+    for stem, frames in zip(stems, gif_frames or []):
+        gifs.append(folder / f"{stem}.gif")
+        write_gif(np.stack(frames), gifs[-1], fps)
+    return videos, gifs, comparison
+
+
+def _run_config(run: Path) -> TrainConfig:
     try:
-        return TuneAVideoDataset(
-            data.video_path, data.prompt, data.width, data.height, data.n_sample_frames, data.sample_start_idx,
-            data.sample_frame_rate, keep_aspect=True,
-        )
+        return load_config(run / "config.yaml")
+    except ConfigError as err:
+        raise EditError(f"{err} (the run's config; re-run the training to rewrite it)") from err
+
+
+def _source_clip(cfg: TrainConfig, run: Path) -> Clip:
+    """The clip the run was tuned on."""
+    try:
+        return Clip(cfg.train_data.video_path, cfg.train_data.fps)
     except VideoReadError as err:
         raise EditError(f"{err} (the source clip, train_data.video_path in {run / 'config.yaml'})") from err
 
 
-def _cached_latent(path: Path, cfg: TrainConfig, inv_steps: int, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """The run's inverted latent when it is the one this edit would compute, else None.
+def _source_frames(plan: EditPlan) -> Iterator[np.ndarray]:
+    """The edited frames of the source at the tuned size, streamed."""
 
-    It fits when made with the final UNet (step `max_train_steps`), in `inv_steps` steps and of `shape` (a run tuned
-    before frames kept their aspect ratio has a latent of another size).
-    """
-    if not cfg.validation_data.use_inv_latent or inv_steps != cfg.validation_data.num_inv_steps or not path.is_file():
+    def check(num_frames: int) -> None:
+        raise ClipTooShortError(f"{plan.clip.path}: the edit needs frame {plan.frames[-1]} but only "
+                                f"{frames_text(num_frames)} decode; give a shorter --span")
+
+    return decode_frames(plan.clip, plan.frames, plan.size, check)
+
+
+def _scheduler_config(run: Path) -> dict:
+    try:
+        return DDIMScheduler.load_config(run, subfolder="scheduler")
+    except (OSError, ValueError) as err:
+        raise EditError(f"{run / 'scheduler'}: the run's scheduler config cannot be read ({_first_line(err)}); "
+                        "re-run the training to save the model again") from err
+
+
+def _load_pipeline(run: Path, dtype: torch.dtype) -> TuneAVideoPipeline:
+    try:
+        return TuneAVideoPipeline.from_pretrained(run, dtype=dtype)
+    except Exception as err:  # damaged weights surface as OSError, ValueError, RuntimeError or SafetensorError
+        raise EditError(f"{run}: its tuned model cannot be loaded ({_first_line(err)}); re-run the training, or "
+                        "resume it with resume_from_checkpoint=latest to save the model again") from err
+
+
+def _output_folder(folder: Path) -> Path:
+    if folder.exists() and not folder.is_dir():
+        raise EditError(f"--output-dir {folder}: is a file, not a folder; choose another --output-dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EditError(f"--output-dir {folder}: cannot be created ({err.strerror or err}); choose another "
+                        "--output-dir") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EditError(f"--output-dir {folder}: is not writable; choose another --output-dir")
+    return folder
+
+
+def _cached_latent(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The cached inversion at `path` when it can be read and has `shape`, else None (the clip is inverted)."""
+    if not path.is_file():
         return None
-    latent = torch.load(path, map_location="cpu")
-    if tuple(latent.shape) != shape:
-        logger.info(f"{path} has shape {tuple(latent.shape)}, this edit needs {shape}; inverting the clip again")
+    try:
+        latent = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged or foreign file: torch raises many types
+        logger.warning(f"note: {path} cannot be read ({_first_line(err)}); inverting the clip again")
         return None
-    logger.info(f"using the run's inverted latent {path}")
+    if not isinstance(latent, torch.Tensor) or tuple(latent.shape) != shape:
+        logger.info(f"{path} is not a latent of shape {shape}; inverting the clip again")
+        return None
     return latent.float()
 
 
 def _span_audio(video_path: str, span: tuple[float, float], folder: Path) -> str | None:
-    """The source's sound over `span` as a WAV in `folder`, or None, with a one-line note, when it has none there."""
-    try:
-        wav = extract_audio(video_path, folder / "span.wav", *span)
-    except ValueError as err:  # the sound track ends before the span starts
-        logger.warning(f"note: no sound over the edited span ({err}); the MP4s are silent")
+    """The source's sound over `span` as a WAV in `folder`, or None, with a one-line note, when it has none."""
+    if os.path.isdir(video_path):
+        logger.warning(f"note: {video_path} is a folder of frames, which has no sound; the MP4s are silent")
         return None
+    wav = extract_audio(video_path, folder / "span.wav", *span)
     if wav is None:
         logger.warning(f"note: {video_path} has no sound; the MP4s are silent")
     return wav
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

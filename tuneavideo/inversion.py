@@ -1,11 +1,18 @@
-"""DDIM inversion of a clip latent: the structure guidance for Tune-A-Video edits."""
+"""DDIM inversion of a clip latent (the structure guidance for Tune-A-Video edits), and the sampling scheduler that
+starts where an inversion ended."""
 
 from __future__ import annotations
 
 import inspect
+import logging
+from collections.abc import Callable
 
 import torch
-from diffusers import DDIMInverseScheduler, DiffusionPipeline, SchedulerMixin
+from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, SchedulerMixin
+
+from .windows import blend, plan_windows
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -15,6 +22,9 @@ def ddim_inversion(
     video_latent: torch.Tensor,
     num_inv_steps: int,
     prompt: str = "",
+    window_size: int | None = None,
+    window_overlap: int | None = None,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> list[torch.Tensor]:
     """Run deterministic DDIM backwards from a clean clip latent to noise.
 
@@ -25,20 +35,33 @@ def ddim_inversion(
 
     The update is the original's `next_step`, done by diffusers' `DDIMInverseScheduler` built from the sampling
     scheduler's config (keeping its `set_alpha_to_one=False`, `steps_offset=1` and `prediction_type`), so
-    v-prediction models invert correctly too.
+    v-prediction models invert correctly too. A clip longer than `window_size` frames is inverted in the
+    overlapping windows the pipeline samples it with (`tuneavideo.windows`); `callback(i, t, latent)` is called
+    after every step.
     """
     inverse = inverse_scheduler(ddim_scheduler, num_inv_steps, video_latent.device)
     unet = pipeline.unet
     embedding = pipeline.encode_prompt(
         [prompt] * video_latent.shape[0], video_latent.device, do_classifier_free_guidance=False
     ).to(unet.dtype)
+    num_frames = video_latent.shape[2]
+    windows = plan_windows(num_frames, window_size, window_overlap)
     latent = video_latent.clone()
     latents = [latent]
-    for t in pipeline.progress_bar(inverse.timesteps):
-        # the UNet runs in its own dtype; the update stays in the latent's (use float32 latents for accuracy)
-        noise_pred = unet(latent.to(unet.dtype), t, encoder_hidden_states=embedding).sample.to(latent.dtype)
-        latent = inverse.step(noise_pred, t, latent).prev_sample
-        latents.append(latent)
+    with pipeline.progress_bar(total=len(inverse.timesteps) * len(windows)) as progress_bar:
+        for i, t in enumerate(inverse.timesteps):
+
+            def predict(frames: list[int]) -> torch.Tensor:
+                # the UNet runs in its own dtype; the update stays in the latent's (float32 latents are accurate)
+                window = latent[:, :, frames].to(unet.dtype)
+                noise_pred = unet(window, t, encoder_hidden_states=embedding).sample.to(latent.dtype)
+                progress_bar.update()
+                return noise_pred
+
+            latent = inverse.step(blend(predict, latent, windows), t, latent).prev_sample
+            latents.append(latent)
+            if callback is not None:
+                callback(i, t, latent)
     return latents
 
 
@@ -52,3 +75,28 @@ def inverse_scheduler(
     inverse = DDIMInverseScheduler.from_config({**config, "clip_sample": False})
     inverse.set_timesteps(num_inv_steps, device=device)
     return inverse
+
+
+def sampling_scheduler(scheduler: DDIMScheduler, num_inference_steps: int, num_inv_steps: int) -> DDIMScheduler:
+    """A DDIM scheduler for `num_inference_steps` steps whose first timestep is the noise level of a latent inverted
+    in `num_inv_steps`.
+
+    With as many steps as the inversion had (the default, and the original's only way) that is `scheduler` itself.
+    Otherwise the two grids start at different timesteps (951 for 20 steps, 981 for 50): the sampler would then
+    misread how noisy the latent is. With SD's "leading" spacing the grid can be shifted (`steps_offset`) to start
+    where the inversion ended whenever `num_inference_steps <= num_inv_steps`; else a note says so and the grid is
+    kept.
+    """
+    target = int(inverse_scheduler(scheduler, num_inv_steps).timesteps[-1])
+    sampler = DDIMScheduler.from_config(scheduler.config)
+    sampler.set_timesteps(num_inference_steps)
+    first = int(sampler.timesteps[0])
+    if first == target:
+        return sampler
+    offset = sampler.config.steps_offset + target - first
+    if sampler.config.timestep_spacing == "leading" and offset >= 0:
+        return DDIMScheduler.from_config(scheduler.config, steps_offset=offset)
+    logger.warning(f"note: sampling in {num_inference_steps} steps starts at timestep {first}, but the latent "
+                   f"inverted in {num_inv_steps} steps is at {target}; the edit may follow the source less closely "
+                   "(use --num-inference-steps <= --num-inv-steps)")
+    return sampler

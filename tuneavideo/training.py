@@ -3,14 +3,17 @@
 As the original: frozen VAE and text encoder; only modules whose names end with `trainable_modules` learn; DDPM
 noise at a uniform random timestep; MSE to the noise (or to v); AdamW; constant LR; gradient-norm clipping. Runs
 on one or many processes (`accelerate launch`), on GPU or CPU; validation and saving happen on the main process.
+Everything goes through one `TuneAVideoPipeline`: the prompt and the clip are encoded by it once, and validation
+samples with it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
+import shutil
 import signal
+import uuid
 from pathlib import Path
 
 import diffusers
@@ -21,26 +24,21 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .atomic import atomic_path
-from .checkpointing import (
-    keep_only_trainable_in_checkpoints,
-    list_checkpoints,
-    remove_checkpoints,
-    resume,
-    save_checkpoint,
-)
+from .atomic import DiskFullError, atomic_path, disk_full
+from .checkpointing import keep_only_trainable_in_checkpoints, list_checkpoints, remove_checkpoints, resume, save_checkpoint
 from .checks import check_output_dir, check_sd_folder
-from .config import TrainConfig
-from .data.dataset import TuneAVideoDataset
+from .config import TrainConfig, validation_prompts
+from .data.dataset import clip_size, decode_frames, tuned_window, window_starts
+from .data.readers import Clip
 from .errors import UserError
 from .inversion import ddim_inversion
-from .models.resnet import unfold_frames
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline, truncated_text
 from .tuned_parameters import FILENAME as TUNED_PARAMETERS
@@ -57,11 +55,8 @@ def train(cfg: TrainConfig) -> Path:
     check_sd_folder(cfg.pretrained_model_path)
     check_output_dir(output_dir, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite)
     data = cfg.train_data
-    # the clip is decoded once; its latent distribution and the prompt's embedding are computed once too
-    dataset = TuneAVideoDataset(
-        data.video_path, data.prompt, data.width, data.height, data.n_sample_frames, data.sample_start_idx,
-        data.sample_frame_rate, keep_aspect=True,
-    )
+    clip = Clip(data.video_path, data.fps)
+    windows = TrainingWindows.plan(clip, cfg)
     mixed_precision = _usable_mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(
         # several processes without CUDA (`accelerate launch --multi_gpu` on a CPU machine): CPU workers over gloo
@@ -76,7 +71,8 @@ def train(cfg: TrainConfig) -> Path:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     if mixed_precision != (cfg.mixed_precision or "no"):
-        logger.warning(f"mixed_precision={cfg.mixed_precision} needs a CUDA GPU; training in float32 instead")
+        logger.warning(f"mixed_precision={cfg.mixed_precision} needs a CUDA GPU; training in float32 instead "
+                       "(bf16 works on the CPU)")
     if cfg.seed is not None:
         set_seed(cfg.seed)
     if accelerator.is_main_process:
@@ -86,15 +82,20 @@ def train(cfg: TrainConfig) -> Path:
 
     # models: everything frozen but the trainable UNet modules
     base = cfg.pretrained_model_path
-    tokenizer = _load(CLIPTokenizer.from_pretrained, base, "tokenizer")
-    text_encoder = _load(CLIPTextModel.from_pretrained, base, "text_encoder")
-    vae = _load(AutoencoderKL.from_pretrained, base, "vae")
+    pipeline = TuneAVideoPipeline(
+        vae=_load(AutoencoderKL.from_pretrained, base, "vae"),
+        text_encoder=_load(CLIPTextModel.from_pretrained, base, "text_encoder"),
+        tokenizer=_load(CLIPTokenizer.from_pretrained, base, "tokenizer"),
+        unet=_load(UNet3DConditionModel.from_pretrained_2d, base, "unet"),
+        scheduler=_load(DDIMScheduler.from_pretrained, base, "scheduler"),
+    )
+    pipeline.set_progress_bar_config(disable=True)
     noise_scheduler = _load(DDPMScheduler.from_pretrained, base, "scheduler")
-    unet = _load(UNet3DConditionModel.from_pretrained_2d, base, "unet")
-    dropped = truncated_text(tokenizer, data.prompt)
+    unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+    dropped = truncated_text(pipeline.tokenizer, data.prompt)
     if dropped:
-        logger.warning(f"train_data.prompt is longer than the text encoder's {tokenizer.model_max_length} tokens; "
-                       f"dropped: {dropped!r}")
+        logger.warning(f"train_data.prompt is longer than the text encoder's {pipeline.tokenizer.model_max_length} "
+                       f"tokens; dropped: {dropped!r}")
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.requires_grad_(False)
@@ -104,7 +105,8 @@ def train(cfg: TrainConfig) -> Path:
     named = dict(unet.named_parameters())
     for name in trainable:
         named[name].requires_grad_(True)
-    logger.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}")
+    logger.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision "
+                f"{accelerator.mixed_precision}")
     logger.info(f"trainable parameters: {sum(named[n].numel() for n in trainable):,} in {len(trainable)} tensors")
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -122,30 +124,25 @@ def train(cfg: TrainConfig) -> Path:
         num_training_steps=cfg.max_train_steps * cfg.gradient_accumulation_steps,
     )
 
-    logger.info(f"frames resized to {dataset.width}x{dataset.height} (the clip's aspect ratio, sides multiples of 64)")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if weight_dtype != torch.float32:
         cast_frozen_parameters(unet, weight_dtype)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    prepared_unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if cfg.seed is not None and accelerator.num_processes > 1:
         # the model was initialised alike everywhere (DDP also broadcasts rank 0's weights); each process now
-        # draws its own noise and timesteps, or they would all compute the same gradient
+        # draws its own noise, timesteps and windows, or they would all compute the same gradient
         set_seed(cfg.seed + accelerator.process_index)
     keep_only_trainable_in_checkpoints(accelerator, trainable)
 
     vae.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.enable_slicing()  # encode and decode frame by frame: the whole clip at once is a memory spike
-    pixel_values = dataset[0]["pixel_values"].to(accelerator.device, dtype=weight_dtype)
+    logger.info(f"frames resized to {windows.size[0]}x{windows.size[1]}; {len(windows.starts)} window start(s)")
     with torch.no_grad():
-        posterior = vae.encode(pixel_values).latent_dist
-        prompt_ids = tokenizer(
-            data.prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(accelerator.device)
-        encoder_hidden_states = text_encoder(prompt_ids)[0].repeat(cfg.train_batch_size, 1, 1)
-    num_frames = pixel_values.shape[0]
-    scale = vae.config.scaling_factor
+        # the clip's latent distribution and the prompt's embedding, once for the whole run
+        posterior = pipeline.encode_video(windows.decode(clip))
+        encoder_hidden_states = pipeline.encode_prompt(data.prompt, accelerator.device,
+                                                       do_classifier_free_guidance=False)
 
     global_step = resume(accelerator, cfg.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process:
@@ -154,11 +151,12 @@ def train(cfg: TrainConfig) -> Path:
         range(global_step, cfg.max_train_steps), initial=global_step, total=cfg.max_train_steps,
         disable=not accelerator.is_local_main_process, desc="Steps",
     )
-    unet.train()
+    prepared_unet.train()
     with CtrlC() as ctrl_c:
         while global_step < cfg.max_train_steps:
-            with accelerator.accumulate(unet):
-                loss = _diffusion_loss(unet, noise_scheduler, posterior, num_frames, scale, encoder_hidden_states)
+            with accelerator.accumulate(prepared_unet):
+                latents = windows.sample(posterior, cfg.train_batch_size)
+                loss = _diffusion_loss(prepared_unet, noise_scheduler, latents, encoder_hidden_states)
                 losses = accelerator.gather(loss.detach())  # every process sees every loss, so all stop together
                 if not torch.isfinite(losses).all():
                     _stop_diverged(losses, global_step + 1, output_dir)
@@ -179,18 +177,70 @@ def train(cfg: TrainConfig) -> Path:
                 if global_step % cfg.checkpointing_steps == 0 or interrupted:
                     save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
                 if interrupted:
-                    raise KeyboardInterrupt(f"saved checkpoint-{global_step}; continue with resume_from_checkpoint=latest")
+                    raise KeyboardInterrupt(f"saved checkpoint-{global_step}; continue with "
+                                            "resume_from_checkpoint=latest")
                 if global_step % cfg.validation_steps == 0 or global_step == cfg.max_train_steps:
                     if accelerator.is_main_process:
-                        _validate(cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames, global_step,
-                                  (dataset.width, dataset.height), dataset.source_fps / data.sample_frame_rate)
+                        with accelerator.autocast():
+                            validate(pipeline, windows.first(posterior).mean, cfg, global_step,
+                                     clip.info.fps / data.sample_frame_rate)
                     accelerator.wait_for_everyone()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(cfg, accelerator.unwrap_model(unet), output_dir)
+        _save_final(cfg, unet, output_dir)
     accelerator.end_training()
     return output_dir
+
+
+class TrainingWindows:
+    """Which frames each step tunes on: the original's one window (`window: fixed`), or a window drawn every step
+    among all that fit (`window: random`). The clip is decoded and VAE-encoded once, frames `decoded`; a window is
+    `n_sample_frames` of them, `stride` apart, from a start in `starts` (positions within `decoded`)."""
+
+    def __init__(self, decoded: range, starts: range, stride: int, length: int, size: tuple[int, int],
+                 check) -> None:
+        self.decoded, self.starts, self.stride, self.length, self.size = decoded, starts, stride, length, size
+        self._check = check
+
+    @classmethod
+    def plan(cls, clip: Clip, cfg: TrainConfig) -> TrainingWindows:
+        data = cfg.train_data
+        size = clip_size(clip.info.width, clip.info.height, data.width, data.height)
+        settings = (data.n_sample_frames, data.sample_start_idx, data.sample_frame_rate)
+        if data.window == "fixed":
+            def check(num_frames: int) -> range:
+                return tuned_window(num_frames, *settings, clip.path)
+
+            return cls(check(clip.info.num_frames), range(1), 1, data.n_sample_frames, size, check)
+
+        def check(num_frames: int) -> range:
+            return window_starts(num_frames, *settings, data.sample_end_idx, clip.path)
+
+        starts = check(clip.info.num_frames)
+        decoded = range(starts.start, starts.stop + (data.n_sample_frames - 1) * data.sample_frame_rate)
+        return cls(decoded, range(len(starts)), data.sample_frame_rate, data.n_sample_frames, size, check)
+
+    def decode(self, clip: Clip):
+        return decode_frames(clip, self.decoded, self.size, self._check)
+
+    def _window(self, posterior: DiagonalGaussianDistribution, start: int) -> DiagonalGaussianDistribution:
+        positions = torch.arange(start, start + self.length * self.stride, self.stride)
+        return DiagonalGaussianDistribution(posterior.parameters[:, :, positions.to(posterior.parameters.device)])
+
+    def first(self, posterior: DiagonalGaussianDistribution) -> DiagonalGaussianDistribution:
+        """The window at `sample_start_idx`: the one validation inverts and edits default to."""
+        return self._window(posterior, 0)
+
+    def sample(self, posterior: DiagonalGaussianDistribution, batch_size: int) -> torch.Tensor:
+        """`batch_size` latent clips `(batch, 4, frames, h, w)`: each a fresh posterior sample (the original's
+        `latent_dist.sample()`) of its own window. Starts come from torch's global generator, which checkpoints
+        save, so a resumed run draws the same windows."""
+        samples = []
+        for _ in range(batch_size):
+            start = int(torch.randint(len(self.starts), ())) if len(self.starts) > 1 else 0
+            samples.append(self._window(posterior, start).sample())
+        return torch.cat(samples)
 
 
 class CtrlC:
@@ -213,7 +263,7 @@ class CtrlC:
         flag = torch.tensor([float(self.requested)], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
-    def __enter__(self) -> "CtrlC":
+    def __enter__(self) -> CtrlC:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -232,14 +282,10 @@ def _load(loader, base: str, subfolder: str):
         ) from err
 
 
-def _diffusion_loss(unet, noise_scheduler, posterior, num_frames: int, scale: float, encoder_hidden_states):
-    """The original's objective: MSE between the UNet's prediction and the noise (or v) at a random timestep.
-
-    Each step draws a fresh posterior sample of the clip (the original's `latent_dist.sample()`), fresh noise and
-    one timestep per clip; `encoder_hidden_states` holds one prompt embedding per clip of the batch.
-    """
-    samples = [posterior.sample() for _ in range(encoder_hidden_states.shape[0])]
-    latents = torch.cat([unfold_frames(sample, num_frames) for sample in samples]) * scale
+def _diffusion_loss(unet, noise_scheduler: DDPMScheduler, latents: torch.Tensor,
+                    encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """The original's objective: MSE between the UNet's prediction and the noise (or v) at a random timestep, one
+    timestep per clip of `latents` `(batch, 4, frames, h, w)`."""
     noise = torch.randn_like(latents)
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
@@ -249,7 +295,8 @@ def _diffusion_loss(unet, noise_scheduler, posterior, num_frames: int, scale: fl
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    text = encoder_hidden_states.expand(latents.shape[0], -1, -1)
+    model_pred = unet(noisy_latents, timesteps, text).sample
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
@@ -257,10 +304,9 @@ def _stop_diverged(losses: torch.Tensor, step: int, output_dir: Path) -> None:
     """Stop on a NaN or infinite loss, before it reaches the weights or a checkpoint."""
     last = list_checkpoints(output_dir)
     kept = f"{last[-1]} is the last good checkpoint (resume_from_checkpoint=latest)" if last else "no checkpoint yet"
-    raise UserError(
-        f"the loss became {', '.join(f'{v:g}' for v in losses.flatten().tolist())} at step {step}: try mixed_precision=bf16 or no, or a lower "
-        f"learning_rate; {kept}"
-    )
+    values = ", ".join(f"{v:g}" for v in losses.flatten().tolist())
+    raise UserError(f"the loss became {values} at step {step}: try mixed_precision=bf16 or no, or a lower "
+                    f"learning_rate; {kept}")
 
 
 def cast_frozen_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -274,9 +320,9 @@ def cast_frozen_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def _usable_mixed_precision(requested: str | None) -> str:
-    """fp16/bf16 need a CUDA GPU here; elsewhere train in float32 (the caller warns once)."""
+    """fp16 needs a CUDA GPU; bf16 runs on the CPU too; elsewhere train in float32 (the caller warns once)."""
     requested = requested or "no"
-    return requested if requested == "no" or torch.cuda.is_available() else "no"
+    return requested if requested in ("no", "bf16") or torch.cuda.is_available() else "no"
 
 
 def _enable_xformers(unet: UNet3DConditionModel) -> None:
@@ -305,43 +351,39 @@ def _optimizer(cfg: TrainConfig, parameters: list[torch.nn.Parameter], learning_
 
 
 @torch.no_grad()
-def _validate(
-    cfg, accelerator, unet, vae, text_encoder, tokenizer, posterior, num_frames: int, step: int, size: tuple[int, int],
-    fps: float,
-) -> None:
-    """Invert the clip with the current UNet, then sample every validation prompt from that latent.
+def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: TrainConfig, step: int,
+             fps: float) -> None:
+    """Invert the tuned window (`clean_latents`, the VAE posterior mean) with the current UNet, save that latent,
+    then sample every validation prompt from it.
 
-    Samples are `size` (width, height): the tuned frames' size, which keeps the source's aspect ratio, rather than
+    Samples have the tuned frames' size, which keeps the source's aspect ratio, rather than
     `validation_data.width/height` (an inverted latent of another size could not be sampled anyway).
     """
     validation = cfg.validation_data
-    model = accelerator.unwrap_model(unet)
-    model.eval()
-    scheduler = DDIMScheduler.from_pretrained(cfg.pretrained_model_path, subfolder="scheduler")
-    pipeline = TuneAVideoPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=model, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    samples_dir = Path(cfg.output_dir) / "samples"
-    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed if cfg.seed is not None else 0)
-    with accelerator.autocast():
-        latents = None
-        if validation.use_inv_latent:
-            # the posterior mean, not a random sample: the inversion is then a function of the clip alone
-            clean = unfold_frames(posterior.mean, num_frames).float() * vae.config.scaling_factor
-            clean = clean.to(accelerator.device)
-            latents = ddim_inversion(pipeline, scheduler, clean, validation.num_inv_steps)[-1]
-            with atomic_path(Path(cfg.output_dir) / "inv_latents" / f"ddim_latent-{step}.pt") as path:
-                torch.save(latents.cpu(), path)
-        videos = []
-        settings = {k: v for k, v in dataclasses.asdict(validation).items() if k not in ("prompts", "use_inv_latent", "num_inv_steps")}
-        settings.update(width=size[0], height=size[1])
-        for prompt in tqdm(validation.prompts, desc=f"Validation at step {step}", leave=False):
-            video = pipeline(prompt, generator=generator, latents=latents, **settings).videos
-            for suffix in (".gif", ".mp4"):
-                save_videos_grid(video, str(samples_dir / f"sample-{step}" / f"{prompt_file_name(prompt)}{suffix}"), fps=fps)
-            videos.append(video)
-        if videos:
-            save_videos_grid(torch.cat(videos), str(samples_dir / f"sample-{step}.gif"), fps=fps)
-    model.train()
+    output_dir = Path(cfg.output_dir)
+    unet = pipeline.unet
+    was_training = unet.training
+    unet.eval()
+    latents = None
+    if validation.use_inv_latent:
+        latents = ddim_inversion(pipeline, pipeline.scheduler, clean_latents, validation.num_inv_steps)[-1]
+        with atomic_path(output_dir / "inv_latents" / f"ddim_latent-{step}.pt") as path:
+            torch.save(latents.cpu(), path)
+    generator = torch.Generator(device=pipeline.device).manual_seed(cfg.seed if cfg.seed is not None else 0)
+    videos = []
+    for name, prompt in tqdm(validation_prompts(validation), desc=f"Validation at step {step}", leave=False):
+        video = pipeline(
+            prompt, video_length=validation.video_length, height=clean_latents.shape[3] * pipeline.vae_scale_factor,
+            width=clean_latents.shape[4] * pipeline.vae_scale_factor, num_inference_steps=validation.num_inference_steps,
+            guidance_scale=validation.guidance_scale, negative_prompt=validation.negative_prompt, generator=generator,
+            latents=latents,
+        ).videos
+        folder = output_dir / "samples" / f"sample-{step}" / (prompt_file_name(name) if name else "")
+        for suffix in (".gif", ".mp4"):
+            save_videos_grid(video, str(folder / f"{prompt_file_name(prompt)}{suffix}"), fps=fps)
+        videos.append(video)
+    save_videos_grid(torch.cat(videos), str(output_dir / "samples" / f"sample-{step}.gif"), fps=fps)
+    unet.train(was_training)
 
 
 def _write_run_config(cfg: TrainConfig, output_dir: Path) -> None:
@@ -368,7 +410,8 @@ def _save_final(cfg: TrainConfig, unet: UNet3DConditionModel, output_dir: Path) 
     """The tuned tensors, then the tuned pipeline (float32 VAE and text encoder from the base, a DDIM scheduler).
 
     The saved UNet is the base model plus the tuned-parameters file, so it is float32 even when the frozen weights
-    were held in half precision during training, and equals what `apply_tuned_parameters` rebuilds.
+    were held in half precision during training, and equals what `apply_tuned_parameters` rebuilds. The pipeline is
+    written to a temporary folder and moved in, `model_index.json` last: a full disk leaves no half-written model.
     """
     base = cfg.pretrained_model_path
     tuned_file = save_tuned_parameters(unet, output_dir / TUNED_PARAMETERS, cfg.trainable_modules)
@@ -376,5 +419,22 @@ def _save_final(cfg: TrainConfig, unet: UNet3DConditionModel, output_dir: Path) 
     pipeline = TuneAVideoPipeline.from_pretrained(
         base, unet=unet, scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler")
     )
-    pipeline.save_pretrained(output_dir)
+    staging = output_dir / f".pipeline-{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        pipeline.save_pretrained(staging)
+    except Exception as err:
+        full = disk_full(err, staging)  # asked before the partial files are removed
+        shutil.rmtree(staging, ignore_errors=True)
+        if not full:
+            raise
+        raise DiskFullError(f"no space left on the disk of {output_dir} while saving the tuned model; the tuned "
+                            f"tensors are safe in {tuned_file}: free space, then resume with "
+                            "resume_from_checkpoint=latest to save the model") from err
+    entries = sorted(staging.iterdir(), key=lambda entry: entry.name == "model_index.json")
+    for entry in entries:
+        target = output_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
     logger.info(f"saved the tuned model to {output_dir}")

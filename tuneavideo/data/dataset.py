@@ -1,35 +1,20 @@
-"""The single training clip: decode once, sample frames, resize, scale to [-1, 1].
+"""Which frames of a clip are tuned and edited, and at what size (decoding itself is in `readers.py`).
 
-Three interchangeable readers (decord, PyAV, imageio-ffmpeg) decode at the clip's native size; resizing is done here
-in torch so every reader yields the same frames. Reading itself is in `readers.py`. The original used decord only, resized inside the decoder, re-decoded
-the clip on every step and silently returned fewer frames when the clip was too short; all three are fixed here.
+The original sampled `range(sample_start_idx, num_frames, sample_frame_rate)[:n_sample_frames]` and silently
+returned fewer frames from a short clip; here a short clip is an error that says which settings fit. It squashed
+every clip to width x height; here a clip keeps its aspect ratio (`clip_size`).
 """
 
+from __future__ import annotations
+
 import math
-import os
+from collections.abc import Callable, Iterator
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from ..errors import UserError
-from .readers import (
-    VIDEO_BACKENDS,
-    FramesMissingError,
-    VideoInfo,
-    VideoReadError,
-    backend_available,
-    frames_text,
-    read_video_frames,
-    select_backend,
-    video_info,
-)
+from .readers import Clip, FramesMissingError, frames_text
 
-__all__ = [
-    "VIDEO_BACKENDS", "ClipTooShortError", "backend_available", "TuneAVideoDataset", "VideoInfo", "VideoReadError", "fit_size",
-    "read_video_frames", "resize_frames", "sample_frame_indices", "select_backend", "video_info",
-]
 
 class ClipTooShortError(UserError):
     """The clip has fewer frames than the sampling settings ask for; the message says which settings would fit."""
@@ -69,13 +54,31 @@ def sample_frame_indices(
     )
 
 
+def tuned_window(num_frames: int, n_sample_frames: int, sample_start_idx: int, sample_frame_rate: int,
+                 path: str = "clip") -> range:
+    """The original's one window of tuned frames, as a range of source frame indices (checked to fit)."""
+    sample_frame_indices(num_frames, n_sample_frames, sample_start_idx, sample_frame_rate, path)
+    return range(sample_start_idx, sample_start_idx + n_sample_frames * sample_frame_rate, sample_frame_rate)
+
+
+def window_starts(num_frames: int, n_sample_frames: int, sample_start_idx: int, sample_frame_rate: int,
+                  sample_end_idx: int | None, path: str = "clip") -> range:
+    """Every start of a window of `n_sample_frames` frames at `sample_frame_rate` that fits in
+    `[sample_start_idx, sample_end_idx)` (the clip's end if None): the random windows of `window: random`."""
+    end = num_frames if sample_end_idx is None else min(sample_end_idx, num_frames)
+    # the window at sample_start_idx must fit; the message says what would (and when it is sample_end_idx, not the
+    # clip, that is too short, says so)
+    where = path if end == num_frames else f"{path} up to sample_end_idx={sample_end_idx}"
+    sample_frame_indices(end, n_sample_frames, sample_start_idx, sample_frame_rate, where)
+    return range(sample_start_idx, end - (n_sample_frames - 1) * sample_frame_rate)
+
+
 def fit_size(source_width: int, source_height: int, long_side: int = 512, multiple: int = 64) -> tuple[int, int]:
     """The ``(width, height)`` to tune and edit a ``source_width`` x ``source_height`` clip at, keeping its aspect.
 
-    Both sides are multiples of ``multiple`` (64: the VAE's 8x and the UNet's three 2x downsamplings must divide
-    them). The long side is ``long_side`` rounded down to a multiple (at least one multiple), the short side the
-    nearest multiple to the source's ratio (at least one multiple). A square source gives ``(L, L)``, as before;
-    16:9 at 512 gives ``(512, 320)``.
+    Both sides are multiples of ``multiple`` (64: the VAE's 8x and the UNet's three 2x downsamplings then give whole
+    latents at every level). The long side is ``long_side`` rounded down to a multiple (at least one multiple), the
+    short side the nearest multiple to the source's ratio (at least one multiple). 16:9 at 512 gives ``(512, 320)``.
     """
     if min(source_width, source_height, long_side, multiple) <= 0:
         raise ValueError(f"sizes must be positive, got source {source_width}x{source_height}, long side {long_side}, "
@@ -86,85 +89,32 @@ def fit_size(source_width: int, source_height: int, long_side: int = 512, multip
     return (long, short) if source_width >= source_height else (short, long)
 
 
-def resize_frames(frames: np.ndarray, width: int, height: int) -> torch.Tensor:
-    """Resize ``(frames, H, W, 3)`` uint8 to exactly ``width`` x ``height`` (aspect ratio not kept, as in the original).
+def clip_size(source_width: int, source_height: int, width: int, height: int) -> tuple[int, int]:
+    """The size a clip is tuned and edited at, given the configured `width` x `height` (multiples of 8).
 
-    Returns:
-        uint8 tensor ``(frames, 3, height, width)``.
+    A clip of the configured aspect ratio is resized to exactly that size, as the original did (a square clip at
+    480x480 stays 480x480: the UNet takes any multiple of 8). Any other clip keeps its own aspect ratio rather than
+    being squashed: `fit_size` with the long side `max(width, height)`.
     """
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    if video.shape[-2:] == (height, width):
-        return video.contiguous()
-    # Antialiased bilinear avoids the aliasing of plain bilinear when downscaling (e.g. 718 -> 512 source clips).
-    resized = F.interpolate(video.float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    # Back to uint8 so the values match what a decoder-side resize gave the original (x / 127.5 - 1 of integers).
-    return resized.round_().clamp_(0, 255).to(torch.uint8)
+    if source_width * height == source_height * width:
+        return width, height
+    return fit_size(source_width, source_height, max(width, height))
 
 
-class TuneAVideoDataset(Dataset):
-    """One video and its prompt, as a dataset of length 1.
+def decode_frames(clip: Clip, frames: range, size: tuple[int, int],
+                  check: Callable[[int], object]) -> Iterator[np.ndarray]:
+    """Frames `frames` of `clip` at `size`, streamed.
 
-    The clip is decoded, sampled and resized once in ``__init__`` (so a too-short clip fails before training starts)
-    and kept as uint8; ``__getitem__`` only converts it.
-
-    With ``keep_aspect`` (what training and editing use) the frames are resized to
-    ``fit_size(source width, source height, max(width, height))``, so a non-square clip is not squashed; without it
-    to exactly ``width`` x ``height``, as the original did. ``self.width`` and ``self.height`` hold the size used.
-
-    Items are ``{"pixel_values": float32 (frames, 3, height, width) in [-1, 1], "prompt_ids": prompt_ids}``;
-    ``prompt_ids`` is left out while it is None (it can be assigned after construction, as the original did).
+    A file can list more frames than decode (truncated or damaged); then `check(decodable_count)` raises the
+    ClipTooShortError that says which settings fit the frames that do decode, and this adds why.
     """
-
-    def __init__(
-        self,
-        video_path: str | os.PathLike,
-        prompt: str,
-        width: int,
-        height: int,
-        n_sample_frames: int,
-        sample_start_idx: int,
-        sample_frame_rate: int,
-        prompt_ids: torch.Tensor | None = None,
-        *,
-        backend: str | None = None,
-        keep_aspect: bool = False,
-    ) -> None:
-        self.video_path = os.fspath(video_path)
-        self.prompt = prompt
-        self.prompt_ids = prompt_ids
-        self.backend = select_backend(backend)
-        info = video_info(self.video_path, self.backend)
-        self.source_fps = info.fps  # sampled clip plays at source_fps / sample_frame_rate
-        self.frame_indices = sample_frame_indices(
-            info.num_frames, n_sample_frames, sample_start_idx, sample_frame_rate, self.video_path
-        )
-        if keep_aspect:
-            width, height = fit_size(info.width, info.height, max(width, height))
-        self.width, self.height = width, height
+    try:
+        yield from clip.frames(size, frames.start, frames.stop, frames.step)
+    except FramesMissingError as err:
+        note = (f" (only {err.num_frames} of the {clip.info.num_frames} frames it lists decode: the file is "
+                "truncated or damaged)")
         try:
-            frames = read_video_frames(self.video_path, self.frame_indices, self.backend)
-        except FramesMissingError as err:
-            if err.num_frames >= info.num_frames:
-                raise
-            # The file lists more frames than decode (truncated or damaged): say what fits the frames that do.
-            note = (f" (only {err.num_frames} of the {info.num_frames} frames it lists decode: the file is truncated "
-                    "or damaged)")
-            try:
-                sample_frame_indices(err.num_frames, n_sample_frames, sample_start_idx, sample_frame_rate,
-                                     self.video_path)
-            except ClipTooShortError as short:
-                raise ClipTooShortError(f"{short}{note}") from err
-            raise  # not reached: a frame index was past the decodable ones, so the sampling above cannot fit
-        self.frames = resize_frames(frames, width, height)
-
-    def __len__(self) -> int:
-        return 1
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if index != 0:
-            raise IndexError(f"TuneAVideoDataset has one item, got index {index}")
-        item = {"pixel_values": self.frames.float() / 127.5 - 1.0}
-        if self.prompt_ids is not None:
-            item["prompt_ids"] = self.prompt_ids
-        return item
-
+            check(err.num_frames)
+        except ClipTooShortError as short:
+            raise ClipTooShortError(f"{short}{note}") from err
+        raise

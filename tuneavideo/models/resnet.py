@@ -9,16 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def fold_frames(hidden_states: torch.Tensor) -> torch.Tensor:
-    """`(batch, channels, frames, h, w)` -> `(batch*frames, channels, h, w)`, frames inner."""
-    batch, channels, frames, height, width = hidden_states.shape
-    return hidden_states.transpose(1, 2).reshape(batch * frames, channels, height, width)
-
-
-def unfold_frames(hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """`(batch*frames, channels, h, w)` -> `(batch, channels, frames, h, w)`."""
-    return hidden_states.unflatten(0, (-1, num_frames)).transpose(1, 2)
+from ..layout import fold_frames, unfold_frames
 
 
 class InflatedConv3d(nn.Conv2d):

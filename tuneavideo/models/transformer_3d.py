@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .attention import SparseCausalAttention
-from .resnet import fold_frames, unfold_frames
+from ..layout import fold_frames, unfold_frames
 
 
 class BasicTransformerBlock(nn.Module):

@@ -17,14 +17,11 @@ from diffusers.models.attention import AttentionMixin
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..errors import UserError
 from .resnet import InflatedConv3d
-from .unet_blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, get_block
-
-logger = logging.get_logger(__name__)
+from .unet_blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, Transformers, get_block
 
 TEMPORAL_KEY = "_temp."  # every parameter that inflation adds: `attn_temp.*` and `norm_temp.*`
 
@@ -102,14 +99,11 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
         time_embed_dim = block_out_channels[0] * 4
         self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim)
 
-        common = dict(
-            temb_channels=time_embed_dim,
-            resnet_eps=norm_eps,
-            resnet_groups=norm_num_groups,
-            cross_attention_dim=cross_attention_dim,
-            use_linear_projection=use_linear_projection,
-            upcast_attention=upcast_attention,
-        )
+        common = dict(temb_channels=time_embed_dim, resnet_eps=norm_eps, resnet_groups=norm_num_groups)
+
+        def transformers(num_heads: int) -> Transformers:
+            return Transformers(num_heads, cross_attention_dim, norm_num_groups, use_linear_projection, upcast_attention)
+
         self.down_blocks = nn.ModuleList()
         output_channel = block_out_channels[0]
         for i, name in enumerate(down_block_types):
@@ -123,7 +117,7 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
                     num_layers=layers_per_block,
                     add_downsample=i < len(block_out_channels) - 1,
                     downsample_padding=downsample_padding,
-                    num_attention_heads=heads[i],
+                    transformers=transformers(heads[i]),
                     **common,
                 )
             )
@@ -133,7 +127,7 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
             mid_block_type,
             in_channels=block_out_channels[-1],
             output_scale_factor=mid_block_scale_factor,
-            num_attention_heads=heads[-1],
+            transformers=transformers(heads[-1]),
             **common,
         )
 
@@ -152,7 +146,7 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
                     out_channels=output_channel,
                     num_layers=layers_per_block + 1,
                     add_upsample=i < len(block_out_channels) - 1,
-                    num_attention_heads=reversed_heads[i],
+                    transformers=transformers(reversed_heads[i]),
                     **common,
                 )
             )
@@ -224,7 +218,7 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         bad_missing = [key for key in missing if TEMPORAL_KEY not in key]
         if unexpected or bad_missing:
-            raise UserError(
+            raise ValueError(
                 f"{pretrained_model_path}: not a 4-level Stable Diffusion UNet (unexpected keys {unexpected[:3]}, "
                 f"missing keys {bad_missing[:3]})"
             )

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput, deprecate, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..models.resnet import fold_frames, unfold_frames
+from ..layout import fold_frames, frames_to_video, unfold_frames
 from ..models.unet import UNet3DConditionModel
+from ..windows import blend, plan_windows
 
 logger = logging.get_logger(__name__)
 
@@ -53,6 +56,17 @@ class TuneAVideoPipeline(DiffusionPipeline):
         scheduler: KarrasDiffusionSchedulers,
     ):
         super().__init__()
+        # As the original (and diffusers' SD pipelines) did: a scheduler config from before `steps_offset` and
+        # `clip_sample` were set gives DDIM another timestep grid or x0 clipping, i.e. other samples than the model
+        # was made for; such a config is corrected with a warning.
+        for key, default, wanted in (("steps_offset", 1, 1), ("clip_sample", False, False)):
+            found = getattr(scheduler.config, key, default)
+            if found != wanted:
+                deprecate(f"{key}={found}", "1.0.0", f"The configuration file of this scheduler: {scheduler} sets (or "
+                          f"defaults) `{key}` to {found}; it should be {wanted}, which is used instead. Please "
+                          "update the config accordingly, as leaving it might lead to incorrect results.",
+                          standard_warn=False)
+                scheduler.register_to_config(**{key: wanted})
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
 
@@ -100,6 +114,21 @@ class TuneAVideoPipeline(DiffusionPipeline):
             attention_mask = inputs.attention_mask.to(device)
         return self.text_encoder(inputs.input_ids.to(device), attention_mask=attention_mask)[0]
 
+    @torch.no_grad()
+    def encode_video(self, frames: Iterable[np.ndarray], chunk_size: int = 8) -> DiagonalGaussianDistribution:
+        """uint8 frames `(H, W, 3)` of one clip, any number, streamed -> the VAE posterior of its latent, already
+        multiplied by the VAE's scaling factor: `.mean` (or `.sample()`) is what the UNet takes, `(1, 4, frames, h,
+        w)`, float32. The mirror of `decode_latents`; `chunk_size` frames are in memory at once."""
+        scale = self.vae.config.scaling_factor
+        chunks = []
+        for chunk in _batched(frames, chunk_size):
+            video = frames_to_video(np.stack(chunk)).to(self.vae.device, self.vae.dtype)
+            moments = self.vae.encode(fold_frames(video)).latent_dist.parameters
+            mean, logvar = unfold_frames(moments, len(chunk)).float().chunk(2, dim=1)
+            chunks.append(torch.cat([mean * scale, logvar + 2 * math.log(scale)], dim=1))
+        return DiagonalGaussianDistribution(torch.cat(chunks, dim=2))
+
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """Latent clips `(batch, 4, frames, h, w)` -> float32 numpy videos `(batch, 3, frames, H, W)` in [0, 1]."""
         num_frames = latents.shape[2]
@@ -152,14 +181,17 @@ class TuneAVideoPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         callback_steps: int | None = 1,
-        **kwargs,
+        window_size: int | None = None,
+        window_overlap: int | None = None,
     ) -> TuneAVideoPipelineOutput | torch.Tensor | np.ndarray:
         """Generate `num_videos_per_prompt` clips per prompt.
 
         `video_length`, `height` and `width` default to the shape of `latents` when given, else to the UNet's
-        sample size. Extra keyword arguments (the training config's `use_inv_latent`, `num_inv_steps`, ...) are
-        ignored, as the original did. Returns `.videos` `(batch, 3, frames, height, width)` in [0, 1]: a torch
-        tensor for `output_type="tensor"` (or "pt"), else numpy.
+        sample size. A clip longer than `window_size` frames (the tuned `n_sample_frames`) is denoised in
+        overlapping windows of that size (`tuneavideo.windows`; `window_overlap` defaults to a quarter window);
+        invert it with the same windows. Returns `.videos` `(batch, 3, frames, height, width)` in [0, 1]: a torch
+        tensor for `output_type="tensor"` (or "pt"), numpy for "np"; for "latent", the final latents
+        `(batch, 4, frames, h, w)` undecoded (decode them with `decode_latents`, e.g. a few frames at a time).
         """
         if latents is not None:
             video_length = video_length or latents.shape[2]
@@ -170,6 +202,9 @@ class TuneAVideoPipeline(DiffusionPipeline):
         if video_length is None:
             raise ValueError("`video_length` is required when no `latents` are given")
         self.check_inputs(prompt, height, width, callback_steps)
+        if output_type not in ("tensor", "pt", "np", "latent"):
+            raise ValueError(f"`output_type` must be 'tensor', 'pt', 'np' or 'latent', got {output_type!r}")
+        windows = plan_windows(video_length, window_size, window_overlap)
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
         device = self._execution_device
         do_classifier_free_guidance = guidance_scale > 1.0
@@ -191,25 +226,34 @@ class TuneAVideoPipeline(DiffusionPipeline):
         latents = self.prepare_latents(shape, text_embeddings.dtype, device, generator, latents)
         step_kwargs = self._step_kwargs(generator, eta)
 
-        # 3. denoising loop with classifier-free guidance
+        # 3. denoising loop with classifier-free guidance, window by window
         timesteps = self.scheduler.timesteps
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=len(timesteps) * len(windows)) as progress_bar:
             for i, t in enumerate(timesteps):
-                model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=text_embeddings).sample.to(latents.dtype)
-                if do_classifier_free_guidance:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+
+                def predict(frames: list[int]) -> torch.Tensor:
+                    window = latents[:, :, frames]
+                    model_input = torch.cat([window] * 2) if do_classifier_free_guidance else window
+                    model_input = self.scheduler.scale_model_input(model_input, t)
+                    noise_pred = self.unet(model_input, t, encoder_hidden_states=text_embeddings).sample
+                    progress_bar.update()
+                    if do_classifier_free_guidance:
+                        noise_uncond, noise_text = noise_pred.to(latents.dtype).chunk(2)
+                        return noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                    return noise_pred.to(latents.dtype)
+
+                noise_pred = blend(predict, latents, windows)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
-                progress_bar.update()
                 if callback is not None and i % callback_steps == 0:
                     callback(i, t, latents)
 
         # 4. decode
-        video = self.decode_latents(latents)
-        if output_type in ("tensor", "pt"):
-            video = torch.from_numpy(video)
+        if output_type == "latent":
+            video = latents
+        else:
+            video = self.decode_latents(latents)
+            if output_type in ("tensor", "pt"):
+                video = torch.from_numpy(video)
         self.maybe_free_model_hooks()
         if not return_dict:
             return video
@@ -224,3 +268,15 @@ class TuneAVideoPipeline(DiffusionPipeline):
         if "generator" in parameters:
             kwargs["generator"] = generator
         return kwargs
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` consecutive items (the last may be shorter)."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,76 @@
+"""Helpers shared by the tests: paths, an ffmpeg runner, clips whose pixels say which frame they are, an MP4 probe.
+
+Import as ``from tests.helpers import ...`` (pytest puts the repository root on ``sys.path``: ``pythonpath`` in
+pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import imageio_ffmpeg
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CLIP = ROOT / "data" / "sample.mp4"
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()  # no system ffmpeg is needed: imageio-ffmpeg ships one
+INDEX_STEP = 8  # grey-level step per frame index in `index_frames`
+
+
+def ffmpeg(*args: object, input: bytes | None = None) -> None:
+    """Run the ffmpeg binary with `args` (made strings), overwriting outputs; a failure raises with ffmpeg's errors."""
+    command = [FFMPEG, "-y", "-v", "error", "-nostdin", *map(str, args)]
+    result = subprocess.run(command, input=input, capture_output=True)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.decode(errors='replace')[-2000:]}")
+
+
+def index_frames(num_frames: int = 30, width: int = 64, height: int = 48) -> np.ndarray:
+    """`(num_frames, height, width, 3)` uint8 frames whose pixels give their index: frame i has its left half at grey
+    level ``8 * i`` and its right half at ``255 - 8 * i`` (so a swap of left and right, or of frames, shows)."""
+    if num_frames * INDEX_STEP > 255:
+        raise ValueError(f"at most {255 // INDEX_STEP + 1} frames have distinct grey levels, asked for {num_frames}")
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for i in range(num_frames):
+        frames[i, :, : width // 2] = INDEX_STEP * i
+        frames[i, :, width // 2 :] = 255 - INDEX_STEP * i
+    return frames
+
+
+def frame_indices(frames: np.ndarray) -> list[int]:
+    """The index of each `index_frames` frame in `(f, H, W, 3)` uint8 `frames`, from the middle of its left half."""
+    height, width = frames.shape[1:3]
+    middle = frames[:, height // 4 : 3 * height // 4, width // 8 : 3 * width // 8]
+    return [round(float(f.mean()) / INDEX_STEP) for f in middle]
+
+
+def write_frames_mp4(path: Path, frames: np.ndarray, fps: float | Fraction = 12, *extra: object) -> Path:
+    """Encode uint8 RGB `frames` as H.264 yuv420p, crf 0 (lossless in YUV), with the ffmpeg binary itself,
+    independent of the package's writers; `extra` output options go before the path."""
+    height, width = frames.shape[1:3]
+    ffmpeg("-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", str(fps), "-i", "pipe:0",
+           "-c:v", "libx264", "-crf", "0", "-pix_fmt", "yuv420p", *extra, path, input=frames.tobytes())
+    return path
+
+
+def write_index_clip(path: Path, num_frames: int = 30, fps: int = 12, width: int = 64, height: int = 48) -> Path:
+    """An H.264 MP4 of `index_frames` (flat grey levels come back within YUV rounding)."""
+    return write_frames_mp4(path, index_frames(num_frames, width, height), fps)
+
+
+def probe(path: Path) -> dict:
+    """Frame count (decoded), fps, size, codec, pixel format of a video file, and its audio length in seconds from
+    the decoded samples (None without audio)."""
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        info = dict(frames=sum(1 for _ in container.decode(video)), fps=Fraction(video.average_rate),
+                    size=(video.codec_context.width, video.codec_context.height), codec=video.codec_context.name,
+                    pix_fmt=video.codec_context.pix_fmt, audio_seconds=None)
+    with av.open(str(path)) as container:
+        if container.streams.audio:
+            audio = container.streams.audio[0]
+            info["audio_seconds"] = sum(frame.samples for frame in container.decode(audio)) / audio.rate
+    return info
