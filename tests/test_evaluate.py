@@ -327,3 +327,38 @@ def test_bad_input_ends_in_one_line(tmp_path, models, clips):
         with pytest.raises(UserError):
             run_cli(main, "evaluate", [*args, "--debug"])
 
+
+# --- download_models.sh --eval (no network here: a stand-in `hf` records the calls and writes what they name) ---
+
+FAKE_HF = """#!/usr/bin/env bash
+# hf download REPO --local-dir DIR [--include PATTERN]...
+echo "$*" >> "$CALLS"
+dir="$4"; mkdir -p "$dir"; shift 4
+while [ $# -gt 0 ]; do
+  case "$2" in
+    "*.json") for name in config.json preprocessor_config.json tokenizer.json; do echo '{}' > "$dir/$name"; done ;;
+    "*.txt") echo x > "$dir/merges.txt" ;;
+    *) echo weights > "$dir/$2" ;;
+  esac
+  shift 2
+done
+"""
+
+
+def test_download_script_eval_fetches_the_three_models_without_the_laion_weights(tmp_path):
+    script = ROOT / "download_models.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(line.startswith("#") for line in usage.splitlines()) and "--eval" in usage
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "hf").write_text(FAKE_HF)
+    (tmp_path / "bin" / "hf").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
+    run = subprocess.run(["bash", str(script), "--eval"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [call.split()[1] for call in calls] == [  # no Stable Diffusion when only --eval is asked for
+        "openai/clip-vit-large-patch14", "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]
+    assert calls[-1].split()[4:] == ["--include", "*.json", "--include", "*.txt"]  # processor files only
+    for name in ("clip-vit-large-patch14", "PickScore_v1", "CLIP-ViT-H-14-laion2B-s32B-b79K"):
+        assert (tmp_path / "checkpoints" / name / "preprocessor_config.json").is_file()
