@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
 # Download Stable Diffusion weights into ./checkpoints/ (and, with --clips, the original project's sample clips
-# into ./data/). Re-running resumes: files already complete are skipped.
+# into ./data/; with --eval, the models that score edits). Re-running resumes: files already complete are skipped.
 #
 #   ./download_models.sh                 # CompVis/stable-diffusion-v1-4 -> ./checkpoints/stable-diffusion-v1-4
 #   ./download_models.sh v1-5            # stable-diffusion-v1-5/stable-diffusion-v1-5
 #   ./download_models.sh v2-1            # stabilityai/stable-diffusion-2-1 (768px, v-prediction)
 #   ./download_models.sh <hub id>        # any diffusers SD 1.x/2.x repository, e.g. nitrosocke/mo-di-diffusion
 #   ./download_models.sh --clips         # also fetch car-turn, man-skiing, man-surfing, rabbit-watermelon into ./data
+#   ./download_models.sh --eval          # only the models of `python -m tuneavideo.evaluate` (several GB):
+#                                        # openai/clip-vit-large-patch14, yuvalkirstain/PickScore_v1 and the processor
+#                                        # files (no weights) of laion/CLIP-ViT-H-14-laion2B-s32B-b79K; name a model
+#                                        # too (./download_models.sh v1-4 --eval) to fetch Stable Diffusion as well
 #
 # Needs the `hf` command of huggingface_hub (installed by requirements.txt). Gated repositories need `hf auth login`.
 set -euo pipefail
 
-model="v1-4"
+model=""
 clips=0
+eval_models=0
 for arg in "$@"; do
   case "$arg" in
     --clips) clips=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --eval) eval_models=1 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) model="$arg" ;;
   esac
 done
+# Stable Diffusion unless only the evaluation models were asked for
+if [ -z "$model" ] && [ "$eval_models" -eq 0 ]; then model="v1-4"; fi
 
 case "$model" in
+  "") repo="" ;;
   v1-4) repo="CompVis/stable-diffusion-v1-4" ;;
   v1-5) repo="stable-diffusion-v1-5/stable-diffusion-v1-5" ;;
   v2-1) repo="stabilityai/stable-diffusion-2-1" ;;
@@ -34,27 +43,64 @@ if ! command -v hf >/dev/null 2>&1; then
   exit 2
 fi
 
-target="./checkpoints/$(basename "$repo")"
-echo "downloading $repo into $target (resumable; re-run if it stops)"
-# diffusers folders only: no full-precision .ckpt duplicates, no EMA or flax weights
-include=()
-for pattern in "model_index.json" "*/*.json" "*/*.txt" "unet/diffusion_pytorch_model.safetensors" \
-  "vae/diffusion_pytorch_model.safetensors" "text_encoder/model.safetensors"; do
-  include+=(--include "$pattern")
-done
-hf download "$repo" --local-dir "$target" "${include[@]}"
+# require_files FOLDER FILE...: each FILE (or one of its '|'-separated alternatives) is in FOLDER and not empty
+require_files() {
+  local target="$1" missing=0 file alternative found
+  shift
+  for file in "$@"; do
+    found=0
+    IFS='|' read -ra alternatives <<< "$file"
+    for alternative in "${alternatives[@]}"; do
+      if [ -s "$target/$alternative" ]; then found=1; fi
+    done
+    if [ "$found" -eq 0 ]; then
+      echo "error: $target/${file//|/ or } is missing or empty after the download; run the script again" >&2
+      missing=1
+    fi
+  done
+  [ "$missing" -eq 0 ] || exit 1
+  echo "ok: $target is complete"
+}
 
-missing=0
-for file in model_index.json unet/config.json unet/diffusion_pytorch_model.safetensors vae/config.json \
-  vae/diffusion_pytorch_model.safetensors text_encoder/config.json text_encoder/model.safetensors \
-  tokenizer/vocab.json tokenizer/merges.txt scheduler/scheduler_config.json; do
-  if [ ! -s "$target/$file" ]; then
-    echo "error: $target/$file is missing or empty after the download; run the script again" >&2
-    missing=1
-  fi
-done
-[ "$missing" -eq 0 ] || exit 1
-echo "ok: $target is complete"
+if [ -n "$repo" ]; then
+  target="./checkpoints/$(basename "$repo")"
+  echo "downloading $repo into $target (resumable; re-run if it stops)"
+  # diffusers folders only: no full-precision .ckpt duplicates, no EMA or flax weights
+  include=()
+  for pattern in "model_index.json" "*/*.json" "*/*.txt" "unet/diffusion_pytorch_model.safetensors" \
+    "vae/diffusion_pytorch_model.safetensors" "text_encoder/model.safetensors"; do
+    include+=(--include "$pattern")
+  done
+  hf download "$repo" --local-dir "$target" "${include[@]}"
+  require_files "$target" model_index.json unet/config.json unet/diffusion_pytorch_model.safetensors vae/config.json \
+    vae/diffusion_pytorch_model.safetensors text_encoder/config.json text_encoder/model.safetensors \
+    tokenizer/vocab.json tokenizer/merges.txt scheduler/scheduler_config.json
+fi
+
+if [ "$eval_models" -eq 1 ]; then
+  # the two scoring models: configs, processor and tokenizer files, and safetensors weights (not the .bin, TF or
+  # flax copies); a repository without safetensors gets its pytorch_model.bin instead
+  for eval_repo in openai/clip-vit-large-patch14 yuvalkirstain/PickScore_v1; do
+    target="./checkpoints/$(basename "$eval_repo")"
+    echo "downloading $eval_repo into $target (resumable; re-run if it stops)"
+    hf download "$eval_repo" --local-dir "$target" --include "*.json" --include "*.txt" --include "model.safetensors"
+    if [ ! -s "$target/model.safetensors" ]; then
+      hf download "$eval_repo" --local-dir "$target" --include "pytorch_model.bin"
+    fi
+    processor=()  # the CLIP is scored with its own processor, PickScore with the one below
+    if [ "$eval_repo" = openai/clip-vit-large-patch14 ]; then
+      processor=(preprocessor_config.json "tokenizer.json|vocab.json")
+    fi
+    require_files "$target" config.json "model.safetensors|pytorch_model.bin" "${processor[@]}"
+  done
+  # PickScore's processor (image preprocessing and tokenizer) is its base model's: small files only, not the 4 GB
+  # of ViT-H-14 weights
+  eval_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+  target="./checkpoints/$(basename "$eval_repo")"
+  echo "downloading the processor files of $eval_repo into $target"
+  hf download "$eval_repo" --local-dir "$target" --include "*.json" --include "*.txt"
+  require_files "$target" preprocessor_config.json "tokenizer.json|vocab.json"
+fi
 
 if [ "$clips" -eq 1 ]; then
   mkdir -p data
