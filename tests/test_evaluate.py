@@ -15,7 +15,8 @@ from PIL import Image, ImageSequence
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
 from tuneavideo.cli import run_cli
-from tuneavideo.data.readers import read_video_frames
+from tests.helpers import ROOT
+from tuneavideo.data.readers import Clip
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import (
     Evaluator,
@@ -28,7 +29,6 @@ from tuneavideo.evaluate import (
 from tuneavideo.tiny import write_tokenizer
 from tuneavideo.video_io import write_gif, write_mp4
 
-ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"video", "prompt", "num_frames", "frame_consistency", "frame_consistency_neighbours", "text_alignment",
         "pickscore"}
 
@@ -159,7 +159,7 @@ def benchmark_images(path: Path) -> list[Image.Image]:
     elif path.suffix == ".gif":
         images = [frame.convert("RGB") for frame in ImageSequence.Iterator(Image.open(path))]
     else:  # decoding is not what is measured: the video is read by the project's reader
-        images = [Image.fromarray(frame) for frame in read_video_frames(path)]
+        images = [Image.fromarray(frame) for frame in Clip(path).frames()]
     return [image.resize((480, 480)) for image in images]
 
 
@@ -302,11 +302,11 @@ def test_bad_input_ends_in_one_line(tmp_path, models, clips):
     options = [f"--{name.replace('_', '-')}={path}" for name, path in models.items()]
     edit = str(clips["mp4"])
     cases = {  # arguments -> words the one line must hold
-        ("missing.mp4", "--prompt", "p", *options): "missing.mp4: no such file",
+        ("missing.mp4", "--prompt", "p", *options): "missing.mp4: no such video file",
         (edit, "--prompt", "p", "--clip-model", str(tmp_path / "nowhere")): "./download_models.sh --eval",
         (str(tmp_path / "text.mp4"), "--prompt", "p", *options): "text.mp4: cannot be read as a video",
         (edit, edit, "--prompt", "a", "--prompt", "b", "--prompt", "c", *options): "2 edits but 3 prompts",
-        (str(tmp_path / "empty"), "--prompt", "p", *options): "empty: folder has no .jpg or .png frames",
+        (str(tmp_path / "empty"), "--prompt", "p", *options): "empty: is a folder with no frame images",
     }
     # The command itself on a failure before and one during model loading, at once (each start imports torch and
     # transformers: seconds on 2 cores) ...

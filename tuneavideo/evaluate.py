@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageSequence
+from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPProcessor
 
 from .cli import run_cli
-from .data.readers import read_video_frames
+from .data.readers import Clip
 from .errors import UserError
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -36,7 +36,6 @@ PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore was trained with this model's processor
 FRAME_SIZE = (480, 480)  # (width, height) every frame is resized to before the processors, as in the benchmark
 MAX_TEXT_TOKENS = 77  # CLIP's context; longer prompts are cut (the benchmark cuts PickScore's and fails on CLIP's)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DOWNLOAD_HINT = "run ./download_models.sh --eval"
 
 Frames = Sequence[np.ndarray]  # uint8 RGB (height, width, 3) frames; a (frames, height, width, 3) array is one
@@ -203,15 +202,9 @@ def _resized(frame: np.ndarray) -> Image.Image:
 
 
 def read_frames(path: str | os.PathLike) -> list[np.ndarray]:
-    """Frames of a video file (MP4 or anything else FFmpeg reads), a GIF, or a folder of JPEG/PNG images sorted by
-    name, as uint8 RGB arrays at their own size; at least 2, as frame consistency needs pairs."""
-    path = Path(path)
-    if path.is_dir():
-        frames = [_read_image(file)[0] for file in _frame_files(path)]
-    elif path.suffix.lower() == ".gif":
-        frames = _read_image(path)
-    else:
-        frames = list(read_video_frames(path))
+    """Frames of a video file (MP4, GIF or anything else FFmpeg reads) or a folder of frame images sorted by name, as
+    uint8 RGB arrays at their own size; at least 2, as frame consistency needs pairs."""
+    frames = list(Clip(path).frames())
     if len(frames) < 2:
         raise UserError(f"{path}: has {len(frames)} frame; frame consistency needs at least 2 frames")
     return frames
@@ -220,33 +213,7 @@ def read_frames(path: str | os.PathLike) -> list[np.ndarray]:
 def check_input(path: str | os.PathLike) -> None:
     """Fail before the models take their time to load on a missing path, an empty folder, or a file whose first
     frame does not decode; reads no more than that (a long list of edits need not fit in memory at once)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder; check the path")
-    if path.is_dir():
-        _frame_files(path)
-    elif path.suffix.lower() == ".gif":
-        _read_image(path)
-    else:
-        read_video_frames(path, [0])
-
-
-def _frame_files(folder: Path) -> list[Path]:
-    files = sorted(file for file in folder.iterdir() if file.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"{folder}: folder has no .jpg or .png frames; give a folder of frame images or a video")
-    return files
-
-
-def _read_image(path: Path) -> list[np.ndarray]:
-    """Every frame of an image file (one for a JPEG or PNG, all of a GIF) as RGB, or a one-line error naming it."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; check the path")
-    try:
-        with Image.open(path) as image:
-            return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
-    except (OSError, SyntaxError) as err:  # Pillow's errors for unknown, truncated or damaged images
-        raise UserError(f"{path}: cannot be read as an image ({err}); export it again") from err
+    Clip(path).read([0])
 
 
 TABLE_COLUMNS = ("frames", "consistency", "neighbours", "text", "pickscore")
