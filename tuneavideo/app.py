@@ -136,6 +136,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
     def submit_tune(video: str | None, clip: str | None, base_model: str | None, prompt: str, steps: float,
                     frames: float, stride: float, start: float, size: float, learning_rate: float, seed: float,
                     sample_prompt: str, sample_steps: float, sample_every: float):
+        """Check everything, write the run folder and queue the job; returns its id and status line at once."""
         try:
             if video:
                 source = Path(video)  # gradio's copy of the upload; its name is the user's, so it is only read
@@ -164,12 +165,14 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         return job.id, status_markdown(runner, job)  # the timer puts it in the list
 
     def stop(job_id: str | None) -> str:
+        """Stop: a waiting job leaves the queue; a running one gets one SIGINT (a tuning job saves a checkpoint)."""
         if not job_id:
             raise user_error("pick a job first")
         done = runner.stop(job_id)
         return f"{status_markdown(runner, runner.get(job_id))} ({done})"
 
     def resume(job_id: str | None):
+        """Queue a stopped or failed tuning job again, from its newest checkpoint (from step 0 if it has none)."""
         job = runner.get(job_id or "")
         if job is None or job.kind != "tune":
             raise user_error("pick a tuning job first")
@@ -177,10 +180,14 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
             raise user_error(f"{job.id} has finished; nothing to resume")
         if job.status not in FINISHED:
             raise user_error(f"{job.id} is {job.status}; stop it first")
-        job = runner.requeue(job.id, tune_command(workspace, job.folder / TUNE_CONFIG, resume=True))
+        try:
+            job = runner.requeue(job.id, tune_command(workspace, job.folder / TUNE_CONFIG, resume=True))
+        except ValueError as err:  # it changed since: another page resumed it first
+            raise user_error(err) from None
         return job.id, status_markdown(runner, job)  # the timer puts it in the list
 
     def run_settings(run_name: str | None):
+        """Fill the Edit settings from the picked run, so that by default its cached inversion is reused."""
         run = workspace.runs().get(run_name or "")
         if run is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.update(visible=False)
@@ -194,6 +201,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
     def submit_edit(run: str | None, prompts: str, steps: float, inv_steps: float, guidance_scale: float,
                     seed: float | None, span: str, span_start: float | None, span_end: float | None,
                     stride: float | None):
+        """Check the run and settings and queue the edit; returns its id and status line at once."""
         try:
             settings = EditSettings(
                 prompts=(prompts or "").splitlines(), steps=whole_number(steps, "steps"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import threading
@@ -114,11 +115,11 @@ def last_cli_line(log: Path) -> str:
 class JobRunner:
     """Runs queued jobs one after another in a worker thread; every method is safe to call from any thread."""
 
-    def __init__(self, root: Path, cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, cwd: Path) -> None:
+        """Jobs are found and kept under `root`; their commands run in `cwd` (the repository)."""
         self.root = root
         self.cwd = cwd
-        self.env = {**os.environ, **(env or {})}
-        self.env["PYTHONUNBUFFERED"] = "1"  # progress reaches the log as it happens
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # progress reaches the log as it happens
         # glibc then returns freed activation buffers to the system (README, Memory and speed)
         self.env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
         self._jobs: dict[str, Job] = {}
@@ -183,6 +184,7 @@ class JobRunner:
             return self._queue.index(job_id) + 1 if job_id in self._queue else None
 
     def waiting(self) -> list[str]:
+        """Ids of the waiting jobs, the next to start first."""
         with self._lock:
             return list(self._queue)
 
@@ -237,7 +239,7 @@ class JobRunner:
         """Start `job`'s process, its output going to its log (called with the lock held); None if it cannot start."""
         job.status, job.started = "running", time.time()
         with open(job.log, "ab") as log:
-            log.write(f"$ {' '.join(job.command)}\n".encode())
+            log.write(f"$ {shlex.join(job.command)}\n".encode())
             log.flush()
             try:
                 process = subprocess.Popen(

@@ -134,7 +134,7 @@ PRESETS: dict[str, dict[str, int | float]] = {
 }
 
 
-def check_clip(path: Path, settings: TuneSettings | None, max_seconds: float, max_bytes: int) -> None:
+def check_clip(path: Path, settings: TuneSettings, max_seconds: float, max_bytes: int) -> None:
     """Refuse a clip that is too large, is not a video, is longer than `max_seconds` or too short for `settings`.
 
     The messages are the readers' one-line errors or name the limit, so the page can show them as they are.
@@ -149,9 +149,8 @@ def check_clip(path: Path, settings: TuneSettings | None, max_seconds: float, ma
     seconds = info.num_frames / info.fps
     if seconds > max_seconds:
         raise UserError(f"the clip is {seconds:.1f} s long; the limit is {max_seconds:g} s (cut it, then upload it)")
-    if settings is not None:
-        sample_frame_indices(info.num_frames, settings.n_sample_frames, settings.sample_start_idx,
-                             settings.sample_frame_rate, "the clip")
+    sample_frame_indices(info.num_frames, settings.n_sample_frames, settings.sample_start_idx,
+                         settings.sample_frame_rate, "the clip")
 
 
 def write_tune_config(folder: Path, base_model: Path, clip: Path, settings: TuneSettings) -> Path:
@@ -253,7 +252,7 @@ def prepare_edit(workspace: Workspace, run_name: str, settings: EditSettings) ->
     if run is None:
         raise UserError(f"there is no finished run named {run_name!r}; pick one from the list")
     cfg = load_run(run)
-    if not Path(cfg.train_data.video_path).is_file():
+    if not (workspace.repo / cfg.train_data.video_path).is_file():  # a relative path is the repo's, as for the CLI
         raise UserError(f"the run {run_name} cannot be edited: its clip {cfg.train_data.video_path} is gone")
     prompts = [prompt.strip() for prompt in settings.prompts if prompt.strip()]
     if not prompts:
