@@ -246,37 +246,39 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
             shown[key] = value
             return True
 
-        def dropdown(key: str, choices: list, current: str | None):
-            """New choices when they changed; the value is only set when the page has none (then the newest), as
+        def dropdown(key: str, choices: list, current: str | None, default: str | None):
+            """New choices when they changed; the value is only set when the page has none (to `default`), as
             `current` may be older than a value another event just set."""
             if not changed(key, choices):
                 return gr.skip()
             if current in [value for _, value in choices]:
                 return gr.update(choices=choices)
-            return gr.update(choices=choices, value=choices[0][1] if choices else None)
+            return gr.update(choices=choices, value=default)
 
-        tune_job, edit_job = runner.get(tune_id or ""), runner.get(edit_id or "")
+        def shown_job(job_id: str | None, kind: str) -> Job | None:
+            """The page's job, or for a page without one the running job of that kind, else the newest."""
+            jobs = runner.jobs(kind)
+            picked = [job for job in jobs if job.id == job_id] or [job for job in jobs if job.status == "running"]
+            return (picked or jobs or [None])[0]
+
+        tune_job, edit_job = shown_job(tune_id, "tune"), shown_job(edit_id, "edit")
         tune_choices, edit_choices = job_choices("tune"), job_choices("edit")
-        if tune_job is None and tune_choices:  # a fresh page: the newest job
-            tune_job = runner.get(tune_choices[0][1])
-        if edit_job is None and edit_choices:
-            edit_job = runner.get(edit_choices[0][1])
         sample = latest_sample(tune_job.folder) if tune_job else None
         tune_status, edit_status = status_markdown(runner, tune_job), status_markdown(runner, edit_job)
         log = log_tail(tune_job)
         edit_key = (edit_job.id, edit_job.status) if edit_job else None
         media = edit_result(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 3
-        queue = queue_markdown()
+        queue, runs = queue_markdown(), run_choices()
         return (
             queue if changed("queue", queue) else gr.skip(),
-            dropdown("tune_choices", tune_choices, tune_id),
+            dropdown("tune_choices", tune_choices, tune_id, tune_job.id if tune_job else None),
             tune_status if changed("tune_status", tune_status) else gr.skip(),
             (str(sample) if sample else None) if changed("sample", str(sample)) else gr.skip(),
             log if changed("log", log) else gr.skip(),
-            dropdown("edit_choices", edit_choices, edit_id),
+            dropdown("edit_choices", edit_choices, edit_id, edit_job.id if edit_job else None),
             edit_status if changed("edit_status", edit_status) else gr.skip(),
             *media,
-            dropdown("runs", run_choices(), run_name),
+            dropdown("runs", runs, run_name, runs[0][1] if runs else None),
             shown,
         )
 
