@@ -1,0 +1,216 @@
+"""The web app (`app.py`, `tuneavideo.app`) end to end through `gradio_client`, on the tiny random model.
+
+One app serves the module, its jobs under a temporary root. The main story tunes the sample clip, is stopped with a
+checkpoint while a second job waits in the queue, resumes, and edits the run; the edit's MP4 is downloaded through
+the app and decoded. Bad input must come back as a one-line message, with nothing written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+import inference
+from tests.helpers import SAMPLE_CLIP, probe  # the sample clip: 48 frames at 24 fps, 256x256, with sound
+from tuneavideo.app import launch
+from tuneavideo.editing import EditOptions
+from tuneavideo.jobs import JobRunner
+from tuneavideo.video_io import write_mp4
+from tuneavideo.workspace import REPO, Workspace, edit_command, is_random_model
+MAX_UPLOAD_BYTES = 1_000_000
+MAX_CLIP_SECONDS = 3.0
+# every tuning job here: 4 frames (every 3rd: 8 fps), 64x64, validation with 2 DDIM steps
+TINY_TUNE = dict(frames=4, stride=3, start=0, size=64, learning_rate=3e-5, seed=33, sample_prompt="", sample_steps=2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(root: Path, checkpoints: Path, data: Path = REPO / "data") -> Iterator[tuple[str, JobRunner]]:
+    """The app on a free local port, its jobs under `root`; stopped, with its jobs, on exit."""
+    workspace = Workspace(root=root, checkpoints=checkpoints, data=data, max_upload_bytes=MAX_UPLOAD_BYTES,
+                          max_clip_seconds=MAX_CLIP_SECONDS)
+    port = free_port()
+    demo, runner = launch(workspace, port=port, block=False, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/", runner
+    finally:
+        runner.shutdown(timeout=30)
+        demo.close()
+
+
+def wait_for(client: Client, job_id: str, done: Callable[[dict], bool], timeout: float = 120) -> dict:
+    """Poll the app's /job endpoint until `done(info)`; fails with the last state after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = client.predict(job_id, api_name="/job")
+        if done(info):
+            return info
+        if info["status"] in ("done", "failed", "stopped", "cancelled") or time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} never got there: {info}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """The app with an empty checkpoints folder (so it writes the tiny model) and a gradio_client on it."""
+    root, checkpoints = tmp_path_factory.mktemp("outputs"), tmp_path_factory.mktemp("checkpoints")
+    with serve_app(root, checkpoints) as (url, runner):
+        client = Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+        yield SimpleNamespace(client=client, root=root, checkpoints=checkpoints, runner=runner)
+
+
+def tune(client: Client, **settings) -> tuple[str, str]:
+    """Submit a tuning job through the Tune button's endpoint; returns its id and the status line shown."""
+    job_id, status = client.predict(**{"video": None, "clip": "", "prompt": "a ball is moving", **TINY_TUNE,
+                                       **settings}, api_name="/tune")
+    assert job_id in status
+    return job_id, status
+
+
+def test_without_a_base_model_the_app_writes_the_tiny_random_one(app):
+    assert [path.name for path in app.checkpoints.iterdir()] == ["tiny-sd"]
+    assert is_random_model(app.checkpoints / "tiny-sd")
+
+
+def test_tune_stop_resume_and_edit_with_sound(app):
+    client, root = app.client, app.root
+    # 6 steps: a Stop sent once step 1 is seen lands well before the end, on a slow machine or a fast one
+    first, _ = tune(client, video=handle_file(SAMPLE_CLIP), steps=6, sample_every=6)
+    running = wait_for(client, first, lambda info: info["status"] == "running")
+    assert running["position"] is None
+
+    # one job at a time: a second one waits, reports its place, and can be taken off the queue
+    second, status = tune(client, clip="sample.mp4", steps=1, sample_every=1)
+    assert "waiting in the queue, position 1 (next to start)" in status
+    waiting = client.predict(second, api_name="/job")
+    assert (waiting["status"], waiting["position"]) == ("queued", 1)
+    assert "taken off the queue" in client.predict(second, api_name="/stop")
+    assert client.predict(second, api_name="/job")["status"] == "cancelled"
+    assert not (root / second / "log.txt").exists()  # it never started
+
+    # progress while it runs, then Stop: a checkpoint after the current step
+    progress = wait_for(client, first, lambda info: (info["progress"] or {}).get("step", 0) >= 1)["progress"]
+    assert progress["desc"] == "Steps" and progress["total"] == 6 and float(progress["postfix"]["loss"]) > 0
+    client.predict(first, api_name="/stop")
+    stopped = wait_for(client, first, lambda info: info["status"] == "stopped")
+    assert "saved checkpoint-" in stopped["message"] and stopped["checkpoints"]
+    assert not stopped["finished_run"]
+    saved_at = int(stopped["checkpoints"][-1].split("-")[1])
+    assert 1 <= saved_at < 6
+
+    # Resume continues from that checkpoint to the end
+    job_id, status = client.predict(first, api_name="/resume")
+    assert job_id == first
+    done = wait_for(client, first, lambda info: info["status"] == "done")
+    assert done["finished_run"] and (done["progress"]["step"], done["progress"]["total"]) == (6, 6)
+    assert f"resuming from {root / first / f'checkpoint-{saved_at}'}" in (root / first / "log.txt").read_text()
+    assert done["sample"] == str(root / first / "samples" / "sample-6" / "a ball is moving.mp4")
+    # the upload is stored under a generated name, in the run's generated folder
+    assert (root / first / "source.mp4").read_bytes() == SAMPLE_CLIP.read_bytes()
+
+    edit_id, _ = client.predict(run=first, prompts="a red ball is moving\n\na cat, cartoon style", steps=2,
+                                inv_steps=2, guidance_scale=7.5, seed=None, span="tuned window", span_start=0,
+                                span_end=0, stride=None, api_name="/edit")
+    edited = wait_for(client, edit_id, lambda info: info["status"] == "done", timeout=60)
+    assert [Path(path).name for path in edited["outputs"]["videos"]] == ["a red ball is moving.mp4",
+                                                                         "a cat, cartoon style.mp4"]
+    video, side_by_side, downloads = client.predict(edit_id, api_name="/edit_result")
+    assert sorted(Path(path).name for path in downloads) == sorted(
+        ["a red ball is moving.mp4", "a cat, cartoon style.mp4", "a red ball is moving.gif",
+         "a cat, cartoon style.gif", "side-by-side.mp4"])
+    fps = Fraction(24, 3)
+    for path, width in ((video, 64), (side_by_side, 3 * 64)):  # the side-by-side: the source, then each edit
+        assert not Path(path).is_relative_to(root)  # downloaded through the app, not read from its folder
+        info = probe(Path(path))
+        assert (info["frames"], info["size"], info["fps"], info["codec"]) == (4, (width, 64), fps, "h264")
+        assert info["audio_seconds"] == pytest.approx(4 / fps, abs=float(1 / fps))
+
+    # the state lives on disk: a new runner over the same root finds every job as it ended
+    reopened = JobRunner(root, cwd=REPO).start()
+    try:
+        found = {job.id: job.status for job in reopened.jobs()}
+        assert found == {first: "done", second: "cancelled", edit_id: "done"}
+    finally:
+        reopened.shutdown()
+
+
+def make_clip(path: Path, seconds: float, fps: int = 8) -> Path:
+    frames = np.zeros((int(seconds * fps), 32, 32, 3), np.uint8)
+    frames[:, :, :, 0] = np.arange(len(frames))[:, None, None] * 8
+    write_mp4(frames, path, fps)
+    return path
+
+
+def test_bad_input_gives_one_line_messages_and_writes_nothing(app, tmp_path):
+    client, root = app.client, app.root
+    before = sorted(root.iterdir())
+    not_a_video = tmp_path / "holiday.mp4"
+    not_a_video.write_text("this is not a video")
+    too_large = tmp_path / "large.mp4"
+    too_large.write_bytes(b"\0" * (MAX_UPLOAD_BYTES + 1))
+    cases = [
+        (dict(video=handle_file(not_a_video)), "the clip: cannot be read as a video"),
+        (dict(video=handle_file(make_clip(tmp_path / "long.mp4", 4))), "the clip is 4.0 s long; the limit is 3 s"),
+        (dict(video=handle_file(SAMPLE_CLIP), frames=40), "the clip: has 48 frames but n_sample_frames=40"),
+        (dict(clip="../../etc/passwd"), "there is no clip '../../etc/passwd'"),
+        (dict(video=handle_file(SAMPLE_CLIP), prompt="  "), "describe the clip in the prompt"),
+        (dict(video=handle_file(SAMPLE_CLIP), steps=0), "Value 0 is less than minimum value 1"),  # gr.Number's check
+    ]
+    for settings, message in cases:
+        with pytest.raises(AppError) as raised:
+            tune(client, **{"steps": 1, "sample_every": 1, **settings})
+        assert message in str(raised.value) and "\n" not in str(raised.value) and "Traceback" not in str(raised.value)
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # Gradio's own limit (max_file_size)
+        tune(client, video=handle_file(too_large), steps=1, sample_every=1)
+
+    broken = root / "broken-run"  # looks finished, but its config cannot be read
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")
+    (broken / "config.yaml").write_text("train_data: [unclosed")
+    edit = dict(prompts="a cat", steps=2, inv_steps=2, guidance_scale=7.5, seed=None, span="tuned window",
+                span_start=0, span_end=0, stride=None, api_name="/edit")
+    for run, message in (("broken-run", "broken-run/config.yaml: invalid YAML.*re-run the training"),
+                         ("../outside", "there is no finished run named '../outside'")):
+        with pytest.raises(AppError, match=message) as raised:
+            client.predict(run=run, **edit)
+        assert "\n" not in str(raised.value)
+    assert sorted(root.iterdir()) == sorted([*before, broken])
+    assert not (broken / "edits").exists()
+
+
+def test_edit_command_is_what_inference_reads(tmp_path):
+    workspace = Workspace(root=tmp_path, checkpoints=tmp_path, data=tmp_path)
+    run, out = tmp_path / "run", tmp_path / "run" / "edits" / "e"
+
+    def command(**settings) -> list[str]:
+        return edit_command(workspace, run, EditOptions(prompts=["-a cat"], num_inference_steps=3, num_inv_steps=5,
+                                                        guidance_scale=7.5, output_dir=out, **settings))
+
+    default = command()
+    assert default[1:] == [str(REPO / "inference.py"), f"--model={run}", f"--output-dir={out}",
+                           "--num-inference-steps=3", "--num-inv-steps=5", "--guidance-scale=7.5", "--prompt=-a cat"]
+    assert command(span=(None, None), stride=2)[-2:] == ["--span=all", "--stride=2"]
+    assert command(span=(Fraction(3, 2), None), seed=4)[-2:] == ["--seed=4", "--span=3/2:"]
+    assert command(span=(None, Fraction(9, 4)))[-1] == "--span=:9/4"
+    # what the command passes is what inference.py reads back
+    run.mkdir()
+    (run / "config.yaml").touch()
+    (run / "model_index.json").touch()
+    options = EditOptions(prompts=["-a cat"], num_inference_steps=3, num_inv_steps=5, guidance_scale=7.5, seed=4,
+                          span=(Fraction(3, 2), Fraction(9, 4)), stride=2, output_dir=str(out))
+    assert inference.parse_args(edit_command(workspace, run, options)[2:]) == (run, options)

@@ -1,0 +1,433 @@
+"""The local web app (Gradio): tune Stable Diffusion on a clip, then edit the clip from new prompts, in a browser.
+
+The page never runs a job itself. Its buttons put jobs on the `JobRunner`'s queue (one job at a time on the machine)
+and a one-second timer redraws what the runner and the job folders say: queue positions, training step, loss and
+ETA, the newest validation sample, the edited videos. So a page can be closed and opened again, by anyone, while a
+job runs, and a slow job never blocks the page.
+
+Bad input (not a video, too long, too short, an unreadable run) is refused before a job is queued, with a one-line
+message in the page (`gr.Error`); a job that fails shows the tool's own one-line error.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from fractions import Fraction
+from pathlib import Path
+
+import gradio as gr
+
+from .editing import EditOptions
+from .errors import UserError
+from .jobs import FINISHED, Job, JobRunner, read_progress, read_tail
+from .workspace import (
+    PRESETS,
+    TUNE_CONFIG,
+    TuneSettings,
+    Workspace,
+    edit_outputs,
+    is_random_model,
+    latest_sample,
+    prepare_edit,
+    prepare_tune,
+    run_defaults,
+    tune_command,
+)
+
+NOISE_NOTE = (
+    "**Random weights give noise, not pictures.** This base model is the tiny random one the app writes when "
+    "`checkpoints/` holds no Stable Diffusion model: it shows the whole job running, fast, on a CPU. For real "
+    "results put a model there (`./download_models.sh`) and restart the app."
+)
+SPAN_MODES = ("tuned window", "whole clip", "from / to")
+TUNE_FIELDS = ("max_train_steps", "n_sample_frames", "sample_frame_rate", "sample_start_idx", "size", "learning_rate",
+               "seed", "sample_steps", "validation_steps")
+LOG_LINES = 40
+CSS = ".status-box {min-height: 3em}"
+
+
+def user_error(err: Exception) -> gr.Error:
+    """A one-line message box in the page (and an AppError for API clients); no traceback anywhere."""
+    return gr.Error(" ".join(str(err).split()), print_exception=False)
+
+
+def whole_number(value: float | None, name: str, minimum: int = 1) -> int:
+    """`value` from a number field as an int; an empty field or a fraction is a message, not a crash."""
+    if value is None or value != int(value) or value < minimum:
+        raise UserError(f"{name} must be a whole number >= {minimum}")
+    return int(value)
+
+
+def status_markdown(runner: JobRunner, job: Job | None) -> str:
+    """One or two lines on a job: its place in the queue, its progress, or how it ended."""
+    if job is None:
+        return "No job yet."
+    head = f"**{job.kind} `{job.id}`**"
+    if job.status == "queued":
+        position = runner.position(job.id)
+        ahead = "next to start" if position == 1 else f"{position - 1} jobs ahead of it"
+        return f"{head}: waiting in the queue, position {position} ({ahead})."
+    if job.status == "running":
+        progress = read_progress(job.log, "Steps" if job.kind == "tune" else None)
+        if progress is None:
+            return f"{head}: starting (loading the model)…"
+        text = f"{head}: {progress.desc} {progress.step} / {progress.total}"
+        if "loss" in progress.postfix:
+            text += f" · loss {progress.postfix['loss']}"
+        text += f" · ETA {progress.remaining} (elapsed {progress.elapsed})"
+        return text + (" · stopping after this step…" if job.stop_requested else "")
+    took = f" in {job.finished - job.started:.0f} s" if job.finished and job.started else ""
+    if job.status == "done":
+        progress = read_progress(job.log, "Steps") if job.kind == "tune" else None
+        loss = f"; last loss {progress.postfix['loss']}" if progress and "loss" in progress.postfix else ""
+        return f"{head}: done{took}{loss}."
+    if job.status == "stopped":
+        return f"{head}: stopped{took}. `{job.message}`" + (" Press Resume to continue." if job.kind == "tune" else "")
+    if job.status == "cancelled":
+        return f"{head}: taken off the queue before it started."
+    return f"{head}: failed{took}. `{job.message}`"
+
+
+def job_info(runner: JobRunner, job: Job) -> dict:
+    """What the API's `/job` endpoint reports: the job record, its queue position, progress and output files."""
+    info = {key: getattr(job, key) for key in ("id", "kind", "run", "status", "message", "returncode")}
+    info["position"] = runner.position(job.id)
+    progress = read_progress(job.log, "Steps" if job.kind == "tune" else None)
+    info["progress"] = progress._asdict() if progress else None
+    if job.kind == "tune":
+        sample = latest_sample(job.folder)
+        info["sample"] = str(sample) if sample else None
+        info["finished_run"] = (job.folder / "model_index.json").is_file()
+        info["checkpoints"] = sorted(path.name for path in job.folder.glob("checkpoint-*"))
+    else:
+        outputs = edit_outputs(job.folder, read_tail(job.log)) if job.status == "done" else {}
+        info["outputs"] = {key: [str(path) for path in paths] for key, paths in outputs.items()}
+    return info
+
+
+def log_tail(job: Job | None) -> str:
+    """The last lines of a job's log as a terminal would show them (each tqdm bar's redraws collapsed)."""
+    if job is None:
+        return ""
+    lines = [line.rsplit("\r", 1)[-1].replace("\x1b[A", "") for line in read_tail(job.log).split("\n")]
+    return "\n".join([line for line in lines if line.strip()][-LOG_LINES:])
+
+
+def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
+    """The page: Tune and Edit tabs over `runner`'s queue; every file it writes goes under `workspace.root`."""
+
+    def job_choices(kind: str) -> list[tuple[str, str]]:
+        return [(f"{job.id} · {job.title[:40]} · {job.status}", job.id) for job in runner.jobs(kind)]
+
+    def run_choices() -> list[tuple[str, str]]:
+        choices = []
+        for name in workspace.runs():
+            job = runner.get(name)
+            choices.append((f"{name} · {job.title[:40]}" if job else name, name))
+        return choices
+
+    def base_note(base_model: str | None) -> dict:
+        folder = workspace.base_models().get(base_model or "")
+        return gr.update(visible=bool(folder and is_random_model(folder)))
+
+    def apply_preset(name: str) -> list:
+        return [PRESETS[name][field] for field in TUNE_FIELDS]
+
+    def submit_tune(video: str | None, clip: str | None, base_model: str | None, prompt: str, steps: float,
+                    frames: float, stride: float, start: float, size: float, learning_rate: float, seed: float,
+                    sample_prompt: str, sample_steps: float, sample_every: float):
+        """Check everything, write the run folder and queue the job; returns its id and status line at once."""
+        try:
+            if video:
+                source = Path(video)  # gradio's copy of the upload; its name is the user's, so it is only read
+            elif clip:
+                source = workspace.clips().get(clip)
+                if source is None:
+                    raise UserError(f"there is no clip {clip!r} in the data folder; pick one from the list")
+            else:
+                raise UserError("upload a video or pick a clip from the list")
+            base = workspace.base_models().get(base_model or "")
+            if base is None:
+                raise UserError("pick a base model from the list")
+            settings = TuneSettings(
+                prompt=prompt or "", max_train_steps=whole_number(steps, "steps"),
+                n_sample_frames=whole_number(frames, "frames"), sample_frame_rate=whole_number(stride, "stride"),
+                sample_start_idx=whole_number(start, "start frame", minimum=0), size=whole_number(size, "size"),
+                learning_rate=float(learning_rate or 0), seed=whole_number(seed, "seed", minimum=0),
+                sample_prompt=sample_prompt or "", sample_steps=whole_number(sample_steps, "sample steps"),
+                validation_steps=whole_number(sample_every, "sample every"),
+            )
+            folder, command = prepare_tune(workspace, base, source, settings)
+        except UserError as err:
+            raise user_error(err) from None
+        job = runner.submit(Job(id=folder.name, kind="tune", folder=folder, command=command, run=folder.name,
+                                title=settings.prompt.strip()))
+        return job.id, status_markdown(runner, job)  # the timer puts it in the list
+
+    def stop(job_id: str | None) -> str:
+        """Stop: a waiting job leaves the queue; a running one gets one SIGINT (a tuning job saves a checkpoint)."""
+        if not job_id:
+            raise user_error("pick a job first")
+        done = runner.stop(job_id)
+        return f"{status_markdown(runner, runner.get(job_id))} ({done})"
+
+    def resume(job_id: str | None):
+        """Queue a stopped or failed tuning job again, from its newest checkpoint (from step 0 if it has none)."""
+        job = runner.get(job_id or "")
+        if job is None or job.kind != "tune":
+            raise user_error("pick a tuning job first")
+        if job.status == "done":
+            raise user_error(f"{job.id} has finished; nothing to resume")
+        if job.status not in FINISHED:
+            raise user_error(f"{job.id} is {job.status}; stop it first")
+        try:
+            job = runner.requeue(job.id, tune_command(workspace, job.folder / TUNE_CONFIG, resume=True))
+        except ValueError as err:  # it changed since: another page resumed it first
+            raise user_error(err) from None
+        return job.id, status_markdown(runner, job)  # the timer puts it in the list
+
+    def run_settings(run_name: str | None):
+        """Fill the Edit settings from the picked run, so that by default its cached inversion is reused."""
+        run = workspace.runs().get(run_name or "")
+        if run is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.update(visible=False)
+        try:
+            defaults = run_defaults(run)
+        except UserError as err:
+            raise user_error(err) from None
+        return (defaults["num_inference_steps"], defaults["num_inv_steps"], defaults["seed"], defaults["stride"],
+                gr.update(visible=defaults["random"]))
+
+    def submit_edit(run: str | None, prompts: str, steps: float, inv_steps: float, guidance_scale: float,
+                    seed: float | None, span: str, span_start: float | None, span_end: float | None,
+                    stride: float | None):
+        """Check the run and settings and queue the edit; returns its id and status line at once."""
+        try:
+            seconds = [Fraction(str(value)) if value else None for value in (span_start, span_end)]  # 0: open
+            options = EditOptions(
+                prompts=(prompts or "").splitlines(), num_inference_steps=whole_number(steps, "steps"),
+                num_inv_steps=whole_number(inv_steps, "inversion steps"), guidance_scale=float(guidance_scale or 0),
+                seed=None if seed is None else whole_number(seed, "seed", minimum=0),
+                span={"whole clip": (None, None), "from / to": tuple(seconds)}.get(span),
+                stride=whole_number(stride, "stride") if stride else None,  # None, 0: the run's
+            )
+            edit_folder, command = prepare_edit(workspace, run or "", options)
+        except UserError as err:
+            raise user_error(err) from None
+        title = " | ".join(line.strip() for line in prompts.splitlines() if line.strip())
+        job = runner.submit(Job(id=edit_folder.name, kind="edit", folder=edit_folder, command=command, run=run,
+                                title=title))
+        return job.id, status_markdown(runner, job)  # the timer puts it in the list
+
+    def edit_result(job_id: str | None):
+        """The first prompt's edit (MP4 with sound), the side-by-side, and every MP4 and GIF for download."""
+        job = runner.get(job_id or "")
+        if job is None or job.status != "done":
+            return None, None, None
+        outputs = edit_outputs(job.folder, read_tail(job.log))
+        videos = outputs["videos"]
+        side = outputs["side_by_side"]
+        return (str(videos[0]) if videos else None, str(side[0]) if side else None,
+                [str(path) for path in [*videos, *outputs["gifs"], *side]] or None)
+
+    def job(job_id: str) -> dict:
+        """The state of one job (for API clients): status, queue position, progress, samples and outputs."""
+        found = runner.get(job_id)
+        if found is None:
+            raise user_error(f"no job {job_id!r}")
+        return job_info(runner, found)
+
+    def refresh(tune_id: str | None, edit_id: str | None, run_name: str | None, shown: dict | None):
+        """Redraw from the runner's state; outputs that did not change are skipped (a video is not reloaded)."""
+        shown = dict(shown or {})
+
+        def changed(key: str, value) -> bool:
+            if shown.get(key) == value:
+                return False
+            shown[key] = value
+            return True
+
+        def dropdown(key: str, choices: list, current: str | None, default: str | None):
+            """New choices when they changed; the value is only set when the page has none (to `default`), as
+            `current` may be older than a value another event just set."""
+            if not changed(key, choices):
+                return gr.skip()
+            if current in [value for _, value in choices]:
+                return gr.update(choices=choices)
+            return gr.update(choices=choices, value=default)
+
+        def shown_job(job_id: str | None, kind: str) -> Job | None:
+            """The page's job, or for a page without one the running job of that kind, else the newest."""
+            jobs = runner.jobs(kind)
+            picked = [job for job in jobs if job.id == job_id] or [job for job in jobs if job.status == "running"]
+            return (picked or jobs or [None])[0]
+
+        tune_job, edit_job = shown_job(tune_id, "tune"), shown_job(edit_id, "edit")
+        tune_choices, edit_choices = job_choices("tune"), job_choices("edit")
+        sample = latest_sample(tune_job.folder) if tune_job else None
+        tune_status, edit_status = status_markdown(runner, tune_job), status_markdown(runner, edit_job)
+        log = log_tail(tune_job)
+        edit_key = (edit_job.id, edit_job.status) if edit_job else None
+        media = edit_result(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 3
+        queue, runs = queue_markdown(), run_choices()
+        return (
+            queue if changed("queue", queue) else gr.skip(),
+            dropdown("tune_choices", tune_choices, tune_id, tune_job.id if tune_job else None),
+            tune_status if changed("tune_status", tune_status) else gr.skip(),
+            (str(sample) if sample else None) if changed("sample", str(sample)) else gr.skip(),
+            log if changed("log", log) else gr.skip(),
+            dropdown("edit_choices", edit_choices, edit_id, edit_job.id if edit_job else None),
+            edit_status if changed("edit_status", edit_status) else gr.skip(),
+            *media,
+            dropdown("runs", runs, run_name, runs[0][1] if runs else None),
+            shown,
+        )
+
+    def queue_markdown() -> str:
+        parts = []
+        for job in runner.jobs():
+            if job.status == "running":
+                progress = read_progress(job.log, "Steps" if job.kind == "tune" else None)
+                step = f" ({progress.desc} {progress.step}/{progress.total})" if progress else ""
+                parts.append(f"running: {job.kind} `{job.id}`{step}")
+        waiting = [runner.get(job_id) for job_id in runner.waiting()]
+        if waiting:
+            parts.append("waiting: " + ", ".join(f"{index}. {job.kind} `{job.id}`"
+                                                 for index, job in enumerate(waiting, 1) if job))
+        return "**Queue** (one job at a time): " + ("; ".join(parts) if parts else "idle.")
+
+    base_models = list(workspace.base_models())
+    clips = list(workspace.clips())
+    with gr.Blocks(title="Tune-A-Video", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+        gr.Markdown("# Tune-A-Video\nTune Stable Diffusion on one clip and a sentence that describes it, then "
+                    "re-render the clip from new sentences, with the same motion and the clip's own sound.")
+        queue_box = gr.Markdown(elem_id="queue")
+        with gr.Tab("Tune", id="tune"):
+            with gr.Row():
+                with gr.Column():
+                    video = gr.Video(label="Clip (upload)", sources=["upload"], elem_id="tune-video")
+                    clip = gr.Dropdown(choices=clips, value=None, label="… or a clip from the data folder",
+                                       allow_custom_value=True)
+                    base_model = gr.Dropdown(choices=base_models, value=base_models[0] if base_models else None,
+                                             label="Base model (checkpoints/)", allow_custom_value=True)
+                    tune_note = gr.Markdown(NOISE_NOTE, visible=False, elem_id="tune-noise-note")
+                    prompt = gr.Textbox(label="What the clip shows", placeholder="a man is skiing", elem_id="prompt")
+                    preset = gr.Radio(list(PRESETS), value="quick", label="Preset",
+                                      info="quick: a short look; paper: the original's 24 frames, 500 steps")
+                    quick = PRESETS["quick"]
+                    with gr.Accordion("Settings", open=False, elem_id="tune-settings"):
+                        with gr.Row():
+                            steps = gr.Number(quick["max_train_steps"], label="Steps", precision=0, minimum=1)
+                            frames = gr.Number(quick["n_sample_frames"], label="Frames", precision=0, minimum=1)
+                            stride = gr.Number(quick["sample_frame_rate"], label="Stride",
+                                               info="take every n-th frame", precision=0, minimum=1)
+                            start = gr.Number(quick["sample_start_idx"], label="Start frame", precision=0, minimum=0)
+                        with gr.Row():
+                            size = gr.Slider(64, 1024, quick["size"], step=64, label="Size (long side, px)")
+                            learning_rate = gr.Number(quick["learning_rate"], label="Learning rate")
+                            seed = gr.Number(quick["seed"], label="Seed", precision=0, minimum=0)
+                        with gr.Row():
+                            sample_prompt = gr.Textbox(label="Sample prompt", placeholder="(the clip's prompt)")
+                            sample_steps = gr.Number(quick["sample_steps"], label="Sample steps", precision=0,
+                                                     minimum=1)
+                            sample_every = gr.Number(quick["validation_steps"], label="Sample every (steps)",
+                                                     precision=0, minimum=1)
+                    with gr.Row():
+                        tune_button = gr.Button("Tune", variant="primary", elem_id="tune-button")
+                        tune_stop = gr.Button("Stop", elem_id="tune-stop")
+                        tune_resume = gr.Button("Resume", elem_id="tune-resume")
+                with gr.Column():
+                    tune_job = gr.Dropdown(label="Tuning job", allow_custom_value=True, elem_id="tune-job")
+                    tune_status = gr.Markdown("No job yet.", elem_id="tune-status", elem_classes="status-box")
+                    tune_sample = gr.Video(label="Newest validation sample", interactive=False,
+                                           elem_id="tune-sample", loop=True, height=320)
+                    with gr.Accordion("Log", open=False):
+                        tune_log = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False)
+        with gr.Tab("Edit", id="edit"):
+            with gr.Row():
+                with gr.Column():
+                    run = gr.Dropdown(label="Tuned run", allow_custom_value=True, elem_id="edit-run")
+                    edit_note = gr.Markdown(NOISE_NOTE, visible=False)
+                    prompts = gr.Textbox(label="New prompts, one per line", lines=3, elem_id="edit-prompts",
+                                         placeholder="spider man is skiing on the beach, cartoon style")
+                    with gr.Row():
+                        edit_steps = gr.Number(50, label="Steps", precision=0, minimum=1)
+                        inv_steps = gr.Number(50, label="Inversion steps", precision=0, minimum=1)
+                        guidance = gr.Number(12.5, label="Guidance scale")
+                        edit_seed = gr.Number(None, label="Seed", precision=0, minimum=0)
+                    span = gr.Radio(list(SPAN_MODES), value=SPAN_MODES[0], label="Span of the clip")
+                    with gr.Row():
+                        span_start = gr.Number(0, label="from (s)", minimum=0)
+                        span_end = gr.Number(0, label="to (s)", info="0: to the end", minimum=0)
+                        edit_stride = gr.Number(None, label="Stride", info="source frames per edited frame",
+                                                precision=0, minimum=1)
+                    with gr.Row():
+                        edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
+                        edit_stop = gr.Button("Stop", elem_id="edit-stop")
+                with gr.Column():
+                    edit_job = gr.Dropdown(label="Editing job", allow_custom_value=True, elem_id="edit-job")
+                    edit_status = gr.Markdown("No job yet.", elem_id="edit-status", elem_classes="status-box")
+                    edit_video = gr.Video(label="Edited (with the clip's sound)", interactive=False,
+                                          elem_id="edit-video", height=320)
+                    edit_side = gr.Video(label="Side by side", interactive=False, elem_id="edit-side", height=240)
+                    edit_files = gr.File(label="Downloads (MP4, GIF)", file_count="multiple", interactive=False,
+                                         elem_id="edit-files")
+        shown = gr.State({})
+        timer = gr.Timer(1.0)
+
+        base_model.change(base_note, base_model, tune_note, api_visibility="private")
+        preset.change(apply_preset, preset, [steps, frames, stride, start, size, learning_rate, seed, sample_steps,
+                                             sample_every], api_visibility="private")
+        tune_button.click(submit_tune, [video, clip, base_model, prompt, steps, frames, stride, start, size,
+                                        learning_rate, seed, sample_prompt, sample_steps, sample_every],
+                          [tune_job, tune_status], api_name="tune")
+        tune_stop.click(stop, tune_job, tune_status, api_name="stop")
+        tune_resume.click(resume, tune_job, [tune_job, tune_status], api_name="resume")
+        run.change(run_settings, run, [edit_steps, inv_steps, edit_seed, edit_stride, edit_note],
+                   api_visibility="private")
+        edit_button.click(submit_edit, [run, prompts, edit_steps, inv_steps, guidance, edit_seed, span, span_start,
+                                        span_end, edit_stride], [edit_job, edit_status], api_name="edit")
+        edit_stop.click(stop, edit_job, edit_status, api_name="stop_edit")
+        edit_job.change(edit_result, edit_job, [edit_video, edit_side, edit_files], api_name="edit_result")
+        gr.api(job, api_name="job", concurrency_limit=None)
+        redraw = dict(fn=refresh, inputs=[tune_job, edit_job, run, shown],
+                      outputs=[queue_box, tune_job, tune_status, tune_sample, tune_log, edit_job, edit_status,
+                               edit_video, edit_side, edit_files, run, shown],
+                      api_visibility="private", show_progress="hidden", concurrency_limit=None)
+        timer.tick(**redraw)
+        demo.load(**redraw)
+        demo.load(base_note, base_model, tune_note, api_visibility="private")
+        tune_job.change(**redraw)
+    return demo
+
+
+def launch(workspace: Workspace, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+           quiet: bool = False) -> tuple[gr.Blocks, JobRunner]:
+    """Serve the app on host:port (never a public share link). Writes the tiny random base model first when
+    `workspace.checkpoints` holds no Stable Diffusion model.
+
+    With `block`, returns after Ctrl-C (or SIGTERM), having stopped the running job (it saves a checkpoint) and
+    closed the server; otherwise returns at once with the server and runner running (tests close both).
+    """
+    workspace.root.mkdir(parents=True, exist_ok=True)
+    made = workspace.ensure_base_model()
+    if made is not None and not quiet:
+        print(f"no Stable Diffusion model in {workspace.checkpoints}: wrote the tiny random one to {made} "
+              "(random weights give noise, not pictures)")
+    runner = JobRunner(workspace.root, cwd=workspace.repo).start()
+    demo = build_app(runner, workspace)
+    demo.queue(default_concurrency_limit=None)
+    if block and threading.current_thread() is threading.main_thread():
+        # `kill <pid>` stops like Ctrl-C: Gradio then closes the server and the running job gets its SIGINT below
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, quiet=quiet,
+                    max_file_size=workspace.max_upload_bytes, allowed_paths=[str(workspace.root.resolve())],
+                    show_error=False, css=CSS)
+    except BaseException:
+        runner.shutdown()
+        raise
+    if block:
+        runner.shutdown()
+    return demo, runner

@@ -1,0 +1,306 @@
+"""The web app's files and its contract with the two command-line tools.
+
+Everything the app writes lives under `Workspace.root` (./outputs by default), in folders whose names it generates
+(never from user text):
+
+- `<root>/<run>/` is one tuning job: the training `output_dir`, plus the app's `tune.yaml` (the config it hands to
+  `train_tuneavideo.py`), `source.<ext>` (the clip, copied under that name), `job.json` and `log.txt`;
+- `<root>/<run>/edits/<edit>/` is one editing job: `inference.py --output-dir`, plus its `job.json` and `log.txt`.
+
+Jobs run as subprocesses of `train_tuneavideo.py` and `inference.py`: the CLIs are the stable interface, so the app
+keeps working while the package behind them changes, and a job outlives the browser tab that started it. The two
+`*_command` functions below are the only place that knows their flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .checks import check_sd_folder
+from .config import TrainConfig, load_config
+from .data.dataset import tuned_window
+from .data.readers import Clip
+from .editing import EditOptions, plan_edit
+from .errors import UserError
+from .tiny import make_tiny_sd, tiny_unet_config
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE_CONFIG = "tune.yaml"
+TINY_MODEL = "tiny-sd"  # what `python -m tuneavideo.demo` writes too
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".gif")
+_SUFFIX_FALLBACK = ".mp4"  # the readers look at the bytes, not the name; the suffix only helps a human
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where the app reads base models and clips and writes jobs, and the limits it puts on uploads."""
+
+    root: Path
+    checkpoints: Path
+    data: Path
+    max_upload_bytes: int = 200 * 2**20
+    max_clip_seconds: float = 60.0
+    repo: Path = REPO  # holds train_tuneavideo.py and inference.py
+    python: str = sys.executable
+
+    def base_models(self) -> dict[str, Path]:
+        """Stable Diffusion folders under `checkpoints`, by folder name; anything else there is left out."""
+        found = {}
+        for folder in sorted(self.checkpoints.glob("*/")):
+            try:
+                check_sd_folder(folder)
+            except UserError:
+                continue
+            found[folder.name] = folder
+        return found
+
+    def ensure_base_model(self) -> Path | None:
+        """With no Stable Diffusion folder under `checkpoints`, write the tiny random one (as the demo does).
+
+        Returns the folder written, or None when a model was already there.
+        """
+        if self.base_models():
+            return None
+        return make_tiny_sd(self.checkpoints / TINY_MODEL)
+
+    def clips(self) -> dict[str, Path]:
+        """Video files in `data` by file name: a fixed list the page offers, so no user text becomes a path."""
+        return {path.name: path for path in sorted(self.data.glob("*")) if path.suffix.lower() in VIDEO_SUFFIXES}
+
+    def runs(self) -> dict[str, Path]:
+        """Finished runs (folders of `root` holding a tuned `model_index.json`), newest first, by folder name."""
+        folders = [index.parent for index in self.root.glob("*/model_index.json")]
+        return {folder.name: folder for folder in sorted(folders, key=lambda f: f.stat().st_mtime, reverse=True)}
+
+    def new_folder(self, parent: Path | None = None, prefix: str = "") -> Path:
+        """A fresh folder under `parent` (default `root`) named from the time and a random suffix."""
+        parent = parent or self.root
+        parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            folder = parent / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            return folder
+
+
+def is_random_model(folder: str | Path) -> bool:
+    """Whether `folder` is the tiny random model of `tuneavideo.tiny` (its UNet widths), whose output is noise."""
+    try:
+        config = json.loads((Path(folder) / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("block_out_channels") == list(tiny_unet_config()["block_out_channels"])
+
+
+# --- tuning -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TuneSettings:
+    """The settings the Tune tab edits; `write_tune_config` maps them onto the training config's keys."""
+
+    prompt: str
+    max_train_steps: int
+    n_sample_frames: int
+    sample_frame_rate: int  # "stride": take every n-th source frame
+    sample_start_idx: int
+    size: int  # the long side in pixels (train_data.width and height); the clip's aspect ratio is kept
+    learning_rate: float
+    seed: int
+    sample_prompt: str  # the validation prompt; empty: the tuning prompt (a reconstruction)
+    sample_steps: int  # DDIM steps of the validation samples and of their inversion
+    validation_steps: int  # a validation sample (and a checkpoint) every this many steps, and at the end
+
+
+# Values for the preset buttons (the prompt and sample prompt stay the user's). "paper" is the original's
+# configs/man-skiing.yaml; "quick" is a short look at a clip.
+PRESETS: dict[str, dict[str, int | float]] = {
+    "quick": dict(max_train_steps=100, n_sample_frames=8, sample_frame_rate=2, sample_start_idx=0, size=256,
+                  learning_rate=3e-5, seed=33, sample_steps=20, validation_steps=100),
+    "paper": dict(max_train_steps=500, n_sample_frames=24, sample_frame_rate=2, sample_start_idx=0, size=512,
+                  learning_rate=3e-5, seed=33, sample_steps=50, validation_steps=100),
+}
+
+
+def check_clip(path: Path, settings: TuneSettings, max_seconds: float, max_bytes: int) -> None:
+    """Refuse a clip that is too large, is not a video, is longer than `max_seconds` or too short for `settings`.
+
+    The messages are the readers' one-line errors or name the limit, so the page can show them as they are.
+    """
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise UserError(f"the clip is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:g} MB")
+    try:
+        info = Clip(path).info
+    except UserError as err:  # name the clip, not the server's copy of the upload
+        raise UserError(str(err).replace(str(path), "the clip")) from err
+    seconds = float(info.num_frames / info.fps)
+    if seconds > max_seconds:
+        raise UserError(f"the clip is {seconds:.1f} s long; the limit is {max_seconds:g} s (cut it, then upload it)")
+    tuned_window(info.num_frames, settings.n_sample_frames, settings.sample_start_idx, settings.sample_frame_rate,
+                 "the clip")
+
+
+def write_tune_config(folder: Path, base_model: Path, clip: Path, settings: TuneSettings) -> Path:
+    """Write `folder/tune.yaml`, a training config whose output_dir is `folder` itself, and check it loads."""
+    for text in (settings.prompt, settings.sample_prompt):
+        if "${" in text:  # OmegaConf would read it as an interpolation
+            raise UserError("a prompt cannot contain '${'")
+    prompt = settings.prompt.strip()
+    config = {
+        "pretrained_model_path": str(base_model.resolve()),
+        "output_dir": str(folder.resolve()),
+        "train_data": {
+            "video_path": str(clip.resolve()), "prompt": prompt, "n_sample_frames": settings.n_sample_frames,
+            "width": settings.size, "height": settings.size, "sample_start_idx": settings.sample_start_idx,
+            "sample_frame_rate": settings.sample_frame_rate,
+        },
+        "validation_data": {
+            "prompts": [settings.sample_prompt.strip() or prompt], "video_length": settings.n_sample_frames,
+            "num_inference_steps": settings.sample_steps, "num_inv_steps": settings.sample_steps,
+        },
+        "max_train_steps": settings.max_train_steps,
+        "learning_rate": settings.learning_rate,
+        "seed": settings.seed,
+        "validation_steps": settings.validation_steps,
+        # a checkpoint with every sample, only the newest kept: a crashed or killed run resumes from there
+        "checkpointing_steps": settings.validation_steps,
+        "checkpoints_total_limit": 1,
+    }
+    path = folder / TUNE_CONFIG
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    load_config(path)  # a bad value fails here, as a one-line ConfigError, not minutes later in the job
+    return path
+
+
+def prepare_tune(workspace: Workspace, base_model: Path, clip: Path, settings: TuneSettings) -> tuple[Path, list[str]]:
+    """Check the clip, make the run folder, copy the clip into it and write its config.
+
+    Returns the run folder and the command that tunes it. `clip` may be an upload whose name is the user's: it is
+    only read, and copied as `source<suffix>`.
+    """
+    if not settings.prompt.strip():
+        raise UserError("describe the clip in the prompt, e.g. 'a man is skiing'")
+    check_clip(clip, settings, workspace.max_clip_seconds, workspace.max_upload_bytes)
+    folder = workspace.new_folder()
+    try:
+        suffix = clip.suffix.lower() if clip.suffix.lower() in VIDEO_SUFFIXES else _SUFFIX_FALLBACK
+        source = folder / f"source{suffix}"
+        shutil.copyfile(clip, source)
+        config = write_tune_config(folder, base_model, source, settings)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder, tune_command(workspace, config)
+
+
+def tune_command(workspace: Workspace, config: Path, resume: bool = False) -> list[str]:
+    """`train_tuneavideo.py` on the app's config; resuming is the same config with resume_from_checkpoint=latest."""
+    command = [workspace.python, str(workspace.repo / "train_tuneavideo.py"), f"--config={config}"]
+    return command + ["resume_from_checkpoint=latest"] if resume else command
+
+
+# --- editing ----------------------------------------------------------------------------------------------------
+
+
+def load_run(run: Path) -> TrainConfig:
+    """The training config a run folder holds, or a one-line error naming the run."""
+    try:
+        return load_config(run / "config.yaml")
+    except UserError as err:
+        raise UserError(f"the run {run.name} cannot be read: {err}") from err
+
+
+def run_defaults(run: Path) -> dict[str, int | bool]:
+    """Edit settings that fit `run`: its validation steps (so its cached inversion is reused), its seed and stride,
+    and whether it was tuned from the tiny random model ("random")."""
+    cfg = load_run(run)
+    steps = cfg.validation_data.num_inv_steps
+    return dict(num_inference_steps=steps, num_inv_steps=steps, seed=cfg.seed or 0, stride=cfg.train_data.sample_frame_rate,
+                random=is_random_model(cfg.pretrained_model_path))
+
+
+def prepare_edit(workspace: Workspace, run_name: str, options: EditOptions) -> tuple[Path, list[str]]:
+    """Check the run and the options as `inference.py` does (`plan_edit`: no model is loaded), make the edit's
+    folder under the run; returns it and the edit command."""
+    run = workspace.runs().get(run_name)
+    if run is None:
+        raise UserError(f"there is no finished run named {run_name!r}; pick one from the list")
+    prompts = [prompt.strip() for prompt in options.prompts if prompt.strip()]
+    if not prompts:
+        raise UserError("give at least one prompt (one per line)")
+    folder = workspace.new_folder(run / "edits", prefix="edit-")
+    options = dataclasses.replace(options, prompts=prompts, output_dir=folder)
+    try:
+        plan_edit(run, options)
+    except UserError:
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # leave no empty edits/ behind either
+            folder.parent.rmdir()
+        raise
+    return folder, edit_command(workspace, run, options)
+
+
+def edit_command(workspace: Workspace, run: Path, options: EditOptions) -> list[str]:
+    """The `inference.py` command of an edit: the one place that knows its flags. Values are attached with `=` so
+    that a prompt starting with '-' stays a value."""
+    command = [workspace.python, str(workspace.repo / "inference.py"), f"--model={run}",
+               f"--output-dir={options.output_dir}", f"--num-inference-steps={options.num_inference_steps}",
+               f"--num-inv-steps={options.num_inv_steps}", f"--guidance-scale={options.guidance_scale:g}"]
+    command += [f"--prompt={prompt}" for prompt in options.prompts]
+    if options.seed is not None:
+        command.append(f"--seed={options.seed}")
+    if options.span is not None:
+        start, end = ("" if value is None else str(value) for value in options.span)
+        command.append("--span=all" if options.span == (None, None) else f"--span={start}:{end}")
+    if options.stride is not None:
+        command.append(f"--stride={options.stride}")
+    return command
+
+
+_FILE_LINE = re.compile(r"^\s+(\S.*\.(?:mp4|gif))\s*$")
+
+
+def edit_outputs(folder: Path, log_text: str) -> dict[str, list[Path]]:
+    """The files an edit wrote, from the paths `inference.py` prints (one per line, indented), in its order.
+
+    Only existing files inside `folder` count. Returns {"videos": per-prompt MP4s, "gifs": ..., "side_by_side": [..]}.
+    """
+    found: dict[str, list[Path]] = {"videos": [], "gifs": [], "side_by_side": []}
+    inside, seen = folder.resolve(), set()
+    for line in log_text.splitlines():
+        match = _FILE_LINE.match(line)
+        if not match:
+            continue
+        path = Path(match.group(1))
+        if path in seen or not path.is_file() or not path.resolve().is_relative_to(inside):
+            continue
+        seen.add(path)
+        if path.stem == "side-by-side":
+            found["side_by_side"].append(path)
+        else:
+            found["videos" if path.suffix == ".mp4" else "gifs"].append(path)
+    return found
+
+
+def latest_sample(run: Path) -> Path | None:
+    """The newest validation sample MP4 of a run (`samples/sample-STEP/<prompt>.mp4`), or None."""
+    samples = []
+    for video in run.glob("samples/sample-*/*.mp4"):
+        step = video.parent.name.removeprefix("sample-")
+        if step.isdigit():
+            samples.append((-int(step), video.name, video))
+    return min(samples)[2] if samples else None
