@@ -51,13 +51,16 @@ def parse_args(argv: list[str]) -> tuple[str, EditOptions]:
                         help="frames shared by neighbouring windows (default: a quarter window)")
     parser.add_argument("--output-dir", default=None, help="where to write (default: <run>/edits)")
     parser.add_argument("--no-audio", action="store_true", help="write silent MP4s")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="score every edit and the source with the LOVEU-TGVE metrics into metrics.json (needs "
+                             "./download_models.sh --eval)")
     args = parser.parse_args(argv)
     options = EditOptions(
         prompts=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         num_inv_steps=args.num_inv_steps, num_videos_per_prompt=args.num_videos_per_prompt, eta=args.eta,
         span=args.span, stride=args.stride, window=args.window, overlap=args.overlap, output_dir=args.output_dir,
-        audio=not args.no_audio,
+        audio=not args.no_audio, evaluate=args.evaluate,
     )
     return run_folder(args.model, args.config), options
 
@@ -71,7 +74,7 @@ def main(argv: list[str]) -> None:
     print(f"wrote {len(result.videos)} edit(s) of source frames {frames.start}-{frames[-1]} (every {frames.step}), "
           f"{len(frames)} frames at {width}x{height}, {float(result.fps):g} fps, "
           f"{'with' if result.with_audio else 'without'} sound, to {result.folder}:")
-    for path in [*result.videos, *result.gifs, result.side_by_side]:
+    for path in [*result.videos, *result.gifs, result.side_by_side, *([result.metrics] if result.metrics else [])]:
         print(f"  {path}")
 
 

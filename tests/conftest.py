@@ -11,8 +11,10 @@ import torch
 from accelerate.state import AcceleratorState
 
 from tests.helpers import ROOT, SAMPLE_CLIP  # noqa: F401  (ROOT: still importable from here)
+from tuneavideo.config import load_config
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.tiny import make_tiny_sd
+from tuneavideo.training import train
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -97,3 +99,26 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="session")
+def tuned_run(tiny_sd, tmp_path_factory) -> Path:
+    """A finished one-step run on the sample clip (its inversion cached with 3 steps)."""
+    folder = tmp_path_factory.mktemp("tuned")
+    config = folder / "config.yaml"
+    config.write_text(f"""
+pretrained_model_path: "{tiny_sd}"
+output_dir: "{folder / 'run'}"
+train_data: {{video_path: "{SAMPLE_CLIP}", prompt: "a ball is moving", n_sample_frames: 4, width: 64, height: 64,
+             sample_frame_rate: 3}}
+validation_data: {{prompts: ["a red ball"], num_inference_steps: 3, num_inv_steps: 3}}
+max_train_steps: 1
+checkpointing_steps: 1000
+seed: 33
+mixed_precision: "no"
+""")
+    AcceleratorState._reset_state(True)
+    try:
+        return train(load_config(config))
+    finally:
+        AcceleratorState._reset_state(True)

@@ -8,6 +8,7 @@ the app and decoded. Bad input must come back as a one-line message, with nothin
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -23,10 +24,11 @@ from gradio_client.exceptions import AppError
 import inference
 from tests.helpers import SAMPLE_CLIP, probe  # the sample clip: 48 frames at 24 fps, 256x256, with sound
 from tuneavideo.app import launch
+from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
 from tuneavideo.jobs import JobRunner
 from tuneavideo.video_io import write_mp4
-from tuneavideo.workspace import REPO, Workspace, edit_command, is_random_model
+from tuneavideo.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
 MAX_UPLOAD_BYTES = 1_000_000
 MAX_CLIP_SECONDS = 3.0
 # every tuning job here: 4 frames (every 3rd: 8 fps), 64x64, validation with 2 DDIM steps
@@ -129,7 +131,7 @@ def test_tune_stop_resume_and_edit_with_sound(app):
     edited = wait_for(client, edit_id, lambda info: info["status"] == "done", timeout=60)
     assert [Path(path).name for path in edited["outputs"]["videos"]] == ["a red ball is moving.mp4",
                                                                          "a cat, cartoon style.mp4"]
-    video, side_by_side, downloads = client.predict(edit_id, api_name="/edit_result")
+    video, side_by_side, downloads, figures = client.predict(edit_id, api_name="/edit_result")
     assert sorted(Path(path).name for path in downloads) == sorted(
         ["a red ball is moving.mp4", "a cat, cartoon style.mp4", "a red ball is moving.gif",
          "a cat, cartoon style.gif", "side-by-side.mp4"])
@@ -214,3 +216,42 @@ def test_edit_command_is_what_inference_reads(tmp_path):
     options = EditOptions(prompts=["-a cat"], num_inference_steps=3, num_inv_steps=5, guidance_scale=7.5, seed=4,
                           span=(Fraction(3, 2), Fraction(9, 4)), stride=2, output_dir=str(out))
     assert inference.parse_args(edit_command(workspace, run, options)[2:]) == (run, options)
+
+
+def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path):
+    workspace = Workspace(root=tmp_path, checkpoints=tmp_path, data=tmp_path, repo=tmp_path)
+    options = EditOptions(prompts=["a cat"], output_dir=tmp_path / "out")
+    assert "--evaluate" not in edit_command(workspace, tmp_path, options)
+    for name in ("clip-vit-large-patch14", "PickScore_v1", "CLIP-ViT-H-14-laion2B-s32B-b79K"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert edit_command(workspace, tmp_path, options)[-1] == "--evaluate"
+    figures = dict(num_frames=4, frame_consistency=91.5, frame_consistency_neighbours=95.0, text_alignment=27.25,
+                   pickscore=20.125)
+    (tmp_path / "metrics.json").write_text(json.dumps(
+        [{"video": "a cat.mp4", "prompt": "a cat", **figures, "source": {**figures, "text_alignment": -3.5}}]))
+    table = metrics_markdown(tmp_path / "metrics.json")
+    assert "| a cat.mp4 | 91.50 | 27.25 | 20.12 |" in table and "| source | 91.50 | -3.50 | 20.12 |" in table
+    assert metrics_markdown(tmp_path / "missing.json") == ""
+
+
+def test_a_folder_of_frames_in_data_is_a_clip_to_tune(tmp_path, tiny_sd):
+    from PIL import Image
+
+    from tuneavideo.workspace import PRESETS, TuneSettings, prepare_tune
+
+    data = tmp_path / "data"
+    frames = data / "dance"
+    frames.mkdir(parents=True)
+    for index in range(12):
+        Image.new("RGB", (48, 48), (20 * index, 0, 0)).save(frames / f"{index:05d}.jpg")
+    (data / "notes.txt").write_text("not a clip")
+    workspace = Workspace(root=tmp_path / "outputs", checkpoints=tmp_path, data=data)
+    assert list(workspace.clips()) == ["dance"]
+    quick = {k: v for k, v in PRESETS["quick"].items() if k not in ("n_sample_frames", "sample_frame_rate", "size")}
+    settings = TuneSettings(prompt="a red square", sample_prompt="", n_sample_frames=4, sample_frame_rate=2, size=64,
+                            **quick)
+    run, command = prepare_tune(workspace, tiny_sd, workspace.clips()["dance"], settings)
+    config = load_config(run / "tune.yaml")
+    assert Path(config.train_data.video_path) == (run / "source").resolve()
+    assert sorted(p.name for p in (run / "source").iterdir()) == sorted(p.name for p in frames.iterdir())
+    assert command[-1] == f"--config={run / 'tune.yaml'}"

@@ -362,3 +362,38 @@ def test_download_script_eval_fetches_the_three_models_without_the_laion_weights
     assert calls[-1].split()[4:] == ["--include", "*.json", "--include", "*.txt"]  # processor files only
     for name in ("clip-vit-large-patch14", "PickScore_v1", "CLIP-ViT-H-14-laion2B-s32B-b79K"):
         assert (tmp_path / "checkpoints" / name / "preprocessor_config.json").is_file()
+
+
+def test_an_edit_with_evaluate_writes_the_figures_of_every_edit_and_the_source(eval_root, tuned_run, tmp_path,
+                                                                                monkeypatch):
+    import inference
+    from tuneavideo.editing import plan_edit
+
+    monkeypatch.chdir(eval_root)  # its checkpoints/ holds the tiny scoring models, as download_models.sh --eval would
+    args = ["--model", str(tuned_run), "--prompt", "a red ball", "--prompt", "a cat", "--num-inference-steps", "3",
+            "--num-inv-steps", "3", "--output-dir", str(tmp_path), "--evaluate"]
+    run_cli(inference.main, "inference.py", args)
+    records = json.loads((tmp_path / "metrics.json").read_text())
+    assert [(r["video"], r["prompt"]) for r in records] == [("a red ball.mp4", "a red ball"), ("a cat.mp4", "a cat")]
+    evaluator = Evaluator()
+    source = list(plan_edit(*inference.parse_args(args)).clip.frames((64, 64), 0, 12, 3))
+    for record in records:
+        assert set(record) == KEYS | {"source"} and set(record["source"]) == KEYS - {"video", "prompt"}
+        expected = evaluator.score(read_frames(tmp_path / record["video"]), record["prompt"])
+        assert record["num_frames"] == 4 and record["frame_consistency"] == pytest.approx(expected.frame_consistency)
+        assert record["pickscore"] == pytest.approx(expected.pickscore)
+        assert record["source"]["text_alignment"] == pytest.approx(
+            evaluator.score(source, record["prompt"]).text_alignment)
+    assert records[0]["source"]["frame_consistency"] == records[1]["source"]["frame_consistency"]
+
+
+def test_an_edit_with_evaluate_and_no_models_fails_before_editing(tuned_run, tmp_path, monkeypatch):
+    import inference
+
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here, and the hub is offline
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(inference.main, "inference.py", ["--model", str(tuned_run), "--prompt", "a cat", "--output-dir",
+                                                 str(tmp_path / "edits"), "--evaluate"])
+    message = str(exit_info.value)
+    assert "./download_models.sh --eval" in message and "\n" not in message
+    assert not list((tmp_path / "edits").glob("*.mp4"))

@@ -265,29 +265,6 @@ def test_a_final_save_that_fills_the_disk_keeps_the_tuned_tensors(tmp_path, run_
         assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
 
 
-@pytest.fixture(scope="module")
-def tuned_run(tiny_sd, tmp_path_factory) -> Path:
-    """A finished one-step run on the sample clip (its inversion cached with 3 steps)."""
-    folder = tmp_path_factory.mktemp("tuned")
-    config = folder / "config.yaml"
-    config.write_text(f"""
-pretrained_model_path: "{tiny_sd}"
-output_dir: "{folder / 'run'}"
-train_data: {{video_path: "{SAMPLE_CLIP}", prompt: "a ball is moving", n_sample_frames: 4, width: 64, height: 64,
-             sample_frame_rate: 3}}
-validation_data: {{prompts: ["a red ball"], num_inference_steps: 3, num_inv_steps: 3}}
-max_train_steps: 1
-checkpointing_steps: 1000
-seed: 33
-mixed_precision: "no"
-""")
-    AcceleratorState._reset_state(True)
-    try:
-        return train(load_config(config))
-    finally:
-        AcceleratorState._reset_state(True)
-
-
 def edit_cli(run: Path, *args: str) -> tuple[int, str]:
     """Run inference.py on `run` in-process through its CLI; returns (exit status, stderr's last line)."""
     import inference

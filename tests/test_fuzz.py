@@ -10,6 +10,9 @@ Properties:
   the example instead of pytest.
 * ``load_config(path, overrides)`` on random YAML-ish text, random mappings, mutated shipped configs and random
   dotlist overrides: it returns a TrainConfig with the declared field types or raises a one-line ConfigError.
+* ``inference.py``'s options: random argument lists of its flags with odd values, through its parser and every check
+  made before a model is loaded (`plan_edit`, on a real tuned run): they give a plan whose frames, windows and
+  output folder fit the options, or a one-line UserError; nothing else.
 
 CI runs a small fixed set of examples (``derandomize=True``: the same ones every run). To fuzz longer locally, with
 fresh random examples each run::
@@ -448,3 +451,65 @@ def test_config_loader_on_mutated_configs(config_dir, text, extra):
 @given(extra=overrides)
 def test_config_loader_on_random_overrides(config_dir, extra):
     check_load(config_dir, CONFIG_TEXTS[0], extra)
+
+
+
+# inference.py options ---------------------------------------------------------------------------------------------
+
+NUMBERS = ["0", "1", "2", "3", "-1", "50", "1001", "1e3", "2.5", "nan", "inf", "-inf", "1e999", "", " ", "0x10", "七",
+           "99999999999999999999"]
+SPANS = ["all", ":", "0:", ":1", "0.5:1.5", "1:0.5", "5:", "-1:2", "1/3:2/3", "a:b", "1:2:3", "nan:1", "1e999:",
+         "0:1e-9", "", "all:"]
+TEXT = st.text(st.characters(blacklist_categories=["Cs"]), max_size=12)
+
+
+@st.composite
+def edit_arguments(draw, run: Path, folder: Path) -> list[str]:
+    """An inference.py command line: the run (mostly), a prompt or a few, then any of its options with odd values."""
+    places = [str(folder / "out"), str(folder / "a-file"), str(folder / "a-file" / "below"), "", str(folder)]
+    args = ["--model", draw(st.sampled_from([str(run)] * 4 + [str(folder / "nowhere"), str(folder / "a-file"), ""]))]
+    for _ in range(draw(st.integers(0, 3))):
+        args += ["--prompt", draw(st.one_of(TEXT, st.sampled_from(["a cat", "a/b", "side-by-side", " "])))]
+    options = {
+        "--num-inference-steps": st.sampled_from(NUMBERS), "--num-inv-steps": st.sampled_from(NUMBERS),
+        "--guidance-scale": st.sampled_from(NUMBERS), "--eta": st.sampled_from(NUMBERS),
+        "--num-videos-per-prompt": st.sampled_from(NUMBERS), "--seed": st.sampled_from(NUMBERS),
+        "--stride": st.sampled_from(NUMBERS), "--window": st.sampled_from(NUMBERS),
+        "--overlap": st.sampled_from(NUMBERS), "--span": st.one_of(st.sampled_from(SPANS), TEXT),
+        "--output-dir": st.sampled_from(places), "--negative-prompt": TEXT,
+        "--no-audio": st.none(), "--evaluate": st.none(), "--bogus": st.none(),
+    }
+    for flag in draw(st.lists(st.sampled_from(sorted(options)), max_size=6)):
+        value = draw(options[flag])
+        args += [flag] if value is None else [flag, value]
+    return args
+
+
+@pytest.fixture(scope="module")
+def edit_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("edits")
+    (folder / "a-file").write_text("not a folder")
+    return folder
+
+
+def test_edit_options_give_a_plan_or_one_line(tuned_run, edit_folder):
+    import inference
+    from tuneavideo.editing import plan_edit
+    from tuneavideo.errors import UserError
+
+    @fuzz_settings(150)
+    @given(edit_arguments(tuned_run, edit_folder))
+    def check(args: list[str]) -> None:
+        try:
+            plan = plan_edit(*inference.parse_args(args))
+        except UserError as err:
+            assert "\n" not in str(err) and str(err).strip(), repr(str(err))
+            return
+        options = plan.options
+        assert plan.folder.is_dir() and plan.frames and len(plan.frames) <= plan.clip.info.num_frames
+        assert plan.frames.step == (options.stride or plan.cfg.train_data.sample_frame_rate)
+        assert all(len(w.frames) == min(plan.window, len(plan.frames)) for w in plan.windows)
+        assert math.isfinite(options.guidance_scale) and options.eta >= 0
+        assert 1 <= options.num_inference_steps <= 1000 and 1 <= options.num_inv_steps <= 1000
+
+    check()

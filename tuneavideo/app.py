@@ -22,6 +22,7 @@ from .editing import EditOptions
 from .errors import UserError
 from .jobs import FINISHED, Job, JobRunner, read_progress, read_tail
 from .workspace import (
+    metrics_markdown,
     PRESETS,
     TUNE_CONFIG,
     TuneSettings,
@@ -221,15 +222,18 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         return job.id, status_markdown(runner, job)  # the timer puts it in the list
 
     def edit_result(job_id: str | None):
-        """The first prompt's edit (MP4 with sound), the side-by-side, and every MP4 and GIF for download."""
+        """The first prompt's edit (MP4 with sound), the side-by-side, every MP4 and GIF for download, and the
+        edits' LOVEU-TGVE figures when the scoring models are there."""
         job = runner.get(job_id or "")
         if job is None or job.status != "done":
-            return None, None, None
+            return None, None, None, gr.update(value="", visible=False)
         outputs = edit_outputs(job.folder, read_tail(job.log))
         videos = outputs["videos"]
         side = outputs["side_by_side"]
+        figures = metrics_markdown(job.folder / "metrics.json")
         return (str(videos[0]) if videos else None, str(side[0]) if side else None,
-                [str(path) for path in [*videos, *outputs["gifs"], *side]] or None)
+                [str(path) for path in [*videos, *outputs["gifs"], *side]] or None,
+                gr.update(value=figures, visible=bool(figures)))
 
     def job(job_id: str) -> dict:
         """The state of one job (for API clients): status, queue position, progress, samples and outputs."""
@@ -269,7 +273,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         tune_status, edit_status = status_markdown(runner, tune_job), status_markdown(runner, edit_job)
         log = log_tail(tune_job)
         edit_key = (edit_job.id, edit_job.status) if edit_job else None
-        media = edit_result(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 3
+        media = edit_result(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 4
         queue, runs = queue_markdown(), run_choices()
         return (
             queue if changed("queue", queue) else gr.skip(),
@@ -373,6 +377,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                     edit_side = gr.Video(label="Side by side", interactive=False, elem_id="edit-side", height=240)
                     edit_files = gr.File(label="Downloads (MP4, GIF)", file_count="multiple", interactive=False,
                                          elem_id="edit-files")
+                    edit_figures = gr.Markdown(visible=False, elem_id="edit-figures")
         shown = gr.State({})
         timer = gr.Timer(1.0)
 
@@ -389,11 +394,12 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         edit_button.click(submit_edit, [run, prompts, edit_steps, inv_steps, guidance, edit_seed, span, span_start,
                                         span_end, edit_stride], [edit_job, edit_status], api_name="edit")
         edit_stop.click(stop, edit_job, edit_status, api_name="stop_edit")
-        edit_job.change(edit_result, edit_job, [edit_video, edit_side, edit_files], api_name="edit_result")
+        edit_job.change(edit_result, edit_job, [edit_video, edit_side, edit_files, edit_figures],
+                        api_name="edit_result")
         gr.api(job, api_name="job", concurrency_limit=None)
         redraw = dict(fn=refresh, inputs=[tune_job, edit_job, run, shown],
                       outputs=[queue_box, tune_job, tune_status, tune_sample, tune_log, edit_job, edit_status,
-                               edit_video, edit_side, edit_files, run, shown],
+                               edit_video, edit_side, edit_files, edit_figures, run, shown],
                       api_visibility="private", show_progress="hidden", concurrency_limit=None)
         timer.tick(**redraw)
         demo.load(**redraw)

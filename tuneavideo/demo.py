@@ -1,16 +1,19 @@
-"""No-GPU, no-download demo: write a tiny random SD model, then tune it on the bundled sample clip.
+"""No-GPU, no-download demo: write a tiny random SD model, tune it on the bundled sample clip, then edit the whole
+clip, every second of it with its sound.
 
     python -m tuneavideo.demo                      # uses configs/demo.yaml
     python -m tuneavideo.demo max_train_steps=10   # with overrides
 
 Random weights give noise, not pictures: this shows the whole job (tuning, inversion, validation videos,
-checkpoints, saved model) running in about a minute on two CPU cores.
+checkpoints, saved model, a windowed whole-clip edit with sound) running in about a minute on two CPU cores.
 """
 
 import sys
 from pathlib import Path
 
+from .cli import run_cli
 from .config import load_config
+from .editing import EditOptions, edit
 from .tiny import make_tiny_sd
 from .training import train
 
@@ -22,8 +25,13 @@ def main(overrides: list[str]) -> None:
     if not (Path(cfg.pretrained_model_path) / "model_index.json").exists():
         make_tiny_sd(cfg.pretrained_model_path)
     output_dir = train(cfg)
-    print(f"demo run written to {output_dir}: samples in {output_dir / 'samples'}")
+    steps = cfg.validation_data.num_inv_steps  # the run's own: its cached inversion would fit the tuned window
+    whole = edit(output_dir, EditOptions(["a red ball is moving"], num_inference_steps=steps, num_inv_steps=steps,
+                                         span=(None, None), output_dir=output_dir / "edits" / "whole-clip"))
+    print(f"demo run written to {output_dir}: samples in {output_dir / 'samples'}; the whole clip "
+          f"({len(whole.frames)} frames at {float(whole.fps):g} fps, {whole.windows} windows, "
+          f"{'with' if whole.with_audio else 'without'} sound) edited into {whole.folder}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, "python -m tuneavideo.demo")

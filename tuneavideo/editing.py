@@ -22,7 +22,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from .config import ConfigError, TrainConfig, load_config
 from .data.dataset import ClipTooShortError, clip_size, decode_frames, tuned_window
 from .data.readers import Clip, VideoReadError, frames_text
 from .errors import UserError
+from .evaluate import Evaluator, read_frames
 from .inversion import ddim_inversion, sampling_scheduler
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .postprocess import extract_audio, source_span
@@ -75,6 +76,7 @@ class EditOptions:
     overlap: int | None = None  # frames shared by neighbouring windows; None: a quarter window
     output_dir: str | os.PathLike | None = None  # None: <run>/edits
     audio: bool = True
+    evaluate: bool = False  # also score every edit and the source with the LOVEU-TGVE metrics: metrics.json
 
 
 @dataclass
@@ -92,6 +94,7 @@ class EditResult:
     windows: int  # UNet calls per denoising step
     cached_latent: Path | None  # the inversion reused from the run folder; None when the clip was inverted here
     with_audio: bool  # whether the MP4s carry the source's sound
+    metrics: Path | None = None  # the scores of every edit and of the source (with `evaluate`)
 
 
 def parse_span(text: str) -> Span:
@@ -198,6 +201,8 @@ def plan_edit(run: str | os.PathLike, options: EditOptions) -> EditPlan:
 def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
     """Edit the clip tuned in `run` with every prompt of `options`; see the module docstring for the outputs."""
     plan = plan_edit(run, options)
+    # the scoring models are loaded first, so that a missing one fails before minutes of editing
+    evaluator = Evaluator() if options.evaluate else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = _load_pipeline(plan.run, torch.float16 if device.type == "cuda" else torch.float32).to(device)
     pipe.vae.enable_slicing()  # one frame at a time through the VAE: the whole clip at once is a memory spike
@@ -244,8 +249,27 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
         audio = _span_audio(plan.clip.path, plan.span, Path(tmp)) if options.audio else None
         videos, gifs, comparison = _write(pipe, torch.cat(edited), _source_frames(plan), stems, plan.folder,
                                           plan.fps, audio)
-    return EditResult(plan.folder, videos, gifs, comparison, plan.size, plan.fps, plan.frames, plan.span, windows,
-                      cache if reused else None, audio is not None)
+    result = EditResult(plan.folder, videos, gifs, comparison, plan.size, plan.fps, plan.frames, plan.span, windows,
+                        cache if reused else None, audio is not None)
+    if evaluator is not None:
+        del pipe
+        prompts = [prompt for prompt in options.prompts for _ in range(options.num_videos_per_prompt)]
+        result.metrics = _score(evaluator, plan, videos, prompts)
+    return result
+
+
+def _score(evaluator: Evaluator, plan: EditPlan, videos: list[Path], prompts: list[str]) -> Path:
+    """`metrics.json` beside the edits: each edit's LOVEU-TGVE figures for its prompt (read back from its MP4, as
+    `python -m tuneavideo.evaluate` would), and the source's over the same frames for the same prompt."""
+    source = evaluator.encode_frames(list(_source_frames(plan)))
+    records = [
+        {"video": video.name, "prompt": prompt, **asdict(evaluator.score(read_frames(video), prompt)),
+         "source": asdict(evaluator.score_encoded(source, prompt))}
+        for video, prompt in zip(videos, prompts)
+    ]
+    with atomic_path(plan.folder / "metrics.json") as path:
+        path.write_text(json.dumps(records, indent=2))
+    return plan.folder / "metrics.json"
 
 
 def edit_frames(clip: Clip, cfg: TrainConfig, span: Span | None, stride: int) -> range:

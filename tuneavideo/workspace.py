@@ -30,16 +30,16 @@ from omegaconf import OmegaConf
 from .checks import check_sd_folder
 from .config import TrainConfig, load_config
 from .data.dataset import tuned_window
-from .data.readers import Clip
+from .data.readers import IMAGE_SUFFIXES, Clip
 from .editing import EditOptions, plan_edit
 from .errors import UserError
+from .evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
 from .tiny import make_tiny_sd, tiny_unet_config
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_CONFIG = "tune.yaml"
 TINY_MODEL = "tiny-sd"  # what `python -m tuneavideo.demo` writes too
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".gif")
-_SUFFIX_FALLBACK = ".mp4"  # the readers look at the bytes, not the name; the suffix only helps a human
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,17 @@ class Workspace:
         return make_tiny_sd(self.checkpoints / TINY_MODEL)
 
     def clips(self) -> dict[str, Path]:
-        """Video files in `data` by file name: a fixed list the page offers, so no user text becomes a path."""
-        return {path.name: path for path in sorted(self.data.glob("*")) if path.suffix.lower() in VIDEO_SUFFIXES}
+        """Video files and folders of frame images in `data` by name: a fixed list the page offers, so no user text
+        becomes a path."""
+        return {path.name: path for path in sorted(self.data.glob("*"))
+                if path.suffix.lower() in VIDEO_SUFFIXES
+                or (path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()))}
+
+    def can_evaluate(self) -> bool:
+        """Whether `./download_models.sh --eval` put the scoring models in the repository's checkpoints/, where
+        edit jobs (run from the repository) find them: then edits are scored."""
+        names = (CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR)
+        return all((self.repo / "checkpoints" / name.split("/")[-1]).is_dir() for name in names)
 
     def runs(self) -> dict[str, Path]:
         """Finished runs (folders of `root` holding a tuned `model_index.json`), newest first, by folder name."""
@@ -197,9 +206,12 @@ def prepare_tune(workspace: Workspace, base_model: Path, clip: Path, settings: T
     check_clip(clip, settings, workspace.max_clip_seconds, workspace.max_upload_bytes)
     folder = workspace.new_folder()
     try:
-        suffix = clip.suffix.lower() if clip.suffix.lower() in VIDEO_SUFFIXES else _SUFFIX_FALLBACK
-        source = folder / f"source{suffix}"
-        shutil.copyfile(clip, source)
+        if clip.is_dir():  # a folder of frames
+            source = folder / "source"
+            shutil.copytree(clip, source)
+        else:
+            source = folder / f"source{clip.suffix.lower() if clip.suffix.lower() in VIDEO_SUFFIXES else '.mp4'}"
+            shutil.copyfile(clip, source)
         config = write_tune_config(folder, base_model, source, settings)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -268,7 +280,23 @@ def edit_command(workspace: Workspace, run: Path, options: EditOptions) -> list[
         command.append("--span=all" if options.span == (None, None) else f"--span={start}:{end}")
     if options.stride is not None:
         command.append(f"--stride={options.stride}")
+    if workspace.can_evaluate():
+        command.append("--evaluate")
     return command
+
+
+def metrics_markdown(path: Path) -> str:
+    """The figures `inference.py --evaluate` wrote, as a table (empty when there are none)."""
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    rows = ["| video | frame consistency | text alignment | PickScore |", "|---|---|---|---|"]
+    for record in records:
+        for name, figures in ((record["video"], record), ("source", record["source"])):
+            rows.append(f"| {name} | {figures['frame_consistency']:.2f} | {figures['text_alignment']:.2f} | "
+                        f"{figures['pickscore']:.2f} |")
+    return "**LOVEU-TGVE figures** (the source's for the same prompt below each edit)\n\n" + "\n".join(rows)
 
 
 _FILE_LINE = re.compile(r"^\s+(\S.*\.(?:mp4|gif))\s*$")
