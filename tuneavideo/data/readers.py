@@ -86,143 +86,73 @@ class Clip:
         Raises:
             FramesMissingError: after the frames that decode, when decoding ends before `stop`.
         """
-        decoded = self._decode(size)
-        for index, frame in enumerate(decoded):
-            if stop is not None and index >= stop:
-                return
-            if index >= start and (index - start) % step == 0:
-                yield frame
-        count = decoded.count
-        first_missing = start if count <= start else start - (start - count) // step * step
-        if count == 0 or (stop is not None and first_missing < stop):
-            raise self._missing(first_missing, decoded)
+        source = _folder_frames(self.path, self.images) if self.images is not None else _video_frames(self.path)
+        count, stopped = 0, None
+        try:
+            for count, frame in enumerate(_scaled(source, size or (self.info.width, self.info.height)), 1):
+                if stop is not None and count > stop:
+                    return
+                if count > start and (count - 1 - start) % step == 0:
+                    yield frame
+        except _DecodingStopped as err:
+            stopped = str(err)
+        missing = start if count <= start else start - (start - count) // step * step  # the first index not given
+        if count == 0:
+            raise VideoReadError(f"{self.path}: has no decodable video frames{f' ({stopped})' if stopped else ''}; "
+                                 f"it is empty, truncated or damaged: {_FIX}")
+        if stop is not None and missing < stop:
+            if stopped is None:
+                raise FramesMissingError(f"{self.path}: has {frames_text(count)}, cannot read frame {missing}", count)
+            raise FramesMissingError(
+                f"{self.path}: decoding stops after {frames_text(count)} ({stopped}), so frame {missing} cannot be "
+                f"read; the file is truncated or damaged: sample fewer frames, or {_FIX}", count)
 
     def read(self, indices: Sequence[int], size: tuple[int, int] | None = None) -> np.ndarray:
         """Frames `indices` (any order) as `(frames, H, W, 3)` uint8."""
-        wanted, found = set(indices), {}
-        decoded = self._decode(size)
-        for index, frame in enumerate(decoded):
-            if index in wanted:
-                found[index] = frame
-                if len(found) == len(wanted):
-                    return np.stack([found[i] for i in indices])
-        raise self._missing(min(wanted - set(found)), decoded)
-
-    def _decode(self, size: tuple[int, int] | None) -> _Decoded:
-        size = size or (self.info.width, self.info.height)
-        if self.images is not None:
-            return _Decoded(_folder_frames(self.path, self.images, size))
-        return _Decoded(_video_frames(self.path, size))
-
-    def _missing(self, index: int, decoded: _Decoded) -> VideoReadError:
-        count, stopped = decoded.count, decoded.stopped
-        if count == 0:
-            return _no_frames(self.path, stopped)
-        if stopped is None:
-            return FramesMissingError(f"{self.path}: has {frames_text(count)}, cannot read frame {index}", count)
-        return FramesMissingError(
-            f"{self.path}: decoding stops after {frames_text(count)} ({stopped}), so frame {index} cannot be read; "
-            f"the file is truncated or damaged: sample fewer frames, or {_FIX}", count)
+        first, stop = min(indices), max(indices) + 1
+        found = {i: frame for i, frame in zip(range(first, stop), self.frames(size, first, stop)) if i in indices}
+        return np.stack([found[i] for i in indices])
 
 
 class _DecodingStopped(Exception):
     """A decoding error part-way through a stream: the frames before it are what a damaged file holds."""
 
 
-class _Decoded:
-    """Frames from a decoder, counting them and keeping why decoding ended early (`stopped`; None if it did not)."""
-
-    def __init__(self, frames: Iterator[np.ndarray]) -> None:
-        self._frames = frames
-        self.count = 0
-        self.stopped: str | None = None
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        try:
-            for frame in self._frames:
-                self.count += 1
-                yield frame
-        except _DecodingStopped as err:
-            self.stopped = str(err)
-
-
-class _Scaler:
-    """Frames to `(H, W, 3)` uint8 RGB at `size` (width, height) through the FFmpeg filter graph
-    `buffer -> scale=W:H:flags=bilinear -> format=rgb24 -> buffersink`, built for the first frame's size and pixel
-    format (a damaged header may not state the format)."""
-
-    def __init__(self, size: tuple[int, int]) -> None:
-        self.size = size
-        self.graph: av.filter.Graph | None = None
-
-    def __call__(self, frame: av.VideoFrame) -> Iterator[np.ndarray]:
-        if self.graph is None:
-            self.graph = av.filter.Graph()
-            source = self.graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
-                                           time_base=Fraction(1, 1000))  # timestamps only pass through
-            nodes = (source, self.graph.add("scale", f"{self.size[0]}:{self.size[1]}:flags=bilinear"),
-                     self.graph.add("format", "rgb24"), self.graph.add("buffersink"))
-            self.graph.link_nodes(*nodes).configure()
-        self.graph.push(frame)
-        while True:
-            try:
-                yield self.graph.pull().to_ndarray()
-            except (av.BlockingIOError, av.EOFError):
-                return
+def _scaled(frames: Iterator[av.VideoFrame], size: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Frames as `(H, W, 3)` uint8 RGB at `size` (width, height) through FFmpeg's filter graph `scale=W:H:flags=
+    bilinear` then `format=rgb24` (one frame out for each in), built for the first frame's size and pixel format (a
+    damaged header may not state the format)."""
+    graph = None
+    for frame in frames:
+        if graph is None:
+            graph = av.filter.Graph()
+            source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
+                                      time_base=Fraction(1, 1000))  # timestamps only pass through
+            nodes = (source, graph.add("scale", f"{size[0]}:{size[1]}:flags=bilinear"), graph.add("format", "rgb24"),
+                     graph.add("buffersink"))
+            graph.link_nodes(*nodes).configure()
+        graph.push(frame)
+        yield graph.pull().to_ndarray()
 
 
-def _video_frames(path: str, size: tuple[int, int]) -> Iterator[np.ndarray]:
-    """Every frame of the first video stream of `path`, at `size` (width, height), up to a decoding error."""
+def _video_frames(path: str) -> Iterator[av.VideoFrame]:
+    """Every frame of the first video stream of `path`, at the header's size, up to a decoding error."""
     with _open(path) as container:
         stream = container.streams.video[0]
         # Slice threads, not frame threads: after a decoding error, which of the frames in flight in frame threads
         # come out depends on the core count, and a damaged file must give the same frames on every machine.
         stream.thread_type = "SLICE"
-        # A stream may change size part-way (joined clips); every frame is first brought to the header's size.
+        # A stream may change size part-way (joined clips); every frame is brought to the header's size.
         native = stream.codec_context.width, stream.codec_context.height
-        scaled = _Scaler(size)
-        last = None  # pts of the last frame given
         try:
             for frame in container.decode(stream):
-                last = frame.pts
-                yield from scaled(_at_size(frame, native))
-            return
+                yield frame if (frame.width, frame.height) == native else frame.reformat(*native)
         except av.FFmpegError as err:
-            stopped = err
-        # The decoder still holds frames decoded before the error (B-frames wait there to be put in display order):
-        # give those that follow on without a gap, as frame indices must stay the source's.
-        for frame in _flushed(stream.codec_context):
-            if not _next_frame(stream, last, frame.pts):
-                break
-            last = frame.pts
-            yield from scaled(_at_size(frame, native))
-        raise _DecodingStopped(_detail(stopped)) from stopped
+            raise _DecodingStopped(_detail(err)) from err
 
 
-def _at_size(frame: av.VideoFrame, size: tuple[int, int]) -> av.VideoFrame:
-    return frame if (frame.width, frame.height) == size else frame.reformat(*size)
-
-
-def _flushed(context: av.CodecContext) -> list[av.VideoFrame]:
-    """The frames a decoder still holds (none if it cannot give them)."""
-    try:
-        return context.decode(None)
-    except av.FFmpegError:
-        return []
-
-
-def _next_frame(stream: av.VideoStream, last: int | None, pts: int | None) -> bool:
-    """Whether the frame at `pts` is the one after the frame at `last` (the stream's first if None)."""
-    if pts is None:
-        return False
-    if last is None:
-        return pts == stream.start_time
-    rate = stream.average_rate or stream.guessed_rate
-    return bool(rate and stream.time_base) and round((pts - last) * stream.time_base * rate) == 1
-
-
-def _folder_frames(folder: str, images: list[Path], size: tuple[int, int]) -> Iterator[np.ndarray]:
-    scaled, first = _Scaler(size), None
+def _folder_frames(folder: str, images: list[Path]) -> Iterator[av.VideoFrame]:
+    first = None
     for pts, file in enumerate(images):
         pixels = _load_image(file)
         first = pixels.shape if first is None else first
@@ -231,7 +161,7 @@ def _folder_frames(folder: str, images: list[Path], size: tuple[int, int]) -> It
                                  f"{file.name} is {pixels.shape[1]}x{pixels.shape[0]}); give frames of one size")
         frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
         frame.pts = pts
-        yield from scaled(frame)
+        yield frame
 
 
 def _image_files(folder: str) -> list[Path]:
@@ -307,13 +237,8 @@ def _video_info(path: str) -> VideoInfo:
             pass  # truncated or damaged: the packets before the fault are what the file holds
         size = stream.codec_context.width, stream.codec_context.height
     if count == 0:
-        raise _no_frames(path, None)
+        raise VideoReadError(f"{path}: has no decodable video frames; it is empty, truncated or damaged: {_FIX}")
     return VideoInfo(count, Fraction(rate).limit_denominator(1001), *size, start_time=start)
-
-
-def _no_frames(path: str, stopped: str | None) -> VideoReadError:
-    why = f" ({stopped})" if stopped else ""
-    return VideoReadError(f"{path}: has no decodable video frames{why}; it is empty, truncated or damaged: {_FIX}")
 
 
 def _detail(err: Exception) -> str:
