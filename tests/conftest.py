@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from diffusers import DDIMScheduler
 
 from tests.helpers import ROOT, SAMPLE_CLIP  # noqa: F401  (ROOT: still importable from here)
 from tuneavideo.config import load_config
 from tuneavideo.models.unet import UNet3DConditionModel
+from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import make_tiny_sd
 from tuneavideo.training import train
 
@@ -38,6 +40,15 @@ def unet3d(tiny_sd):
             if "attn_temp.to_out" in name:
                 parameter.normal_(0, 0.3)
     return unet
+
+
+@pytest.fixture
+def pipe(tiny_sd, unet3d):
+    """The tiny pipeline with `unet3d` and a DDIM scheduler, no progress bars."""
+    pipe = TuneAVideoPipeline.from_pretrained(tiny_sd, unet=unet3d)
+    pipe.scheduler = DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @pytest.fixture

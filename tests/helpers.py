@@ -6,6 +6,8 @@ pyproject.toml).
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 from fractions import Fraction
 from pathlib import Path
@@ -74,3 +76,19 @@ def probe(path: Path) -> dict:
             audio = container.streams.audio[0]
             info["audio_seconds"] = sum(frame.samples for frame in container.decode(audio)) / audio.rate
     return info
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float):
+    """Fail (TimeoutError) instead of hanging when the block runs longer than `seconds`."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"no result within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

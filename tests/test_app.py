@@ -29,6 +29,7 @@ from tuneavideo.editing import EditOptions
 from tuneavideo.jobs import JobRunner
 from tuneavideo.video_io import write_mp4
 from tuneavideo.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
+
 MAX_UPLOAD_BYTES = 1_000_000
 MAX_CLIP_SECONDS = 3.0
 # every tuning job here: 4 frames (every 3rd: 8 fps), 64x64, validation with 2 DDIM steps

@@ -14,8 +14,8 @@ import torch
 from PIL import Image, ImageSequence
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
-from tuneavideo.cli import run_cli
 from tests.helpers import ROOT
+from tuneavideo.cli import run_cli
 from tuneavideo.data.readers import Clip
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import (

@@ -387,3 +387,20 @@ def test_a_damaged_cached_inversion_is_inverted_again(tuned_run, tmp_path, caplo
         assert edit_cli(run, "--prompt", "a cat")[0] == 0
     assert "cannot be read" in caplog.text and "inverting the clip again" in caplog.text
     assert torch.load(cached).shape == (1, 4, 4, 8, 8)  # replaced by a good one
+
+
+def test_ctrl_c_during_an_edit_leaves_no_file_behind(tuned_run, tmp_path):
+    # the whole sample clip, every frame: its 48 frames are decoded and streamed to the encoders for a while
+    out = tmp_path / "edits"
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(tuned_run), "--prompt", "a cat",
+               "--span", "all", "--stride", "1", "--window", "8", "--num-inference-steps", "1", "--num-inv-steps", "1",
+               "--output-dir", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not leftovers(out) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    assert leftovers(out), "the edit ended before it wrote anything: nothing to interrupt"
+    process.send_signal(signal.SIGINT)  # while the MP4s are being written
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and stderr.strip().splitlines()[-1] == "inference.py: interrupted"
+    assert leftovers(out) == [] and not list(out.glob("*.mp4")) and not list(out.glob("*.gif"))

@@ -20,7 +20,6 @@ fresh random examples each run::
     FUZZ_EXAMPLES=2000 .venv/bin/python -m pytest -q tests/test_fuzz.py
 """
 
-import contextlib
 import dataclasses
 import io
 import json
@@ -28,7 +27,6 @@ import math
 import os
 import re
 import selectors
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.helpers import ROOT, ffmpeg, index_frames
+from tests.helpers import ROOT, ffmpeg, index_frames, watchdog
 from tuneavideo.config import ConfigError, TrainConfig, ValidationDataConfig, load_config
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
@@ -399,20 +397,6 @@ def _is_instance(value: object, hint: object) -> bool:
     return isinstance(value, hint)
 
 
-@contextlib.contextmanager
-def watchdog(seconds: float):
-    """Raise TimeoutError in the main thread if the block runs longer than ``seconds`` (a hang fails the example)."""
-
-    def expired(signum, frame):
-        raise TimeoutError(f"no result within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def check_load(tmp_path: Path, text: str, extra: list[str]) -> None:

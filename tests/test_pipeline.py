@@ -5,20 +5,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from tests.helpers import ROOT
 from tuneavideo.inversion import ddim_inversion
-from tuneavideo.models.unet import UNet3DConditionModel
-from tests.helpers import ROOT
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
-
-from tests.helpers import ROOT
-
-
-@pytest.fixture
-def pipe(tiny_sd, unet3d):
-    pipe = TuneAVideoPipeline.from_pretrained(tiny_sd, unet=unet3d)
-    pipe.scheduler = DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def next_step_by_hand(model_output, timestep, sample, scheduler, num_inv_steps):

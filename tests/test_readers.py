@@ -12,9 +12,7 @@ B-frames and a keyframe every 8 frames).
 
 from __future__ import annotations
 
-import contextlib
 import re
-import signal
 import subprocess
 from fractions import Fraction
 from pathlib import Path
@@ -24,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import FFMPEG, SAMPLE_CLIP, ffmpeg, frame_indices, index_frames, write_index_clip
+from tests.helpers import FFMPEG, SAMPLE_CLIP, ffmpeg, frame_indices, index_frames, watchdog, write_index_clip
 from tuneavideo.data.dataset import ClipTooShortError, decode_frames, fit_size, tuned_window
 from tuneavideo.data.readers import Clip, FramesMissingError, VideoInfo, VideoReadError
 
@@ -67,20 +65,6 @@ def check_message(error: Exception, path: Path | str, pattern: str) -> None:
     assert any(action in message for action in ACTIONS), f"no advice in {message!r}"
 
 
-@contextlib.contextmanager
-def watchdog(seconds: float):
-    """Fail (TimeoutError) instead of hanging when the block runs longer than `seconds`."""
-
-    def expired(signum, frame):
-        raise TimeoutError(f"no result within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")

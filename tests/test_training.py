@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import ROOT, SAMPLE_CLIP
+from tests.helpers import ROOT
 from tuneavideo.config import load_config
 from tuneavideo.data.readers import Clip
 from tuneavideo.editing import EditOptions, edit

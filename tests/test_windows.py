@@ -5,7 +5,6 @@ import torch
 from diffusers import DDIMScheduler
 
 from tuneavideo.inversion import ddim_inversion
-from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.windows import blend, plan_windows
 
 # (frames, window size, overlap): one window, exact multiples of the stride and not, the tuned 24 over 10 s at 15 fps
@@ -64,14 +63,6 @@ def test_bad_windows_are_refused():
         with pytest.raises(ValueError, match="overlap"):
             plan_windows(20, size, overlap)
     assert len(plan_windows(20, 8, None)) == len(plan_windows(20, 8, 2))  # a quarter window by default
-
-
-@pytest.fixture
-def pipe(tiny_sd, unet3d):
-    pipe = TuneAVideoPipeline.from_pretrained(tiny_sd, unet=unet3d)
-    pipe.scheduler = DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_one_window_is_the_unwindowed_computation(pipe, tiny_sd):

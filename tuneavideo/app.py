@@ -22,7 +22,6 @@ from .editing import EditOptions
 from .errors import UserError
 from .jobs import FINISHED, Job, JobRunner, read_progress, read_tail
 from .workspace import (
-    metrics_markdown,
     PRESETS,
     TUNE_CONFIG,
     TuneSettings,
@@ -30,6 +29,7 @@ from .workspace import (
     edit_outputs,
     is_random_model,
     latest_sample,
+    metrics_markdown,
     prepare_edit,
     prepare_tune,
     run_defaults,

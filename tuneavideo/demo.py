@@ -8,7 +8,6 @@ Random weights give noise, not pictures: this shows the whole job (tuning, inver
 checkpoints, saved model, a windowed whole-clip edit with sound) running in about a minute on two CPU cores.
 """
 
-import sys
 from pathlib import Path
 
 from .cli import run_cli

@@ -210,7 +210,8 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
     run_scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     width, height = plan.size
     cache = plan.cache
-    latent = _cached_latent(cache, (1, pipe.unet.config.in_channels, len(plan.frames), height // 8, width // 8))
+    scale = pipe.vae_scale_factor
+    latent = _cached_latent(cache, (1, pipe.unet.config.in_channels, len(plan.frames), height // scale, width // scale))
     reused = latent is not None
     windows = len(plan.windows)
     work = windows * (options.num_inference_steps * len(options.prompts) + (not reused) * options.num_inv_steps)

@@ -32,7 +32,13 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .atomic import DiskFullError, atomic_path, disk_full
-from .checkpointing import keep_only_trainable_in_checkpoints, list_checkpoints, remove_checkpoints, resume, save_checkpoint
+from .checkpointing import (
+    keep_only_trainable_in_checkpoints,
+    list_checkpoints,
+    remove_checkpoints,
+    resume,
+    save_checkpoint,
+)
 from .checks import check_output_dir, check_sd_folder
 from .config import TrainConfig, validation_prompts
 from .data.dataset import clip_size, decode_frames, tuned_window, window_starts

@@ -8,8 +8,8 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .attention import SparseCausalAttention
 from ..layout import fold_frames, unfold_frames
+from .attention import SparseCausalAttention
 
 
 class BasicTransformerBlock(nn.Module):
