@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.loveu_runs import (
     Layout,
+    Video,
     check_overrides,
     find_videos,
     load_record,
@@ -49,6 +50,7 @@ from benchmarks.loveu_runs import (
 from tuneavideo.atomic import atomic_path
 from tuneavideo.checks import check_sd_folder
 from tuneavideo.cli import OneLineArgumentParser, run_cli
+from tuneavideo.config import TrainConfig
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, Evaluator, default_model
 
@@ -145,12 +147,30 @@ def main(argv: list[str]) -> None:
         check_sd_folder(base)
     models = None if args.skip_eval else evaluation_models(args)
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the launcher stopping us: stop the tuning too
     state = process_state()
     mine = videos[state.process_index :: state.num_processes]
+    # the launcher stopping this process (another one failed) stops its tuning subprocess too
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        records = run_share(mine, configs, layout, state)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if models is not None and any(unscored(record, models) for record in records):
+        # the scoring models load once, after this process's tunings: on the GPU they would leave those less memory
+        evaluator = Evaluator(**models, device=state.device)
+        for video, record in tqdm(list(zip(mine, records)), desc="scoring", unit="video"):
+            score_edits(video, layout, record, evaluator, models)
+    everything = gather_object(records)
+    if state.is_main_process:
+        report(everything, layout, args, overrides, models)
+
+
+def run_share(videos: list[Video], configs: dict[Video, TrainConfig], layout: Layout,
+              state: PartialState) -> list[dict]:
+    """Tune and edit this process's `videos`, one after the other; returns their records (unscored ones too)."""
     env = single_process_environment(state.device.type, state.device.index)
     records = []
-    progress = tqdm(mine, desc=f"process {state.process_index}" if state.num_processes > 1 else "videos",
+    progress = tqdm(videos, desc=f"process {state.process_index}" if state.num_processes > 1 else "videos",
                     unit="video", position=state.process_index, dynamic_ncols=True)
     for video in progress:
         cfg = configs[video]
@@ -171,14 +191,7 @@ def main(argv: list[str]) -> None:
         progress.write(f"{video.id}: edited {', '.join(edited)}" if edited else f"{video.id}: edited already")
         records.append(record)
     progress.close()
-    if models is not None and any(unscored(record, models) for record in records):
-        # the scoring models load once, after this process's tunings: on the GPU they would leave those less memory
-        evaluator = Evaluator(**models, device=state.device)
-        for video, record in tqdm(list(zip(mine, records)), desc="scoring", unit="video"):
-            score_edits(video, layout, record, evaluator, models)
-    everything = gather_object(records)
-    if state.is_main_process:
-        report(everything, layout, args, overrides, models)
+    return records
 
 
 def process_state() -> PartialState:
