@@ -109,6 +109,7 @@ def frames_folder(data: Path, video: Video) -> Path:
 
 
 def check_overrides(overrides: list[str]) -> None:
+    """Refuse `KEY=VALUE` overrides of the keys `video_config` sets itself, which would be silently replaced."""
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key in OWN_KEYS:
@@ -158,6 +159,7 @@ def single_process_environment(device_type: str, device_index: int | None,
 
 
 def tuned(cfg: TrainConfig) -> bool:
+    """Whether the run finished: `train` writes the tuned pipeline's model_index.json last."""
     return (Path(cfg.output_dir) / "model_index.json").is_file()
 
 
