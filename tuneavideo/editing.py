@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 SIDE_BY_SIDE = "side-by-side"  # file stem of the source-and-every-edit comparison
 GIF_MAX_FRAMES = 128  # longer edits get no GIF: a GIF is held whole in memory and grows to hundreds of MB
 DECODE_CHUNK = 8  # edited frames decoded (and source frames held) at once
+JPEG_QUALITY = 95  # of `jpeg_frames`; Pillow's default, 75, visibly blurs fine texture
 
 
 class EditError(UserError):
@@ -77,6 +80,10 @@ class EditOptions:
     output_dir: str | os.PathLike | None = None  # None: <run>/edits
     audio: bool = True
     evaluate: bool = False  # also score every edit and the source with the LOVEU-TGVE metrics: metrics.json
+    # also every edited frame as a JPEG straight from the VAE decoder, <output_dir>/<stem>/00000.jpg, ...: the
+    # LOVEU-TGVE submission format, scored without the MP4's or the GIF's compression in between
+    jpeg_frames: bool = False
+    gif: bool = True  # False: no GIF (Pillow takes seconds per hundred 480x480 frames to quantise one)
 
 
 @dataclass
@@ -85,7 +92,7 @@ class EditResult:
 
     folder: Path
     videos: list[Path]  # one MP4 per prompt and video, in prompt order
-    gifs: list[Path]  # empty when the edit is longer than GIF_MAX_FRAMES
+    gifs: list[Path]  # empty when the edit is longer than GIF_MAX_FRAMES, or without `gif`
     side_by_side: Path
     size: tuple[int, int]  # (width, height) of every edit
     fps: Fraction
@@ -94,6 +101,7 @@ class EditResult:
     windows: int  # UNet calls per denoising step
     cached_latent: Path | None  # the inversion reused from the run folder; None when the clip was inverted here
     with_audio: bool  # whether the MP4s carry the source's sound
+    frame_folders: list[Path]  # one JPEG folder per video with `jpeg_frames`, else empty
     metrics: Path | None = None  # the scores of every edit and of the source (with `evaluate`)
 
 
@@ -248,10 +256,11 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
              for name in plan.names for index in range(options.num_videos_per_prompt)]
     with tempfile.TemporaryDirectory(prefix="tav-edit-") as tmp:
         audio = _span_audio(plan.clip.path, plan.span, Path(tmp)) if options.audio else None
+        frame_folders = [plan.folder / stem for stem in stems] if options.jpeg_frames else []
         videos, gifs, comparison = _write(pipe, torch.cat(edited), _source_frames(plan), stems, plan.folder,
-                                          plan.fps, audio)
+                                          plan.fps, audio, frame_folders, options.gif)
     result = EditResult(plan.folder, videos, gifs, comparison, plan.size, plan.fps, plan.frames, plan.span, windows,
-                        cache if reused else None, audio is not None)
+                        cache if reused else None, audio is not None, frame_folders)
     if evaluator is not None:
         del pipe
         prompts = [prompt for prompt in options.prompts for _ in range(options.num_videos_per_prompt)]
@@ -314,13 +323,17 @@ def check_options(options: EditOptions) -> list[str]:
 
 
 def _write(pipe: TuneAVideoPipeline, latents: torch.Tensor, source, stems: list[str], folder: Path, fps: Fraction,
-           audio: str | None) -> tuple[list[Path], list[Path], Path]:
-    """Decode `latents` `(videos, 4, frames, h, w)` a few frames at a time into one MP4 per video (and a GIF when
-    short), and the side-by-side of the `source` frames and every video, all streamed to the encoder."""
+           audio: str | None, frame_folders: list[Path], gif: bool) -> tuple[list[Path], list[Path], Path]:
+    """Decode `latents` `(videos, 4, frames, h, w)` a few frames at a time into one MP4 per video (and with `gif` a
+    GIF when short), and the side-by-side of the `source` frames and every video, all streamed to the encoder; with
+    `frame_folders` (one per video, emptied first), every frame as a JPEG too."""
     num_frames = latents.shape[2]
+    for frame_folder in frame_folders:
+        shutil.rmtree(frame_folder, ignore_errors=True)  # a longer earlier edit must not leave frames behind
+        frame_folder.mkdir(parents=True)
     videos = [folder / f"{stem}.mp4" for stem in stems]
     comparison = folder / f"{SIDE_BY_SIDE}.mp4"
-    gif_frames: list[list[np.ndarray]] | None = [[] for _ in stems] if num_frames <= GIF_MAX_FRAMES else None
+    gif_frames: list[list[np.ndarray]] | None = [[] for _ in stems] if gif and num_frames <= GIF_MAX_FRAMES else None
     with ExitStack() as stack:
         writers = [stack.enter_context(Mp4Writer(path, fps, audio, num_frames)) for path in videos]
         side = stack.enter_context(Mp4Writer(comparison, fps, audio, num_frames))
@@ -334,8 +347,11 @@ def _write(pipe: TuneAVideoPipeline, latents: torch.Tensor, source, stems: list[
                 decoded = [grid_frames(torch.from_numpy(pipe.decode_latents(latents[k : k + 1, :, first : index + 1])))
                            for k in range(len(stems))]
             for k, frames in enumerate(decoded):
-                for frame_of_edit in frames:
+                for offset, frame_of_edit in enumerate(frames):
                     writers[k].write(frame_of_edit)
+                    if frame_folders:
+                        Image.fromarray(frame_of_edit).save(frame_folders[k] / f"{first + offset:05d}.jpg",
+                                                            quality=JPEG_QUALITY)
                 if gif_frames is not None:
                     gif_frames[k].extend(frames)
             for frame_of_all in side_by_side([np.stack(chunk), *decoded]):
