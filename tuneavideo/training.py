@@ -380,7 +380,8 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
     for name, prompt in tqdm(validation_prompts(validation), desc=f"Validation at step {step}", leave=False):
         video = pipeline(
             prompt, video_length=validation.video_length, height=clean_latents.shape[3] * pipeline.vae_scale_factor,
-            width=clean_latents.shape[4] * pipeline.vae_scale_factor, num_inference_steps=validation.num_inference_steps,
+            width=clean_latents.shape[4] * pipeline.vae_scale_factor,
+            num_inference_steps=validation.num_inference_steps,
             guidance_scale=validation.guidance_scale, negative_prompt=validation.negative_prompt, generator=generator,
             latents=latents,
         ).videos
@@ -395,7 +396,8 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
 def _write_run_config(cfg: TrainConfig, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.structured(cfg)
-    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__}
     header = "".join(f"# {name} {version}\n" for name, version in versions.items())
     with atomic_path(output_dir / "config.yaml") as path:
         path.write_text(header + OmegaConf.to_yaml(resolved))

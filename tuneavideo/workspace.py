@@ -241,7 +241,8 @@ def run_defaults(run: Path) -> dict[str, int | bool]:
     and whether it was tuned from the tiny random model ("random")."""
     cfg = load_run(run)
     steps = cfg.validation_data.num_inv_steps
-    return dict(num_inference_steps=steps, num_inv_steps=steps, seed=cfg.seed or 0, stride=cfg.train_data.sample_frame_rate,
+    return dict(num_inference_steps=steps, num_inv_steps=steps, seed=cfg.seed or 0,
+                stride=cfg.train_data.sample_frame_rate,
                 random=is_random_model(cfg.pretrained_model_path))
 
 

@@ -103,7 +103,8 @@ class TuneAVideoPipeline(DiffusionPipeline):
 
     def _embed(self, prompts: list[str], device: torch.device, truncate_warning: bool = False) -> torch.Tensor:
         max_length = self.tokenizer.model_max_length
-        inputs = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        inputs = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                                return_tensors="pt")
         if truncate_warning:
             for prompt in prompts:
                 dropped = truncated_text(self.tokenizer, prompt)
