@@ -28,7 +28,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 # accelerate's spellings; None defers to the `accelerate config` default.
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
@@ -193,14 +193,14 @@ def _config_error(err: Exception, where: str, update: object) -> ConfigError:
         parent, name = _resolve(key)
         valid = [f.name for f in dataclasses.fields(parent)] if parent else []
         if name in valid:  # the key is fine; the error is below it (e.g. the empty key in "train_data..width=1")
-            return ConfigError(f"{where}: {_first_line(err)} (under {key!r})")
+            return ConfigError(f"{where}: {first_line(err)} (under {key!r})")
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(valid)}" if valid else ""
         return ConfigError(f"{where}: unknown key {key!r}{hint}")
     if isinstance(err, MissingMandatoryValue) and key:
         return ConfigError(f"{where}: missing required value '{key}'")
     if isinstance(err, ValidationError) and key:
-        return ConfigError(f"{where}: '{key}' expects {_expected_type(key)}; {_first_line(err)}")
+        return ConfigError(f"{where}: '{key}' expects {_expected_type(key)}; {first_line(err)}")
     if isinstance(err, TypeError) and isinstance(update, DictConfig):  # OmegaConf names no key here
         key = _mapping_for_list(OmegaConf.to_container(update))
         return ConfigError(f"{where}: '{key}' expects {_expected_type(key)}, got a mapping; give the whole list, "
@@ -213,7 +213,7 @@ def _config_error(err: Exception, where: str, update: object) -> ConfigError:
         return ConfigError(f"{where}: keys are nested too deeply to be a config; compare it with configs/*.yaml")
     if isinstance(err, yaml.YAMLError):
         return ConfigError(f"{where}: invalid YAML: {' '.join(str(err).split())}")
-    return ConfigError(f"{where}: {_first_line(err)}; write key=value with keys such as in configs/*.yaml")
+    return ConfigError(f"{where}: {first_line(err)}; write key=value with keys such as in configs/*.yaml")
 
 
 def _mapping_for_list(update: object, cls: type = TrainConfig, key: str = "") -> str:
@@ -226,10 +226,6 @@ def _mapping_for_list(update: object, cls: type = TrainConfig, key: str = "") ->
         if dataclasses.is_dataclass(hint) and (found := _mapping_for_list(value, hint, full_key)):
             return found
     return ""
-
-
-def _first_line(err: Exception) -> str:
-    return " ".join(str(err).strip().splitlines()[0].split()) if str(err).strip() else type(err).__name__
 
 
 def _resolve(full_key: str) -> tuple[type | None, str]:

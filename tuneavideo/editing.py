@@ -37,7 +37,7 @@ from .atomic import atomic_path
 from .config import ConfigError, TrainConfig, load_config
 from .data.dataset import ClipTooShortError, clip_size, decode_frames, tuned_window
 from .data.readers import Clip, VideoReadError, frames_text
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluate import Evaluator, read_frames
 from .inversion import ddim_inversion, sampling_scheduler
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
@@ -393,7 +393,7 @@ def _scheduler_config(run: Path) -> dict:
     try:
         return DDIMScheduler.load_config(run, subfolder="scheduler")
     except (OSError, ValueError) as err:
-        raise EditError(f"{run / 'scheduler'}: the run's scheduler config cannot be read ({_first_line(err)}); "
+        raise EditError(f"{run / 'scheduler'}: the run's scheduler config cannot be read ({first_line(err)}); "
                         "re-run the training to save the model again") from err
 
 
@@ -401,7 +401,7 @@ def _load_pipeline(run: Path, dtype: torch.dtype) -> TuneAVideoPipeline:
     try:
         return TuneAVideoPipeline.from_pretrained(run, dtype=dtype)
     except Exception as err:  # damaged weights surface as OSError, ValueError, RuntimeError or SafetensorError
-        raise EditError(f"{run}: its tuned model cannot be loaded ({_first_line(err)}); re-run the training, or "
+        raise EditError(f"{run}: its tuned model cannot be loaded ({first_line(err)}); re-run the training, or "
                         "resume it with resume_from_checkpoint=latest to save the model again") from err
 
 
@@ -425,7 +425,7 @@ def _cached_latent(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
     try:
         latent = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged or foreign file: torch raises many types
-        logger.warning(f"note: {path} cannot be read ({_first_line(err)}); inverting the clip again")
+        logger.warning(f"note: {path} cannot be read ({first_line(err)}); inverting the clip again")
         return None
     if not isinstance(latent, torch.Tensor) or tuple(latent.shape) != shape:
         logger.info(f"{path} is not a latent of shape {shape}; inverting the clip again")
@@ -442,8 +442,3 @@ def _span_audio(video_path: str, span: tuple[float, float], folder: Path) -> str
     if wav is None:
         logger.warning(f"note: {video_path} has no sound; the MP4s are silent")
     return wav
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

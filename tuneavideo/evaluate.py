@@ -29,7 +29,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPProce
 
 from .cli import run_cli
 from .data.readers import Clip
-from .errors import UserError
+from .errors import UserError, first_line
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -114,9 +114,8 @@ class ClipEncoder:
                 tokenizer=AutoTokenizer.from_pretrained(processor_path),
             )
         except (OSError, ValueError) as err:  # what transformers raises for missing, partial or foreign folders/ids
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             what = model_path if model_path == processor_path else f"{model_path} (processor {processor_path})"
-            raise UserError(f"cannot load the {name} model {what}: {detail}; {DOWNLOAD_HINT}, or give the "
+            raise UserError(f"cannot load the {name} model {what}: {first_line(err)}; {DOWNLOAD_HINT}, or give the "
                             f"model's folder") from err
         return cls(model, processor, batch_size)
 

@@ -43,7 +43,7 @@ from .checks import check_output_dir, check_sd_folder
 from .config import TrainConfig, validation_prompts
 from .data.dataset import clip_size, decode_frames, tuned_window, window_starts
 from .data.readers import Clip
-from .errors import UserError
+from .errors import UserError, first_line
 from .inversion import ddim_inversion
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline, truncated_text
@@ -281,9 +281,8 @@ def _load(loader, base: str, subfolder: str):
     try:
         return loader(base, subfolder=subfolder)
     except (OSError, ValueError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"{Path(base) / subfolder}: cannot load it as a Stable Diffusion {subfolder} ({first_line}); "
+            f"{Path(base) / subfolder}: cannot load it as a Stable Diffusion {subfolder} ({first_line(err)}); "
             "download the model again with ./download_models.sh"
         ) from err
 

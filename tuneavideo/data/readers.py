@@ -20,7 +20,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FOLDER_FPS = Fraction(24)  # frame rate of a folder of frames when none is given
@@ -148,7 +148,7 @@ def _video_frames(path: str) -> Iterator[av.VideoFrame]:
             for frame in container.decode(stream):
                 yield frame if (frame.width, frame.height) == native else frame.reformat(*native)
         except av.FFmpegError as err:
-            raise _DecodingStopped(_detail(err)) from err
+            raise _DecodingStopped(first_line(err)) from err
 
 
 def _folder_frames(folder: str, images: list[Path]) -> Iterator[av.VideoFrame]:
@@ -180,7 +180,7 @@ def _load_image(file: Path) -> np.ndarray:
         with Image.open(file) as image:
             return np.asarray(image.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise VideoReadError(f"{file}: cannot be read as an image ({_detail(err)}); re-export the frame or remove "
+        raise VideoReadError(f"{file}: cannot be read as an image ({first_line(err)}); re-export the frame or remove "
                              "it from the folder") from err
 
 
@@ -209,7 +209,7 @@ def _open(path: str) -> av.container.InputContainer:
         # metadata_errors="replace": a damaged text tag (title, encoder) must not stop the frames from being read
         container = av.open(path, metadata_errors="replace")
     except av.FFmpegError as err:
-        raise VideoReadError(f"{path}: cannot be read as a video ({_detail(err)}); {_FIX}") from err
+        raise VideoReadError(f"{path}: cannot be read as a video ({first_line(err)}); {_FIX}") from err
     if not container.streams.video:
         container.close()
         raise VideoReadError(f"{path}: has no video stream (audio only, or a damaged file); give a file with video")
@@ -239,9 +239,3 @@ def _video_info(path: str) -> VideoInfo:
     if count == 0:
         raise VideoReadError(f"{path}: has no decodable video frames; it is empty, truncated or damaged: {_FIX}")
     return VideoInfo(count, Fraction(rate).limit_denominator(1001), *size, start_time=start)
-
-
-def _detail(err: Exception) -> str:
-    """The first line of `err`'s message."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
