@@ -155,7 +155,8 @@ class Clock:
 
 def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict]]:
     """The `edit` job: a warm-up (one guided UNet call over one window, so kernels are loaded) and the edit, which
-    returns its phases' seconds and every step's seconds."""
+    returns its phases' seconds, every step's seconds and the size of the weights (`weights_gb`: the part of the
+    peak that does not depend on the clip)."""
     import torch
 
     from tuneavideo.inversion import ddim_inversion, sampling_scheduler
@@ -166,6 +167,8 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
         pipe = build_pipeline(args.model, args.attention[0], dtype, folder).to(device)
     scheduler = pipe.scheduler
     windows = plan_windows(frames, args.window)
+    models = (pipe.unet, pipe.vae, pipe.text_encoder)
+    weights_gb = sum(p.numel() * p.element_size() for model in models for p in model.parameters()) / 2**30
 
     def warmup() -> None:
         length = len(windows[0].frames)
@@ -191,7 +194,7 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
             pipe.decode_latents(edited[:, :, first : first + DECODE_CHUNK])
         decode = clock.lap()
         return dict(encode_s=encode, invert_s=sum(invert_steps), denoise_s=sum(denoise_steps), decode_s=decode,
-                    invert_step_s=invert_steps, denoise_step_s=denoise_steps)
+                    invert_step_s=invert_steps, denoise_step_s=denoise_steps, weights_gb=weights_gb)
 
     return warmup, run
 
@@ -349,7 +352,8 @@ def format_row(row: dict) -> str:
     tflops = f"{row['tflops_per_s']:8.2f}" if "tflops_per_s" in row else f"{'-':>8}"
     line = f"{start} {row['seconds']:9.2f} {row['peak_gb']:8.2f} {tflops} {row.get('load', '-'):>5}"
     if row["job"] == "edit":
-        line += "   " + ", ".join(f"{phase} {row[phase + '_s']:.1f}" for phase in ("encode", "invert", "denoise", "decode"))
+        phases = ("encode", "invert", "denoise", "decode")
+        line += "   " + ", ".join(f"{phase} {row[phase + '_s']:.1f}" for phase in phases)
     return line
 
 
@@ -368,7 +372,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="edit: frames per UNet call (default: the whole clip in one window)")
     parser.add_argument("--steps", type=int, default=1, help="edit: DDIM inversion steps, and as many sampling steps")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp32 on CPU, fp16 on GPU")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                        help="default fp32 on CPU, fp16 on GPU")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 0 on CPU, 2 on GPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs (default 1 on CPU, 5 on GPU)")
     parser.add_argument("--compile", action="store_true",
@@ -378,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name in ("frames", "sizes", "steps", "window"):
         values = getattr(args, name)
-        if any(value < 1 for value in (values if isinstance(values, list) else [values or 1])):
+        if any(value is not None and value < 1 for value in (values if isinstance(values, list) else [values])):
             parser.error(f"--{name} must be positive")
     if any(size % 8 for size in args.sizes):
         parser.error("--sizes must be multiples of 8")
