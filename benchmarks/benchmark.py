@@ -11,7 +11,7 @@ classifier-free-guided UNet call, batch 2), `invert` (one inversion UNet call, b
 the clip frame by frame), `edit` (what `tuneavideo.editing` does with a clip of `--frames` frames in windows of
 `--window` frames: VAE-encode the frames as they stream in, `--steps` DDIM inversion steps and `--steps` guided
 sampling steps over every window, decode the result a few frames at a time; run once, its phases and steps timed
-one by one). `--attention sdpa-dup` keeps SDPA but gathers sparse-causal keys as the original did (duplicates for
+one by one; a warm-up runs each model once at the edit's shapes). `--attention sdpa-dup` keeps SDPA but gathers sparse-causal keys as the original did (duplicates for
 frames 0 and 1). `--attention plain` swaps every attention to plain maths (softmax of an explicit score matrix,
 sparse-causal keys duplicated for frames 0 and 1): the original's computation without xformers, so both are
 compared in one run. `--allocator mallopt` runs a job after `tuneavideo.cli.release_freed_memory()`, as the CLIs
@@ -154,7 +154,7 @@ class Clock:
 
 
 def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict]]:
-    """The `edit` job: a warm-up (one guided UNet call over one window, so kernels are loaded) and the edit, which
+    """The `edit` job: a warm-up (each model once at the edit's shapes: first calls are slower) and the edit, which
     returns its phases' seconds, every step's seconds and the size of the weights (`weights_gb`: the part of the
     peak that does not depend on the clip)."""
     import torch
@@ -171,11 +171,15 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
     weights_gb = sum(p.numel() * p.element_size() for model in models for p in model.parameters()) / 2**30
 
     def warmup() -> None:
-        length = len(windows[0].frames)
-        sample = torch.randn(2, 4, length, size // 8, size // 8, device=device, dtype=dtype)
-        text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
-        with torch.no_grad():
-            pipe.unet(sample, torch.tensor([500], device=device), text)
+        # every model once at the shapes the edit runs: one frame through the VAE, one window through the UNet
+        # unguided (inversion, batch 1) and guided (batch 2)
+        latent = pipe.encode_video(random_frames(1, size)).mean
+        pipe.decode_latents(latent)
+        for batch in (1, 2):
+            sample = torch.randn(batch, 4, len(windows[0].frames), size // 8, size // 8, device=device, dtype=dtype)
+            text = torch.randn(batch, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
+            with torch.no_grad():
+                pipe.unet(sample, torch.tensor([500], device=device), text)
 
     def run() -> dict:
         clock = Clock(device)
