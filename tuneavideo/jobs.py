@@ -120,8 +120,6 @@ class JobRunner:
         self.root = root
         self.cwd = cwd
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # progress reaches the log as it happens
-        # glibc then returns freed activation buffers to the system (README, Memory and speed)
-        self.env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
         self._jobs: dict[str, Job] = {}
         self._queue: deque[str] = deque()
         self._process: subprocess.Popen | None = None

@@ -46,6 +46,33 @@ def tiny_unet_config(sample_size: int = 8) -> dict:
     )
 
 
+def tiny_vae_config(sample_size: int = 8) -> dict:
+    """SD's VAE topology (four levels, so one latent pixel is 8x8 image pixels) at a tiny width."""
+    return dict(
+        block_out_channels=(8, 8, 16, 16),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        sample_size=sample_size * 8,
+    )
+
+
+TINY_TEXT_CONFIG = dict(hidden_size=TEXT_DIM, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2)
+
+
+def text_encoder_config(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextConfig:
+    """A CLIP text encoder config of `sizes` (`hidden_size`, ...; `vocab_size` defaults to the tokenizer's) whose
+    positions and special tokens are `tokenizer`'s."""
+    return CLIPTextConfig(
+        **{"vocab_size": len(tokenizer), **sizes},
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def write_tokenizer(path: str | Path, model_max_length: int = 77) -> CLIPTokenizer:
     """A character-level CLIP tokenizer (letters, digits, punctuation; no merges) written from a vocab file."""
     path = Path(path)
@@ -69,28 +96,9 @@ def make_tiny_sd(path: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
     torch.manual_seed(seed)
     UNet2DConditionModel(**tiny_unet_config(sample_size)).save_pretrained(path / "unet")
     torch.manual_seed(seed)
-    AutoencoderKL(
-        # four levels, so one latent pixel is 8x8 image pixels as in SD
-        block_out_channels=(8, 8, 16, 16),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        sample_size=sample_size * 8,
-    ).save_pretrained(path / "vae")
+    AutoencoderKL(**tiny_vae_config(sample_size)).save_pretrained(path / "vae")
     torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        hidden_size=TEXT_DIM,
-        intermediate_size=32,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    CLIPTextModel(text_config).save_pretrained(path / "text_encoder")
+    CLIPTextModel(text_encoder_config(tokenizer, **TINY_TEXT_CONFIG)).save_pretrained(path / "text_encoder")
     # written as SD ships it: DDIM schedulers built from this file must see `clip_sample: false`
     (path / "scheduler").mkdir(exist_ok=True)
     scheduler_config = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.42.1", **SD_SCHEDULER_CONFIG}

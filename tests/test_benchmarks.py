@@ -1,0 +1,169 @@
+"""The benchmark scripts: option handling, the tiny model through every new job, and gpu_check.sh on the CPU.
+
+These check that the scripts run and report what they claim to; the figures themselves (real size) come from running
+the scripts, never from tests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from benchmarks import benchmark, gpu_check
+from tests.helpers import ROOT
+
+
+def child_args(*options: str):
+    """Options of a child measurement of the tiny model on the CPU, glibc's allocator left alone."""
+    return benchmark.parse_args(["--child", "--model", "tiny", "--sizes", "64", "--allocator", "default", *options])
+
+
+@pytest.fixture
+def tiny_job():
+    """Run a tiny job in this process; the thread count it sets (1) is put back afterwards."""
+    threads = torch.get_num_threads()
+    yield lambda *options: benchmark.run_job(child_args(*options))
+    torch.set_num_threads(threads)
+
+
+def test_options_defaults_and_errors():
+    args = benchmark.parse_args(["--device", "cpu"])
+    defaults = (args.allocator, args.dtype, args.warmup, args.repeat, args.window, args.steps)
+    assert defaults == (["mallopt"], "fp32", 0, 1, None, 1)
+    assert benchmark.parse_args(["--allocator", "mallopt", "default"]).allocator == ["mallopt", "default"]
+    for bad in (["--allocator", "tcmalloc"], ["--sizes", "100"], ["--frames", "0"], ["--window", "0"],
+                ["--jobs", "edit", "--steps", "0"], ["--jobs", "sample"]):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(bad)
+
+
+def test_grid_and_child_command_round_trip():
+    args = benchmark.parse_args(["--jobs", "vae", "edit", "--frames", "4", "10", "--sizes", "256", "--window", "4",
+                                 "--attention", "sdpa", "plain", "--allocator", "mallopt", "default", "--steps", "3"])
+    specs = list(benchmark.specs(args))
+    # vae: 1 attention x 2 allocators x 2 frame counts; edit: 2 x 2 x 2
+    assert len(specs) == 4 + 8
+    assert {spec["attention"] for spec in specs if spec["job"] == "vae"} == {"sdpa"}
+    spec = specs[-1]
+    command = benchmark.child_command(spec)
+    assert command[1:4] == ["-m", "benchmarks.benchmark", "--child"]
+    child = benchmark.parse_args(command[3:])
+    assert (child.jobs, child.frames, child.sizes, child.window, child.steps) == (["edit"], [10], [256], 4, 3)
+    assert (child.attention, child.allocator, child.model) == (["plain"], ["default"], "sd1")
+
+
+def test_child_environment_leaves_the_allocator_to_the_option(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576")
+    environment = benchmark.child_environment()
+    assert "MALLOC_MMAP_THRESHOLD_" not in environment and "GLIBC_TUNABLES" not in environment
+    assert environment["PATH"] == os.environ["PATH"]
+
+
+MALLOPT_PROBE = textwrap.dedent("""
+    import ctypes, ctypes.util, sys
+    from tuneavideo.cli import release_freed_memory
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    libc.mallinfo2.restype = Mallinfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    if sys.argv[1] == "mallopt":
+        release_freed_memory()
+    libc.free(libc.malloc(8 << 20))  # by default, freeing an mmapped block raises glibc's threshold above it
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(2 << 20)
+    print(libc.mallinfo2().hblkhd - before >= 2 << 20)  # whether the 2 MiB block is mmapped
+""")
+
+
+@pytest.mark.parametrize("allocator, mmapped", [("default", "False"), ("mallopt", "True")])
+def test_mallopt_serves_large_blocks_from_mmap(allocator, mmapped):
+    """What `--allocator mallopt` relies on: after `release_freed_memory()` a 2 MiB block is mmapped (so freeing it
+    returns it to the system), where glibc's default, its threshold raised, takes it from the heap."""
+    done = subprocess.run([sys.executable, "-c", MALLOPT_PROBE, allocator], capture_output=True, text=True, cwd=ROOT,
+                          env=benchmark.child_environment())
+    if "mallinfo2" in done.stderr:
+        pytest.skip("not glibc >= 2.33")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == mmapped
+
+
+def test_tiny_edit_runs_every_window_and_step(tiny_job):
+    result = tiny_job("--jobs", "edit", "--frames", "10", "--window", "4", "--steps", "2")
+    assert len(result["invert_step_s"]) == len(result["denoise_step_s"]) == 2
+    phases = [result[f"{phase}_s"] for phase in ("encode", "invert", "denoise", "decode")]
+    assert all(seconds > 0 for seconds in phases) and sum(phases) <= result["seconds"]
+    assert 0 < result["weights_gb"] < result["peak_gb"]
+
+
+def test_tiny_train_step(tiny_job):
+    result = tiny_job("--jobs", "train", "--frames", "3")
+    assert result["seconds"] > 0 and result["peak_gb"] > 0
+
+
+def test_measure_runs_jobs_in_fresh_processes_without_video_or_config_packages(tmp_path, monkeypatch):
+    """The GPU machine gets diffusers as a wheel but no PyAV, omegaconf or imageio-ffmpeg: the jobs need none."""
+    blocked = "import sys; sys.modules.update(dict.fromkeys(['av', 'omegaconf', 'imageio_ffmpeg']))"
+    (tmp_path / "sitecustomize.py").write_text(blocked)  # an import of any of them now raises ImportError
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(ROOT)]))
+    args = benchmark.parse_args(["--model", "tiny", "--jobs", "edit", "train", "--frames", "6", "--sizes", "64",
+                                 "--window", "4", "--allocator", "default"])
+    edit, train = [benchmark.measure(spec) for spec in benchmark.specs(args)]
+    assert "error" not in edit and "error" not in train, (edit.get("error"), train.get("error"))
+    assert edit["windows"] == 2 and 0 < edit["weights_gb"] < edit["peak_gb"] and train["peak_gb"] > 0
+    assert benchmark.format_row(edit).split()[:6] == ["edit", "sdpa", "default", "6", "64", "2"]
+
+
+def test_decode_chunk_is_the_edits():
+    from tuneavideo.editing import DECODE_CHUNK
+
+    assert benchmark.DECODE_CHUNK == DECODE_CHUNK
+
+
+def test_extrapolation_keeps_the_first_step_and_repeats_the_later_ones():
+    assert gpu_check.extrapolate([5.0, 1.0, 3.0], 10) == pytest.approx(5 + 1 + 3 + 7 * 2)
+    assert gpu_check.extrapolate([2.0], 4) == pytest.approx(8)
+
+
+def test_largest_fitting_frame_count():
+    # 1 GiB per frame over 4 GiB: 20 frames reach 24 GiB
+    assert gpu_check.largest_fitting([(8, 12.0), (24, 28.0)], 24.0, 512) == 20
+    assert gpu_check.largest_fitting([(8, 12.0), (24, 28.0)], 24.0, 16) == 16
+    assert gpu_check.largest_fitting([(8, 30.0), (24, 46.0)], 24.0, 512) == 2
+    assert gpu_check.largest_fitting([(8, 40.0), (24, 56.0)], 24.0, 512) == 1  # none fits: 1 is still tried
+    assert gpu_check.largest_fitting([(2, 0.5), (4, 0.5)], 1.0, 8) == 8  # no growth: the cap
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_wheels.sh"])
+def test_shell_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_on_the_cpu_writes_every_figure(tmp_path):
+    """The whole GPU check at the tiny size on the CPU (about a minute: six fresh processes)."""
+    path = tmp_path / "check.json"
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", str(path)], check=True, cwd=tmp_path,
+                   env=dict(os.environ, PYTHON=sys.executable))
+    report = json.loads(path.read_text())
+    figures = ("train_step", "denoise_step", "edit", "long_clip", "max_frames_24gb")
+    assert set(figures) <= set(report) and report["tiny"]
+    assert not [key for key in figures if "error" in report[key]]
+    assert {"seconds", "peak_gb", "estimate_500_steps_s", "meets_targets"} <= set(report["train_step"])
+    assert report["edit"]["steps"] == gpu_check.TINY.steps and report["edit"]["windows"] == 1
+    long_clip = report["long_clip"]
+    estimate, whole = long_clip["estimate"], long_clip["whole"]
+    assert long_clip["windows"] == 4 and len(estimate["invert_step_s"]) == gpu_check.TINY.measured_steps
+    assert estimate["seconds"] > sum(estimate["invert_step_s"]) + sum(estimate["denoise_step_s"])
+    # the tiny edit fits the time budget, so it is also run whole, and those figures are taken
+    assert not long_clip["estimated"] and long_clip["seconds"] == whole["seconds"]
+    assert {"seconds", "peak_gb", "invert_s", "denoise_s"} <= set(whole) and "meets_targets" in long_clip
+    assert report["max_frames_24gb"]["largest_frames"] == gpu_check.TINY.max_frames_cap
