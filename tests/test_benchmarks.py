@@ -4,6 +4,7 @@ These check that the scripts run and report what they claim to; the figures them
 the scripts, never from tests.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import torch
 
 from benchmarks import benchmark, gpu_check
 from tests.helpers import ROOT
+from tuneavideo.windows import plan_windows
 
 
 def child_args(*options: str):
@@ -140,6 +142,36 @@ def test_largest_fitting_frame_count():
     assert gpu_check.largest_fitting([(8, 30.0), (24, 46.0)], 24.0, 512) == 2
     assert gpu_check.largest_fitting([(8, 40.0), (24, 56.0)], 24.0, 512) == 1  # none fits: 1 is still tried
     assert gpu_check.largest_fitting([(2, 0.5), (4, 0.5)], 1.0, 8) == 8  # no growth: the cap
+
+
+def fake_measure(spec: dict, timeout: float) -> dict:
+    """A benchmark row without running anything: a training step's memory grows as 0.3 + 0.02 x frames^2 GiB (so a
+    line through two points underestimates it), an edit's steps take 1 s per window and its VAE 0.1 s per frame."""
+    row = dict(spec, seconds=0.5, peak_gb=0.3 + 0.02 * spec["frames"] ** 2)
+    if spec["job"] == "edit":
+        windows = len(plan_windows(spec["frames"], spec["window"]))
+        steps = [float(windows)] * spec["steps"]
+        row.update(windows=windows, encode_s=0.1 * spec["frames"], decode_s=0.1 * spec["frames"], invert_step_s=steps,
+                   denoise_step_s=steps, invert_s=sum(steps), denoise_s=sum(steps), weights_gb=0.1,
+                   seconds=0.2 * spec["frames"] + 2 * sum(steps))
+    return row
+
+
+def test_gpu_check_report_from_its_jobs(tmp_path, monkeypatch):
+    """The check's own logic, its jobs faked: the 500-step estimate, the long clip extrapolated from its first steps
+    (then measured whole, as time allows) and the search for the largest training step within the memory budget."""
+    monkeypatch.setattr(gpu_check, "measure", fake_measure)
+    plan = dataclasses.replace(gpu_check.TINY, max_frames_cap=64)
+    report = gpu_check.Check(plan, tmp_path / "check.json").run()
+    assert json.loads((tmp_path / "check.json").read_text()) == report
+    assert report["train_step"]["estimate_500_steps_s"] == 250
+    long_clip = report["long_clip"]  # 10 frames: 4 windows of 4; 3 steps, 2 measured
+    assert long_clip["estimate"]["seconds"] == pytest.approx(1 + 3 * 4 + 3 * 4 + 1)
+    assert not long_clip["estimated"] and long_clip["seconds"] == pytest.approx(2 + 2 * 3 * 4)
+    # memory 0.38 at 2 frames and 0.62 at 4: the line says 7 (1.28 GiB, over 1.0), the line through 7 says 5 (0.8)
+    fit = report["max_frames_24gb"]
+    assert [(done["frames"], done["fits"]) for done in fit["checked"]] == [(7, False), (5, True)]
+    assert fit["largest_frames"] == 5
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_wheels.sh"])
