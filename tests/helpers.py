@@ -15,6 +15,7 @@ from pathlib import Path
 import av
 import imageio_ffmpeg
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CLIP = ROOT / "data" / "sample.mp4"
@@ -92,3 +93,17 @@ def watchdog(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: int):
+    """A tmpfs of `size` bytes mounted at `path` for the block (root only; skipped where mounting is refused)."""
+    path.mkdir(parents=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mount.stderr.strip() or 'not root'}): {path}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

@@ -5,7 +5,6 @@ fails differently from a simulated one: `torch.save` raises "unexpected pos", sa
 ffmpeg exits with an error status.
 """
 
-import contextlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_tuneavideo
-from tests.helpers import ROOT, SAMPLE_CLIP, ffmpeg, index_frames
+from tests.helpers import ROOT, SAMPLE_CLIP, ffmpeg, index_frames, small_disk
 from tuneavideo.checkpointing import list_checkpoints
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
@@ -197,20 +196,6 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, run_config):
 
 
 # Full disks ------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: int):
-    """A tmpfs of `size` bytes mounted at `path` for the block (root only; skipped where mounting is refused)."""
-    path.mkdir(parents=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                           text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mount.stderr.strip() or 'not root'}): {path}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def leftovers(folder: Path) -> list[str]:

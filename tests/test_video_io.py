@@ -6,7 +6,6 @@ MP4s are read back with `Clip`, the package's one reader, and probed with PyAV (
 
 from __future__ import annotations
 
-import errno
 from fractions import Fraction
 
 import av
@@ -15,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from tests.helpers import ffmpeg, frame_indices, index_frames, probe
+from tests.helpers import ffmpeg, frame_indices, index_frames, probe, small_disk
 from tuneavideo.atomic import DiskFullError, atomic_path
 from tuneavideo.data.readers import Clip
 from tuneavideo.video_io import (
@@ -221,15 +220,14 @@ def test_atomic_path_keeps_existing_file_on_failure(tmp_path):
 
 
 def test_atomic_path_reports_a_full_disk_in_one_line(tmp_path):
-    target = tmp_path / "out" / "edit.mp4"
-    target.parent.mkdir()
-    target.write_bytes(b"old")
-    with pytest.raises(DiskFullError) as info, atomic_path(target) as tmp:
-        tmp.write_bytes(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    assert str(info.value) == (f"no space left on the disk of {target.parent} while writing edit.mp4; free space and "
-                               "run again (files written before are kept)")
-    assert [p.name for p in target.parent.iterdir()] == ["edit.mp4"] and target.read_bytes() == b"old"
+    with small_disk(tmp_path / "out", 64 << 10) as disk:  # a real 64 KiB file system
+        target = disk / "edit.mp4"
+        target.write_bytes(b"old")
+        with pytest.raises(DiskFullError) as info, atomic_path(target) as tmp:
+            tmp.write_bytes(bytes(1 << 20))  # 1 MiB cannot fit
+        assert str(info.value) == (f"no space left on the disk of {disk} while writing edit.mp4; free space and "
+                                   "run again (files written before are kept)")
+        assert [p.name for p in disk.iterdir()] == ["edit.mp4"] and target.read_bytes() == b"old"
 
 
 # ---------------------------------------------------------------- Mp4Writer
