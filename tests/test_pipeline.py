@@ -71,9 +71,10 @@ def test_one_inverted_latent_serves_several_prompts_and_videos(pipe):
     out = pipe(prompts, latents=latent, num_inference_steps=3, guidance_scale=12.5, num_videos_per_prompt=2)
     videos = out.videos
     assert videos.shape == (4, 3, 3, 64, 64)
-    # eta=0 DDIM from the same latent: a prompt's videos are identical, different prompts differ
-    torch.testing.assert_close(videos[0], videos[1], rtol=0, atol=0)
-    torch.testing.assert_close(videos[2], videos[3], rtol=0, atol=0)
+    # eta=0 DDIM from the same latent: a prompt's videos are the same (rows of one batch: kernels may tile them
+    # differently, so to 1e-6), different prompts differ
+    torch.testing.assert_close(videos[0], videos[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(videos[2], videos[3], rtol=1e-6, atol=1e-6)
     assert (videos[0] - videos[2]).abs().max() > 1e-4
     single = pipe(prompts[1], latents=latent, num_inference_steps=3, guidance_scale=12.5).videos
     torch.testing.assert_close(single[0], videos[2], rtol=1e-4, atol=1e-5)
