@@ -11,12 +11,11 @@ import torch
 from accelerate.state import AcceleratorState
 from diffusers import DDIMScheduler
 
-from tests.helpers import ROOT, SAMPLE_CLIP  # noqa: F401  (ROOT: still importable from here)
+from tests.helpers import SAMPLE_CLIP, train_in_process
 from tuneavideo.config import load_config
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import make_tiny_sd
-from tuneavideo.training import train
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -106,7 +105,7 @@ validation_data:
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """Tests that call `train()` in-process: accelerate keeps one process-wide state, reset around each."""
+    """Tests that tune in-process through the CLI: accelerate keeps one process-wide state, reset around each."""
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
@@ -128,8 +127,4 @@ checkpointing_steps: 1000
 seed: 33
 mixed_precision: "no"
 """)
-    AcceleratorState._reset_state(True)
-    try:
-        return train(load_config(config))
-    finally:
-        AcceleratorState._reset_state(True)
+    return train_in_process(load_config(config))

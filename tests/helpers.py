@@ -107,3 +107,16 @@ def small_disk(path: Path, size: int):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def train_in_process(cfg):
+    """`train(cfg)` in this process; accelerate keeps one process-wide state, so it is reset before and after."""
+    from accelerate.state import AcceleratorState
+
+    from tuneavideo.training import train
+
+    AcceleratorState._reset_state(True)
+    try:
+        return train(cfg)
+    finally:
+        AcceleratorState._reset_state(True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
 from tuneavideo.config import (
     ConfigError,
     TrainConfig,
@@ -15,8 +16,7 @@ from tuneavideo.config import (
     validation_prompts,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = ROOT / "configs"
 
 # An original-project config written exactly in its style (quoted paths, `3e-5`, `True`/`False`, bare `fp16`).
 ORIGINAL_MAN_SKIING = """\

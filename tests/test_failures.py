@@ -16,19 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_file
 
 import train_tuneavideo
-from tests.helpers import ROOT, SAMPLE_CLIP, ffmpeg, index_frames, small_disk
+from tests.helpers import ROOT, SAMPLE_CLIP, ffmpeg, index_frames, small_disk, train_in_process
 from tuneavideo.checkpointing import list_checkpoints
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.data.readers import Clip
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
-from tuneavideo.training import train
 from tuneavideo.tuned_parameters import FILENAME
 from tuneavideo.video_io import write_mp4
 
@@ -125,12 +123,12 @@ def test_an_inverted_latent_of_the_wrong_shape_names_both_shapes(tiny_sd):
     assert "(1, 4, 3, 8, 8)" in str(error.value) and "(1, 4, 4, 8, 8)" in str(error.value)
 
 
-def test_a_diverging_run_stops_before_the_bad_step_reaches_a_checkpoint(tmp_path, run_config, fresh_accelerate_state):
+def test_a_diverging_run_stops_before_the_bad_step_reaches_a_checkpoint(tmp_path, run_config):
     # a learning rate this large sends the weights to infinity in one step: the next loss is not finite
     config = run_config(tmp_path / "run", max_train_steps=6, checkpointing_steps=1, validation_steps=100,
                         learning_rate="1e30")
     with pytest.raises(Exception) as error:
-        train(load_config(config))
+        train_in_process(load_config(config))
     message = str(error.value)
     assert "the loss became" in message and "at step 2" in message and "bf16" in message
     assert "checkpoint-1 is the last good checkpoint" in message
@@ -231,8 +229,7 @@ def _size_on_tmpfs(path: Path) -> int:
 def test_a_final_save_that_fills_the_disk_keeps_the_tuned_tensors(tmp_path, run_config, fresh_accelerate_state):
     settings = dict(max_train_steps=1, checkpointing_steps=1000, validation_steps=1000)
     reference = tmp_path / "reference"
-    train(load_config(run_config(reference, "reference.yaml", **settings)))
-    AcceleratorState._reset_state(True)
+    train_in_process(load_config(run_config(reference, "reference.yaml", **settings)))
     model_files = {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"}
     before_model = sum(_size_on_tmpfs(p) for p in reference.iterdir() if p.name not in model_files)
     model = sum(_size_on_tmpfs(reference / name) for name in model_files)

@@ -18,12 +18,11 @@ import av
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from diffusers import DDIMScheduler
 from PIL import Image
 
 import inference
-from tests.helpers import ROOT, SAMPLE_CLIP, probe
+from tests.helpers import ROOT, SAMPLE_CLIP, probe, train_in_process
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.data.dataset import fit_size
@@ -32,7 +31,6 @@ from tuneavideo.editing import EditOptions, edit, plan_edit
 from tuneavideo.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import SD_SCHEDULER_CONFIG
-from tuneavideo.training import train
 from tuneavideo.video_io import write_mp4
 
 NTSC = Fraction(30000, 1001)
@@ -85,11 +83,7 @@ seed: 33
 mixed_precision: "no"
 enable_xformers_memory_efficient_attention: false
 """)
-    AcceleratorState._reset_state(True)
-    try:
-        return train(load_config(config))
-    finally:
-        AcceleratorState._reset_state(True)
+    return train_in_process(load_config(config))
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,12 @@ from benchmarks.loveu_runs import (
     single_process_environment,
     video_config,
 )
-from tests.helpers import ROOT
+from tests.helpers import ROOT, train_in_process
 from tests.test_evaluate import image_processor, tiny_clip
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.evaluate import Evaluator, read_frames
 from tuneavideo.tiny import write_tokenizer
-from tuneavideo.training import train
 
 CONFIGS = ROOT / "tests" / "loveu_configs"
 TYPES = ["style", "object", "background", "multiple"]
@@ -306,8 +305,7 @@ def test_frame_overrides():
 
 
 @pytest.mark.parametrize("set_name", list(VIDEOS))
-def test_a_benchmark_config_tunes_and_edits_at_its_own_480x480(set_name, tmp_path, tiny_sd, one_thread,
-                                                              fresh_accelerate_state):
+def test_a_benchmark_config_tunes_and_edits_at_its_own_480x480(set_name, tmp_path, tiny_sd, one_thread):
     video = next(v for v in find_videos(CONFIGS) if v.set == set_name)
     data = tmp_path / "data"
     write_frames(frames_folder(data, video), 2, 480)
@@ -317,7 +315,7 @@ def test_a_benchmark_config_tunes_and_edits_at_its_own_480x480(set_name, tmp_pat
                                              "--max-train-steps", "1", "--num-inference-steps", "1",
                                              "--num-inv-steps", "1", "validation_data.guidance_scale=1"]))
     cfg = video_config(video, data, layout, overrides, str(tiny_sd))
-    train(cfg)
+    train_in_process(cfg)
     latent = torch.load(layout.run(video) / "inv_latents" / "ddim_latent-1.pt")
     assert latent.shape == (1, 4, 2, 60, 60)  # 480x480 frames, 8x smaller latents
     record = load_record(video, layout, 2)

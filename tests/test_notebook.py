@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 NOTEBOOK = ROOT / "postprocess.ipynb"
 KERNEL = "tuneavideo-test"
 

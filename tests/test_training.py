@@ -8,20 +8,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from diffusers import DDIMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, train_in_process
 from tuneavideo.config import load_config
 from tuneavideo.data.readers import Clip
 from tuneavideo.editing import EditOptions, edit
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
-from tuneavideo.training import TrainingWindows, train
+from tuneavideo.training import TrainingWindows
 from tuneavideo.tuned_parameters import apply_tuned_parameters
 
 
@@ -78,12 +77,11 @@ def test_two_processes_train_together(tmp_path, run_config):
 
 
 @pytest.mark.parametrize("window", ["fixed", "random"])
-def test_resumed_run_ends_with_the_same_weights(window, tmp_path, run_config, fresh_accelerate_state):
+def test_resumed_run_ends_with_the_same_weights(window, tmp_path, run_config):
     def run(output_dir, steps, *extra):
         config = run_config(tmp_path / output_dir, f"{output_dir}.yaml", validation_steps=100)
-        train(load_config(config, [f"max_train_steps={steps}", "checkpointing_steps=2", f"train_data.window={window}",
-                                   *extra]))
-        AcceleratorState._reset_state(True)
+        train_in_process(load_config(config, [f"max_train_steps={steps}", "checkpointing_steps=2",
+                                              f"train_data.window={window}", *extra]))
         return UNet3DConditionModel.from_pretrained(tmp_path / output_dir, subfolder="unet").state_dict()
 
     straight = run("straight", 4)
@@ -94,11 +92,11 @@ def test_resumed_run_ends_with_the_same_weights(window, tmp_path, run_config, fr
     assert any(not torch.equal(v, stopped[k]) for k, v in straight.items())  # steps 3 and 4 did something
 
 
-def test_loss_falls_when_overfitting_the_clip(tiny_sd, tmp_path, run_config, fresh_accelerate_state):
+def test_loss_falls_when_overfitting_the_clip(tiny_sd, tmp_path, run_config):
     config = run_config(tmp_path / "run", validation_steps=1000)
     cfg = load_config(config, ["max_train_steps=80", "learning_rate=1e-2", "checkpointing_steps=1000",
                                "gradient_checkpointing=False", "trainable_modules=[attn1,attn2,attn_temp,ff]"])
-    train(cfg)
+    train_in_process(cfg)
 
     from diffusers import DDPMScheduler
 
@@ -176,11 +174,10 @@ def _losses(run) -> list[float]:
     return [event.value for event in events.Scalars("loss")]
 
 
-def test_bf16_on_the_cpu_trains_resumes_and_edits(tmp_path, run_config, fresh_accelerate_state):
+def test_bf16_on_the_cpu_trains_resumes_and_edits(tmp_path, run_config):
     def tune(name, precision, steps, *extra):
         config = run_config(tmp_path / name, f"{name}.yaml", mixed_precision=precision, validation_steps=100)
-        train(load_config(config, [f"max_train_steps={steps}", "checkpointing_steps=2", *extra]))
-        AcceleratorState._reset_state(True)
+        train_in_process(load_config(config, [f"max_train_steps={steps}", "checkpointing_steps=2", *extra]))
         return tmp_path / name
 
     full = tune("float32", "no", 4)
