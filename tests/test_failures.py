@@ -220,6 +220,14 @@ def test_a_checkpoint_that_fills_the_disk_ends_in_one_line(tmp_path, run_config)
         assert not (run / FILENAME).exists()
 
 
+def test_a_killed_final_save_leaves_nothing_behind_the_next_one(tmp_path, run_config):
+    run = tmp_path / "run"
+    (run / ".pipeline.tmp" / "unet").mkdir(parents=True)  # what a run killed while saving its model leaves
+    (run / ".pipeline.tmp" / "unet" / "stale.bin").write_bytes(b"stale")
+    train_in_process(load_config(run_config(run, max_train_steps=1, checkpointing_steps=1000, validation_steps=1000)))
+    assert leftovers(run) == [] and (run / "model_index.json").exists() and not (run / "unet" / "stale.bin").exists()
+
+
 def _size_on_tmpfs(path: Path) -> int:
     """Bytes `path` takes on a tmpfs: whole pages per file."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]

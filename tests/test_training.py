@@ -167,11 +167,19 @@ def test_random_windows_cover_every_start_and_follow_the_seed(run_config, tmp_pa
     assert starts(33) == drawn and starts(34) != drawn
 
 
-def _losses(run) -> list[float]:
-    """The loss of every step, as the run logged it to TensorBoard."""
+def _logged(run, tag: str = "loss") -> list[float]:
+    """The value of `tag` at every step, as the run logged it to TensorBoard."""
     events = EventAccumulator(str(next((run / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
-    return [event.value for event in events.Scalars("loss")]
+    return [event.value for event in events.Scalars(tag)]
+
+
+def test_the_learning_rate_schedule_counts_optimizer_steps_under_accumulation(tmp_path, run_config):
+    """`linear` with 2 warm-up steps over 4 steps of 2 accumulated batches each: up in 2 steps, down to 0 at the end."""
+    config = run_config(tmp_path / "run", max_train_steps=4, gradient_accumulation_steps=2, lr_scheduler="linear",
+                        lr_warmup_steps=2, learning_rate="1e-4", validation_steps=100, checkpointing_steps=100)
+    train_in_process(load_config(config))
+    assert _logged(tmp_path / "run", "lr") == pytest.approx([0.5e-4, 1e-4, 0.5e-4, 0.0])
 
 
 def test_bf16_on_the_cpu_trains_resumes_and_edits(tmp_path, run_config):
@@ -185,7 +193,7 @@ def test_bf16_on_the_cpu_trains_resumes_and_edits(tmp_path, run_config):
     trainable = load_file(half / "checkpoint-2" / "model.safetensors")
     assert trainable and all(t.dtype == torch.float32 for t in trainable.values())  # master weights stay float32
     half = tune("bf16", "bf16", 4, "resume_from_checkpoint=latest")
-    losses, reference = _losses(half), _losses(full)
+    losses, reference = _logged(half), _logged(full)
     assert len(losses) == len(reference) == 4 and all(math.isfinite(v) for v in losses)
     # the same noise and timesteps (same seed): the losses differ by bf16 rounding only
     assert losses == pytest.approx(reference, rel=0.05)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageSequence
 
 from tests.helpers import ffmpeg, frame_indices, index_frames, probe, small_disk
-from tuneavideo.atomic import DiskFullError, atomic_path
+from tuneavideo.atomic import DiskFullError, atomic_path, staged
 from tuneavideo.data.readers import Clip
 from tuneavideo.video_io import (
     Mp4Writer,
@@ -217,6 +217,14 @@ def test_atomic_path_keeps_existing_file_on_failure(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_staged_output_is_removed_on_ctrl_c(tmp_path):
+    with pytest.raises(KeyboardInterrupt), staged(tmp_path / "model.tmp", "disk full") as folder:
+        (folder / "unet").mkdir(parents=True)
+        (folder / "unet" / "weights.bin").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_atomic_path_reports_a_full_disk_in_one_line(tmp_path):

@@ -40,6 +40,21 @@ def disk_full(err: BaseException, path: str | os.PathLike) -> bool:
 
 
 @contextmanager
+def staged(temporary: Path, disk_full_message: str) -> Iterator[Path]:
+    """Yield `temporary` (a file or folder) to write; if the block fails in any way (Ctrl-C included), remove it, and
+    report a full disk as `DiskFullError(disk_full_message)`. On success the caller moves it to its final place."""
+    try:
+        yield temporary
+    except BaseException as err:
+        # asked before the partial output is removed: removing it frees the space again
+        full = isinstance(err, Exception) and not isinstance(err, UserError) and disk_full(err, temporary)
+        remove(temporary)
+        if full:
+            raise DiskFullError(disk_full_message) from err
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path to write a file or a folder to; it replaces `path` only on success.
 
@@ -50,22 +65,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     # same folder, so the rename is atomic; same suffix, so writers that pick a format from it still work
     temporary = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:12]}.tmp{target.suffix}")
-    try:
+    message = (f"no space left on the disk of {target.parent} while writing {target.name}; free space and run again "
+               "(files written before are kept)")
+    with staged(temporary, message):
         yield temporary
         if target.is_dir() and temporary.is_dir():
-            _remove(target)
+            remove(target)
         os.replace(temporary, target)
-    except Exception as err:
-        if isinstance(err, UserError) or not disk_full(err, temporary):
-            raise
-        raise DiskFullError(f"no space left on the disk of {target.parent} while writing {target.name}; free "
-                            "space and run again (files written before are kept)") from err
-    finally:
-        _remove(temporary)
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Remove a file or a folder, if there (other processes may be removing the same folder)."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
-        path.unlink()
+        path.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from .atomic import DiskFullError, disk_full
+from .atomic import remove, staged
 from .errors import UserError
 
 logger = get_logger(__name__, log_level="INFO")
@@ -47,20 +47,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
     """`accelerator.save_state` (on every process) into a temporary folder renamed to `checkpoint-STEP`."""
     final = output_dir / f"checkpoint-{step}"
     temporary = output_dir / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
+    if accelerator.is_main_process:
+        remove(temporary)  # left by a killed run
     accelerator.wait_for_everyone()
-    try:
+    # torch.save reports a full disk as a RuntimeError ("unexpected pos"), not OSError: `staged` asks the disk
+    with staged(temporary, f"no space left on the disk of {output_dir} while saving checkpoint-{step}; "
+                           f"{resume_advice(output_dir)}"):
         accelerator.save_state(str(temporary))
-    except Exception as err:  # torch.save reports a full disk as a RuntimeError ("unexpected pos"), not OSError
-        full = disk_full(err, temporary)  # asked before the partial checkpoint is removed
-        shutil.rmtree(temporary, ignore_errors=True)
-        if not full:
-            raise
-        last = list_checkpoints(output_dir)
-        kept = f"{last[-1]} is the last complete checkpoint" if last else "there is no complete checkpoint yet"
-        raise DiskFullError(f"no space left on the disk of {output_dir} while saving checkpoint-{step}; {kept}: "
-                            "free space, then resume with resume_from_checkpoint=latest") from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -72,6 +65,14 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
         logger.info(f"saved {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+def resume_advice(output_dir: Path) -> str:
+    """What to do once space is freed after a failed save: resume from the last complete checkpoint, if any."""
+    last = list_checkpoints(output_dir)
+    if last:
+        return f"{last[-1]} is the last complete checkpoint: free space, then resume with resume_from_checkpoint=latest"
+    return "there is no complete checkpoint: free space, then run the training again"
 
 
 def resume(accelerator: Accelerator, resume_from_checkpoint: str | None, output_dir: Path) -> int:

@@ -401,8 +401,8 @@ def _load_pipeline(run: Path, dtype: torch.dtype) -> TuneAVideoPipeline:
     try:
         return TuneAVideoPipeline.from_pretrained(run, dtype=dtype)
     except Exception as err:  # damaged weights surface as OSError, ValueError, RuntimeError or SafetensorError
-        raise EditError(f"{run}: its tuned model cannot be loaded ({first_line(err)}); re-run the training, or "
-                        "resume it with resume_from_checkpoint=latest to save the model again") from err
+        raise EditError(f"{run}: its tuned model cannot be loaded ({first_line(err)}); re-run the training (or "
+                        "resume it from its last checkpoint with resume_from_checkpoint=latest)") from err
 
 
 def _output_folder(folder: Path) -> Path:

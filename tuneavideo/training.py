@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
-import uuid
 from pathlib import Path
 
 import diffusers
@@ -31,12 +29,13 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .atomic import DiskFullError, atomic_path, disk_full
+from .atomic import atomic_path, remove, staged
 from .checkpointing import (
     keep_only_trainable_in_checkpoints,
     list_checkpoints,
     remove_checkpoints,
     resume,
+    resume_advice,
     save_checkpoint,
 )
 from .checks import check_output_dir, check_sd_folder
@@ -126,8 +125,9 @@ def train(cfg: TrainConfig) -> Path:
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=cfg.lr_warmup_steps * cfg.gradient_accumulation_steps,
-        num_training_steps=cfg.max_train_steps * cfg.gradient_accumulation_steps,
+        # accelerate steps the schedule once per optimizer step and process (not per accumulated batch)
+        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=cfg.max_train_steps * accelerator.num_processes,
     )
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -426,22 +426,16 @@ def _save_final(cfg: TrainConfig, unet: UNet3DConditionModel, output_dir: Path) 
     pipeline = TuneAVideoPipeline.from_pretrained(
         base, unet=unet, scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler")
     )
-    staging = output_dir / f".pipeline-{uuid.uuid4().hex[:12]}.tmp"
-    try:
+    staging = output_dir / ".pipeline.tmp"
+    remove(staging)  # left by a killed run
+    with staged(staging, f"no space left on the disk of {output_dir} while saving the tuned model; the tuned tensors "
+                         f"are safe in {tuned_file}; {resume_advice(output_dir)}"):
         pipeline.save_pretrained(staging)
-    except Exception as err:
-        full = disk_full(err, staging)  # asked before the partial files are removed
-        shutil.rmtree(staging, ignore_errors=True)
-        if not full:
-            raise
-        raise DiskFullError(f"no space left on the disk of {output_dir} while saving the tuned model; the tuned "
-                            f"tensors are safe in {tuned_file}: free space, then resume with "
-                            "resume_from_checkpoint=latest to save the model") from err
     entries = sorted(staging.iterdir(), key=lambda entry: entry.name == "model_index.json")
     for entry in entries:
         target = output_dir / entry.name
         if target.is_dir():
-            shutil.rmtree(target)
+            remove(target)
         os.replace(entry, target)
     staging.rmdir()
     logger.info(f"saved the tuned model to {output_dir}")
