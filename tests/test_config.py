@@ -243,6 +243,15 @@ def test_wrong_type_in_override():
         load_config(CONFIGS / "car-turn.yaml", ["validation_data.guidance_scale=high"])
 
 
+def test_an_override_of_the_wrong_shape_is_named():
+    with pytest.raises(ConfigError, match=r"'trainable_modules' expects .*got a mapping; give the whole list"):
+        load_config(CONFIGS / "car-turn.yaml", ["trainable_modules={a: b}"])
+    # validation_data.prompts may be either shape, but an override cannot turn one into the other
+    with pytest.raises(ConfigError, match=r"^override 'validation_data.prompts=\{style: a\}': a list and a mapping "
+                                          r"cannot replace each other"):
+        load_config(CONFIGS / "car-turn.yaml", ["validation_data.prompts={style: a}"])
+
+
 @pytest.mark.parametrize(
     "drop, key",
     [("pretrained_model_path: ./model\n", "pretrained_model_path"), ("  prompt: a clip\n", "train_data.prompt")],

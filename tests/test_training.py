@@ -18,9 +18,10 @@ from tests.helpers import ROOT, train_in_process
 from tuneavideo.config import load_config
 from tuneavideo.data.readers import Clip
 from tuneavideo.editing import EditOptions, edit
+from tuneavideo.inversion import sampling_scheduler
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
-from tuneavideo.training import TrainingWindows
+from tuneavideo.training import TrainingWindows, validate
 from tuneavideo.tuned_parameters import apply_tuned_parameters
 
 
@@ -223,3 +224,22 @@ def test_frozen_weights_in_half_precision_still_train_in_float32(unet3d, clip_in
     for name, parameter in unet3d.named_parameters():
         if name in names:
             assert parameter.grad is not None and parameter.grad.dtype == torch.float32 and parameter.grad.abs().sum() > 0
+
+
+def test_validation_samples_from_the_inverted_noise_level(pipe, tmp_path, run_config):
+    """With fewer sampling than inversion steps, validation samples as an edit does: from the inverted latent's
+    noise level (`sampling_scheduler`), and the pipeline keeps its own scheduler afterwards."""
+    cfg = load_config(run_config(tmp_path / "run"), ["validation_data.num_inference_steps=2",
+                                                     "validation_data.num_inv_steps=4", "validation_data.prompts=[a]"])
+    clean = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    scheduler = pipe.scheduler
+    samples = validate(pipe, clean, cfg, 1, fps=8)
+    assert pipe.scheduler is scheduler
+    inverted = torch.load(tmp_path / "run" / "inv_latents" / "ddim_latent-1.pt")
+
+    def sample(sampler):
+        pipe.scheduler = sampler
+        return pipe("a", video_length=4, num_inference_steps=2, guidance_scale=12.5, latents=inverted).videos
+
+    torch.testing.assert_close(samples, sample(sampling_scheduler(scheduler, 2, 4)), rtol=1e-5, atol=1e-5)
+    assert (samples - sample(scheduler)).abs().max() > 1e-3  # the plain 2-step grid starts elsewhere

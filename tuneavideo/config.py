@@ -153,6 +153,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _config_error(err, source, None) from err
+    if cfg.validation_data.video_length is None:  # as many frames as are tuned on
+        cfg.validation_data.video_length = cfg.train_data.n_sample_frames
     _check_values(cfg, source)
     return cfg
 
@@ -202,9 +204,11 @@ def _config_error(err: Exception, where: str, update: object) -> ConfigError:
     if isinstance(err, ValidationError) and key:
         return ConfigError(f"{where}: '{key}' expects {_expected_type(key)}; {first_line(err)}")
     if isinstance(err, TypeError) and isinstance(update, DictConfig):  # OmegaConf names no key here
-        key = _mapping_for_list(OmegaConf.to_container(update))
-        return ConfigError(f"{where}: '{key}' expects {_expected_type(key)}, got a mapping; give the whole list, "
-                           f"e.g. {key}=['a','b']")
+        if key := _mapping_for_list(OmegaConf.to_container(update)):
+            return ConfigError(f"{where}: '{key}' expects {_expected_type(key)}, got a mapping; give the whole list, "
+                               f"e.g. {key}=['a','b']")
+        return ConfigError(f"{where}: a list and a mapping cannot replace each other here; write the value in the "
+                           "same shape as the config file, or change the file")
     if isinstance(err, OSError):
         return ConfigError(f"{where}: cannot be read ({err.strerror or err}); check its permissions")
     if isinstance(err, UnicodeDecodeError):
@@ -251,8 +255,6 @@ def _expected_type(full_key: str) -> str:
 def _check_values(cfg: TrainConfig, source: str) -> None:
     """Reject values that type-check but cannot work, before any model is loaded."""
     td, vd = cfg.train_data, cfg.validation_data
-    if vd.video_length is None:
-        vd.video_length = td.n_sample_frames
     positive_keys = ["max_train_steps", "train_batch_size", "gradient_accumulation_steps", "validation_steps",
                      "checkpointing_steps", "train_data.n_sample_frames", "train_data.sample_frame_rate",
                      "validation_data.video_length", "validation_data.num_inference_steps",

@@ -43,7 +43,7 @@ from .config import TrainConfig, validation_prompts
 from .data.dataset import clip_size, decode_frames, tuned_window, window_starts
 from .data.readers import Clip
 from .errors import UserError, first_line
-from .inversion import ddim_inversion
+from .inversion import ddim_inversion, sampling_scheduler
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline, truncated_text
 from .tuned_parameters import FILENAME as TUNED_PARAMETERS
@@ -357,9 +357,9 @@ def _optimizer(cfg: TrainConfig, parameters: list[torch.nn.Parameter], learning_
 
 @torch.no_grad()
 def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: TrainConfig, step: int,
-             fps: float) -> None:
+             fps: float) -> torch.Tensor:
     """Invert the tuned window (`clean_latents`, the VAE posterior mean) with the current UNet, save that latent,
-    then sample every validation prompt from it.
+    then sample every validation prompt from it; returns the samples, one video per prompt.
 
     Samples have the tuned frames' size, which keeps the source's aspect ratio, rather than
     `validation_data.width/height` (an inverted latent of another size could not be sampled anyway).
@@ -370,10 +370,13 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
     was_training = unet.training
     unet.eval()
     latents = None
+    scheduler = pipeline.scheduler
     if validation.use_inv_latent:
-        latents = ddim_inversion(pipeline, pipeline.scheduler, clean_latents, validation.num_inv_steps)[-1]
+        latents = ddim_inversion(pipeline, scheduler, clean_latents, validation.num_inv_steps)[-1]
         with atomic_path(output_dir / "inv_latents" / f"ddim_latent-{step}.pt") as path:
             torch.save(latents.cpu(), path)
+        # sampling starts at the inverted latent's noise level, as in an edit
+        pipeline.scheduler = sampling_scheduler(scheduler, validation.num_inference_steps, validation.num_inv_steps)
     generator = torch.Generator(device=pipeline.device).manual_seed(cfg.seed if cfg.seed is not None else 0)
     videos = []
     for name, prompt in tqdm(validation_prompts(validation), desc=f"Validation at step {step}", leave=False):
@@ -388,8 +391,11 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
         for suffix in (".gif", ".mp4"):
             save_videos_grid(video, str(folder / f"{prompt_file_name(prompt)}{suffix}"), fps=fps)
         videos.append(video)
-    save_videos_grid(torch.cat(videos), str(output_dir / "samples" / f"sample-{step}.gif"), fps=fps)
+    videos = torch.cat(videos)
+    save_videos_grid(videos, str(output_dir / "samples" / f"sample-{step}.gif"), fps=fps)
+    pipeline.scheduler = scheduler
     unet.train(was_training)
+    return videos
 
 
 def _write_run_config(cfg: TrainConfig, output_dir: Path) -> None:
