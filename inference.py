@@ -12,6 +12,7 @@ Bad input ends with a one-line error; add --debug (or set TUNEAVIDEO_DEBUG=1) fo
 
 import argparse
 import logging
+from pathlib import Path
 
 from tuneavideo.cli import OneLineArgumentParser, run_cli
 from tuneavideo.editing import EditError, EditOptions, Span, edit, parse_span, run_folder
@@ -24,7 +25,7 @@ def span(text: str) -> Span:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def parse_args(argv: list[str]) -> tuple[str, EditOptions]:
+def parse_args(argv: list[str]) -> tuple[Path, EditOptions]:
     """The run folder and the edit options `argv` asks for (checked further by `tuneavideo.editing.plan_edit`)."""
     parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = parser.add_mutually_exclusive_group(required=True)

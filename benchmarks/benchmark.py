@@ -187,7 +187,7 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
         latent = pipe.encode_video(random_frames(frames, size)).mean
         encode = clock.lap()
         latent = ddim_inversion(pipe, scheduler, latent, args.steps, window_size=args.window,
-                                callback=lambda *_: invert_steps.append(clock.lap()))[-1]
+                                callback=lambda *_: invert_steps.append(clock.lap()), keep_all=False)[-1]
         pipe.scheduler = sampling_scheduler(scheduler, args.steps, args.steps)
         clock.lap()
         edited = pipe(EDIT_PROMPT, latents=latent, num_inference_steps=args.steps, guidance_scale=EDIT_GUIDANCE,

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_tuneavideo
-from tests.helpers import ROOT, SAMPLE_CLIP, ffmpeg, index_frames, small_disk, train_in_process
+from tests.helpers import ROOT, SAMPLE_CLIP, ffmpeg, index_frames, probe, small_disk, train_in_process
 from tuneavideo.checkpointing import list_checkpoints
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
@@ -366,6 +366,41 @@ def test_a_missing_source_clip_names_the_config_key(tuned_run, tmp_path):
     (run / "config.yaml").write_text(config.replace(str(SAMPLE_CLIP), str(tmp_path / "moved.mp4")))
     status, message = edit_cli(run, "--prompt", "a cat")
     assert status == 1 and "moved.mp4: no such video file" in message and "train_data.video_path" in message
+
+
+def _run_with_source(tuned_run: Path, folder: Path, clip: Path) -> Path:
+    """A copy of `tuned_run` in `folder` whose config names `clip` as its source, with an earlier edit in it."""
+    run = folder / "run"
+    shutil.copytree(tuned_run, run)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace(str(SAMPLE_CLIP), str(clip)))
+    (run / "edits").mkdir()
+    (run / "edits" / "earlier.mp4").write_bytes(b"an earlier edit")
+    return run
+
+
+def test_a_truncated_source_clip_is_a_one_line_error_and_keeps_earlier_edits(tuned_run, tmp_path):
+    whole = tmp_path / "index first.mp4"
+    ffmpeg("-i", SAMPLE_CLIP, "-c", "copy", "-movflags", "+faststart", whole)  # lists every frame before the data
+    clip = tmp_path / "truncated.mp4"
+    clip.write_bytes(whole.read_bytes()[: whole.stat().st_size * 9 // 10])  # the last frames' data is gone
+    run = _run_with_source(tuned_run, tmp_path, clip)
+    status, message = edit_cli(run, "--prompt", "a cat", "--span", "all", "--stride", "1")
+    assert status == 1 and message.startswith(f"inference.py: error: {clip}: the edit needs frame ")
+    assert "\n" not in message and "give a shorter --span" in message and "truncated or damaged" in message
+    assert message.count(" decode") == 1, message  # how many frames decode is said once
+    assert [p.name for p in (run / "edits").iterdir()] == ["earlier.mp4"]
+
+
+def test_damaged_sound_in_the_source_is_silence_in_the_edit(tuned_run, tmp_path, caplog):
+    clip = tmp_path / "damaged.mp4"
+    shutil.copyfile(SAMPLE_CLIP, clip)
+    damage(clip)  # its pictures still decode (the decoder conceals the damage); some sound packets do not
+    run = _run_with_source(tuned_run, tmp_path, clip)
+    with caplog.at_level("WARNING"):
+        status, _ = edit_cli(run, "--prompt", "a cat", "--span", "all")
+    assert status == 0 and "damaged sound packet(s) of" in caplog.text
+    assert probe(run / "edits" / "a cat.mp4")["audio_seconds"] > 0
 
 
 def test_a_damaged_cached_inversion_is_inverted_again(tuned_run, tmp_path, caplog):

@@ -8,8 +8,11 @@ Edits are checked by decoding what was written.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import subprocess
 import sys
+import time
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -27,7 +30,7 @@ from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.data.dataset import fit_size
 from tuneavideo.data.readers import Clip
-from tuneavideo.editing import EditOptions, edit, plan_edit
+from tuneavideo.editing import EditError, EditOptions, edit, plan_edit
 from tuneavideo.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import SD_SCHEDULER_CONFIG
@@ -279,6 +282,32 @@ def test_a_span_equal_to_the_tuned_window_is_todays_edit(runs, tmp_path):
     assert spanned.frames == default.frames == range(0, 12, 3)
     assert len(spanned.windows) == len(default.windows) == 1 and spanned.cache == default.cache
     assert default.cache == run / "inv_latents" / "ddim_latent-1.pt"
+
+
+def test_a_backwards_span_is_refused_whatever_builds_the_options(runs):
+    """The app and the benchmark build EditOptions themselves: the span is checked where every edit passes."""
+    for span, given in (((Fraction(2), Fraction(1)), "'2:1'"), ((Fraction(-1), None), "'-1:'")):
+        with pytest.raises(EditError, match=f"^--span {given}: START must be >= 0 and before END$"):
+            plan_edit(runs["square"], EditOptions(["a cat"], span=span))
+
+
+def test_the_span_cache_of_a_frame_folder_changes_when_a_frame_is_replaced(runs, tmp_path):
+    """A folder's own time stamp stays when a frame is overwritten in place; the cached inversion must not."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["square"], run)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, frame in enumerate(Clip(SAMPLE_CLIP).read(range(16))):  # more than the tuned frames 0-9
+        Image.fromarray(frame).save(folder / f"{index:05d}.png")
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace(str(SAMPLE_CLIP), str(folder)))
+    options = EditOptions(["a cat"], span=(None, None), **FAST)
+    before = plan_edit(run, options).cache
+    assert before.name.startswith("span-") and plan_edit(run, options).cache == before
+    folder_time = folder.stat().st_mtime_ns
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(folder / "00005.png")  # in place
+    os.utime(folder / "00005.png", ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert folder.stat().st_mtime_ns == folder_time and plan_edit(run, options).cache != before
 
 
 def test_windowed_reconstruction_is_close_to_the_single_window_one(runs, capsys):

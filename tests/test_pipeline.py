@@ -38,6 +38,9 @@ def test_inversion_matches_the_original_update(pipe, tiny_sd):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     # the first step starts from alpha_bar_0 (set_alpha_to_one=False), not from 1
     assert scheduler.final_alpha_cumprod == pytest.approx(1 - 0.00085)
+    # keep_all=False keeps only the last latent (the same computation, in one process: bit for bit)
+    last = ddim_inversion(pipe, scheduler, latent, num_inv_steps=10, keep_all=False)
+    assert len(last) == 1 and torch.equal(last[0], latents[-1])
 
 
 def test_inversion_follows_v_prediction(pipe, tiny_sd):

@@ -24,7 +24,7 @@ def main(overrides: list[str]) -> None:
     if not (Path(cfg.pretrained_model_path) / "model_index.json").exists():
         make_tiny_sd(cfg.pretrained_model_path)
     output_dir = train(cfg)
-    steps = cfg.validation_data.num_inv_steps  # the run's own: its cached inversion would fit the tuned window
+    steps = cfg.validation_data.num_inv_steps  # the run's own (20 in demo.yaml): quick on the CPU
     whole = edit(output_dir, EditOptions(["a red ball is moving"], num_inference_steps=steps, num_inv_steps=steps,
                                          span=(None, None), output_dir=output_dir / "edits" / "whole-clip"))
     print(f"demo run written to {output_dir}: samples in {output_dir / 'samples'}; the whole clip "

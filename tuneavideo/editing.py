@@ -117,8 +117,6 @@ def parse_span(text: str) -> Span:
     except (ValueError, ZeroDivisionError):
         raise EditError(f"{text!r}: give all, or START:END in seconds (either side may be left out, e.g. 2:5.5 "
                         "or :4)") from None
-    if (start is not None and start < 0) or (start is not None and end is not None and end <= start):
-        raise EditError(f"{text!r}: START must be >= 0 and before END")
     return start, end
 
 
@@ -151,7 +149,6 @@ class EditPlan:
     names: list[str]  # file stem of each prompt
     clip: Clip
     size: tuple[int, int]  # (width, height): the tuned size
-    stride: int
     frames: range  # the source frames edited
     window: int
     windows: list[Window]
@@ -171,8 +168,10 @@ class EditPlan:
                 and options.num_inv_steps == validation.num_inv_steps):
             return self.run / "inv_latents" / f"ddim_latent-{cfg.max_train_steps}.pt"
         source = os.stat(self.clip.path)
+        # a folder's own time stamp does not change when a frame is overwritten in place; its images' do
+        changed = max(os.stat(p).st_mtime_ns for p in self.clip.images) if self.clip.images else source.st_mtime_ns
         weights = [os.stat(p) for p in sorted((self.run / "unet").glob("diffusion_pytorch_model*"))]
-        key = dict(source=[os.path.abspath(self.clip.path), source.st_size, source.st_mtime_ns],
+        key = dict(source=[os.path.abspath(self.clip.path), source.st_size, changed],
                    unet=[[w.st_size, w.st_mtime_ns] for w in weights], size=list(self.size),
                    frames=[self.frames.start, self.frames.stop, self.frames.step], num_inv_steps=options.num_inv_steps,
                    windows=[[w.frames[0], w.frames[-1], len(w.frames)] for w in self.windows])
@@ -202,7 +201,7 @@ def plan_edit(run: str | os.PathLike, options: EditOptions) -> EditPlan:
     folder = _output_folder(Path(options.output_dir) if options.output_dir is not None else run / "edits")
     span = source_span(frames.start, len(frames), stride, float(clip.info.fps), clip.info.start_time)
     size = clip_size(clip.info.width, clip.info.height, data.width, data.height)
-    return EditPlan(run, cfg, options, names, clip, size, stride, frames, window, windows, folder,
+    return EditPlan(run, cfg, options, names, clip, size, frames, window, windows, folder,
                     clip.info.fps / stride, span)
 
 
@@ -238,7 +237,7 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
         else:
             source = pipe.encode_video(_source_frames(plan)).mean
             latent = ddim_inversion(pipe, run_scheduler, source, options.num_inv_steps, window_size=plan.window,
-                                    window_overlap=options.overlap, callback=progress)[-1]
+                                    window_overlap=options.overlap, callback=progress, keep_all=False)[-1]
             with atomic_path(cache) as path:
                 torch.save(latent.cpu(), path)
         pipe.scheduler = sampling_scheduler(run_scheduler, options.num_inference_steps, options.num_inv_steps)
@@ -255,7 +254,7 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
     stems = [name if options.num_videos_per_prompt == 1 else f"{name}-{index}"
              for name in plan.names for index in range(options.num_videos_per_prompt)]
     with tempfile.TemporaryDirectory(prefix="tav-edit-") as tmp:
-        audio = _span_audio(plan.clip.path, plan.span, Path(tmp)) if options.audio else None
+        audio = _span_audio(plan.clip, plan.span, Path(tmp)) if options.audio else None
         frame_folders = [plan.folder / stem for stem in stems] if options.jpeg_frames else []
         videos, gifs, comparison = _write(pipe, torch.cat(edited), _source_frames(plan), stems, plan.folder,
                                           plan.fps, audio, frame_folders, options.gif)
@@ -287,8 +286,9 @@ def edit_frames(clip: Clip, cfg: TrainConfig, span: Span | None, stride: int) ->
     first; without a span, those of the tuned window `[start, start + n_sample_frames * sample_frame_rate)`."""
     info, data = clip.info, cfg.train_data
     if span is None:
-        start = data.sample_start_idx
-        stop = min(info.num_frames, start + data.n_sample_frames * data.sample_frame_rate)
+        tuned = tuned_window(info.num_frames, data.n_sample_frames, data.sample_start_idx, data.sample_frame_rate,
+                             clip.path)
+        start, stop = tuned.start, min(info.num_frames, tuned.stop)
     else:
         start = math.ceil(span[0] * info.fps) if span[0] is not None else 0
         stop = min(info.num_frames, math.ceil(span[1] * info.fps)) if span[1] is not None else info.num_frames
@@ -311,6 +311,11 @@ def check_options(options: EditOptions) -> list[str]:
     for name, (value, smallest) in counts.items():
         if value is not None and value < smallest:
             raise EditError(f"{name} must be >= {smallest}, got {value}")
+    if options.span is not None:
+        start, end = options.span
+        if (start is not None and start < 0) or (start is not None and end is not None and end <= start):
+            given = ":".join("" if value is None else f"{float(value):g}" for value in options.span)
+            raise EditError(f"--span {given!r}: START must be >= 0 and before END")
     if not math.isfinite(options.guidance_scale):
         raise EditError(f"--guidance-scale must be a finite number, got {options.guidance_scale}")
     if not (math.isfinite(options.eta) and options.eta >= 0):
@@ -343,9 +348,8 @@ def _write(pipe: TuneAVideoPipeline, latents: torch.Tensor, source, stems: list[
             if len(chunk) < DECODE_CHUNK and index + 1 < num_frames:
                 continue
             first = index + 1 - len(chunk)
-            with torch.no_grad():
-                decoded = [grid_frames(torch.from_numpy(pipe.decode_latents(latents[k : k + 1, :, first : index + 1])))
-                           for k in range(len(stems))]
+            decoded = [grid_frames(torch.from_numpy(pipe.decode_latents(latents[k : k + 1, :, first : index + 1])))
+                       for k in range(len(stems))]
             for k, frames in enumerate(decoded):
                 for offset, frame_of_edit in enumerate(frames):
                     writers[k].write(frame_of_edit)
@@ -383,8 +387,7 @@ def _source_frames(plan: EditPlan) -> Iterator[np.ndarray]:
     """The edited frames of the source at the tuned size, streamed."""
 
     def check(num_frames: int) -> None:
-        raise ClipTooShortError(f"{plan.clip.path}: the edit needs frame {plan.frames[-1]} but only "
-                                f"{frames_text(num_frames)} decode; give a shorter --span")
+        raise ClipTooShortError(f"{plan.clip.path}: the edit needs frame {plan.frames[-1]}; give a shorter --span")
 
     return decode_frames(plan.clip, plan.frames, plan.size, check)
 
@@ -433,12 +436,12 @@ def _cached_latent(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
     return latent.float()
 
 
-def _span_audio(video_path: str, span: tuple[float, float], folder: Path) -> str | None:
+def _span_audio(clip: Clip, span: tuple[float, float], folder: Path) -> str | None:
     """The source's sound over `span` as a WAV in `folder`, or None, with a one-line note, when it has none."""
-    if os.path.isdir(video_path):
-        logger.warning(f"note: {video_path} is a folder of frames, which has no sound; the MP4s are silent")
+    if clip.images is not None:
+        logger.warning(f"note: {clip.path} is a folder of frames, which has no sound; the MP4s are silent")
         return None
-    wav = extract_audio(video_path, folder / "span.wav", *span)
+    wav = extract_audio(clip.path, folder / "span.wav", *span)
     if wav is None:
-        logger.warning(f"note: {video_path} has no sound; the MP4s are silent")
+        logger.warning(f"note: {clip.path} has no sound; the MP4s are silent")
     return wav

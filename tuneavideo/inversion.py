@@ -25,13 +25,15 @@ def ddim_inversion(
     window_size: int | None = None,
     window_overlap: int | None = None,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    keep_all: bool = True,
 ) -> list[torch.Tensor]:
     """Run deterministic DDIM backwards from a clean clip latent to noise.
 
     `video_latent` is `(batch, 4, frames, h, w)`, already multiplied by the VAE's scaling factor. The UNet is
     conditioned on `prompt` (the original always used the empty prompt) without guidance. Returns the
     `num_inv_steps + 1` latents from clean to noisiest (timesteps 1, 21, ..., 981 for 50 steps with SD's
-    scheduler); sample from the last one with a DDIM scheduler of the same step count.
+    scheduler); sample from the last one with a DDIM scheduler of the same step count. With `keep_all=False` only
+    the last is kept (a one-item list): a long clip's latents at every step add up.
 
     The update is the original's `next_step`, done by diffusers' `DDIMInverseScheduler` built from the sampling
     scheduler's config (keeping its `set_alpha_to_one=False`, `steps_offset=1` and `prediction_type`), so
@@ -59,7 +61,10 @@ def ddim_inversion(
                 return noise_pred
 
             latent = inverse.step(blend(predict, latent, windows), t, latent).prev_sample
-            latents.append(latent)
+            if keep_all:
+                latents.append(latent)
+            else:
+                latents = [latent]
             if callback is not None:
                 callback(i, t, latent)
     return latents

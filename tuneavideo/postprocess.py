@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -25,7 +26,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .data.readers import Clip
-from .video_io import Mp4Writer
+from .video_io import write_mp4
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,12 @@ def extract_audio(video_path: str | os.PathLike[str], out_path: str | os.PathLik
         # 16-bit interleaved samples, the stream's own rate and channels: a format change only, no resampling
         resampler = av.AudioResampler(format="s16", layout=stream.codec_context.layout, rate=rate)
         span = np.zeros((round((end - start) * rate), channels), np.int16)
-        for frame in container.decode(stream):
+        for frame in _decodable(container, stream):
             if frame.time is None:
                 continue
             offset = round((frame.time - start) * rate)
+            if offset >= len(span):  # frames come in time order: the rest is past the span
+                break
             for converted in resampler.resample(frame):
                 samples = converted.to_ndarray().reshape(-1, channels)
                 _place(span, samples, offset)
@@ -83,6 +86,18 @@ def extract_audio(video_path: str | os.PathLike[str], out_path: str | os.PathLik
         out.setframerate(rate)
         out.writeframes(span.tobytes())
     return os.fspath(out_path)
+
+
+def _decodable(container: av.container.InputContainer, stream: av.audio.AudioStream) -> Iterator[av.AudioFrame]:
+    """The stream's frames; packets that do not decode (a damaged file) are left out, so their time is silent."""
+    damaged = 0
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.FFmpegError:
+            damaged += 1
+    if damaged:
+        logger.warning(f"note: {damaged} damaged sound packet(s) of {container.name} are silent")
 
 
 def _place(span: np.ndarray, samples: np.ndarray, offset: int) -> None:
@@ -106,17 +121,14 @@ def mux_audio(
     video is copied unchanged and False is returned. An existing ``out_path`` is only replaced once the new file is
     complete.
     """
-    if not has_audio(audio_source_path):
-        logger.warning("%s has no audio; copying %s to %s without sound", audio_source_path, video_path, out_path)
-        with atomic_path(out_path) as tmp:
-            shutil.copyfile(video_path, tmp)
-        return False
-    clip = Clip(video_path)
-    frames = list(clip.frames())
     # The cut goes to lossless WAV first so the only lossy audio step is the final AAC encode.
     with tempfile.TemporaryDirectory(prefix="tav-audio-") as folder:
         wav = extract_audio(audio_source_path, Path(folder) / "span.wav", start, end)
-        with Mp4Writer(out_path, clip.info.fps, wav, len(frames)) as writer:
-            for frame in frames:
-                writer.write(frame)
+        if wav is None:
+            logger.warning("%s has no audio; copying %s to %s without sound", audio_source_path, video_path, out_path)
+            with atomic_path(out_path) as tmp:
+                shutil.copyfile(video_path, tmp)
+            return False
+        clip = Clip(video_path)
+        write_mp4(np.stack(list(clip.frames())), out_path, clip.info.fps, wav)
     return True

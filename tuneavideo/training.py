@@ -372,7 +372,7 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
     latents = None
     scheduler = pipeline.scheduler
     if validation.use_inv_latent:
-        latents = ddim_inversion(pipeline, scheduler, clean_latents, validation.num_inv_steps)[-1]
+        latents = ddim_inversion(pipeline, scheduler, clean_latents, validation.num_inv_steps, keep_all=False)[-1]
         with atomic_path(output_dir / "inv_latents" / f"ddim_latent-{step}.pt") as path:
             torch.save(latents.cpu(), path)
         # sampling starts at the inverted latent's noise level, as in an edit
