@@ -116,7 +116,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
     files["audio only.mp4"] = root / "audio.mp4"
 
     image = Image.fromarray(index_frames(1)[0])
-    for kind, suffix in (("PNG", ".png"), ("PNG", ".mp4"), ("JPEG", ".jpg"), ("JPEG", ".mp4")):
+    for kind, suffix in (("PNG", ".png"), ("PNG", ".mp4"), ("JPEG", ".jpg"), ("JPEG", ".mp4"), ("BMP", ".bmp"),
+                         ("BMP", ".mp4"), ("WEBP", ".webp")):
         name = f"{kind.lower()} image{suffix}"
         image.save(root / name, format=kind)
         files[name] = root / name
@@ -207,6 +208,9 @@ REJECTED = {
     "png image.mp4": r"is a PNG image, not a video; give a video file",
     "jpeg image.jpg": r"is a JPEG image, not a video; give a video file",
     "jpeg image.mp4": r"is a JPEG image, not a video; give a video file",
+    "bmp image.bmp": r"is a BMP image, not a video; give a video file",  # not a video of 1 frame
+    "bmp image.mp4": r"is a BMP image, not a video; give a video file",
+    "webp image.webp": r"is a WebP image, not a video; give a video file",
     "audio only.m4a": r"has no video stream \(audio only, or a damaged file\); give a file with video$",
     "audio only.wav": r"has no video stream \(audio only, or a damaged file\); give a file with video$",
     "audio only.mp4": r"has no video stream \(audio only, or a damaged file\); give a file with video$",

@@ -27,9 +27,6 @@ FOLDER_FPS = Fraction(24)  # frame rate of a folder of frames when none is given
 
 # What to do about a file that does not decode.
 _FIX = "check that it plays in a video player, or re-encode it (ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4)"
-# Still images that FFmpeg would open as a one-frame "video"; a clip of one still is never what was meant.
-_IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"),
-                     (b"MM\x00*", "TIFF"))
 
 
 class VideoReadError(UserError):
@@ -185,22 +182,16 @@ def _load_image(file: Path) -> np.ndarray:
 
 
 def _checked_file(path: str) -> str:
-    """`path` if it is a readable file that is not a still image, else a VideoReadError saying why."""
+    """`path` if it is a readable, non-empty file, else a VideoReadError saying why."""
     if not os.path.isfile(path):  # missing, a broken link, or a pipe/device that the decoder could block on
         raise VideoReadError(f"{path}: no such video file; check the path")
     try:
         with open(path, "rb") as file:
-            head = file.read(16)
+            head = file.read(1)
     except OSError as err:
         raise VideoReadError(f"{path}: cannot be opened ({err.strerror or err}); check its permissions") from err
     if not head:
         raise VideoReadError(f"{path}: is empty (0 bytes); copy or export the video again")
-    kind = next((name for signature, name in _IMAGE_SIGNATURES if head.startswith(signature)), None)
-    if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        kind = "WebP"
-    if kind is not None:
-        raise VideoReadError(f"{path}: is a {kind} image, not a video; give a video file (e.g. .mp4) of the clip, "
-                             "or a folder of frames")
     return path
 
 
@@ -210,6 +201,14 @@ def _open(path: str) -> av.container.InputContainer:
         container = av.open(path, metadata_errors="replace")
     except av.FFmpegError as err:
         raise VideoReadError(f"{path}: cannot be read as a video ({first_line(err)}); {_FIX}") from err
+    # FFmpeg opens a still image (png_pipe, jpeg_pipe, bmp_pipe, ... or image2) as a one-frame "video"; a clip of one
+    # still is never what was meant.
+    name = container.format.name
+    if name == "image2" or name.endswith("_pipe"):
+        container.close()
+        kind = "still" if name == "image2" else name.removesuffix("_pipe").upper().replace("WEBP", "WebP")
+        raise VideoReadError(f"{path}: is a {kind} image, not a video; give a video file (e.g. .mp4) of the clip, "
+                             "or a folder of frames")
     if not container.streams.video:
         container.close()
         raise VideoReadError(f"{path}: has no video stream (audio only, or a damaged file); give a file with video")
