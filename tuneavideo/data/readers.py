@@ -10,8 +10,9 @@ Every bad input ends in a one-line `VideoReadError` that names the file and says
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -83,14 +84,16 @@ class Clip:
         Raises:
             FramesMissingError: after the frames that decode, when decoding ends before `stop`.
         """
-        source = _folder_frames(self.path, self.images) if self.images is not None else _video_frames(self.path)
+        if stop is not None and stop <= start:
+            return
+        # Frames are scaled once picked, and a folder's images loaded only then; decoding ends at frame `stop - 1`.
+        source = range(len(self.images)) if self.images is not None else _video_frames(self.path)
+        scale = _scaler(size or (self.info.width, self.info.height))
         count, stopped = 0, None
         try:
-            for count, frame in enumerate(_scaled(source, size or (self.info.width, self.info.height)), 1):
-                if stop is not None and count > stop:
-                    return
+            for count, frame in enumerate(itertools.islice(source, stop), 1):
                 if count > start and (count - 1 - start) % step == 0:
-                    yield frame
+                    yield scale(frame if self.images is None else self._folder_frame(frame))
         except _DecodingStopped as err:
             stopped = str(err)
         missing = start if count <= start else start - (start - count) // step * step  # the first index not given
@@ -110,17 +113,31 @@ class Clip:
         found = {i: frame for i, frame in zip(range(first, stop), self.frames(size, first, stop)) if i in indices}
         return np.stack([found[i] for i in indices])
 
+    def _folder_frame(self, index: int) -> av.VideoFrame:
+        """Image `index` of a folder, checked to be the size of the first."""
+        file, width, height = self.images[index], self.info.width, self.info.height
+        pixels = _load_image(file)
+        if pixels.shape[:2] != (height, width):
+            raise VideoReadError(f"{self.path}: frame images differ in size ({self.images[0].name} is {width}x"
+                                 f"{height}, {file.name} is {pixels.shape[1]}x{pixels.shape[0]}); give frames of one "
+                                 "size")
+        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+        frame.pts = index
+        return frame
+
 
 class _DecodingStopped(Exception):
     """A decoding error part-way through a stream: the frames before it are what a damaged file holds."""
 
 
-def _scaled(frames: Iterator[av.VideoFrame], size: tuple[int, int]) -> Iterator[np.ndarray]:
-    """Frames as `(H, W, 3)` uint8 RGB at `size` (width, height) through FFmpeg's filter graph `scale=W:H:flags=
-    bilinear` then `format=rgb24` (one frame out for each in), built for the first frame's size and pixel format (a
-    damaged header may not state the format)."""
+def _scaler(size: tuple[int, int]) -> Callable[[av.VideoFrame], np.ndarray]:
+    """A function giving a frame as `(H, W, 3)` uint8 RGB at `size` (width, height) through FFmpeg's filter graph
+    `scale=W:H:flags=bilinear` then `format=rgb24` (one frame out for each in), built for the first frame's size and
+    pixel format (a damaged header may not state the format)."""
     graph = None
-    for frame in frames:
+
+    def scale(frame: av.VideoFrame) -> np.ndarray:
+        nonlocal graph
         if graph is None:
             graph = av.filter.Graph()
             source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
@@ -129,7 +146,9 @@ def _scaled(frames: Iterator[av.VideoFrame], size: tuple[int, int]) -> Iterator[
                      graph.add("buffersink"))
             graph.link_nodes(*nodes).configure()
         graph.push(frame)
-        yield graph.pull().to_ndarray()
+        return graph.pull().to_ndarray()
+
+    return scale
 
 
 def _video_frames(path: str) -> Iterator[av.VideoFrame]:
@@ -146,19 +165,6 @@ def _video_frames(path: str) -> Iterator[av.VideoFrame]:
                 yield frame if (frame.width, frame.height) == native else frame.reformat(*native)
         except av.FFmpegError as err:
             raise _DecodingStopped(first_line(err)) from err
-
-
-def _folder_frames(folder: str, images: list[Path]) -> Iterator[av.VideoFrame]:
-    first = None
-    for pts, file in enumerate(images):
-        pixels = _load_image(file)
-        first = pixels.shape if first is None else first
-        if pixels.shape != first:
-            raise VideoReadError(f"{folder}: frame images differ in size ({images[0].name} is {first[1]}x{first[0]}, "
-                                 f"{file.name} is {pixels.shape[1]}x{pixels.shape[0]}); give frames of one size")
-        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-        frame.pts = pts
-        yield frame
 
 
 def _image_files(folder: str) -> list[Path]:
