@@ -98,6 +98,13 @@ def test_numpy_output_and_callbacks(pipe):
     assert seen == [0, 2]
 
 
+@pytest.mark.parametrize("callback_steps", [None, 0, -1, 1.5])
+def test_callback_steps_must_be_a_positive_integer(pipe, callback_steps):
+    # None passed check_inputs and then failed in the loop as `i % None` (TypeError)
+    with pytest.raises(ValueError, match="callback_steps"):
+        pipe("a", video_length=2, num_inference_steps=2, callback=lambda i, t, z: None, callback_steps=callback_steps)
+
+
 def test_a_scheduler_config_without_clip_sample_is_corrected_with_a_warning(tiny_sd, unet3d):
     # Many community checkpoints' scheduler configs lack `clip_sample`; DDIM then defaults to clipping x0, which the
     # original pipeline's constructor (like diffusers' SD pipelines) corrected, with a warning.

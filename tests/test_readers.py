@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import FFMPEG, SAMPLE_CLIP, ffmpeg, frame_indices, index_frames, watchdog, write_index_clip
+from tuneavideo.data import readers
 from tuneavideo.data.dataset import ClipTooShortError, decode_frames, fit_size, tuned_window
 from tuneavideo.data.readers import Clip, FramesMissingError, VideoInfo, VideoReadError
 
@@ -116,7 +117,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
     files["audio only.mp4"] = root / "audio.mp4"
 
     image = Image.fromarray(index_frames(1)[0])
-    for kind, suffix in (("PNG", ".png"), ("PNG", ".mp4"), ("JPEG", ".jpg"), ("JPEG", ".mp4")):
+    for kind, suffix in (("PNG", ".png"), ("PNG", ".mp4"), ("JPEG", ".jpg"), ("JPEG", ".mp4"), ("BMP", ".bmp"),
+                         ("BMP", ".mp4"), ("WEBP", ".webp")):
         name = f"{kind.lower()} image{suffix}"
         image.save(root / name, format=kind)
         files[name] = root / name
@@ -184,6 +186,26 @@ def test_frames_are_the_requested_ones(index_clip):
     assert abs(float(right.mean()) - (255 - 8 * 3)) < 3
 
 
+def test_only_the_requested_frames_are_scaled_and_decoding_ends_at_stop(index_clip, monkeypatch):
+    decoded, scaled = [], []
+    video_frames, scaler = readers._video_frames, readers._scaler
+
+    def counted_frames(path):
+        for frame in video_frames(path):
+            decoded.append(frame)
+            yield frame
+
+    def counted_scaler(size):
+        scale = scaler(size)
+        return lambda frame: scaled.append(frame) or scale(frame)
+
+    monkeypatch.setattr(readers, "_video_frames", counted_frames)
+    monkeypatch.setattr(readers, "_scaler", counted_scaler)
+    frames = list(Clip(index_clip).frames(start=3, stop=20, step=4))
+    assert frame_indices(np.stack(frames)) == [3, 7, 11, 15, 19]
+    assert len(scaled) == 5 and len(decoded) == 20  # frame 20 is not decoded
+
+
 def test_frames_past_the_end(index_clip):
     clip = Clip(index_clip)
     given = []
@@ -207,6 +229,9 @@ REJECTED = {
     "png image.mp4": r"is a PNG image, not a video; give a video file",
     "jpeg image.jpg": r"is a JPEG image, not a video; give a video file",
     "jpeg image.mp4": r"is a JPEG image, not a video; give a video file",
+    "bmp image.bmp": r"is a BMP image, not a video; give a video file",  # not a video of 1 frame
+    "bmp image.mp4": r"is a BMP image, not a video; give a video file",
+    "webp image.webp": r"is a WebP image, not a video; give a video file",
     "audio only.m4a": r"has no video stream \(audio only, or a damaged file\); give a file with video$",
     "audio only.wav": r"has no video stream \(audio only, or a damaged file\); give a file with video$",
     "audio only.mp4": r"has no video stream \(audio only, or a damaged file\); give a file with video$",
@@ -416,6 +441,13 @@ def test_folder_with_an_unreadable_image(tmp_path, broken):
         list(Clip(folder).frames())  # the first image is opened at once, the others as they are read
     check_message(info.value, folder / broken, r"cannot be read as an image \(.+\); re-export the frame or remove it "
                                                "from the folder$")
+
+
+def test_folder_loads_only_the_requested_images(tmp_path):
+    folder = write_folder(tmp_path / "frames", index_frames(7), [f"{i}.png" for i in range(7)])
+    for unread in (1, 2, 4, 5, 6):
+        (folder / f"{unread}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert frame_indices(np.stack(list(Clip(folder).frames(start=0, stop=6, step=3)))) == [0, 3]
 
 
 def test_empty_folder(tmp_path):

@@ -10,8 +10,9 @@ Every bad input ends in a one-line `VideoReadError` that names the file and says
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -27,9 +28,6 @@ FOLDER_FPS = Fraction(24)  # frame rate of a folder of frames when none is given
 
 # What to do about a file that does not decode.
 _FIX = "check that it plays in a video player, or re-encode it (ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4)"
-# Still images that FFmpeg would open as a one-frame "video"; a clip of one still is never what was meant.
-_IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"),
-                     (b"MM\x00*", "TIFF"))
 
 
 class VideoReadError(UserError):
@@ -86,14 +84,16 @@ class Clip:
         Raises:
             FramesMissingError: after the frames that decode, when decoding ends before `stop`.
         """
-        source = _folder_frames(self.path, self.images) if self.images is not None else _video_frames(self.path)
+        if stop is not None and stop <= start:
+            return
+        # Frames are scaled once picked, and a folder's images loaded only then; decoding ends at frame `stop - 1`.
+        source = range(len(self.images)) if self.images is not None else _video_frames(self.path)
+        scale = _scaler(size or (self.info.width, self.info.height))
         count, stopped = 0, None
         try:
-            for count, frame in enumerate(_scaled(source, size or (self.info.width, self.info.height)), 1):
-                if stop is not None and count > stop:
-                    return
+            for count, frame in enumerate(itertools.islice(source, stop), 1):
                 if count > start and (count - 1 - start) % step == 0:
-                    yield frame
+                    yield scale(frame if self.images is None else self._folder_frame(frame))
         except _DecodingStopped as err:
             stopped = str(err)
         missing = start if count <= start else start - (start - count) // step * step  # the first index not given
@@ -113,17 +113,31 @@ class Clip:
         found = {i: frame for i, frame in zip(range(first, stop), self.frames(size, first, stop)) if i in indices}
         return np.stack([found[i] for i in indices])
 
+    def _folder_frame(self, index: int) -> av.VideoFrame:
+        """Image `index` of a folder, checked to be the size of the first."""
+        file, width, height = self.images[index], self.info.width, self.info.height
+        pixels = _load_image(file)
+        if pixels.shape[:2] != (height, width):
+            raise VideoReadError(f"{self.path}: frame images differ in size ({self.images[0].name} is {width}x"
+                                 f"{height}, {file.name} is {pixels.shape[1]}x{pixels.shape[0]}); give frames of one "
+                                 "size")
+        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+        frame.pts = index
+        return frame
+
 
 class _DecodingStopped(Exception):
     """A decoding error part-way through a stream: the frames before it are what a damaged file holds."""
 
 
-def _scaled(frames: Iterator[av.VideoFrame], size: tuple[int, int]) -> Iterator[np.ndarray]:
-    """Frames as `(H, W, 3)` uint8 RGB at `size` (width, height) through FFmpeg's filter graph `scale=W:H:flags=
-    bilinear` then `format=rgb24` (one frame out for each in), built for the first frame's size and pixel format (a
-    damaged header may not state the format)."""
+def _scaler(size: tuple[int, int]) -> Callable[[av.VideoFrame], np.ndarray]:
+    """A function giving a frame as `(H, W, 3)` uint8 RGB at `size` (width, height) through FFmpeg's filter graph
+    `scale=W:H:flags=bilinear` then `format=rgb24` (one frame out for each in), built for the first frame's size and
+    pixel format (a damaged header may not state the format)."""
     graph = None
-    for frame in frames:
+
+    def scale(frame: av.VideoFrame) -> np.ndarray:
+        nonlocal graph
         if graph is None:
             graph = av.filter.Graph()
             source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
@@ -132,7 +146,9 @@ def _scaled(frames: Iterator[av.VideoFrame], size: tuple[int, int]) -> Iterator[
                      graph.add("buffersink"))
             graph.link_nodes(*nodes).configure()
         graph.push(frame)
-        yield graph.pull().to_ndarray()
+        return graph.pull().to_ndarray()
+
+    return scale
 
 
 def _video_frames(path: str) -> Iterator[av.VideoFrame]:
@@ -149,19 +165,6 @@ def _video_frames(path: str) -> Iterator[av.VideoFrame]:
                 yield frame if (frame.width, frame.height) == native else frame.reformat(*native)
         except av.FFmpegError as err:
             raise _DecodingStopped(first_line(err)) from err
-
-
-def _folder_frames(folder: str, images: list[Path]) -> Iterator[av.VideoFrame]:
-    first = None
-    for pts, file in enumerate(images):
-        pixels = _load_image(file)
-        first = pixels.shape if first is None else first
-        if pixels.shape != first:
-            raise VideoReadError(f"{folder}: frame images differ in size ({images[0].name} is {first[1]}x{first[0]}, "
-                                 f"{file.name} is {pixels.shape[1]}x{pixels.shape[0]}); give frames of one size")
-        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-        frame.pts = pts
-        yield frame
 
 
 def _image_files(folder: str) -> list[Path]:
@@ -185,22 +188,16 @@ def _load_image(file: Path) -> np.ndarray:
 
 
 def _checked_file(path: str) -> str:
-    """`path` if it is a readable file that is not a still image, else a VideoReadError saying why."""
+    """`path` if it is a readable, non-empty file, else a VideoReadError saying why."""
     if not os.path.isfile(path):  # missing, a broken link, or a pipe/device that the decoder could block on
         raise VideoReadError(f"{path}: no such video file; check the path")
     try:
         with open(path, "rb") as file:
-            head = file.read(16)
+            head = file.read(1)
     except OSError as err:
         raise VideoReadError(f"{path}: cannot be opened ({err.strerror or err}); check its permissions") from err
     if not head:
         raise VideoReadError(f"{path}: is empty (0 bytes); copy or export the video again")
-    kind = next((name for signature, name in _IMAGE_SIGNATURES if head.startswith(signature)), None)
-    if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        kind = "WebP"
-    if kind is not None:
-        raise VideoReadError(f"{path}: is a {kind} image, not a video; give a video file (e.g. .mp4) of the clip, "
-                             "or a folder of frames")
     return path
 
 
@@ -210,6 +207,14 @@ def _open(path: str) -> av.container.InputContainer:
         container = av.open(path, metadata_errors="replace")
     except av.FFmpegError as err:
         raise VideoReadError(f"{path}: cannot be read as a video ({first_line(err)}); {_FIX}") from err
+    # FFmpeg opens a still image (png_pipe, jpeg_pipe, bmp_pipe, ... or image2) as a one-frame "video"; a clip of one
+    # still is never what was meant.
+    name = container.format.name
+    if name == "image2" or name.endswith("_pipe"):
+        container.close()
+        kind = "still" if name == "image2" else name.removesuffix("_pipe").upper().replace("WEBP", "WebP")
+        raise VideoReadError(f"{path}: is a {kind} image, not a video; give a video file (e.g. .mp4) of the clip, "
+                             "or a folder of frames")
     if not container.streams.video:
         container.close()
         raise VideoReadError(f"{path}: has no video stream (audio only, or a damaged file); give a file with video")

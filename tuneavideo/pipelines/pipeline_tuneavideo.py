@@ -156,12 +156,12 @@ class TuneAVideoPipeline(DiffusionPipeline):
             latents = latents.to(device=device, dtype=dtype).expand(shape).contiguous()
         return latents * self.scheduler.init_noise_sigma
 
-    def check_inputs(self, prompt, height: int, width: int, callback_steps: int | None) -> None:
+    def check_inputs(self, prompt, height: int, width: int, callback_steps: int) -> None:
         if not isinstance(prompt, (str, list)) or not prompt:
             raise ValueError(f"`prompt` must be a non-empty string or list of strings, got {prompt!r}")
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
-        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
+        if not isinstance(callback_steps, int) or callback_steps <= 0:
             raise ValueError(f"`callback_steps` must be a positive integer, got {callback_steps!r}")
 
     @torch.no_grad()
@@ -181,7 +181,7 @@ class TuneAVideoPipeline(DiffusionPipeline):
         output_type: str = "tensor",
         return_dict: bool = True,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
-        callback_steps: int | None = 1,
+        callback_steps: int = 1,
         window_size: int | None = None,
         window_overlap: int | None = None,
     ) -> TuneAVideoPipelineOutput | torch.Tensor | np.ndarray:
