@@ -23,7 +23,6 @@ import pytest
 from PIL import Image
 
 from tests.helpers import FFMPEG, SAMPLE_CLIP, ffmpeg, frame_indices, index_frames, watchdog, write_index_clip
-from tuneavideo.data import readers
 from tuneavideo.data.dataset import ClipTooShortError, decode_frames, fit_size, tuned_window
 from tuneavideo.data.readers import Clip, FramesMissingError, VideoInfo, VideoReadError
 
@@ -184,26 +183,6 @@ def test_frames_are_the_requested_ones(index_clip):
     # Left and right halves kept their levels (255 - 8 i on the right): width and height were not swapped.
     right = clip.read([3], (40, 32))[0, 4:-4, 24:]
     assert abs(float(right.mean()) - (255 - 8 * 3)) < 3
-
-
-def test_only_the_requested_frames_are_scaled_and_decoding_ends_at_stop(index_clip, monkeypatch):
-    decoded, scaled = [], []
-    video_frames, scaler = readers._video_frames, readers._scaler
-
-    def counted_frames(path):
-        for frame in video_frames(path):
-            decoded.append(frame)
-            yield frame
-
-    def counted_scaler(size):
-        scale = scaler(size)
-        return lambda frame: scaled.append(frame) or scale(frame)
-
-    monkeypatch.setattr(readers, "_video_frames", counted_frames)
-    monkeypatch.setattr(readers, "_scaler", counted_scaler)
-    frames = list(Clip(index_clip).frames(start=3, stop=20, step=4))
-    assert frame_indices(np.stack(frames)) == [3, 7, 11, 15, 19]
-    assert len(scaled) == 5 and len(decoded) == 20  # frame 20 is not decoded
 
 
 def test_frames_past_the_end(index_clip):
