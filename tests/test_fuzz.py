@@ -27,6 +27,7 @@ import math
 import os
 import re
 import selectors
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -476,13 +477,19 @@ def edit_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def test_edit_options_give_a_plan_or_one_line(tuned_run, edit_folder):
+@pytest.fixture(scope="module")
+def run_copy(tuned_run, edit_folder) -> Path:
+    """The shared tuned run, copied: a plan makes its output folder, and other tests check the run has none."""
+    return Path(shutil.copytree(tuned_run, edit_folder / "run"))
+
+
+def test_edit_options_give_a_plan_or_one_line(run_copy, edit_folder):
     import inference
     from tuneavideo.editing import plan_edit
     from tuneavideo.errors import UserError
 
     @fuzz_settings(150)
-    @given(edit_arguments(tuned_run, edit_folder))
+    @given(edit_arguments(run_copy, edit_folder))
     def check(args: list[str]) -> None:
         try:
             plan = plan_edit(*inference.parse_args(args))
