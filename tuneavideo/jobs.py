@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from .atomic import atomic_path
+
 JOB_FILE = "job.json"
 LOG_FILE = "log.txt"
 FINISHED = ("done", "failed", "stopped", "cancelled")
@@ -60,10 +62,8 @@ class Job:
 
     def save(self) -> None:
         """Write job.json atomically, so a reader never sees half of it."""
-        data = asdict(self) | {"folder": str(self.folder)}
-        temporary = self.folder / f".{JOB_FILE}.tmp"
-        temporary.write_text(json.dumps(data, indent=1))
-        os.replace(temporary, self.folder / JOB_FILE)
+        with atomic_path(self.folder / JOB_FILE) as path:
+            path.write_text(json.dumps(asdict(self) | {"folder": str(self.folder)}, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> Job:
