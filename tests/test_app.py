@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from fractions import Fraction
@@ -22,11 +24,11 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 import inference
-from tests.helpers import SAMPLE_CLIP, probe  # the sample clip: 48 frames at 24 fps, 256x256, with sound
+from tests.helpers import SAMPLE_CLIP, probe, small_disk  # the sample clip: 48 frames at 24 fps, 256x256, with sound
 from tuneavideo.app import launch
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
-from tuneavideo.jobs import JobRunner
+from tuneavideo.jobs import FINISHED, Job, JobRunner
 from tuneavideo.video_io import write_mp4
 from tuneavideo.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
 
@@ -150,6 +152,59 @@ def test_tune_stop_resume_and_edit_with_sound(app):
         assert found == {first: "done", second: "cancelled", edit_id: "done"}
     finally:
         reopened.shutdown()
+
+
+@contextlib.contextmanager
+def job_queue(root: Path) -> Iterator[tuple[JobRunner, Callable[[str, str], Job]]]:
+    """A JobRunner over `root`, and a function that queues a job `name` running Python `code`, its folder
+    `root/name`."""
+    runner = JobRunner(root, cwd=root).start()
+
+    def queue(name: str, code: str) -> Job:
+        (root / name).mkdir(exist_ok=True)
+        return runner.submit(Job(id=name, kind="edit", folder=root / name, command=[sys.executable, "-c", code],
+                                 run="run"))
+
+    try:
+        yield runner, queue
+    finally:
+        runner.shutdown(timeout=10)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_job_whose_folder_was_deleted_fails_and_the_queue_goes_on(tmp_path):
+    go = tmp_path / "go"
+    with job_queue(tmp_path) as (runner, queue):
+        queue("first", f"import pathlib, time\nwhile not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)")
+        wait_until(lambda: runner.get("first").status == "running")
+        queue("deleted", "print('never runs')")
+        queue("last", "print('ran')")
+        shutil.rmtree(tmp_path / "deleted")  # the user deleted a waiting job's folder
+        go.touch()
+        wait_until(lambda: runner.get("last").status in FINISHED)
+        deleted = runner.get("deleted")
+        assert deleted.status == "failed" and "No such file or directory" in deleted.message
+        assert [runner.get(name).status for name in ("first", "last")] == ["done", "done"]
+
+
+def test_a_job_that_fills_the_disk_fails_and_the_queue_goes_on(tmp_path):
+    with small_disk(tmp_path / "disk", 64 * 1024) as folder, job_queue(folder) as (runner, queue):
+        # the job itself succeeds, filling the disk; then its job.json cannot be written
+        big = folder / "fills" / "big"
+        queue("fills", f"try:\n    open({str(big)!r}, 'wb').write(bytes(1 << 20))\nexcept OSError:\n    pass")
+        wait_until(lambda: runner.get("fills").status in FINISHED)
+        big.unlink()  # room for the next job
+        queue("next", "print('ran')")
+        wait_until(lambda: runner.get("next").status in FINISHED)
+        fills = runner.get("fills")
+        assert fills.status == "failed" and "no space left on the disk" in fills.message
+        assert runner.get("next").status == "done"
 
 
 def make_clip(path: Path, seconds: float, fps: int = 8) -> Path:

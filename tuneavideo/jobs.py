@@ -12,6 +12,7 @@ current step and exits (a second SIGINT would make it stop at once, without one)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .atomic import atomic_path
+from .atomic import DiskFullError, atomic_path
 
 JOB_FILE = "job.json"
 LOG_FILE = "log.txt"
@@ -236,19 +237,20 @@ class JobRunner:
     def _launch(self, job: Job) -> subprocess.Popen | None:
         """Start `job`'s process, its output going to its log (called with the lock held); None if it cannot start."""
         job.status, job.started = "running", time.time()
-        with open(job.log, "ab") as log:
-            log.write(f"$ {shlex.join(job.command)}\n".encode())
-            log.flush()
-            try:
+        try:
+            with open(job.log, "ab") as log:
+                log.write(f"$ {shlex.join(job.command)}\n".encode())
+                log.flush()
                 process = subprocess.Popen(
                     job.command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, start_new_session=True,
                 )
-            except OSError as err:
-                log.write(f"cannot start the job: {err}\n".encode())
-                return None
+        except OSError as err:  # the command is not there, the job's folder was deleted, the disk is full
+            job.message = f"cannot start the job: {err}"
+            return None
         job.pid = process.pid
-        job.save()
+        with contextlib.suppress(OSError, DiskFullError):  # it runs all the same; job.json is written when it ends
+            job.save()
         return process
 
     def _finish(self, job: Job, returncode: int) -> None:
@@ -258,6 +260,9 @@ class JobRunner:
             job.status, job.message = "done", ""
         else:
             job.status = "stopped" if job.stop_requested else "failed"
-            job.message = last_cli_line(job.log) or f"exit status {returncode}"
-        job.save()
+            job.message = job.message or last_cli_line(job.log) or f"exit status {returncode}"
+        try:
+            job.save()
+        except (OSError, DiskFullError) as err:  # the job fails, not the queue
+            job.status, job.message = "failed", f"cannot save the job's state: {err}"
         self._process = None
