@@ -25,7 +25,7 @@ from gradio_client.exceptions import AppError
 
 import inference
 from tests.helpers import SAMPLE_CLIP, probe, small_disk  # the sample clip: 48 frames at 24 fps, 256x256, with sound
-from tuneavideo.app import launch
+from tuneavideo.app import launch, status_markdown
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
 from tuneavideo.jobs import FINISHED, Job, JobRunner
@@ -185,12 +185,15 @@ def test_a_job_whose_folder_was_deleted_fails_and_the_queue_goes_on(tmp_path):
         wait_until(lambda: runner.get("first").status == "running")
         queue("deleted", "print('never runs')")
         queue("last", "print('ran')")
+        waiting = runner.get("last")  # a page's copy of the job, taken while it waits
+        assert "position 2 (1 jobs ahead of it)" in status_markdown(runner, waiting)
         shutil.rmtree(tmp_path / "deleted")  # the user deleted a waiting job's folder
         go.touch()
         wait_until(lambda: runner.get("last").status in FINISHED)
         deleted = runner.get("deleted")
         assert deleted.status == "failed" and "No such file or directory" in deleted.message
         assert [runner.get(name).status for name in ("first", "last")] == ["done", "done"]
+        assert status_markdown(runner, waiting) == "**edit `last`**: starting…"  # the copy is older than the queue
 
 
 def test_a_job_that_fills_the_disk_fails_and_the_queue_goes_on(tmp_path):

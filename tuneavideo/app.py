@@ -67,6 +67,8 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
     head = f"**{job.kind} `{job.id}`**"
     if job.status == "queued":
         position = runner.position(job.id)
+        if position is None:  # it left the queue since `job` was read; the next redraw shows how it goes
+            return f"{head}: starting…"
         ahead = "next to start" if position == 1 else f"{position - 1} jobs ahead of it"
         return f"{head}: waiting in the queue, position {position} ({ahead})."
     if job.status == "running":
