@@ -8,6 +8,7 @@ the app and decoded. Bad input must come back as a one-line message, with nothin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import socket
@@ -275,6 +276,8 @@ def test_edit_command_is_what_inference_reads(tmp_path):
     options = EditOptions(prompts=["-a cat"], num_inference_steps=3, num_inv_steps=5, guidance_scale=7.5, seed=4,
                           span=(Fraction(3, 2), Fraction(9, 4)), stride=2, output_dir=str(out))
     assert inference.parse_args(edit_command(workspace, run, options)[2:]) == (run, options)
+    exact = dataclasses.replace(options, guidance_scale=7.123456789)  # more digits than %g keeps
+    assert inference.parse_args(edit_command(workspace, run, exact)[2:]) == (run, exact)
 
 
 def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path):

@@ -272,7 +272,7 @@ def edit_command(workspace: Workspace, run: Path, options: EditOptions) -> list[
     that a prompt starting with '-' stays a value."""
     command = [workspace.python, str(workspace.repo / "inference.py"), f"--model={run}",
                f"--output-dir={options.output_dir}", f"--num-inference-steps={options.num_inference_steps}",
-               f"--num-inv-steps={options.num_inv_steps}", f"--guidance-scale={options.guidance_scale:g}"]
+               f"--num-inv-steps={options.num_inv_steps}", f"--guidance-scale={options.guidance_scale}"]
     command += [f"--prompt={prompt}" for prompt in options.prompts]
     if options.seed is not None:
         command.append(f"--seed={options.seed}")
