@@ -18,9 +18,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from .cli import read_tail
 from .editing import EditOptions
 from .errors import UserError
-from .jobs import FINISHED, Job, JobRunner, read_progress, read_tail
+from .jobs import FINISHED, Job, JobRunner, read_progress
 from .workspace import (
     PRESETS,
     TUNE_CONFIG,

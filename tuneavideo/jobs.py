@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .atomic import DiskFullError, atomic_path
+from .cli import last_cli_line, read_tail
 
 JOB_FILE = "job.json"
 LOG_FILE = "log.txt"
 FINISHED = ("done", "failed", "stopped", "cancelled")
-# The tools' last line on a handled failure or a Ctrl-C (tuneavideo.cli.run_cli and argparse).
-_CLI_LINE = re.compile(r"^\S+\.py: (?:error|interrupted)\b.*$", re.MULTILINE)
 # A tqdm bar: "Steps:  33%|███▎      | 1/3 [00:03<00:06,  3.01s/it, loss=1.18, lr=3e-5]"
 _BAR = re.compile(r"(?P<desc>[^\r\n|]*?):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
                   r"\[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:?]+)(?P<postfix>[^\]]*)\]")
@@ -83,16 +82,6 @@ class Progress(NamedTuple):
     postfix: dict[str, str]  # e.g. {"loss": "0.123", "lr": "3e-05"}
 
 
-def read_tail(path: Path, max_bytes: int = 65536) -> str:
-    """The last `max_bytes` of a text file ("" if it cannot be read): logs grow, a page only needs their end."""
-    try:
-        with open(path, "rb") as file:
-            file.seek(max(0, file.seek(0, os.SEEK_END) - max_bytes))
-            return file.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
 def read_progress(log: Path, desc: str | None = None) -> Progress | None:
     """The last tqdm bar printed to `log` (the last one called `desc`, if given)."""
     for match in reversed(list(_BAR.finditer(read_tail(log)))):
@@ -101,16 +90,6 @@ def read_progress(log: Path, desc: str | None = None) -> Progress | None:
             postfix = dict(item.strip().split("=", 1) for item in match["postfix"].split(",") if "=" in item)
             return Progress(name, int(match["n"]), int(match["total"]), match["elapsed"], match["remaining"], postfix)
     return None
-
-
-def last_cli_line(log: Path) -> str:
-    """The tool's one-line error or interruption note in `log`, else its last non-empty line ("" if none)."""
-    text = read_tail(log).replace("\r", "\n")
-    found = _CLI_LINE.findall(text)
-    if found:
-        return found[-1].strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 class JobRunner:
