@@ -21,7 +21,7 @@ import gradio as gr
 from .cli import read_tail
 from .editing import EditOptions
 from .errors import UserError
-from .jobs import FINISHED, Job, JobRunner, read_progress
+from .jobs import FINISHED, Job, JobRunner
 from .workspace import (
     PRESETS,
     TUNE_CONFIG,
@@ -73,7 +73,7 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
         ahead = "next to start" if position == 1 else f"{position - 1} jobs ahead of it"
         return f"{head}: waiting in the queue, position {position} ({ahead})."
     if job.status == "running":
-        progress = read_progress(job.log, "Steps" if job.kind == "tune" else None)
+        progress = job.progress()
         if progress is None:
             return f"{head}: starting (loading the model)…"
         text = f"{head}: {progress.desc} {progress.step} / {progress.total}"
@@ -83,7 +83,7 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
         return text + (" · stopping after this step…" if job.stop_requested else "")
     took = f" in {job.finished - job.started:.0f} s" if job.finished and job.started else ""
     if job.status == "done":
-        progress = read_progress(job.log, "Steps") if job.kind == "tune" else None
+        progress = job.progress()
         loss = f"; last loss {progress.postfix['loss']}" if progress and "loss" in progress.postfix else ""
         return f"{head}: done{took}{loss}."
     if job.status == "stopped":
@@ -97,7 +97,7 @@ def job_info(runner: JobRunner, job: Job) -> dict:
     """What the API's `/job` endpoint reports: the job record, its queue position, progress and output files."""
     info = {key: getattr(job, key) for key in ("id", "kind", "run", "status", "message", "returncode")}
     info["position"] = runner.position(job.id)
-    progress = read_progress(job.log, "Steps" if job.kind == "tune" else None)
+    progress = job.progress()
     info["progress"] = progress._asdict() if progress else None
     if job.kind == "tune":
         sample = latest_sample(job.folder)
@@ -295,7 +295,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         parts = []
         for job in runner.jobs():
             if job.status == "running":
-                progress = read_progress(job.log, "Steps" if job.kind == "tune" else None)
+                progress = job.progress()
                 step = f" ({progress.desc} {progress.step}/{progress.total})" if progress else ""
                 parts.append(f"running: {job.kind} `{job.id}`{step}")
         waiting = [runner.get(job_id) for job_id in runner.waiting()]

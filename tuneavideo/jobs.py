@@ -60,6 +60,10 @@ class Job:
     def log(self) -> Path:
         return self.folder / LOG_FILE
 
+    def progress(self) -> Progress | None:
+        """The newest state of its progress bar: a tuning job's training steps, an editing job's newest bar."""
+        return read_progress(self.log, "Steps" if self.kind == "tune" else None)
+
     def save(self) -> None:
         """Write job.json atomically, so a reader never sees half of it."""
         with atomic_path(self.folder / JOB_FILE) as path:
