@@ -43,8 +43,6 @@ NOISE_NOTE = (
     "results put a model there (`./download_models.sh`) and restart the app."
 )
 SPAN_MODES = ("tuned window", "whole clip", "from / to")
-TUNE_FIELDS = ("max_train_steps", "n_sample_frames", "sample_frame_rate", "sample_start_idx", "size", "learning_rate",
-               "seed", "sample_steps", "validation_steps")
 LOG_LINES = 40
 CSS = ".status-box {min-height: 3em}"
 
@@ -136,7 +134,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         return gr.update(visible=bool(folder and is_random_model(folder)))
 
     def apply_preset(name: str) -> list:
-        return [PRESETS[name][field] for field in TUNE_FIELDS]
+        return list(PRESETS[name].values())  # in the order of the fields it fills (see preset.change below)
 
     def submit_tune(video: str | None, clip: str | None, base_model: str | None, prompt: str, steps: float,
                     frames: float, stride: float, start: float, size: float, learning_rate: float, seed: float,

@@ -134,8 +134,8 @@ class TuneSettings:
     validation_steps: int  # a validation sample (and a checkpoint) every this many steps, and at the end
 
 
-# Values for the preset buttons (the prompt and sample prompt stay the user's). "paper" is the original's
-# configs/man-skiing.yaml; "quick" is a short look at a clip.
+# Values for the preset buttons (the prompt and sample prompt stay the user's), in the order of the Tune tab's fields.
+# "paper" is the original's configs/man-skiing.yaml; "quick" is a short look at a clip.
 PRESETS: dict[str, dict[str, int | float]] = {
     "quick": dict(max_train_steps=100, n_sample_frames=8, sample_frame_rate=2, sample_start_idx=0, size=256,
                   learning_rate=3e-5, seed=33, sample_steps=20, validation_steps=100),
