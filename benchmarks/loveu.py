@@ -203,28 +203,25 @@ def process_state() -> PartialState:
     return PartialState()
 
 
+def edit_means(edits: list[dict]) -> dict[str, float | None]:
+    """The mean of each figure over `edits`, as the benchmark's run_eval.py averages (None while one is unscored)."""
+    if not edits or not all(edit.get("scores") for edit in edits):
+        return dict.fromkeys(FIGURES)
+    return {figure: math.fsum(edit["scores"][figure] for edit in edits) / len(edits) for figure in FIGURES}
+
+
 def summarize(records: list[dict]) -> dict[str, dict]:
-    """Per set (the benchmark's order) and overall ("all"): videos, edits, and the mean of each figure over the
-    edits, as the benchmark's run_eval.py averages (None while an edit is unscored)."""
+    """Per set and overall ("all"), of `records` in the benchmark's order: videos, edits, and each figure's mean over
+    the edits."""
     groups: dict[str, list[dict]] = {}
-    for record in sorted(records, key=lambda r: (set_order(r["set"]), r["video"])):
+    for record in records:
         groups.setdefault(record["set"], []).append(record)
-    groups["all"] = [record for group in list(groups.values()) for record in group]
+    groups["all"] = records
     summary = {}
     for name, group in groups.items():
         edits = [edit for record in group for edit in record["edits"].values()]
-        scored = all(edit.get("scores") for edit in edits) and edits
-        summary[name] = {"videos": len(group), "edits": len(edits), **{
-            figure: math.fsum(edit["scores"][figure] for edit in edits) / len(edits) if scored else None
-            for figure in FIGURES}}
+        summary[name] = {"videos": len(group), "edits": len(edits), **edit_means(edits)}
     return summary
-
-
-def video_means(record: dict) -> dict[str, float | None]:
-    edits = list(record["edits"].values())
-    if not edits or not all(edit.get("scores") for edit in edits):
-        return {figure: None for figure in FIGURES}
-    return {figure: math.fsum(edit["scores"][figure] for edit in edits) / len(edits) for figure in FIGURES}
 
 
 def format_table(summary: dict[str, dict]) -> str:
@@ -241,13 +238,14 @@ def format_table(summary: dict[str, dict]) -> str:
 def report(records: list[dict], layout: Layout, args: argparse.Namespace, overrides: list[str],
            models: dict[str, str] | None) -> None:
     """Print the table and write OUT/results.json: every video's edits and scores, the summary, the baseline."""
-    summary = summarize(records)
+    records = sorted(records, key=lambda r: (set_order(r["set"]), r["video"]))
     for record in records:
-        record["mean"] = video_means(record)
+        record["mean"] = edit_means(list(record["edits"].values()))
+    summary = summarize(records)
     with atomic_path(layout.output / "results.json") as path:
         path.write_text(json.dumps({
             "benchmark": "LOVEU-TGVE 2023", "overrides": overrides, "models": models, "summary": summary,
-            "baseline": BASELINE, "videos": sorted(records, key=lambda r: (set_order(r["set"]), r["video"])),
+            "baseline": BASELINE, "videos": records,
         }, indent=1))
     print(format_table(summary))
     print("Consistency: CLIP frame consistency x100; text: CLIP text alignment; PickScore: PickScore_v1; the "
