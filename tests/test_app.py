@@ -19,6 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
@@ -29,6 +30,7 @@ from tests.helpers import SAMPLE_CLIP, probe, small_disk  # the sample clip: 48 
 from tuneavideo.app import launch, status_markdown
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
+from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
 from tuneavideo.jobs import FINISHED, Job, JobRunner
 from tuneavideo.video_io import write_mp4
 from tuneavideo.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
@@ -280,10 +282,22 @@ def test_edit_command_is_what_inference_reads(tmp_path):
     assert inference.parse_args(edit_command(workspace, run, exact)[2:]) == (run, exact)
 
 
-def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path):
+def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # this machine's cache left out
     workspace = Workspace(root=tmp_path, checkpoints=tmp_path, data=tmp_path, repo=tmp_path)
     options = EditOptions(prompts=["a cat"], output_dir=tmp_path / "out")
     assert "--evaluate" not in edit_command(workspace, tmp_path, options)
+    # in the Hugging Face cache (where the edit job's hub ids find them)
+    for hub_id, file in ((CLIP_MODEL, "config.json"), (PICKSCORE_MODEL, "config.json"),
+                         (PICKSCORE_PROCESSOR, "preprocessor_config.json")):
+        cached = hub / f"models--{hub_id.replace('/', '--')}"
+        (cached / "snapshots" / "0").mkdir(parents=True)
+        (cached / "snapshots" / "0" / file).write_text("{}")
+        (cached / "refs").mkdir()
+        (cached / "refs" / "main").write_text("0")
+    assert edit_command(workspace, tmp_path, options)[-1] == "--evaluate"
+    shutil.rmtree(hub)
     for name in ("clip-vit-large-patch14", "PickScore_v1", "CLIP-ViT-H-14-laion2B-s32B-b79K"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert edit_command(workspace, tmp_path, options)[-1] == "--evaluate"

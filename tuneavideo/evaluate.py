@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPProcessor
 
@@ -140,10 +141,33 @@ class ClipEncoder:
         return self.model.logit_scale.exp().item()
 
 
-def default_model(hub_id: str) -> str:
-    """`./checkpoints/<name>` when `download_models.sh --eval` wrote it there, else the hub id (the hub cache)."""
-    local = Path("checkpoints") / hub_id.split("/")[-1]
+def default_model(hub_id: str, checkpoints: str | os.PathLike = "checkpoints") -> str:
+    """`<checkpoints>/<name>` when `download_models.sh --eval` wrote it there (./checkpoints), else the hub id (the
+    hub cache)."""
+    local = Path(checkpoints) / hub_id.split("/")[-1]
     return str(local) if local.is_dir() else hub_id
+
+
+def evaluation_models(clip_model: str | None = None, pickscore_model: str | None = None,
+                      pickscore_processor: str | None = None,
+                      checkpoints: str | os.PathLike = "checkpoints") -> dict[str, str]:
+    """The scoring models, as `Evaluator`'s arguments: each the one given, else `default_model`'s, and each a local
+    folder or a hub id already in the Hugging Face cache, else a one-line error. Checked before hours of work."""
+    models = {"clip_model": clip_model or default_model(CLIP_MODEL, checkpoints),
+              "pickscore_model": pickscore_model or default_model(PICKSCORE_MODEL, checkpoints),
+              "pickscore_processor": pickscore_processor or default_model(PICKSCORE_PROCESSOR, checkpoints)}
+    for option, name in models.items():
+        if Path(name).is_dir():
+            continue
+        file = "preprocessor_config.json" if option == "pickscore_processor" else "config.json"
+        try:
+            cached = isinstance(try_to_load_from_cache(name, file), str)
+        except ValueError:  # not a hub id either (huggingface_hub's validation error)
+            cached = False
+        if not cached:
+            raise UserError(f"--{option.replace('_', '-')} {name}: no such folder, nor in the Hugging Face cache; "
+                            f"{DOWNLOAD_HINT}, or give the model's folder")
+    return models
 
 
 class Evaluator:

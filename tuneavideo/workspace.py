@@ -33,7 +33,7 @@ from .data.dataset import tuned_window
 from .data.readers import IMAGE_SUFFIXES, Clip
 from .editing import EditOptions, plan_edit
 from .errors import UserError
-from .evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
+from .evaluate import evaluation_models
 from .tiny import make_tiny_sd, tiny_unet_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,10 +82,13 @@ class Workspace:
                 or (path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()))}
 
     def can_evaluate(self) -> bool:
-        """Whether `./download_models.sh --eval` put the scoring models in the repository's checkpoints/, where
-        edit jobs (run from the repository) find them: then edits are scored."""
-        names = (CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR)
-        return all((self.repo / "checkpoints" / name.split("/")[-1]).is_dir() for name in names)
+        """Whether edit jobs (run from the repository) find the scoring models, in its checkpoints/ (where
+        `./download_models.sh --eval` puts them) or the Hugging Face cache: then edits are scored."""
+        try:
+            evaluation_models(checkpoints=self.repo / "checkpoints")
+        except UserError:
+            return False
+        return True
 
     def runs(self) -> dict[str, Path]:
         """Finished runs (folders of `root` holding a tuned `model_index.json`), newest first, by folder name."""
