@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from huggingface_hub import try_to_load_from_cache
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPProcessor
+from transformers import AutoImageProcessor, AutoTokenizer, BaseImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
 from .cli import run_cli
 from .data.readers import Clip
@@ -97,10 +97,11 @@ class EncodedFrames:
 
 @dataclass(frozen=True)
 class ClipEncoder:
-    """A CLIP-architecture model with the processor its scores are defined with."""
+    """A CLIP-architecture model with the image processor and tokenizer its scores are defined with."""
 
     model: CLIPModel
-    processor: CLIPProcessor
+    image_processor: BaseImageProcessor
+    tokenizer: PreTrainedTokenizerBase
     batch_size: int
 
     @classmethod
@@ -110,22 +111,20 @@ class ClipEncoder:
         torchvision one resizes differently, and the benchmark's figures were taken with Pillow's."""
         try:
             model = CLIPModel.from_pretrained(model_path).to(device).eval()
-            processor = CLIPProcessor(
-                image_processor=AutoImageProcessor.from_pretrained(processor_path, backend="pil"),
-                tokenizer=AutoTokenizer.from_pretrained(processor_path),
-            )
+            image_processor = AutoImageProcessor.from_pretrained(processor_path, backend="pil")
+            tokenizer = AutoTokenizer.from_pretrained(processor_path)
         except (OSError, ValueError) as err:  # what transformers raises for missing, partial or foreign folders/ids
             what = model_path if model_path == processor_path else f"{model_path} (processor {processor_path})"
             raise UserError(f"cannot load the {name} model {what}: {first_line(err)}; {DOWNLOAD_HINT}, or give the "
                             f"model's folder") from err
-        return cls(model, processor, batch_size)
+        return cls(model, image_processor, tokenizer, batch_size)
 
     @torch.inference_mode()
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         """Projected image embeddings (frames, dim) on the CPU, `batch_size` frames per model call."""
         features = []
         for start in range(0, len(images), self.batch_size):
-            pixels = self.processor.image_processor(images=images[start : start + self.batch_size], return_tensors="pt")
+            pixels = self.image_processor(images=images[start : start + self.batch_size], return_tensors="pt")
             pixel_values = pixels.pixel_values.to(self.model.device)
             features.append(self.model.get_image_features(pixel_values=pixel_values).pooler_output.float().cpu())
         return torch.cat(features)
@@ -133,7 +132,7 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_text(self, prompt: str) -> torch.Tensor:
         """Projected text embedding (1, dim) on the CPU, the prompt cut at 77 tokens."""
-        tokens = self.processor.tokenizer([prompt], truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+        tokens = self.tokenizer([prompt], truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
         return self.model.get_text_features(**tokens.to(self.model.device)).pooler_output.float().cpu()
 
     @property
