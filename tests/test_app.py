@@ -19,6 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import huggingface_hub
 import numpy as np
 import pytest
@@ -241,6 +242,8 @@ def test_bad_input_gives_one_line_messages_and_writes_nothing(app, tmp_path):
         assert message in str(raised.value) and "\n" not in str(raised.value) and "Traceback" not in str(raised.value)
     with pytest.raises(ValueError, match="exceeds the maximum file size"):  # Gradio's own limit (max_file_size)
         tune(client, video=handle_file(too_large), steps=1, sample_every=1)
+    with too_large.open("rb") as file:  # which its server applies too, for clients that do not check first
+        assert httpx.post(f"{client.src}gradio_api/upload", files={"files": file}).status_code == 413
 
     broken = root / "broken-run"  # looks finished, but its config cannot be read
     broken.mkdir()

@@ -147,14 +147,12 @@ PRESETS: dict[str, dict[str, int | float]] = {
 }
 
 
-def check_clip(path: Path, settings: TuneSettings, max_seconds: float, max_bytes: int) -> None:
-    """Refuse a clip that is too large, is not a video, is longer than `max_seconds` or too short for `settings`.
+def check_clip(path: Path, settings: TuneSettings, max_seconds: float) -> None:
+    """Refuse a clip that is not a video, is longer than `max_seconds` or too short for `settings` (an upload too
+    large never gets here: Gradio refuses it, by the app's `max_file_size`).
 
     The messages are the readers' one-line errors or name the limit, so the page can show them as they are.
     """
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise UserError(f"the clip is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:g} MB")
     try:
         info = Clip(path).info
     except UserError as err:  # name the clip, not the server's copy of the upload
@@ -206,7 +204,7 @@ def prepare_tune(workspace: Workspace, base_model: Path, clip: Path, settings: T
     """
     if not settings.prompt.strip():
         raise UserError("describe the clip in the prompt, e.g. 'a man is skiing'")
-    check_clip(clip, settings, workspace.max_clip_seconds, workspace.max_upload_bytes)
+    check_clip(clip, settings, workspace.max_clip_seconds)
     folder = workspace.new_folder()
     try:
         if clip.is_dir():  # a folder of frames
