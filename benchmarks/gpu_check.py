@@ -77,9 +77,9 @@ def extrapolate(step_seconds: list[float], steps: int) -> float:
 
 
 def largest_fitting(points: list[tuple[int, float]], budget: float, cap: int) -> int:
-    """The most frames whose memory stays within `budget` on the line through two `(frames, memory)` points (or
-    through one point with the slope of the first two), at least 1 and at most `cap`."""
-    (f0, m0), (f1, m1) = points[-2:]
+    """The most frames whose memory stays within `budget` on the line through the two `(frames, memory)` points, at
+    least 1 and at most `cap`."""
+    (f0, m0), (f1, m1) = points
     slope = (m1 - m0) / (f1 - f0)
     if slope <= 0:
         return cap

@@ -30,7 +30,6 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from diffusers.training_utils import free_memory
-from huggingface_hub import try_to_load_from_cache
 from tqdm.auto import tqdm
 
 from benchmarks.loveu_runs import (
@@ -52,7 +51,7 @@ from tuneavideo.checks import check_sd_folder
 from tuneavideo.cli import OneLineArgumentParser, run_cli
 from tuneavideo.config import TrainConfig
 from tuneavideo.errors import UserError
-from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, Evaluator, default_model
+from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, Evaluator, evaluation_models
 
 NUM_VIDEOS = 76  # in the benchmark: 16 DAVIS, 23 YouTube, 37 Videvo, each with 4 prompts
 FIGURES = ("frame_consistency", "text_alignment", "pickscore")
@@ -110,26 +109,6 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     return named + list(args.overrides)
 
 
-def evaluation_models(args: argparse.Namespace) -> dict[str, str]:
-    """The scoring models, each a local folder or a hub id already in the Hugging Face cache: checked before hours
-    of tuning, not after."""
-    models = {"clip_model": args.clip_model or default_model(CLIP_MODEL),
-              "pickscore_model": args.pickscore_model or default_model(PICKSCORE_MODEL),
-              "pickscore_processor": args.pickscore_processor or default_model(PICKSCORE_PROCESSOR)}
-    for option, name in models.items():
-        if Path(name).is_dir():
-            continue
-        file = "preprocessor_config.json" if option == "pickscore_processor" else "config.json"
-        try:
-            cached = isinstance(try_to_load_from_cache(name, file), str)
-        except ValueError:  # not a hub id either (huggingface_hub's validation error)
-            cached = False
-        if not cached:
-            raise UserError(f"--{option.replace('_', '-')} {name}: no such folder, nor in the Hugging Face cache; "
-                            "run ./download_models.sh --eval, give the model's folder, or add --skip-eval")
-    return models
-
-
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -145,7 +124,11 @@ def main(argv: list[str]) -> None:
     configs = {video: video_config(video, args.data, layout, overrides, args.pretrained_model) for video in videos}
     for base in sorted({cfg.pretrained_model_path for cfg in configs.values()}):
         check_sd_folder(base)
-    models = None if args.skip_eval else evaluation_models(args)
+    try:
+        models = None if args.skip_eval else evaluation_models(args.clip_model, args.pickscore_model,
+                                                               args.pickscore_processor)
+    except UserError as err:
+        raise UserError(f"{err}, or add --skip-eval") from None
 
     state = process_state()
     mine = videos[state.process_index :: state.num_processes]
@@ -203,28 +186,25 @@ def process_state() -> PartialState:
     return PartialState()
 
 
+def edit_means(edits: list[dict]) -> dict[str, float | None]:
+    """The mean of each figure over `edits`, as the benchmark's run_eval.py averages (None while one is unscored)."""
+    if not edits or not all(edit.get("scores") for edit in edits):
+        return dict.fromkeys(FIGURES)
+    return {figure: math.fsum(edit["scores"][figure] for edit in edits) / len(edits) for figure in FIGURES}
+
+
 def summarize(records: list[dict]) -> dict[str, dict]:
-    """Per set (the benchmark's order) and overall ("all"): videos, edits, and the mean of each figure over the
-    edits, as the benchmark's run_eval.py averages (None while an edit is unscored)."""
+    """Per set and overall ("all"), of `records` in the benchmark's order: videos, edits, and each figure's mean over
+    the edits."""
     groups: dict[str, list[dict]] = {}
-    for record in sorted(records, key=lambda r: (set_order(r["set"]), r["video"])):
+    for record in records:
         groups.setdefault(record["set"], []).append(record)
-    groups["all"] = [record for group in list(groups.values()) for record in group]
+    groups["all"] = records
     summary = {}
     for name, group in groups.items():
         edits = [edit for record in group for edit in record["edits"].values()]
-        scored = all(edit.get("scores") for edit in edits) and edits
-        summary[name] = {"videos": len(group), "edits": len(edits), **{
-            figure: math.fsum(edit["scores"][figure] for edit in edits) / len(edits) if scored else None
-            for figure in FIGURES}}
+        summary[name] = {"videos": len(group), "edits": len(edits), **edit_means(edits)}
     return summary
-
-
-def video_means(record: dict) -> dict[str, float | None]:
-    edits = list(record["edits"].values())
-    if not edits or not all(edit.get("scores") for edit in edits):
-        return {figure: None for figure in FIGURES}
-    return {figure: math.fsum(edit["scores"][figure] for edit in edits) / len(edits) for figure in FIGURES}
 
 
 def format_table(summary: dict[str, dict]) -> str:
@@ -241,13 +221,14 @@ def format_table(summary: dict[str, dict]) -> str:
 def report(records: list[dict], layout: Layout, args: argparse.Namespace, overrides: list[str],
            models: dict[str, str] | None) -> None:
     """Print the table and write OUT/results.json: every video's edits and scores, the summary, the baseline."""
-    summary = summarize(records)
+    records = sorted(records, key=lambda r: (set_order(r["set"]), r["video"]))
     for record in records:
-        record["mean"] = video_means(record)
+        record["mean"] = edit_means(list(record["edits"].values()))
+    summary = summarize(records)
     with atomic_path(layout.output / "results.json") as path:
         path.write_text(json.dumps({
             "benchmark": "LOVEU-TGVE 2023", "overrides": overrides, "models": models, "summary": summary,
-            "baseline": BASELINE, "videos": sorted(records, key=lambda r: (set_order(r["set"]), r["video"])),
+            "baseline": BASELINE, "videos": records,
         }, indent=1))
     print(format_table(summary))
     print("Consistency: CLIP frame consistency x100; text: CLIP text alignment; PickScore: PickScore_v1; the "

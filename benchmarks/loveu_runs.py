@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from tuneavideo.atomic import atomic_path
 from tuneavideo.checkpointing import remove_checkpoints
+from tuneavideo.cli import last_cli_line
 from tuneavideo.config import TrainConfig, load_config, validation_prompts
 from tuneavideo.data.readers import Clip
 from tuneavideo.editing import EditOptions, edit
@@ -190,7 +191,8 @@ def tune(video: Video, cfg: TrainConfig, layout: Layout, env: dict[str, str]) ->
                 child.terminate()
                 child.wait()
     if code != 0:
-        raise UserError(f"{video.id}: tuning failed: {_last_line(log_path)} (whole log: {log_path})")
+        last = last_cli_line(log_path) or "it wrote nothing"
+        raise UserError(f"{video.id}: tuning failed: {last} (whole log: {log_path})")
     remove_checkpoints(run)  # only an unfinished tuning needs one
     return True
 
@@ -218,15 +220,6 @@ def _flat(cfg: TrainConfig) -> dict[str, object]:
         else:
             flat[key] = value
     return flat
-
-
-def _last_line(path: Path) -> str:
-    """The last line a tool wrote (its one-line error, or a traceback's exception line); progress bars end in \\r."""
-    with open(path, "rb") as file:
-        file.seek(max(0, file.seek(0, os.SEEK_END) - 8192))
-        tail = file.read().decode(errors="replace")
-    lines = [line.strip() for line in tail.replace("\r", "\n").splitlines() if line.strip()]
-    return lines[-1] if lines else "it wrote nothing"
 
 
 # Edits and scores. A video's record (OUT/results/<set>/<video>.json) holds, per edit type, the prompt and the

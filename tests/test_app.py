@@ -8,25 +8,31 @@ the app and decoded. Bad input must come back as a one-line message, with nothin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
+import huggingface_hub
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 import inference
-from tests.helpers import SAMPLE_CLIP, probe  # the sample clip: 48 frames at 24 fps, 256x256, with sound
-from tuneavideo.app import launch
+from tests.helpers import SAMPLE_CLIP, probe, small_disk  # the sample clip: 48 frames at 24 fps, 256x256, with sound
+from tuneavideo.app import launch, status_markdown
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
-from tuneavideo.jobs import JobRunner
+from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
+from tuneavideo.jobs import FINISHED, Job, JobRunner
 from tuneavideo.video_io import write_mp4
 from tuneavideo.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
 
@@ -152,6 +158,62 @@ def test_tune_stop_resume_and_edit_with_sound(app):
         reopened.shutdown()
 
 
+@contextlib.contextmanager
+def job_queue(root: Path) -> Iterator[tuple[JobRunner, Callable[[str, str], Job]]]:
+    """A JobRunner over `root`, and a function that queues a job `name` running Python `code`, its folder
+    `root/name`."""
+    runner = JobRunner(root, cwd=root).start()
+
+    def queue(name: str, code: str) -> Job:
+        (root / name).mkdir(exist_ok=True)
+        return runner.submit(Job(id=name, kind="edit", folder=root / name, command=[sys.executable, "-c", code],
+                                 run="run"))
+
+    try:
+        yield runner, queue
+    finally:
+        runner.shutdown(timeout=10)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_job_whose_folder_was_deleted_fails_and_the_queue_goes_on(tmp_path):
+    go = tmp_path / "go"
+    with job_queue(tmp_path) as (runner, queue):
+        queue("first", f"import pathlib, time\nwhile not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)")
+        wait_until(lambda: runner.get("first").status == "running")
+        queue("deleted", "print('never runs')")
+        queue("last", "print('ran')")
+        waiting = runner.get("last")  # a page's copy of the job, taken while it waits
+        assert "position 2 (1 jobs ahead of it)" in status_markdown(runner, waiting)
+        shutil.rmtree(tmp_path / "deleted")  # the user deleted a waiting job's folder
+        go.touch()
+        wait_until(lambda: runner.get("last").status in FINISHED)
+        deleted = runner.get("deleted")
+        assert deleted.status == "failed" and "No such file or directory" in deleted.message
+        assert [runner.get(name).status for name in ("first", "last")] == ["done", "done"]
+        assert status_markdown(runner, waiting) == "**edit `last`**: starting…"  # the copy is older than the queue
+
+
+def test_a_job_that_fills_the_disk_fails_and_the_queue_goes_on(tmp_path):
+    with small_disk(tmp_path / "disk", 64 * 1024) as folder, job_queue(folder) as (runner, queue):
+        # the job itself succeeds, filling the disk; then its job.json cannot be written
+        big = folder / "fills" / "big"
+        queue("fills", f"try:\n    open({str(big)!r}, 'wb').write(bytes(1 << 20))\nexcept OSError:\n    pass")
+        wait_until(lambda: runner.get("fills").status in FINISHED)
+        big.unlink()  # room for the next job
+        queue("next", "print('ran')")
+        wait_until(lambda: runner.get("next").status in FINISHED)
+        fills = runner.get("fills")
+        assert fills.status == "failed" and "no space left on the disk" in fills.message
+        assert runner.get("next").status == "done"
+
+
 def make_clip(path: Path, seconds: float, fps: int = 8) -> Path:
     frames = np.zeros((int(seconds * fps), 32, 32, 3), np.uint8)
     frames[:, :, :, 0] = np.arange(len(frames))[:, None, None] * 8
@@ -180,6 +242,8 @@ def test_bad_input_gives_one_line_messages_and_writes_nothing(app, tmp_path):
         assert message in str(raised.value) and "\n" not in str(raised.value) and "Traceback" not in str(raised.value)
     with pytest.raises(ValueError, match="exceeds the maximum file size"):  # Gradio's own limit (max_file_size)
         tune(client, video=handle_file(too_large), steps=1, sample_every=1)
+    with too_large.open("rb") as file:  # which its server applies too, for clients that do not check first
+        assert httpx.post(f"{client.src}gradio_api/upload", files={"files": file}).status_code == 413
 
     broken = root / "broken-run"  # looks finished, but its config cannot be read
     broken.mkdir()
@@ -217,12 +281,26 @@ def test_edit_command_is_what_inference_reads(tmp_path):
     options = EditOptions(prompts=["-a cat"], num_inference_steps=3, num_inv_steps=5, guidance_scale=7.5, seed=4,
                           span=(Fraction(3, 2), Fraction(9, 4)), stride=2, output_dir=str(out))
     assert inference.parse_args(edit_command(workspace, run, options)[2:]) == (run, options)
+    exact = dataclasses.replace(options, guidance_scale=7.123456789)  # more digits than %g keeps
+    assert inference.parse_args(edit_command(workspace, run, exact)[2:]) == (run, exact)
 
 
-def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path):
+def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # this machine's cache left out
     workspace = Workspace(root=tmp_path, checkpoints=tmp_path, data=tmp_path, repo=tmp_path)
     options = EditOptions(prompts=["a cat"], output_dir=tmp_path / "out")
     assert "--evaluate" not in edit_command(workspace, tmp_path, options)
+    # in the Hugging Face cache (where the edit job's hub ids find them)
+    for hub_id, file in ((CLIP_MODEL, "config.json"), (PICKSCORE_MODEL, "config.json"),
+                         (PICKSCORE_PROCESSOR, "preprocessor_config.json")):
+        cached = hub / f"models--{hub_id.replace('/', '--')}"
+        (cached / "snapshots" / "0").mkdir(parents=True)
+        (cached / "snapshots" / "0" / file).write_text("{}")
+        (cached / "refs").mkdir()
+        (cached / "refs" / "main").write_text("0")
+    assert edit_command(workspace, tmp_path, options)[-1] == "--evaluate"
+    shutil.rmtree(hub)
     for name in ("clip-vit-large-patch14", "PickScore_v1", "CLIP-ViT-H-14-laion2B-s32B-b79K"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert edit_command(workspace, tmp_path, options)[-1] == "--evaluate"

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from .cli import read_tail
 from .editing import EditOptions
 from .errors import UserError
-from .jobs import FINISHED, Job, JobRunner, read_progress, read_tail
+from .jobs import FINISHED, Job, JobRunner
 from .workspace import (
     PRESETS,
     TUNE_CONFIG,
@@ -42,8 +43,6 @@ NOISE_NOTE = (
     "results put a model there (`./download_models.sh`) and restart the app."
 )
 SPAN_MODES = ("tuned window", "whole clip", "from / to")
-TUNE_FIELDS = ("max_train_steps", "n_sample_frames", "sample_frame_rate", "sample_start_idx", "size", "learning_rate",
-               "seed", "sample_steps", "validation_steps")
 LOG_LINES = 40
 CSS = ".status-box {min-height: 3em}"
 
@@ -67,10 +66,12 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
     head = f"**{job.kind} `{job.id}`**"
     if job.status == "queued":
         position = runner.position(job.id)
+        if position is None:  # it left the queue since `job` was read; the next redraw shows how it goes
+            return f"{head}: starting…"
         ahead = "next to start" if position == 1 else f"{position - 1} jobs ahead of it"
         return f"{head}: waiting in the queue, position {position} ({ahead})."
     if job.status == "running":
-        progress = read_progress(job.log, "Steps" if job.kind == "tune" else None)
+        progress = job.progress()
         if progress is None:
             return f"{head}: starting (loading the model)…"
         text = f"{head}: {progress.desc} {progress.step} / {progress.total}"
@@ -80,7 +81,7 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
         return text + (" · stopping after this step…" if job.stop_requested else "")
     took = f" in {job.finished - job.started:.0f} s" if job.finished and job.started else ""
     if job.status == "done":
-        progress = read_progress(job.log, "Steps") if job.kind == "tune" else None
+        progress = job.progress()
         loss = f"; last loss {progress.postfix['loss']}" if progress and "loss" in progress.postfix else ""
         return f"{head}: done{took}{loss}."
     if job.status == "stopped":
@@ -94,7 +95,7 @@ def job_info(runner: JobRunner, job: Job) -> dict:
     """What the API's `/job` endpoint reports: the job record, its queue position, progress and output files."""
     info = {key: getattr(job, key) for key in ("id", "kind", "run", "status", "message", "returncode")}
     info["position"] = runner.position(job.id)
-    progress = read_progress(job.log, "Steps" if job.kind == "tune" else None)
+    progress = job.progress()
     info["progress"] = progress._asdict() if progress else None
     if job.kind == "tune":
         sample = latest_sample(job.folder)
@@ -133,7 +134,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         return gr.update(visible=bool(folder and is_random_model(folder)))
 
     def apply_preset(name: str) -> list:
-        return [PRESETS[name][field] for field in TUNE_FIELDS]
+        return list(PRESETS[name].values())  # in the order of the fields it fills (see preset.change below)
 
     def submit_tune(video: str | None, clip: str | None, base_model: str | None, prompt: str, steps: float,
                     frames: float, stride: float, start: float, size: float, learning_rate: float, seed: float,
@@ -292,7 +293,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         parts = []
         for job in runner.jobs():
             if job.status == "running":
-                progress = read_progress(job.log, "Steps" if job.kind == "tune" else None)
+                progress = job.progress()
                 step = f" ({progress.desc} {progress.step}/{progress.total})" if progress else ""
                 parts.append(f"running: {job.kind} `{job.id}`{step}")
         waiting = [runner.get(job_id) for job_id in runner.waiting()]

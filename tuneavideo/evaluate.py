@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPProcessor
+from transformers import AutoImageProcessor, AutoTokenizer, BaseImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
 from .cli import run_cli
 from .data.readers import Clip
@@ -96,10 +97,11 @@ class EncodedFrames:
 
 @dataclass(frozen=True)
 class ClipEncoder:
-    """A CLIP-architecture model with the processor its scores are defined with."""
+    """A CLIP-architecture model with the image processor and tokenizer its scores are defined with."""
 
     model: CLIPModel
-    processor: CLIPProcessor
+    image_processor: BaseImageProcessor
+    tokenizer: PreTrainedTokenizerBase
     batch_size: int
 
     @classmethod
@@ -109,22 +111,20 @@ class ClipEncoder:
         torchvision one resizes differently, and the benchmark's figures were taken with Pillow's."""
         try:
             model = CLIPModel.from_pretrained(model_path).to(device).eval()
-            processor = CLIPProcessor(
-                image_processor=AutoImageProcessor.from_pretrained(processor_path, backend="pil"),
-                tokenizer=AutoTokenizer.from_pretrained(processor_path),
-            )
+            image_processor = AutoImageProcessor.from_pretrained(processor_path, backend="pil")
+            tokenizer = AutoTokenizer.from_pretrained(processor_path)
         except (OSError, ValueError) as err:  # what transformers raises for missing, partial or foreign folders/ids
             what = model_path if model_path == processor_path else f"{model_path} (processor {processor_path})"
             raise UserError(f"cannot load the {name} model {what}: {first_line(err)}; {DOWNLOAD_HINT}, or give the "
                             f"model's folder") from err
-        return cls(model, processor, batch_size)
+        return cls(model, image_processor, tokenizer, batch_size)
 
     @torch.inference_mode()
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         """Projected image embeddings (frames, dim) on the CPU, `batch_size` frames per model call."""
         features = []
         for start in range(0, len(images), self.batch_size):
-            pixels = self.processor.image_processor(images=images[start : start + self.batch_size], return_tensors="pt")
+            pixels = self.image_processor(images=images[start : start + self.batch_size], return_tensors="pt")
             pixel_values = pixels.pixel_values.to(self.model.device)
             features.append(self.model.get_image_features(pixel_values=pixel_values).pooler_output.float().cpu())
         return torch.cat(features)
@@ -132,7 +132,7 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_text(self, prompt: str) -> torch.Tensor:
         """Projected text embedding (1, dim) on the CPU, the prompt cut at 77 tokens."""
-        tokens = self.processor.tokenizer([prompt], truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+        tokens = self.tokenizer([prompt], truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
         return self.model.get_text_features(**tokens.to(self.model.device)).pooler_output.float().cpu()
 
     @property
@@ -140,10 +140,33 @@ class ClipEncoder:
         return self.model.logit_scale.exp().item()
 
 
-def default_model(hub_id: str) -> str:
-    """`./checkpoints/<name>` when `download_models.sh --eval` wrote it there, else the hub id (the hub cache)."""
-    local = Path("checkpoints") / hub_id.split("/")[-1]
+def default_model(hub_id: str, checkpoints: str | os.PathLike = "checkpoints") -> str:
+    """`<checkpoints>/<name>` when `download_models.sh --eval` wrote it there (./checkpoints), else the hub id (the
+    hub cache)."""
+    local = Path(checkpoints) / hub_id.split("/")[-1]
     return str(local) if local.is_dir() else hub_id
+
+
+def evaluation_models(clip_model: str | None = None, pickscore_model: str | None = None,
+                      pickscore_processor: str | None = None,
+                      checkpoints: str | os.PathLike = "checkpoints") -> dict[str, str]:
+    """The scoring models, as `Evaluator`'s arguments: each the one given, else `default_model`'s, and each a local
+    folder or a hub id already in the Hugging Face cache, else a one-line error. Checked before hours of work."""
+    models = {"clip_model": clip_model or default_model(CLIP_MODEL, checkpoints),
+              "pickscore_model": pickscore_model or default_model(PICKSCORE_MODEL, checkpoints),
+              "pickscore_processor": pickscore_processor or default_model(PICKSCORE_PROCESSOR, checkpoints)}
+    for option, name in models.items():
+        if Path(name).is_dir():
+            continue
+        file = "preprocessor_config.json" if option == "pickscore_processor" else "config.json"
+        try:
+            cached = isinstance(try_to_load_from_cache(name, file), str)
+        except ValueError:  # not a hub id either (huggingface_hub's validation error)
+            cached = False
+        if not cached:
+            raise UserError(f"--{option.replace('_', '-')} {name}: no such folder, nor in the Hugging Face cache; "
+                            f"{DOWNLOAD_HINT}, or give the model's folder")
+    return models
 
 
 class Evaluator:

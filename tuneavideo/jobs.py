@@ -12,6 +12,7 @@ current step and exits (a second SIGINT would make it stop at once, without one)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,11 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from .atomic import DiskFullError, atomic_path
+from .cli import last_cli_line, read_tail
+
 JOB_FILE = "job.json"
 LOG_FILE = "log.txt"
 FINISHED = ("done", "failed", "stopped", "cancelled")
-# The tools' last line on a handled failure or a Ctrl-C (tuneavideo.cli.run_cli and argparse).
-_CLI_LINE = re.compile(r"^\S+\.py: (?:error|interrupted)\b.*$", re.MULTILINE)
 # A tqdm bar: "Steps:  33%|███▎      | 1/3 [00:03<00:06,  3.01s/it, loss=1.18, lr=3e-5]"
 _BAR = re.compile(r"(?P<desc>[^\r\n|]*?):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
                   r"\[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:?]+)(?P<postfix>[^\]]*)\]")
@@ -58,12 +60,14 @@ class Job:
     def log(self) -> Path:
         return self.folder / LOG_FILE
 
+    def progress(self) -> Progress | None:
+        """The newest state of its progress bar: a tuning job's training steps, an editing job's newest bar."""
+        return read_progress(self.log, "Steps" if self.kind == "tune" else None)
+
     def save(self) -> None:
         """Write job.json atomically, so a reader never sees half of it."""
-        data = asdict(self) | {"folder": str(self.folder)}
-        temporary = self.folder / f".{JOB_FILE}.tmp"
-        temporary.write_text(json.dumps(data, indent=1))
-        os.replace(temporary, self.folder / JOB_FILE)
+        with atomic_path(self.folder / JOB_FILE) as path:
+            path.write_text(json.dumps(asdict(self) | {"folder": str(self.folder)}, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> Job:
@@ -82,16 +86,6 @@ class Progress(NamedTuple):
     postfix: dict[str, str]  # e.g. {"loss": "0.123", "lr": "3e-05"}
 
 
-def read_tail(path: Path, max_bytes: int = 65536) -> str:
-    """The last `max_bytes` of a text file ("" if it cannot be read): logs grow, a page only needs their end."""
-    try:
-        with open(path, "rb") as file:
-            file.seek(max(0, file.seek(0, os.SEEK_END) - max_bytes))
-            return file.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
 def read_progress(log: Path, desc: str | None = None) -> Progress | None:
     """The last tqdm bar printed to `log` (the last one called `desc`, if given)."""
     for match in reversed(list(_BAR.finditer(read_tail(log)))):
@@ -100,16 +94,6 @@ def read_progress(log: Path, desc: str | None = None) -> Progress | None:
             postfix = dict(item.strip().split("=", 1) for item in match["postfix"].split(",") if "=" in item)
             return Progress(name, int(match["n"]), int(match["total"]), match["elapsed"], match["remaining"], postfix)
     return None
-
-
-def last_cli_line(log: Path) -> str:
-    """The tool's one-line error or interruption note in `log`, else its last non-empty line ("" if none)."""
-    text = read_tail(log).replace("\r", "\n")
-    found = _CLI_LINE.findall(text)
-    if found:
-        return found[-1].strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 class JobRunner:
@@ -236,19 +220,20 @@ class JobRunner:
     def _launch(self, job: Job) -> subprocess.Popen | None:
         """Start `job`'s process, its output going to its log (called with the lock held); None if it cannot start."""
         job.status, job.started = "running", time.time()
-        with open(job.log, "ab") as log:
-            log.write(f"$ {shlex.join(job.command)}\n".encode())
-            log.flush()
-            try:
+        try:
+            with open(job.log, "ab") as log:
+                log.write(f"$ {shlex.join(job.command)}\n".encode())
+                log.flush()
                 process = subprocess.Popen(
                     job.command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, start_new_session=True,
                 )
-            except OSError as err:
-                log.write(f"cannot start the job: {err}\n".encode())
-                return None
+        except OSError as err:  # the command is not there, the job's folder was deleted, the disk is full
+            job.message = f"cannot start the job: {err}"
+            return None
         job.pid = process.pid
-        job.save()
+        with contextlib.suppress(OSError, DiskFullError):  # it runs all the same; job.json is written when it ends
+            job.save()
         return process
 
     def _finish(self, job: Job, returncode: int) -> None:
@@ -258,6 +243,9 @@ class JobRunner:
             job.status, job.message = "done", ""
         else:
             job.status = "stopped" if job.stop_requested else "failed"
-            job.message = last_cli_line(job.log) or f"exit status {returncode}"
-        job.save()
+            job.message = job.message or last_cli_line(job.log) or f"exit status {returncode}"
+        try:
+            job.save()
+        except (OSError, DiskFullError) as err:  # the job fails, not the queue
+            job.status, job.message = "failed", f"cannot save the job's state: {err}"
         self._process = None

@@ -33,7 +33,7 @@ from .data.dataset import tuned_window
 from .data.readers import IMAGE_SUFFIXES, Clip
 from .editing import EditOptions, plan_edit
 from .errors import UserError
-from .evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
+from .evaluate import evaluation_models
 from .tiny import make_tiny_sd, tiny_unet_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,10 +82,13 @@ class Workspace:
                 or (path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()))}
 
     def can_evaluate(self) -> bool:
-        """Whether `./download_models.sh --eval` put the scoring models in the repository's checkpoints/, where
-        edit jobs (run from the repository) find them: then edits are scored."""
-        names = (CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR)
-        return all((self.repo / "checkpoints" / name.split("/")[-1]).is_dir() for name in names)
+        """Whether edit jobs (run from the repository) find the scoring models, in its checkpoints/ (where
+        `./download_models.sh --eval` puts them) or the Hugging Face cache: then edits are scored."""
+        try:
+            evaluation_models(checkpoints=self.repo / "checkpoints")
+        except UserError:
+            return False
+        return True
 
     def runs(self) -> dict[str, Path]:
         """Finished runs (folders of `root` holding a tuned `model_index.json`), newest first, by folder name."""
@@ -134,8 +137,8 @@ class TuneSettings:
     validation_steps: int  # a validation sample (and a checkpoint) every this many steps, and at the end
 
 
-# Values for the preset buttons (the prompt and sample prompt stay the user's). "paper" is the original's
-# configs/man-skiing.yaml; "quick" is a short look at a clip.
+# Values for the preset buttons (the prompt and sample prompt stay the user's), in the order of the Tune tab's fields.
+# "paper" is the original's configs/man-skiing.yaml; "quick" is a short look at a clip.
 PRESETS: dict[str, dict[str, int | float]] = {
     "quick": dict(max_train_steps=100, n_sample_frames=8, sample_frame_rate=2, sample_start_idx=0, size=256,
                   learning_rate=3e-5, seed=33, sample_steps=20, validation_steps=100),
@@ -144,14 +147,12 @@ PRESETS: dict[str, dict[str, int | float]] = {
 }
 
 
-def check_clip(path: Path, settings: TuneSettings, max_seconds: float, max_bytes: int) -> None:
-    """Refuse a clip that is too large, is not a video, is longer than `max_seconds` or too short for `settings`.
+def check_clip(path: Path, settings: TuneSettings, max_seconds: float) -> None:
+    """Refuse a clip that is not a video, is longer than `max_seconds` or too short for `settings` (an upload too
+    large never gets here: Gradio refuses it, by the app's `max_file_size`).
 
     The messages are the readers' one-line errors or name the limit, so the page can show them as they are.
     """
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise UserError(f"the clip is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:g} MB")
     try:
         info = Clip(path).info
     except UserError as err:  # name the clip, not the server's copy of the upload
@@ -203,7 +204,7 @@ def prepare_tune(workspace: Workspace, base_model: Path, clip: Path, settings: T
     """
     if not settings.prompt.strip():
         raise UserError("describe the clip in the prompt, e.g. 'a man is skiing'")
-    check_clip(clip, settings, workspace.max_clip_seconds, workspace.max_upload_bytes)
+    check_clip(clip, settings, workspace.max_clip_seconds)
     folder = workspace.new_folder()
     try:
         if clip.is_dir():  # a folder of frames
@@ -272,7 +273,7 @@ def edit_command(workspace: Workspace, run: Path, options: EditOptions) -> list[
     that a prompt starting with '-' stays a value."""
     command = [workspace.python, str(workspace.repo / "inference.py"), f"--model={run}",
                f"--output-dir={options.output_dir}", f"--num-inference-steps={options.num_inference_steps}",
-               f"--num-inv-steps={options.num_inv_steps}", f"--guidance-scale={options.guidance_scale:g}"]
+               f"--num-inv-steps={options.num_inv_steps}", f"--guidance-scale={options.guidance_scale}"]
     command += [f"--prompt={prompt}" for prompt in options.prompts]
     if options.seed is not None:
         command.append(f"--seed={options.seed}")
