@@ -157,18 +157,15 @@ class Check:
             return result | figures(row)
         seconds = (row["encode_s"] + extrapolate(row["invert_step_s"], plan.steps)
                    + extrapolate(row["denoise_step_s"], plan.steps) + row["decode_s"])
-        # ddim_inversion returns every step's latent: float32 (1, 4, frames, h, w); steps not run would add theirs
-        latent_gib = 4 * 4 * plan.long_frames * (plan.size // 8) ** 2 / 2**30
-        peak = row["peak_gb"] + (plan.steps - plan.measured_steps) * latent_gib
         result["windows"] = row["windows"]
         result["estimate"] = dict(
-            seconds=seconds, peak_gb=peak, measured_seconds=row["seconds"], measured_peak_gb=row["peak_gb"],
+            seconds=seconds, peak_gb=row["peak_gb"], measured_seconds=row["seconds"],
             encode_s=row["encode_s"], decode_s=row["decode_s"], invert_step_s=row["invert_step_s"],
             denoise_step_s=row["denoise_step_s"],
             method=(f"encode and decode of all frames measured; {plan.measured_steps} inversion and sampling steps "
                     f"measured, the other {plan.steps - plan.measured_steps} of each extrapolated as the mean of "
-                    "the measured steps after the first; peak memory: measured peak plus the float32 latent that "
-                    "each unmeasured inversion step keeps (an upper bound)"),
+                    "the measured steps after the first; peak memory as measured (an edit keeps one latent of the "
+                    "clip whatever its steps)"),
         )
         return result
 
