@@ -12,11 +12,11 @@ the clip frame by frame), `edit` (what `tuneavideo.editing` does with a clip of 
 `--window` frames: VAE-encode the frames as they stream in, `--steps` DDIM inversion steps and `--steps` guided
 sampling steps over every window, decode the result a few frames at a time; run once, its phases and steps timed
 one by one; a warm-up runs each model once at the edit's shapes). `--attention sdpa-dup` keeps SDPA but gathers
-sparse-causal keys as the original did (duplicates for frames 0 and 1). `--attention plain` swaps every attention to plain maths (softmax of an explicit score matrix,
-sparse-causal keys duplicated for frames 0 and 1): the original's computation without xformers, so both are
-compared in one run. `--allocator mallopt` runs a job after `tuneavideo.cli.release_freed_memory()`, as the CLIs
-do on the CPU; `default` leaves glibc's allocator as it is. `--model tiny` is the tests' tiny SD (for quick checks
-of this script, not for figures).
+sparse-causal keys as the original did (duplicates for frames 0 and 1). `--attention plain` swaps every attention
+to plain maths (softmax of an explicit score matrix, sparse-causal keys duplicated for frames 0 and 1): the
+original's computation without xformers, so both are compared in one run. `--allocator mallopt` runs a job
+after `tuneavideo.cli.release_freed_memory()`, as the CLIs do on the CPU; `default` leaves glibc's allocator as it
+is. `--model tiny` is the tests' tiny SD (for quick checks of this script, not for figures).
 
 Each job runs in a fresh process, so its peak memory (RSS on CPU, `torch.cuda.max_memory_allocated` on GPU, in GiB)
 is its own. Prints a table and writes JSON.
