@@ -13,8 +13,8 @@ import argparse
 import os
 from pathlib import Path
 
-from tuneavideo.app import launch
-from tuneavideo.workspace import Workspace
+from tuneavideo.app.page import launch
+from tuneavideo.app.workspace import Workspace
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -159,8 +159,8 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
     peak that does not depend on the clip)."""
     import torch
 
-    from tuneavideo.inversion import ddim_inversion, sampling_scheduler
-    from tuneavideo.windows import plan_windows
+    from tuneavideo.pipelines.inversion import ddim_inversion, sampling_scheduler
+    from tuneavideo.pipelines.windows import plan_windows
 
     frames, size = args.frames[0], args.sizes[0]
     with tempfile.TemporaryDirectory(prefix="tav-bench-") as folder:
@@ -330,7 +330,7 @@ def measure(spec: dict, timeout: float | None = None) -> dict:
     1-minute load average when it started; an edit's `windows` is its UNet calls per step."""
     row = dict(spec, load=round(os.getloadavg()[0], 2)) if spec["device"] == "cpu" else dict(spec)
     if spec["job"] == "edit":
-        from tuneavideo.windows import plan_windows
+        from tuneavideo.pipelines.windows import plan_windows
 
         row["windows"] = len(plan_windows(spec["frames"], spec.get("window")))
     try:

@@ -30,7 +30,7 @@ from tuneavideo.atomic import atomic_path
 from tuneavideo.checkpointing import remove_checkpoints
 from tuneavideo.cli import last_cli_line
 from tuneavideo.config import TrainConfig, load_config, validation_prompts
-from tuneavideo.data.readers import Clip
+from tuneavideo.video.readers import Clip
 from tuneavideo.editing import EditOptions, edit
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import Evaluator, read_frames

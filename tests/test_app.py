@@ -1,4 +1,4 @@
-"""The web app (`app.py`, `tuneavideo.app`) end to end through `gradio_client`, on the tiny random model.
+"""The web app (`app.py`, `tuneavideo.app.page`) end to end through `gradio_client`, on the tiny random model.
 
 One app serves the module, its jobs under a temporary root. The main story tunes the sample clip, is stopped with a
 checkpoint while a second job waits in the queue, resumes, and edits the run; the edit's MP4 is downloaded through
@@ -28,13 +28,13 @@ from gradio_client.exceptions import AppError
 
 import inference
 from tests.helpers import SAMPLE_CLIP, probe, small_disk  # the sample clip: 48 frames at 24 fps, 256x256, with sound
-from tuneavideo.app import launch, status_markdown
+from tuneavideo.app.page import launch, status_markdown
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
-from tuneavideo.jobs import FINISHED, Job, JobRunner
-from tuneavideo.video_io import write_mp4
-from tuneavideo.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
+from tuneavideo.app.jobs import FINISHED, Job, JobRunner
+from tuneavideo.video.writers import write_mp4
+from tuneavideo.app.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
 
 MAX_UPLOAD_BYTES = 1_000_000
 MAX_CLIP_SECONDS = 3.0
@@ -316,7 +316,7 @@ def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path, monkeypatc
 def test_a_folder_of_frames_in_data_is_a_clip_to_tune(tmp_path, tiny_sd):
     from PIL import Image
 
-    from tuneavideo.workspace import PRESETS, TuneSettings, prepare_tune
+    from tuneavideo.app.workspace import PRESETS, TuneSettings, prepare_tune
 
     data = tmp_path / "data"
     frames = data / "dance"

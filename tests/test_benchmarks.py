@@ -16,7 +16,7 @@ import torch
 
 from benchmarks import benchmark, gpu_check
 from tests.helpers import ROOT
-from tuneavideo.windows import plan_windows
+from tuneavideo.pipelines.windows import plan_windows
 
 
 def child_args(*options: str):

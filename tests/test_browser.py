@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 from test_app import MAX_UPLOAD_BYTES, SAMPLE_CLIP, serve_app
 
-from tuneavideo.workspace import REPO
+from tuneavideo.app.workspace import REPO
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs {CHROMIUM} (apt-get install chromium)")

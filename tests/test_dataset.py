@@ -1,5 +1,5 @@
-"""Which frames are tuned and edited, at what size (tuneavideo/data/dataset.py), the clip layout the UNet gets
-(tuneavideo/layout.py), and the shipped sample clip.
+"""Which frames are tuned and edited, at what size (tuneavideo/video/frames.py), the clip layout the UNet gets
+(tuneavideo/models/layout.py), and the shipped sample clip.
 
 The test clip's frame i has its left half at grey level ``8 * i`` and its right half at ``255 - 8 * i``
 (`tests.helpers.index_frames`), so decoded pixels tell which source frame was sampled.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, SAMPLE_CLIP, frame_indices, write_index_clip
-from tuneavideo.data.dataset import (
+from tuneavideo.video.frames import (
     ClipTooShortError,
     clip_size,
     decode_frames,
@@ -26,8 +26,8 @@ from tuneavideo.data.dataset import (
     tuned_window,
     window_starts,
 )
-from tuneavideo.data.readers import Clip, FramesMissingError, VideoInfo
-from tuneavideo.layout import fold_frames, frames_to_video, unfold_frames
+from tuneavideo.video.readers import Clip, FramesMissingError, VideoInfo
+from tuneavideo.models.layout import fold_frames, frames_to_video, unfold_frames
 
 NUM_FRAMES, FPS, WIDTH, HEIGHT = 30, 12, 64, 48
 

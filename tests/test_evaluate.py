@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPM
 
 from tests.helpers import ROOT
 from tuneavideo.cli import run_cli
-from tuneavideo.data.readers import Clip
+from tuneavideo.video.readers import Clip
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import (
     Evaluator,
@@ -27,7 +27,7 @@ from tuneavideo.evaluate import (
     text_image_score,
 )
 from tuneavideo.tiny import write_tokenizer
-from tuneavideo.video_io import write_gif, write_mp4
+from tuneavideo.video.writers import write_gif, write_mp4
 
 KEYS = {"video", "prompt", "num_frames", "frame_consistency", "frame_consistency_neighbours", "text_alignment",
         "pickscore"}

@@ -24,11 +24,11 @@ from tests.helpers import ROOT, SAMPLE_CLIP, ffmpeg, index_frames, probe, small_
 from tuneavideo.checkpointing import list_checkpoints
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
-from tuneavideo.data.readers import Clip
+from tuneavideo.video.readers import Clip
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tuned_parameters import FILENAME
-from tuneavideo.video_io import write_mp4
+from tuneavideo.video.writers import write_mp4
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,7 @@ def fuzz_settings(ci_examples: int) -> settings:
 # Runs in the worker: one path per stdin line, one JSON line of results per path.
 WORKER = r"""
 import json, math, sys
-from tuneavideo.data.readers import Clip, VideoReadError
+from tuneavideo.video.readers import Clip, VideoReadError
 
 def describe(name, value):
     if name == "info":

@@ -28,13 +28,13 @@ import inference
 from tests.helpers import ROOT, SAMPLE_CLIP, probe, train_in_process
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
-from tuneavideo.data.dataset import fit_size
-from tuneavideo.data.readers import Clip
+from tuneavideo.video.frames import fit_size
+from tuneavideo.video.readers import Clip
 from tuneavideo.editing import EditError, EditOptions, edit, plan_edit
-from tuneavideo.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
+from tuneavideo.pipelines.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import SD_SCHEDULER_CONFIG
-from tuneavideo.video_io import write_mp4
+from tuneavideo.video.writers import write_mp4
 
 NTSC = Fraction(30000, 1001)
 FAST = dict(num_inference_steps=3, num_inv_steps=3)  # the runs' validation_data.num_inv_steps: their cache fits
@@ -219,7 +219,7 @@ def test_sampling_starts_at_the_inverted_noise_level(caplog):
     unchanged = sampling_scheduler(scheduler, 50, 50)
     unchanged.set_timesteps(50)
     assert unchanged.timesteps[0] == 981  # the original's grid when the step counts agree
-    with caplog.at_level(logging.WARNING, logger="tuneavideo.inversion"):
+    with caplog.at_level(logging.WARNING, logger="tuneavideo.pipelines.inversion"):
         sampling_scheduler(scheduler, 50, 20)  # more sampling steps than inversion steps cannot start at 951
     assert "--num-inference-steps <= --num-inv-steps" in caplog.text
 

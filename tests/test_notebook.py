@@ -37,7 +37,7 @@ def test_notebook_is_stored_clean_and_uses_only_the_io_modules():
     imports = {line.split()[1] for cell in code for line in cell.source.splitlines() if line.startswith("from ")}
     ours = {name for name in imports if name.startswith("tuneavideo")}
     # the reader, the sound steps and the writer: no model, no training code
-    assert ours == {"tuneavideo.data.readers", "tuneavideo.postprocess", "tuneavideo.video_io"}
+    assert ours == {"tuneavideo.video.readers", "tuneavideo.video.sound", "tuneavideo.video.writers"}
 
 
 def test_notebook_runs_headless_on_the_sample_clip(kernel, tmp_path):

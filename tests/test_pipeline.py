@@ -6,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from tests.helpers import ROOT
-from tuneavideo.inversion import ddim_inversion
+from tuneavideo.pipelines.inversion import ddim_inversion
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 
 

@@ -1,4 +1,4 @@
-"""Tests for tuneavideo.postprocess: the source's sound for an edit, cut on the media timeline and muxed back.
+"""Tests for tuneavideo.video.sound: the source's sound for an edit, cut on the media timeline and muxed back.
 
 Sources are made here: pictures that say their index (`tests.helpers.index_frames`) at 10 fps, and sound that says
 its time: a 200 -> 2000 Hz chirp of 3 s (or one tone per second), put on the timeline with ffmpeg's ``-itsoffset``
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import ffmpeg, index_frames, probe, write_frames_mp4
-from tuneavideo.data.readers import Clip, VideoReadError
-from tuneavideo.postprocess import extract_audio, has_audio, mux_audio, source_span
-from tuneavideo.video_io import write_mp4
+from tuneavideo.video.readers import Clip, VideoReadError
+from tuneavideo.video.sound import extract_audio, has_audio, mux_audio, source_span
+from tuneavideo.video.writers import write_mp4
 
 RATE = 48_000
 SOURCE_FPS = 10
@@ -265,7 +265,7 @@ def test_mux_audio_pads_shorter_sound_with_silence(sources, tmp_path):
 def test_mux_audio_silent_source_copies_video(sources, tmp_path, caplog):
     video = edited(tmp_path, 8, 8)
     out = tmp_path / "out.mp4"
-    with caplog.at_level(logging.INFO, logger="tuneavideo.postprocess"):
+    with caplog.at_level(logging.INFO, logger="tuneavideo.video.sound"):
         assert mux_audio(video, sources["silent"], out, 0.0, 1.0) is False
     assert out.read_bytes() == video.read_bytes()
     assert len(caplog.records) == 1 and "has no audio" in caplog.records[0].getMessage()

@@ -1,4 +1,4 @@
-"""Reading clips with `Clip` (tuneavideo/data/readers.py): a video file or a folder of frame images.
+"""Reading clips with `Clip` (tuneavideo/video/readers.py): a video file or a folder of frame images.
 
 * The frames are the original's: decord's `VideoReader(path, width=W, height=H)` pixels, exactly, at every size.
 * Every bad input ends in one line naming the file and saying what to do; truncated and damaged MP4s give exactly
@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import FFMPEG, SAMPLE_CLIP, ffmpeg, frame_indices, index_frames, watchdog, write_index_clip
-from tuneavideo.data.dataset import ClipTooShortError, decode_frames, fit_size, tuned_window
-from tuneavideo.data.readers import Clip, FramesMissingError, VideoInfo, VideoReadError
+from tuneavideo.video.frames import ClipTooShortError, decode_frames, fit_size, tuned_window
+from tuneavideo.video.readers import Clip, FramesMissingError, VideoInfo, VideoReadError
 
 try:
     import decord

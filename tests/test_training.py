@@ -16,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.helpers import ROOT, train_in_process
 from tuneavideo.config import load_config
-from tuneavideo.data.readers import Clip
+from tuneavideo.video.readers import Clip
 from tuneavideo.editing import EditOptions, edit
-from tuneavideo.inversion import sampling_scheduler
+from tuneavideo.pipelines.inversion import sampling_scheduler
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.training import TrainingWindows, validate

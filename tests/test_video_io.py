@@ -1,4 +1,4 @@
-"""Tests for tuneavideo.video_io: grid layout, value conversion, GIF timing, browser-safe MP4 output streamed by
+"""Tests for tuneavideo.video.writers: grid layout, value conversion, GIF timing, browser-safe MP4 output streamed by
 `Mp4Writer` (atomic: nothing under the final name unless complete) and the sound cut to the picture's length.
 
 MP4s are read back with `Clip`, the package's one reader, and probed with PyAV (`tests.helpers.probe`).
@@ -16,8 +16,8 @@ from PIL import Image, ImageSequence
 
 from tests.helpers import ffmpeg, frame_indices, index_frames, probe, small_disk
 from tuneavideo.atomic import DiskFullError, atomic_path, staged
-from tuneavideo.data.readers import Clip
-from tuneavideo.video_io import (
+from tuneavideo.video.readers import Clip
+from tuneavideo.video.writers import (
     Mp4Writer,
     gif_durations_ms,
     grid_frames,

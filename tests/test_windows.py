@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from tuneavideo.inversion import ddim_inversion
-from tuneavideo.windows import blend, plan_windows
+from tuneavideo.pipelines.inversion import ddim_inversion
+from tuneavideo.pipelines.windows import blend, plan_windows
 
 # (frames, window size, overlap): one window, exact multiples of the stride and not, the tuned 24 over 10 s at 15 fps
 PLANS = [(8, 8, 2), (5, 8, 2), (9, 8, 2), (24, 8, 2), (23, 8, 0), (30, 4, 2), (150, 24, 6), (25, 24, 6), (7, 2, 0)]

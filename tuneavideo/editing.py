@@ -4,7 +4,7 @@ A run folder (a training `output_dir`) holds everything an edit needs: `config.y
 and what size were tuned; `unet/`, `vae/`, ... is the tuned pipeline with its DDIM scheduler; `inv_latents/` holds
 DDIM inversions of the clip. An edit covers a span of the source (by default the tuned window; `span` picks any
 seconds of it, or all of it) at a stride of source frames; it inverts those frames (or reuses the cached inversion),
-samples every prompt from that latent in overlapping windows of the tuned length (`tuneavideo.windows`), and writes,
+samples every prompt from that latent in overlapping windows of the tuned length (`tuneavideo.pipelines.windows`), and writes,
 per prompt, an MP4 with the source's sound over the same span (and a GIF for short edits), plus one side-by-side
 MP4 of the source and every edit, all at source fps / stride, so picture and sound stay in sync.
 
@@ -35,15 +35,15 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .config import ConfigError, TrainConfig, load_config
-from .data.dataset import ClipTooShortError, clip_size, decode_frames, tuned_window
-from .data.readers import Clip, VideoReadError, frames_text
+from .video.frames import ClipTooShortError, clip_size, decode_frames, tuned_window
+from .video.readers import Clip, VideoReadError, frames_text
 from .errors import UserError, first_line
 from .evaluate import Evaluator, read_frames
-from .inversion import ddim_inversion, sampling_scheduler
+from .pipelines.inversion import ddim_inversion, sampling_scheduler
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
-from .postprocess import extract_audio, source_span
-from .video_io import Mp4Writer, grid_frames, prompt_file_name, side_by_side, write_gif
-from .windows import Window, plan_windows
+from .video.sound import extract_audio, source_span
+from .video.writers import Mp4Writer, grid_frames, prompt_file_name, side_by_side, write_gif
+from .pipelines.windows import Window, plan_windows
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BaseImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
 from .cli import run_cli
-from .data.readers import Clip
+from .video.readers import Clip
 from .errors import UserError, first_line
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"

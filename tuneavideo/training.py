@@ -40,15 +40,15 @@ from .checkpointing import (
 )
 from .checks import check_output_dir, check_sd_folder
 from .config import TrainConfig, validation_prompts
-from .data.dataset import clip_size, decode_frames, tuned_window, window_starts
-from .data.readers import Clip
+from .video.frames import clip_size, decode_frames, tuned_window, window_starts
+from .video.readers import Clip
 from .errors import UserError, first_line
-from .inversion import ddim_inversion, sampling_scheduler
+from .pipelines.inversion import ddim_inversion, sampling_scheduler
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline, truncated_text
 from .tuned_parameters import FILENAME as TUNED_PARAMETERS
 from .tuned_parameters import apply_tuned_parameters, save_tuned_parameters, trainable_parameter_names
-from .video_io import prompt_file_name, save_videos_grid
+from .video.writers import prompt_file_name, save_videos_grid
 
 logger = get_logger(__name__, log_level="INFO")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import fold_frames, unfold_frames
+from .layout import fold_frames, unfold_frames
 
 
 class InflatedConv3d(nn.Conv2d):

@@ -8,7 +8,7 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from ..layout import fold_frames, unfold_frames
+from .layout import fold_frames, unfold_frames
 from .attention import SparseCausalAttention
 
 

@@ -16,9 +16,9 @@ from diffusers.utils import BaseOutput, deprecate, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..layout import fold_frames, frames_to_video, unfold_frames
+from ..models.layout import fold_frames, frames_to_video, unfold_frames
 from ..models.unet import UNet3DConditionModel
-from ..windows import blend, plan_windows
+from .windows import blend, plan_windows
 
 logger = logging.get_logger(__name__)
 
@@ -189,7 +189,7 @@ class TuneAVideoPipeline(DiffusionPipeline):
 
         `video_length`, `height` and `width` default to the shape of `latents` when given, else to the UNet's
         sample size. A clip longer than `window_size` frames (the tuned `n_sample_frames`) is denoised in
-        overlapping windows of that size (`tuneavideo.windows`; `window_overlap` defaults to a quarter window);
+        overlapping windows of that size (`tuneavideo.pipelines.windows`; `window_overlap` defaults to a quarter window);
         invert it with the same windows. Returns `.videos` `(batch, 3, frames, height, width)` in [0, 1]: a torch
         tensor for `output_type="tensor"` (or "pt"), numpy for "np"; for "latent", the final latents
         `(batch, 4, frames, h, w)` undecoded (decode them with `decode_latents`, e.g. a few frames at a time).

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .atomic import DiskFullError, atomic_path
-from .cli import last_cli_line, read_tail
+from ..atomic import DiskFullError, atomic_path
+from ..cli import last_cli_line, read_tail
 
 JOB_FILE = "job.json"
 LOG_FILE = "log.txt"

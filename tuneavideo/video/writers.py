@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 # GIF stores frame delays in 1/100 s and browsers replace delays under 20 ms with ~100 ms, so faster GIFs would
 # play *slower*; above this rate a GIF keeps every k-th frame instead, to play at real speed.

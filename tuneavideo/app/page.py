@@ -18,9 +18,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from .cli import read_tail
-from .editing import EditOptions
-from .errors import UserError
+from ..cli import read_tail
+from ..editing import EditOptions
+from ..errors import UserError
 from .jobs import FINISHED, Job, JobRunner
 from .workspace import (
     PRESETS,

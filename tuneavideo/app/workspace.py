@@ -27,14 +27,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .checks import check_sd_folder
-from .config import TrainConfig, load_config
-from .data.dataset import tuned_window
-from .data.readers import IMAGE_SUFFIXES, Clip
-from .editing import EditOptions, plan_edit
-from .errors import UserError
-from .evaluate import evaluation_models
-from .tiny import make_tiny_sd, tiny_unet_config
+from ..checks import check_sd_folder
+from ..config import TrainConfig, load_config
+from ..video.frames import tuned_window
+from ..video.readers import IMAGE_SUFFIXES, Clip
+from ..editing import EditOptions, plan_edit
+from ..errors import UserError
+from ..evaluate import evaluation_models
+from ..tiny import make_tiny_sd, tiny_unet_config
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_CONFIG = "tune.yaml"

@@ -38,7 +38,7 @@ def ddim_inversion(
     The update is the original's `next_step`, done by diffusers' `DDIMInverseScheduler` built from the sampling
     scheduler's config (keeping its `set_alpha_to_one=False`, `steps_offset=1` and `prediction_type`), so
     v-prediction models invert correctly too. A clip longer than `window_size` frames is inverted in the
-    overlapping windows the pipeline samples it with (`tuneavideo.windows`); `callback(i, t, latent)` is called
+    overlapping windows the pipeline samples it with (`tuneavideo.pipelines.windows`); `callback(i, t, latent)` is called
     after every step.
     """
     inverse = inverse_scheduler(ddim_scheduler, num_inv_steps, video_latent.device)

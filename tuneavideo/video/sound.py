@@ -24,9 +24,9 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .atomic import atomic_path
-from .data.readers import Clip
-from .video_io import write_mp4
+from ..atomic import atomic_path
+from .readers import Clip
+from .writers import write_mp4
 
 logger = logging.getLogger(__name__)
 

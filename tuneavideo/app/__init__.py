@@ -1,0 +1,1 @@
+"""The local web app: the page, its job queue and its files."""

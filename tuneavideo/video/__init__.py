@@ -1,0 +1,1 @@
+"""Reading clips, choosing their frames, writing videos and putting the sound back."""
