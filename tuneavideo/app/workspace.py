@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..evaluate import evaluation_models
 from ..tiny import make_tiny_sd, tiny_unet_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TUNE_CONFIG = "tune.yaml"
 TINY_MODEL = "tiny-sd"  # what `python -m tuneavideo.demo` writes too
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".gif")
