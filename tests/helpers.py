@@ -120,3 +120,29 @@ def train_in_process(cfg):
         return train(cfg)
     finally:
         AcceleratorState._reset_state(True)
+
+
+def write_vfr_clip(path: Path, frames: np.ndarray, times: list[float], audio_rate: int | None = 16000) -> Path:
+    """An H.264 MP4 (crf 0) of uint8 RGB `frames` shown at `times` seconds (a variable frame rate, as phones record),
+    with PyAV and explicit presentation stamps; with `audio_rate`, a 440 Hz tone over the whole clip."""
+    time_base = Fraction(1, 90000)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=30)
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        video.time_base, video.codec_context.time_base = time_base, time_base
+        video.options = {"crf": "0", "bf": "0"}
+        audio = container.add_stream("aac", rate=audio_rate, layout="mono") if audio_rate else None
+        for frame, t in zip(frames, times):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+            picture.pts, picture.time_base = round(t / time_base), time_base
+            container.mux(video.encode(picture))
+        container.mux(video.encode())
+        if audio is not None:
+            end = times[-1] + (times[-1] - times[-2])
+            samples = np.sin(2 * np.pi * 440 * np.arange(round(end * audio_rate)) / audio_rate).astype(np.float32)
+            for start in range(0, len(samples), 1024):
+                chunk = av.AudioFrame.from_ndarray(samples[None, start : start + 1024], format="flt", layout="mono")
+                chunk.sample_rate, chunk.pts = audio_rate, start
+                container.mux(audio.encode(chunk))
+            container.mux(audio.encode())
+    return path

@@ -23,6 +23,7 @@ from tuneavideo.video.frames import (
     decode_frames,
     fit_size,
     sample_frame_indices,
+    shown_at_constant_rate,
     tuned_window,
     window_starts,
 )
@@ -235,3 +236,13 @@ def test_make_sample_clip_script(tmp_path):
     # The disk moves: first and last frames differ.
     assert np.abs(frames[0].astype(int) - frames[1]).mean() > 5
 
+
+
+def test_frames_of_a_variable_rate_are_repeated_to_their_own_times_at_a_constant_rate():
+    # 3 frames 1/30 s apart, then 2 frames 1/15 s apart, the last shown for 1/10 s
+    rate, repeats = shown_at_constant_rate([0, 1 / 30, 2 / 30, 4 / 30, 6 / 30], 9 / 30)
+    assert rate == 30 and repeats == [1, 1, 2, 2, 3]
+    starts = np.cumsum([0, *repeats[:-1]]) / float(rate)
+    np.testing.assert_allclose(starts, [0, 1 / 30, 2 / 30, 4 / 30, 6 / 30])  # each frame appears at its own time
+    # a constant rate stays itself, one slot per frame
+    assert shown_at_constant_rate([i / 12 for i in range(5)], 5 / 12) == (12, [1] * 5)

@@ -22,7 +22,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import FFMPEG, SAMPLE_CLIP, ffmpeg, frame_indices, index_frames, watchdog, write_index_clip
+from tests.helpers import (
+    FFMPEG,
+    SAMPLE_CLIP,
+    ffmpeg,
+    frame_indices,
+    index_frames,
+    watchdog,
+    write_index_clip,
+    write_vfr_clip,
+)
 from tuneavideo.video.frames import ClipTooShortError, decode_frames, fit_size, tuned_window
 from tuneavideo.video.readers import Clip, FramesMissingError, VideoInfo, VideoReadError
 
@@ -437,3 +446,21 @@ def test_empty_folder(tmp_path):
         Clip(folder)
     check_message(info.value, folder, r"is a folder with no frame images \(.jpg, .jpeg, .png, .bmp, .webp\); give a "
                                       "video file or a folder of frames$")
+
+
+PHONE_TIMES = [i / 30 for i in range(16)] + [15 / 30 + (i + 1) / 15 for i in range(14)]  # 30 fps, then 15 fps
+
+
+def test_a_variable_frame_rate_file_gives_every_frame_its_presentation_time(tmp_path):
+    clip = Clip(write_vfr_clip(tmp_path / "phone.mp4", index_frames(30), PHONE_TIMES))
+    assert clip.info.num_frames == 30 and clip.info.times is not None
+    np.testing.assert_allclose(clip.info.times, PHONE_TIMES, atol=1e-4)
+    assert [clip.info.time(i) for i in (0, 15, 29)] == pytest.approx([0, 0.5, 0.5 + 14 / 15], abs=1e-4)
+    assert clip.info.time(30) == pytest.approx(1.5, abs=1e-4)  # the end: one more frame at the last frame's rate
+    assert frame_indices(np.stack(list(clip.frames()))) == list(range(30))  # frames still in presentation order
+
+
+def test_a_constant_rate_file_has_no_frame_times_to_keep():
+    info = Clip(SAMPLE_CLIP).info
+    assert info.times is None
+    assert info.time(info.num_frames) == pytest.approx(info.start_time + info.num_frames / info.fps)

@@ -8,6 +8,7 @@ every clip to width x height; here a clip keeps its aspect ratio (`clip_size`).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -118,3 +119,19 @@ def decode_frames(clip: Clip, frames: range, size: tuple[int, int],
         except ClipTooShortError as short:
             raise ClipTooShortError(f"{short}{note}") from err
         raise
+
+
+def shown_at_constant_rate(times: list[float], end: float) -> tuple[Fraction, list[int]]:
+    """A constant frame rate for frames shown at `times` (seconds from the first, increasing) until `end`, and how
+    many times each frame is repeated at it, so that each appears at its own time, within half a frame.
+
+    The rate is that of the closest two frames, so no frame is dropped; a variable-frame-rate clip (phones) becomes
+    a constant-rate one that players, editors and the sound all agree on.
+    """
+    gaps = [b - a for a, b in zip(times, times[1:])] or [end - times[0]]
+    rate = Fraction(1 / min(gaps)).limit_denominator(1001)
+    starts: list[int] = []
+    for t in times:
+        starts.append(max(round(t * rate), starts[-1] + 1 if starts else 0))
+    starts.append(max(round(end * rate), starts[-1] + 1))
+    return rate, [b - a for a, b in zip(starts, starts[1:])]

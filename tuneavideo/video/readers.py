@@ -56,6 +56,18 @@ class VideoInfo:
     width: int
     height: int
     start_time: float = 0.0  # presentation time of the first frame, in seconds: sound is cut relative to it
+    # a variable-frame-rate file (phones): every frame's presentation time in seconds; None at a constant rate, where
+    # frame i is shown at start_time + i / fps
+    times: tuple[float, ...] | None = None
+
+    def time(self, index: int) -> float:
+        """Seconds on the source's timeline at which frame `index` is shown (`index == num_frames`: the clip's end)."""
+        if self.times is None:
+            return self.start_time + index / self.fps
+        if index < len(self.times):
+            return self.times[index]
+        last = self.times[-1] - self.times[-2] if len(self.times) > 1 else 1 / self.fps
+        return self.times[-1] + (index - len(self.times) + 1) * last
 
 
 class Clip:
@@ -234,13 +246,25 @@ def _video_info(path: str) -> VideoInfo:
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         # Count the packets actually present (demuxing, no decoding): a header's frame count can be absent (WebM),
         # wrong (truncated files) or absurd (a damaged table listing billions of frames).
-        count = 0
+        stamps = []
         try:
             for packet in container.demux(stream):
-                count += packet.size > 0  # empty packets only flush the decoder
+                if packet.size > 0:  # empty packets only flush the decoder
+                    stamps.append(packet.pts)
         except av.FFmpegError:
             pass  # truncated or damaged: the packets before the fault are what the file holds
         size = stream.codec_context.width, stream.codec_context.height
-    if count == 0:
+        time_base = stream.time_base
+    if not stamps:
         raise VideoReadError(f"{path}: has no decodable video frames; it is empty, truncated or damaged: {_FIX}")
-    return VideoInfo(count, Fraction(rate).limit_denominator(1001), *size, start_time=start)
+    fps = Fraction(rate).limit_denominator(1001)
+    times = None if None in stamps else _variable_times(sorted(stamps), time_base, fps)
+    return VideoInfo(len(stamps), fps, *size, start_time=start, times=times)
+
+
+def _variable_times(stamps: list[int], time_base: Fraction, fps: Fraction) -> tuple[float, ...] | None:
+    """The frames' presentation times in seconds when they stray from a constant `fps` by half a frame or more
+    (a variable-frame-rate file), else None. Packets' stamps, sorted, are the frames' presentation order."""
+    times = [float(stamp * time_base) for stamp in stamps]
+    steady = all(abs(t - times[0] - i / fps) < 0.5 / fps for i, t in enumerate(times))
+    return None if steady else tuple(times)
