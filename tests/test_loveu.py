@@ -250,7 +250,7 @@ def test_two_processes_share_the_videos_and_the_first_prints_the_table(one_proce
     (lambda a: a.update(model="{tmp}/no-model"), "pretrained_model_path {tmp}/no-model: no such folder"),
     (lambda a: a.update(clip="{tmp}/no-clip"), "--clip-model {tmp}/no-clip: no such folder, nor in the Hugging"),
     (lambda a: a.update(extra=["output_dir=elsewhere"]), "override 'output_dir=elsewhere': the benchmark sets"),
-    (lambda a: a.update(extra=["max_train_stepz=3"]), "did you mean 'max_train_steps'"),
+    (lambda a: a.update(extra=["max_train_stepz=3"]), "Did you mean: 'max_train_steps'?"),
     (lambda a: a.update(extra=["--max-train-steps", "0"]), "--max-train-steps must be >= 1, got 0"),
     (lambda a: a.update(extra=["--num-frames", "5"]), ("gold-fish.yaml: {tmp}/loveu-tgve-2023/DAVIS_480p/"
                                                        "480p_frames/gold-fish: has 4 frames but n_sample_frames=5")),

@@ -36,8 +36,9 @@ def test_notebook_is_stored_clean_and_uses_only_the_io_modules():
     assert all(not cell.outputs and cell.execution_count is None for cell in code)
     imports = {line.split()[1] for cell in code for line in cell.source.splitlines() if line.startswith("from ")}
     ours = {name for name in imports if name.startswith("tuneavideo")}
-    # the reader, the sound steps and the writer: no model, no training code
+    # the reader, the sound steps and the writer: no model, no training code; moviepy for the seed's flow
     assert ours == {"tuneavideo.video.readers", "tuneavideo.video.sound", "tuneavideo.video.writers"}
+    assert "moviepy.editor" in imports
 
 
 def test_notebook_runs_headless_on_the_sample_clip(kernel, tmp_path):
@@ -51,5 +52,9 @@ def test_notebook_runs_headless_on_the_sample_clip(kernel, tmp_path):
     text = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs)
     assert "sound: True" in text and "muxed: True" in text and "muxed: False" in text
     assert text.count("video 1.000 s, audio 1.000 s") == 3  # the demo's 8 frames at 8 fps, whatever span is muxed
+    # the seed's moviepy flow gives the same file (its own asserts check the samples too)
+    assert "mux_audio: picture 1.000 s, sound 1.000 s" in text and "moviepy: picture 1.000 s, sound 1.000 s" in text
+    assert "cut: 44100 samples ours, 44100 moviepy's" in text and "RMS apart" in text
     work = tmp_path / "work"
-    assert {"stand-in-edit.mp4", "span.wav", "edit-with-sound.mp4"} <= {p.name for p in work.iterdir()}
+    assert {"stand-in-edit.mp4", "span.wav", "edit-with-sound.mp4", "edit-with-sound-moviepy.mp4"} <= {
+        p.name for p in work.iterdir()}

@@ -3,8 +3,8 @@
 * The frames are the original's: decord's `VideoReader(path, width=W, height=H)` pixels, exactly, at every size.
 * Every bad input ends in one line naming the file and saying what to do; truncated and damaged MP4s give exactly
   the frames pinned here (all of them equal to the intact clip's), or fail with the message pinned here.
-* Frame folders read like videos: sorted by name, the same pixels as the video they came from, resized by the same
-  filter.
+* Frame folders read like videos, in the order of the numbers in their file names (then by name), the same pixels as
+  the video they came from, resized as Video-P2P resized them (Pillow's bicubic `Image.resize`).
 
 The clips are made here with the ffmpeg binary of imageio-ffmpeg (``testsrc``: 64x48, 30 frames, 12 fps, H.264 with
 B-frames and a keyframe every 8 frames).
@@ -376,17 +376,29 @@ def write_folder(folder: Path, frames: np.ndarray, names: list[str]) -> Path:
     return folder
 
 
-def test_folder_is_read_sorted_by_name(tmp_path):
-    # Written in index order under names that sort in another order; other files and folders are ignored.
-    names = ["frame_2.png", "frame_10.png", "frame_1.png", "b.PNG", "a.jpg"]
-    folder = write_folder(tmp_path / "frames", index_frames(5), names)
+def test_folder_is_read_in_the_order_of_the_numbers_in_the_names(tmp_path):
+    # Written in index order under names whose text order is another; other files and folders are ignored.
+    names = ["frame_2.png", "frame_10.png", "frame_1.png", "b.PNG", "a.jpg", "frame_1b.png"]
+    folder = write_folder(tmp_path / "frames", index_frames(6), names)
     (folder / "notes.txt").write_text("not a frame")
     (folder / "sub.png").mkdir()
     clip = Clip(folder)
-    assert clip.info == VideoInfo(5, Fraction(24), WIDTH, HEIGHT, 0.0)
-    by_name = sorted(range(5), key=lambda i: names[i])
-    assert frame_indices(np.stack(list(clip.frames()))) == by_name
-    assert frame_indices(clip.read([4, 0])) == [by_name[4], by_name[0]]
+    assert clip.info == VideoInfo(6, Fraction(24), WIDTH, HEIGHT, 0.0)
+    # no number first, then 1, 1 (by name: "frame_1.png" < "frame_1b.png"), 2, 10
+    order = [names.index(name) for name in ["a.jpg", "b.PNG", "frame_1.png", "frame_1b.png", "frame_2.png",
+                                             "frame_10.png"]]
+    assert frame_indices(np.stack(list(clip.frames()))) == order
+    assert frame_indices(clip.read([5, 0])) == [order[5], order[0]]
+
+
+def test_a_folder_that_ffmpeg_wrote_with_numbers_plays_in_order(tmp_path):
+    # `ffmpeg -i clip.mp4 %d.jpg` (and Video-P2P's data folders): 1.jpg, 2.jpg, ..., 10.jpg, 11.jpg, 12.jpg
+    clip = write_index_clip(tmp_path / "clip.mp4", 12)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    ffmpeg("-i", clip, "-q:v", "2", folder / "%d.jpg")
+    assert sorted(p.name for p in folder.iterdir())[:4] == ["1.jpg", "10.jpg", "11.jpg", "12.jpg"]  # text order
+    assert frame_indices(np.stack(list(Clip(folder).frames()))) == list(range(12))
 
 
 @pytest.mark.parametrize(("fps", "expected"), [(None, Fraction(24)), (12.5, Fraction(25, 2)), (8, Fraction(8)),
@@ -396,19 +408,25 @@ def test_folder_fps(tmp_path, fps, expected):
     assert Clip(folder, fps).info.fps == expected
 
 
-def test_folder_has_the_pixels_of_its_video_and_is_resized_by_the_same_filter(tmp_path, wide_clip):
+def test_folder_has_the_pixels_of_its_video_and_is_resized_as_video_p2p_did(tmp_path, wide_clip):
     folder = tmp_path / "frames"
     folder.mkdir()
     ffmpeg("-i", wide_clip, folder / "%03d.png")
     clip = Clip(folder)
     assert clip.info == VideoInfo(12, Fraction(24), 160, 90, 0.0)
     assert np.array_equal(np.stack(list(clip.frames())), all_frames(wide_clip))
+    files = sorted(folder.iterdir())
     for width, height in [(77, 45), fit_size(160, 90, 512)]:
+        # Video-P2P's tuneavideo/data/dataset.py: Image.open(file).convert('RGB').resize((width, height)), whose
+        # default filter is bicubic
+        expected = np.stack([np.asarray(Image.open(f).convert("RGB").resize((width, height))) for f in files])
+        resized = np.stack(list(clip.frames((width, height))))
+        assert np.array_equal(resized, expected)
+        # not the video files' filter: FFmpeg's bilinear scale gives other pixels
         filtered = subprocess.run([FFMPEG, "-v", "error", "-i", folder / "%03d.png", "-vf",
                                    f"scale={width}:{height}:flags=bilinear,format=rgb24", "-f", "rawvideo", "-"],
                                   capture_output=True, check=True).stdout
-        expected = np.frombuffer(filtered, np.uint8).reshape(12, height, width, 3)
-        assert np.array_equal(np.stack(list(clip.frames((width, height)))), expected)
+        assert not np.array_equal(resized, np.frombuffer(filtered, np.uint8).reshape(12, height, width, 3))
 
 
 def test_folder_of_mixed_sizes(tmp_path):

@@ -1,39 +1,24 @@
-"""Typed training configuration: one schema with every default, and ``load_config``.
+"""The training configuration: the schema (every default, each field with its check) and ``load_config``.
 
-The original project passed ``OmegaConf.load(config)`` straight into ``main(**cfg)``, so a typo surfaced as an
-"unexpected keyword" (or not at all inside ``train_data``/``validation_data``) and types were never checked. Here the
-dataclasses below are the schema: YAML files hold only what differs per clip, unknown keys and wrong types fail at load
-time with a one-line :class:`ConfigError`, and ``train()`` receives real dataclass instances.
-
-The LOVEU-TGVE benchmark's configs load as written: its ``train_data.num_frames`` / ``frame_rate`` are read as
-``n_sample_frames`` / ``sample_frame_rate`` with a random window each step, and ``validation_data.prompts`` may map
-edit types to prompts.
-
-Usage::
-
-    cfg = load_config("configs/man-skiing.yaml", ["max_train_steps=300", "train_data.n_sample_frames=16"])
+OmegaConf merges the YAML file, then each ``key=value`` override, onto the dataclasses below: unknown keys (with its
+"did you mean") and wrong types fail at load time, not late or never as in the original's ``main(**cfg)``; then each
+field's check runs. Every failure is one :class:`ConfigError` line naming the source and the full key.
 """
 
 import dataclasses
-import difflib
 import math
 import os
-import re
-import typing
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import UserError, first_line
 
-# accelerate's spellings; None defers to the `accelerate config` default.
-MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
-WINDOW_CHOICES = ("fixed", "random")
-# The LOVEU-TGVE benchmark's names for two train_data keys (its configs load unchanged).
+# The LOVEU-TGVE benchmark's names for two train_data keys; its num_frames also means a random window each step.
 TRAIN_DATA_ALIASES = {"num_frames": "n_sample_frames", "frame_rate": "sample_frame_rate"}
 
 
@@ -41,41 +26,59 @@ class ConfigError(UserError):
     """A config file or override is invalid; the message is one line naming the source and the full key."""
 
 
+def checked(default: Any, test: Callable[[Any], bool], rule: str, **kwargs: Any) -> Any:
+    """A field whose value must pass ``test``; ``rule`` ends the message "key=value must be ..." when it does not."""
+    return field(default=default, metadata={"check": (test, rule)}, **kwargs)
+
+
+def at_least(default: Any, low: int = 1) -> Any:
+    return checked(default, lambda value: value >= low, f"must be >= {low}")
+
+
+def one_of(*choices: str | None) -> Any:  # the first is the default
+    names = ", ".join("null" if choice is None else choice for choice in choices)
+    return checked(choices[0], lambda value: value in choices, f"must be one of {names}")
+
+
+PIXELS = dict(test=lambda value: value > 0 and value % 8 == 0, rule="must be a positive multiple of 8")  # VAE: 8x
+
+
 @dataclass
 class TrainDataConfig:
     """The training clip and how frames are sampled from it."""
 
-    video_path: str  # a video file, or a folder of frame images
-    prompt: str
-    # The clip's frames are resized to width x height when the clip has that aspect ratio (the original squashed any
-    # clip to it); a clip of another aspect ratio keeps its own, long side max(width, height), sides multiples of 64.
-    width: int = 512
-    height: int = 512
-    n_sample_frames: int = 8
-    sample_start_idx: int = 0
-    sample_frame_rate: int = 1  # take every n-th source frame
-    # fixed: the one window of n_sample_frames at sample_start_idx (the original); random: every step tunes on a
-    # window whose start is drawn among all that fit in [sample_start_idx, sample_end_idx).
-    window: str = "fixed"
+    video_path: str  # a video file, or a folder of frame images (in the order of the numbers in their names)
+    prompt: str = checked(MISSING, str.strip, "must describe the clip, e.g. 'a man is skiing'")
+    # a clip of this aspect ratio is resized to it; another keeps its own (the original squashed it), long side
+    # max(width, height), sides multiples of 64
+    width: int = checked(512, **PIXELS)
+    height: int = checked(512, **PIXELS)
+    n_sample_frames: int = at_least(8)  # 8: the original dataset's default
+    sample_start_idx: int = at_least(0, low=0)
+    sample_frame_rate: int = at_least(1)  # take every n-th source frame
+    # fixed: the one window at sample_start_idx (the original); random: each step, one in [start, sample_end_idx)
+    window: str = one_of("fixed", "random")
     sample_end_idx: int | None = None  # None: the end of the clip
-    fps: float | None = None  # frame rate of a folder of frames (None: 24); a video file has its own
+    fps: float | None = checked(None, lambda fps: fps is None or fps > 0 and math.isfinite(fps),  # a folder's; None: 24
+                                "must be > 0, or null")
 
 
 @dataclass
 class ValidationDataConfig:
     """Sampling settings for the periodic validation videos."""
 
-    # A list of prompts, or a mapping of names to prompts (LOVEU-TGVE: style, object, background, multiple); with a
-    # mapping each sample is saved under its name.
-    prompts: Any
-    video_length: int | None = None  # None: train_data.n_sample_frames, which it must equal with use_inv_latent
-    # accepted for compatibility and not used: samples have the tuned frames' size (train_data's, aspect kept)
-    width: int = 512
+    # a list of prompts, or a mapping of names to prompts (LOVEU-TGVE: style, object, ...): samples saved by name
+    prompts: Any = checked(MISSING, lambda p: isinstance(p, list | dict) and len(p) > 0 and all(
+        isinstance(text, str) and text.strip() for text in ([*p, *p.values()] if isinstance(p, dict) else p)),
+        "must be a list of prompts, or a mapping of names to prompts (e.g. style: ..., object: ...), none empty")
+    # None: train_data.n_sample_frames, which it must equal with use_inv_latent (the inverted latent has that many)
+    video_length: int | None = at_least(None)
+    width: int = 512  # width and height: accepted for old configs and not used; samples have the tuned frames' size
     height: int = 512
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    use_inv_latent: bool = True
-    num_inv_steps: int = 50
+    num_inference_steps: int = at_least(50)
+    guidance_scale: float = checked(7.5, math.isfinite, "must be a finite number")  # 7.5: the original pipeline's
+    use_inv_latent: bool = True  # sample from the clip's DDIM inversion, not from noise
+    num_inv_steps: int = at_least(50)
     negative_prompt: str | None = None
 
 
@@ -83,223 +86,115 @@ class ValidationDataConfig:
 class TrainConfig:
     """All keys of the original project's configs (same names, same defaults as its ``main()``), plus a few new ones."""
 
-    pretrained_model_path: str
+    # what to tune and where to write
+    pretrained_model_path: str  # a Stable Diffusion folder in diffusers' layout
     output_dir: str
     train_data: TrainDataConfig
     validation_data: ValidationDataConfig
-    validation_steps: int = 100
-    trainable_modules: list[str] = field(default_factory=lambda: ["attn1.to_q", "attn2.to_q", "attn_temp"])
-    train_batch_size: int = 1
-    max_train_steps: int = 500
-    learning_rate: float = 3e-5
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
+    overwrite: bool = False  # new: allow writing into a non-empty output_dir
+    # the model: what trains, and which frames a frame's self-attention sees
+    trainable_modules: list[str] = checked(MISSING, bool, "must name at least one module, e.g. ['attn1.to_q']",
+                                           default_factory=lambda: ["attn1.to_q", "attn2.to_q", "attn_temp"])
+    # new: sparse_causal, frames 0 and i-1 (Tune-A-Video); first_frame, frame 0 only (Video-P2P); saved with the UNet
+    spatial_attention: str = one_of("sparse_causal", "first_frame")
+    # AdamW
+    learning_rate: float = checked(3e-5, lambda lr: math.isfinite(lr) and lr > 0, "must be > 0")
+    scale_lr: bool = False  # multiply learning_rate by the effective batch size
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = True
-    checkpointing_steps: int = 500
+    train_batch_size: int = at_least(1)
+    gradient_accumulation_steps: int = at_least(1)
+    # schedule, in optimizer steps
+    max_train_steps: int = at_least(500)
+    lr_scheduler: str = "constant"  # a name diffusers' get_scheduler knows
+    lr_warmup_steps: int = 0
+    validation_steps: int = at_least(100)
+    checkpointing_steps: int = at_least(500)
+    # new: keep at most this many checkpoint-N folders (None: keep all)
+    checkpoints_total_limit: int | None = checked(None, lambda n: n is None or n >= 1, "must be >= 1 or null")
     resume_from_checkpoint: str | None = None  # a checkpoint-N path or "latest"
-    mixed_precision: str | None = "fp16"
-    use_8bit_adam: bool = False
-    enable_xformers_memory_efficient_attention: bool = True
+    # system
+    mixed_precision: str | None = one_of("fp16", "bf16", "no", None)  # accelerate's names; null: its config's
+    use_8bit_adam: bool = False  # needs bitsandbytes
+    gradient_checkpointing: bool = True
+    enable_xformers_memory_efficient_attention: bool = True  # without xformers, torch's SDPA (the same maths)
     seed: int | None = None
-    # New in this port.
-    overwrite: bool = False  # allow writing into a non-empty output_dir
-    checkpoints_total_limit: int | None = None  # keep at most this many checkpoint-N dirs (None: keep all)
 
 
 def validation_prompts(cfg: ValidationDataConfig) -> list[tuple[str | None, str]]:
     """``(name, prompt)`` pairs of ``cfg.prompts``; the name is None for a plain list of prompts."""
-    if isinstance(cfg.prompts, dict):
-        return list(cfg.prompts.items())
-    return [(None, prompt) for prompt in cfg.prompts]
-
-
-# Everything OmegaConf and PyYAML raise on bad text, keys or values (OmegaConf lets some of Python's own through:
-# TypeError for a mapping given to a list, IndexError for some bracket typos, RecursionError for deep nesting).
-_LOAD_ERRORS = (OmegaConfBaseException, yaml.YAMLError, OSError, UnicodeError, TypeError, IndexError, RecursionError)
+    return list(cfg.prompts.items()) if isinstance(cfg.prompts, dict) else [(None, p) for p in cfg.prompts]
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Merge the schema defaults, the YAML file at ``path`` and dotlist ``overrides`` into a :class:`TrainConfig`.
-
-    Args:
-        path: YAML file in the original project's format (read by OmegaConf, so ``3e-5`` is a float, not a string).
-        overrides: ``key=value`` strings applied last, e.g. ``["max_train_steps=300", "seed=null"]``.
-
-    Raises:
-        ConfigError: missing file, bad YAML, unknown key, wrong type, missing required value or an impossible value.
-    """
+    """The schema's defaults, then the YAML file at ``path`` (read by OmegaConf, so ``3e-5`` is a float), then each
+    ``key=value`` of ``overrides`` (e.g. ``"seed=null"``), as a checked :class:`TrainConfig`; else a ConfigError."""
     source = os.fspath(path)
     if not os.path.isfile(source):
         raise ConfigError(f"config file not found: {source}")
     merged = OmegaConf.structured(TrainConfig)
-    # the file, then each override on its own, so that an error names the one at fault
-    updates = [(source, lambda: _read_file(source))]
+    updates = [(source, lambda: _read_file(source))]  # each on its own, so that an error names the one at fault
     updates += [(f"override {item!r}", lambda item=item: OmegaConf.from_dotlist([item])) for item in overrides]
     for where, read in updates:
-        update = None
-        try:
-            update = _as_written(read())
-            merged = OmegaConf.merge(merged, update)
-        except (ConfigError, *_LOAD_ERRORS) as err:
-            raise _config_error(err, where, update) from err
+        try:  # OmegaConf lets TypeError (a mapping for a list), IndexError and RecursionError (deep nesting) through
+            merged = OmegaConf.merge(merged, _as_written(read()))
+        except (UserError, OmegaConfBaseException, yaml.YAMLError, OSError, UnicodeError, TypeError, IndexError,
+                RecursionError) as err:
+            raise _error(err, where) from err
     try:
         cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise _config_error(err, source, None) from err
-    if cfg.validation_data.video_length is None:  # as many frames as are tuned on
-        cfg.validation_data.video_length = cfg.train_data.n_sample_frames
-    _check_values(cfg, source)
+    except OmegaConfBaseException as err:  # a missing required value, a bad interpolation
+        raise _error(err, source) from err
+    td, vd = cfg.train_data, cfg.validation_data
+    vd.video_length = td.n_sample_frames if vd.video_length is None else vd.video_length
+    for prefix, section in ("", cfg), ("train_data.", td), ("validation_data.", vd):
+        for item in dataclasses.fields(section):
+            test, rule = item.metadata.get("check", (lambda _: True, ""))
+            if not test(value := getattr(section, item.name)):
+                raise ConfigError(f"{source}: {prefix}{item.name}={value!r} {rule}")
+    if td.sample_end_idx is not None and td.sample_end_idx <= td.sample_start_idx:
+        raise ConfigError(f"{source}: train_data.sample_end_idx={td.sample_end_idx} must be > sample_start_idx="
+                          f"{td.sample_start_idx}, or null for the end of the clip")
+    if vd.use_inv_latent and vd.video_length != td.n_sample_frames:  # sampling fails otherwise (original issue #58)
+        raise ConfigError(f"{source}: validation_data.video_length={vd.video_length} must equal "
+                          f"train_data.n_sample_frames={td.n_sample_frames} when use_inv_latent is true")
     return cfg
 
 
 def _read_file(source: str) -> DictConfig:
-    with open(source, encoding="utf-8") as file:
-        # The top-level node only, nothing constructed: OmegaConf.load fails obscurely on a plain value at the top.
-        root = yaml.compose(file, Loader=yaml.SafeLoader)
-    if root is not None and not isinstance(root, yaml.MappingNode):
-        shape = "a list" if isinstance(root, yaml.SequenceNode) else f"the single value {root.value[:60]!r}"
-        raise ConfigError(f"top level must be a mapping of keys such as in configs/*.yaml, got {shape}")
+    with open(source, encoding="utf-8") as file:  # the top node only: OmegaConf.load fails obscurely on a plain value
+        if not isinstance(yaml.compose(file, Loader=yaml.SafeLoader), yaml.MappingNode | None):
+            raise ConfigError("top level must be a mapping of keys such as in configs/*.yaml")
     return OmegaConf.load(source)
 
 
 def _as_written(update: DictConfig) -> DictConfig:
-    """Read values as their author meant them: `mixed_precision: no` is "no", not YAML 1.1's False, and the
-    LOVEU-TGVE names `num_frames` / `frame_rate` are `n_sample_frames` / `sample_frame_rate` with random windows."""
+    """Values as their author meant them: `mixed_precision: no` is "no", not YAML 1.1's False, and the LOVEU-TGVE
+    names `num_frames` / `frame_rate` are `n_sample_frames` / `sample_frame_rate`, `num_frames` with random windows."""
     if not OmegaConf.is_interpolation(update, "mixed_precision") and update.get("mixed_precision") is False:
         update.mixed_precision = "no"
     data = update.get("train_data")
-    if isinstance(data, DictConfig):
-        for alias, name in TRAIN_DATA_ALIASES.items():
-            if alias in data:
-                if name in data:
-                    raise ConfigError(f"train_data.{alias} and train_data.{name} name the same setting; give one")
-                data[name] = data.pop(alias)
-                if name == "n_sample_frames":
-                    data.setdefault("window", "random")
+    for alias, name in TRAIN_DATA_ALIASES.items() if isinstance(data, DictConfig) else ():
+        if alias in data and name in data:
+            raise ConfigError(f"train_data.{alias} and train_data.{name} name the same setting; give one")
+        if alias in data:
+            data[name] = data.pop(alias)
+            if name == "n_sample_frames":
+                data.setdefault("window", "random")
     return update
 
 
-def _config_error(err: Exception, where: str, update: object) -> ConfigError:
-    """One line naming ``where`` (the file or the override), the full key, what was given and what is allowed."""
-    if isinstance(err, ConfigError):
-        return ConfigError(f"{where}: {err}")
-    key = getattr(err, "full_key", None) or ""
-    if isinstance(err, ConfigKeyError) and key:
-        parent, name = _resolve(key)
-        valid = [f.name for f in dataclasses.fields(parent)] if parent else []
-        if name in valid:  # the key is fine; the error is below it (e.g. the empty key in "train_data..width=1")
-            return ConfigError(f"{where}: {first_line(err)} (under {key!r})")
-        close = difflib.get_close_matches(name, valid, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(valid)}" if valid else ""
-        return ConfigError(f"{where}: unknown key {key!r}{hint}")
-    if isinstance(err, MissingMandatoryValue) and key:
-        return ConfigError(f"{where}: missing required value '{key}'")
-    if isinstance(err, ValidationError) and key:
-        return ConfigError(f"{where}: '{key}' expects {_expected_type(key)}; {first_line(err)}")
-    if isinstance(err, TypeError) and isinstance(update, DictConfig):  # OmegaConf names no key here
-        if key := _mapping_for_list(OmegaConf.to_container(update)):
-            return ConfigError(f"{where}: '{key}' expects {_expected_type(key)}, got a mapping; give the whole list, "
-                               f"e.g. {key}=['a','b']")
-        return ConfigError(f"{where}: a list and a mapping cannot replace each other here; write the value in the "
-                           "same shape as the config file, or change the file")
-    if isinstance(err, OSError):
-        return ConfigError(f"{where}: cannot be read ({err.strerror or err}); check its permissions")
-    if isinstance(err, UnicodeDecodeError):
-        return ConfigError(f"{where}: is not UTF-8 text (byte {err.start} is invalid); save it as UTF-8")
-    if isinstance(err, RecursionError):
-        return ConfigError(f"{where}: keys are nested too deeply to be a config; compare it with configs/*.yaml")
+def _error(err: Exception, where: str) -> ConfigError:
+    """One line: ``where`` (file or override), the full key, OmegaConf's message (given, allowed, did you mean)."""
+    key, text = getattr(err, "full_key", None), first_line(err)
     if isinstance(err, yaml.YAMLError):
-        return ConfigError(f"{where}: invalid YAML: {' '.join(str(err).split())}")
-    return ConfigError(f"{where}: {first_line(err)}; write key=value with keys such as in configs/*.yaml")
-
-
-def _mapping_for_list(update: object, cls: type = TrainConfig, key: str = "") -> str:
-    """The first full key where the plain container ``update`` holds a mapping for a list field of ``cls``."""
-    hints = typing.get_type_hints(cls)
-    for name, value in update.items() if isinstance(update, dict) else ():
-        hint, full_key = hints.get(name), f"{key}.{name}" if key else str(name)
-        if typing.get_origin(hint) is list and isinstance(value, dict):
-            return full_key
-        if dataclasses.is_dataclass(hint) and (found := _mapping_for_list(value, hint, full_key)):
-            return found
-    return ""
-
-
-def _resolve(full_key: str) -> tuple[type | None, str]:
-    """Return (dataclass holding the last key of ``full_key``, that key), or (None, key) if not under the schema."""
-    *parents, name = re.sub(r"\[\d+\]", "", full_key).split(".")
-    cls: type | None = TrainConfig
-    for part in parents:
-        hint = typing.get_type_hints(cls).get(part) if cls else None
-        cls = hint if dataclasses.is_dataclass(hint) else None
-    return cls, name
-
-
-def _expected_type(full_key: str) -> str:
-    parent, name = _resolve(full_key)
-    hint = typing.get_type_hints(parent).get(name) if parent else None
-    if hint is None:
-        return "a different type"
-    if full_key.endswith("]"):  # a list element: report the element type
-        hint = typing.get_args(hint)[0]
-    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
-
-
-def _check_values(cfg: TrainConfig, source: str) -> None:
-    """Reject values that type-check but cannot work, before any model is loaded."""
-    td, vd = cfg.train_data, cfg.validation_data
-    positive_keys = ["max_train_steps", "train_batch_size", "gradient_accumulation_steps", "validation_steps",
-                     "checkpointing_steps", "train_data.n_sample_frames", "train_data.sample_frame_rate",
-                     "validation_data.video_length", "validation_data.num_inference_steps",
-                     "validation_data.num_inv_steps"]
-    checks = [(key, _get(cfg, key) >= 1, "must be >= 1") for key in positive_keys]
-    prompts = [prompt for _, prompt in validation_prompts(vd)] if _prompts_shape_ok(vd.prompts) else None
-    checks += [
-        # The VAE downsamples by 8, so pixel sizes must divide into whole latents.
-        ("train_data.width", td.width > 0 and td.width % 8 == 0, "must be a positive multiple of 8"),
-        ("train_data.height", td.height > 0 and td.height % 8 == 0, "must be a positive multiple of 8"),
-        ("train_data.sample_start_idx", td.sample_start_idx >= 0, "must be >= 0"),
-        ("train_data.sample_end_idx", td.sample_end_idx is None or td.sample_end_idx > td.sample_start_idx,
-         "must be greater than train_data.sample_start_idx, or null for the end of the clip"),
-        ("train_data.window", td.window in WINDOW_CHOICES, f"must be one of {', '.join(WINDOW_CHOICES)}"),
-        ("train_data.fps", td.fps is None or (math.isfinite(td.fps) and td.fps > 0), "must be > 0, or null"),
-        ("train_data.prompt", bool(td.prompt.strip()), "must describe the clip, e.g. 'a man is skiing'"),
-        ("validation_data.prompts", prompts is not None,
-         "must be a list of prompts, or a mapping of names to prompts (e.g. style: ..., object: ...)"),
-        ("validation_data.prompts", prompts is None or all(p.strip() for p in prompts),
-         "must not hold an empty prompt"),
-        ("validation_data.guidance_scale", math.isfinite(vd.guidance_scale), "must be a finite number"),
-        ("learning_rate", cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate), "must be > 0"),
-        ("trainable_modules", len(cfg.trainable_modules) > 0 and all(isinstance(m, str) for m in cfg.trainable_modules),
-         "must name at least one module, e.g. ['attn1.to_q']"),
-        ("mixed_precision", cfg.mixed_precision in (*MIXED_PRECISION_CHOICES, None),
-         f"must be one of {', '.join(MIXED_PRECISION_CHOICES)} or null"),
-        ("checkpoints_total_limit", cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit >= 1,
-         "must be >= 1 or null"),
-        # The inverted latent has n_sample_frames frames; sampling it at another length fails (original issue #58).
-        ("validation_data.video_length", not vd.use_inv_latent or vd.video_length == td.n_sample_frames,
-         f"must equal train_data.n_sample_frames={td.n_sample_frames} when use_inv_latent is true"),
-    ]
-    for key, ok, rule in checks:
-        if not ok:
-            raise ConfigError(f"{source}: {key}={_get(cfg, key)!r} {rule}")
-
-
-def _prompts_shape_ok(prompts: object) -> bool:
-    """A non-empty list of strings, or a non-empty mapping of names to strings."""
-    if isinstance(prompts, dict):
-        return bool(prompts) and all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())
-    return isinstance(prompts, list) and bool(prompts) and all(isinstance(p, str) for p in prompts)
-
-
-def _get(cfg: TrainConfig, dotted_key: str) -> object:
-    for part in dotted_key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+        text = f"invalid YAML: {' '.join(str(err).split())}"
+    if isinstance(err, ConfigKeyError) and "Did you mean" not in text and dataclasses.is_dataclass(err.object_type):
+        text += f"; valid keys here: {', '.join(item.name for item in dataclasses.fields(err.object_type))}"
+    if isinstance(err, TypeError):  # OmegaConf names no key; these two are the schema's only lists
+        text = ("a list and a mapping cannot replace each other: trainable_modules is a list, and "
+                "validation_data.prompts keeps the shape the file gives it")
+    return ConfigError(f"{where}: {key!r}: {text}" if key else f"{where}: {text}")

@@ -1,9 +1,11 @@
 """Reading a clip: a video file, or a folder of frame images, as uint8 RGB frames.
 
-One path for every clip. Frames are resized inside FFmpeg's filter graph, `scale=W:H:flags=bilinear` then
-`format=rgb24`, which is what the original's `decord.VideoReader(path, width=W, height=H)` ran, so tuning sees the
-original's pixels (tests/test_readers.py compares with decord). A folder of frames (the LOVEU-TGVE layout) goes
-through the same filter. Frames stream: a long clip is resized as it is decoded, never held at its native size.
+A video file's frames are resized inside FFmpeg's filter graph, `scale=W:H:flags=bilinear` then `format=rgb24`,
+which is what the original's `decord.VideoReader(path, width=W, height=H)` ran, so tuning sees the original's pixels
+(tests/test_readers.py compares with decord). A folder of frames (the LOVEU-TGVE and Video-P2P layouts) is read in
+the order of the numbers in the file names (`1.jpg, 2.jpg, ..., 10.jpg`, as `ffmpeg -i clip.mp4 %d.jpg` writes them)
+and resized as Video-P2P resized its folders, by Pillow's bicubic `Image.resize`. Frames stream: a long clip is
+resized as it is decoded, never held at its native size.
 
 Every bad input ends in a one-line `VideoReadError` that names the file and says what to do.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -73,15 +76,15 @@ class VideoInfo:
 class Clip:
     """A clip on disk, opened once: `info` at once, frames streamed at any size with `frames` or `read`.
 
-    `path` is a video file or a folder of frame images (sorted by name, all of one size); a folder plays at `fps`
-    (default 24), a video file at its own rate.
+    `path` is a video file or a folder of frame images (sorted by the numbers in their names, then by name, all of one
+    size); a folder plays at `fps` (default 24), a video file at its own rate.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float | Fraction | None = None) -> None:
         self.path = os.fspath(path)
         if os.path.isdir(self.path):
             self.images = _image_files(self.path)
-            height, width = _load_image(self.images[0]).shape[:2]
+            width, height = _load_image(self.images[0]).size
             rate = Fraction(fps if fps is not None else FOLDER_FPS).limit_denominator(1001)
             self.info = VideoInfo(len(self.images), rate, width, height)
         else:
@@ -99,13 +102,16 @@ class Clip:
         if stop is not None and stop <= start:
             return
         # Frames are scaled once picked, and a folder's images loaded only then; decoding ends at frame `stop - 1`.
-        source = range(len(self.images)) if self.images is not None else _video_frames(self.path)
-        scale = _scaler(size or (self.info.width, self.info.height))
+        size = size or (self.info.width, self.info.height)
+        if self.images is not None:
+            source, scale = range(len(self.images)), lambda index: self._folder_frame(index, size)
+        else:
+            source, scale = _video_frames(self.path), _scaler(size)
         count, stopped = 0, None
         try:
             for count, frame in enumerate(itertools.islice(source, stop), 1):
                 if count > start and (count - 1 - start) % step == 0:
-                    yield scale(frame if self.images is None else self._folder_frame(frame))
+                    yield scale(frame)
         except _DecodingStopped as err:
             stopped = str(err)
         missing = start if count <= start else start - (start - count) // step * step  # the first index not given
@@ -125,17 +131,15 @@ class Clip:
         found = {i: frame for i, frame in zip(range(first, stop), self.frames(size, first, stop)) if i in indices}
         return np.stack([found[i] for i in indices])
 
-    def _folder_frame(self, index: int) -> av.VideoFrame:
-        """Image `index` of a folder, checked to be the size of the first."""
+    def _folder_frame(self, index: int, size: tuple[int, int]) -> np.ndarray:
+        """Image `index` of a folder, checked to be the size of the first, at `size` by Pillow's bicubic resize
+        (Video-P2P's `Image.open(file).convert("RGB").resize((width, height))`; its own size: the pixels unchanged)."""
         file, width, height = self.images[index], self.info.width, self.info.height
-        pixels = _load_image(file)
-        if pixels.shape[:2] != (height, width):
+        image = _load_image(file)
+        if image.size != (width, height):
             raise VideoReadError(f"{self.path}: frame images differ in size ({self.images[0].name} is {width}x"
-                                 f"{height}, {file.name} is {pixels.shape[1]}x{pixels.shape[0]}); give frames of one "
-                                 "size")
-        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-        frame.pts = index
-        return frame
+                                 f"{height}, {file.name} is {image.width}x{image.height}); give frames of one size")
+        return np.asarray(image.resize(size, Image.Resampling.BICUBIC))
 
 
 class _DecodingStopped(Exception):
@@ -181,19 +185,20 @@ def _video_frames(path: str) -> Iterator[av.VideoFrame]:
 
 def _image_files(folder: str) -> list[Path]:
     try:
-        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = [p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     except OSError as err:
         raise VideoReadError(f"{folder}: cannot be listed ({err.strerror or err}); check its permissions") from err
     if not files:
         raise VideoReadError(f"{folder}: is a folder with no frame images ({', '.join(IMAGE_SUFFIXES)}); give a video "
                              "file or a folder of frames")
-    return files
+    # by the numbers in the names, so that 2.jpg comes before 10.jpg, then by name
+    return sorted(files, key=lambda p: ([int(number) for number in re.findall(r"\d+", p.name)], p.name))
 
 
-def _load_image(file: Path) -> np.ndarray:
+def _load_image(file: Path) -> Image.Image:
     try:
         with Image.open(file) as image:
-            return np.asarray(image.convert("RGB"))
+            return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise VideoReadError(f"{file}: cannot be read as an image ({first_line(err)}); re-export the frame or remove "
                              "it from the folder") from err
