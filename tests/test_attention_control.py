@@ -7,6 +7,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from transformers import CLIPTokenizer
 
 from tuneavideo.errors import UserError
+from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.attention_control import (
     AttentionControl,
     ControlledAttnProcessor,
@@ -14,6 +15,7 @@ from tuneavideo.pipelines.attention_control import (
     mask_map_size,
 )
 from tuneavideo.pipelines.local_edit import sample_local_edit
+from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.pipelines.prompt_alignment import (
     PromptControlError,
     PromptEdit,
@@ -26,6 +28,7 @@ from tuneavideo.pipelines.prompt_alignment import (
     word_positions,
     word_tokens,
 )
+from tuneavideo.tiny import tiny_unet_config
 
 
 @pytest.fixture
@@ -109,12 +112,16 @@ def test_bad_control_input_is_one_clear_line(tokenizer, make, message):
 # --- the controller ---
 
 
+def prompt_edit_identity():
+    return PromptEdit(torch.eye(77), torch.ones(77), torch.ones(77))
+
+
 def test_controlled_attention_is_a_row_softmax_where_a_global_max_underflows():
     torch.manual_seed(0)
     attn = Attention(query_dim=8, heads=2, dim_head=4).eval()
     hidden_states = torch.randn(4, 6, 8) * 60  # sharp attention: logits far apart between rows
     with torch.no_grad():
-        query, key, value = (attn.head_to_batch_dim(layer(hidden_states)) for layer in (attn.to_q, attn.to_k, attn.to_v))
+        query, key, value = (attn.head_to_batch_dim(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         logits = query @ key.transpose(1, 2) * attn.scale
         global_max = torch.exp(logits - logits.max())  # Video-P2P's softmax
         assert (global_max / global_max.sum(-1, keepdim=True)).isnan().any()
@@ -130,14 +137,11 @@ def test_controlled_attention_is_a_row_softmax_where_a_global_max_underflows():
     torch.testing.assert_close(controlled[:3], AttnProcessor()(attn, hidden_states)[:3], rtol=1e-5, atol=1e-5)
 
 
-def prompt_edit_identity():
-    return PromptEdit(torch.eye(77), torch.ones(77), torch.ones(77))
-
-
 def test_cross_attention_edit_replaces_refines_and_reweights_the_conditional_target(tokenizer):
     edit = prompt_edit(tokenizer, "a cat", "a red cat", "refine", reweight={"red": 3, "cat": 0.5},
                        blend=("cat", "cat"))
     frames, heads, queries = 2, 2, 6
+    torch.manual_seed(0)
     probs = torch.randn(4 * frames * heads, queries, 77).softmax(-1)
     clips = probs.unflatten(0, (4, frames, heads))
     control = AttentionControl(edit, 4, (2, 3), cross_replace_steps=0.5)  # steps 0 and 1 of 4: int(0.5 * 5)
@@ -179,24 +183,42 @@ def test_mask_layers_are_the_quarter_of_the_latent_for_any_size():
 # --- controlled sampling ---
 
 
-def test_target_equal_to_source_prompt_reproduces_the_source_branch(pipe):
+def sd2_shaped(pipe):
+    """`pipe` with a random UNet of SD 2.x's shapes: other head counts per level, linear projections."""
+    config = UNet3DConditionModel.config_from_2d(
+        {**tiny_unet_config(), "attention_head_dim": (1, 2, 4, 4), "use_linear_projection": True}
+    )
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "attn_temp.to_out" in name:
+                parameter.normal_(0, 0.3)
+    return TuneAVideoPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, unet, pipe.scheduler)
+
+
+@pytest.mark.parametrize("control, shapes", [("replace", "SD 1.x"), ("refine", "SD 2.x")])
+def test_target_equal_to_source_prompt_reproduces_the_source_branch(pipe, control, shapes):
+    pipe = sd2_shaped(pipe) if shapes == "SD 2.x" else pipe
+    pipe.set_progress_bar_config(disable=True)
     uncond = pipe.encode_prompt("", "cpu", do_classifier_free_guidance=False)
-    for control in ("replace", "refine"):
-        edit = prompt_edit(pipe.tokenizer, "a cat runs", "a cat runs", control, blend=("cat", "cat"))
-        out = sample_local_edit(pipe, latent_of(), "a cat runs", "a cat runs", edit, num_inference_steps=2,
-                                uncond_embeddings=[uncond] * 2, cross_replace_steps=1.0, self_replace_steps=1.0)
-        torch.testing.assert_close(out.target, out.source, rtol=0, atol=1e-6)
-        assert (out.source - latent_of()).abs().max() > 0.1  # and it did sample
+    edit = prompt_edit(pipe.tokenizer, "a cat runs", "a cat runs", control, blend=("cat", "cat"))
+    out = sample_local_edit(pipe, latent_of(), "a cat runs", "a cat runs", edit, num_inference_steps=2,
+                            uncond_embeddings=[uncond] * 2, cross_replace_steps=1.0, self_replace_steps=1.0,
+                            blend_start=0.0)
+    torch.testing.assert_close(out.target, out.source, rtol=0, atol=1e-6)
+    assert (out.source - latent_of()).abs().max() > 0.1  # and it did sample
+    assert out.masks.shape == (4, 8, 8)
 
 
 def test_without_replace_steps_the_branches_are_plain_sampling(pipe):
     pipe.unet.set_default_attn_processor()  # the controlled processors' maths, for the plain runs too
     latent = latent_of()
     edit = prompt_edit(pipe.tokenizer, "a cat", "a red cat", "refine")
-    out = sample_local_edit(pipe, latent, "a cat", "a red cat", edit, num_inference_steps=3,
+    out = sample_local_edit(pipe, latent, "a cat", "a red cat", edit, num_inference_steps=2,
                             cross_replace_steps=0, self_replace_steps=0)
     # both prompts sampled plainly in one batch, [uncond, uncond, cond source, cond target] as the controlled one
-    settings = dict(latents=latent, num_inference_steps=3, output_type="latent")
+    settings = dict(latents=latent, num_inference_steps=2, output_type="latent")
     guided = pipe(["a cat", "a red cat"], guidance_scale=7.5, **settings).videos
     torch.testing.assert_close(out.target, guided[1:], rtol=0, atol=1e-6)  # guided against the empty prompt
     # the source, with a plain DDIM inversion: its own prediction, unguided (the DDIM reconstruction)

@@ -31,8 +31,6 @@ from diffusers.models.attention_processor import Attention
 
 from .prompt_alignment import PromptEdit
 
-BRANCHES = 4  # [uncond source, uncond target, cond source, cond target]
-
 
 def mask_map_size(latent_height: int, latent_width: int) -> tuple[int, int]:
     """The spatial size of the UNet level whose cross-attention maps make the mask: two stride-2 downsamplings
