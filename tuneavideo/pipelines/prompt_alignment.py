@@ -197,9 +197,11 @@ def parse_reweight(items: list[str]) -> dict[str, float]:
     for item in items:
         word, _, factor = item.partition("=")
         try:
-            factors[word] = float(factor) if word else float("")
+            factors[word] = float(factor)
         except ValueError:
-            raise PromptControlError(f"--reweight {item!r}: give WORD=FACTOR, e.g. origami=2") from None
+            word = ""
+        if not word:
+            raise PromptControlError(f"--reweight {item!r}: give WORD=FACTOR, e.g. origami=2")
     return factors
 
 
