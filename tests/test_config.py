@@ -137,7 +137,7 @@ def test_shipped_configs_load_with_original_hyperparameters(name, prompt, rate, 
 
 def test_schema_has_the_original_keys_plus_the_new_ones():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert names == ORIGINAL_KEYS | {"overwrite", "checkpoints_total_limit"}
+    assert names == ORIGINAL_KEYS | {"overwrite", "checkpoints_total_limit", "spatial_attention"}
 
 
 def test_original_config_text_loads_unchanged(tmp_path):
@@ -287,6 +287,7 @@ def test_invalid_yaml_and_non_mapping(tmp_path):
         ("learning_rate=0", "learning_rate=0.0"),
         ("checkpoints_total_limit=0", "checkpoints_total_limit=0"),
         ("trainable_modules=[]", "trainable_modules=[]"),
+        ("spatial_attention=frame0", "spatial_attention='frame0'"),
     ],
 )
 def test_obviously_bad_values_are_rejected(override, key):

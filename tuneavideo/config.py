@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from .errors import UserError, first_line
+from .models.attention import SPATIAL_ATTENTION
 
 # accelerate's spellings; None defers to the `accelerate config` default.
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
@@ -111,6 +112,7 @@ class TrainConfig:
     # New in this port.
     overwrite: bool = False  # allow writing into a non-empty output_dir
     checkpoints_total_limit: int | None = None  # keep at most this many checkpoint-N dirs (None: keep all)
+    spatial_attention: str = "sparse_causal"  # attn1's frames: sparse_causal (Tune-A-Video), first_frame (Video-P2P)
 
 
 def validation_prompts(cfg: ValidationDataConfig) -> list[tuple[str | None, str]]:
@@ -281,6 +283,8 @@ def _check_values(cfg: TrainConfig, source: str) -> None:
          "must name at least one module, e.g. ['attn1.to_q']"),
         ("mixed_precision", cfg.mixed_precision in (*MIXED_PRECISION_CHOICES, None),
          f"must be one of {', '.join(MIXED_PRECISION_CHOICES)} or null"),
+        ("spatial_attention", cfg.spatial_attention in SPATIAL_ATTENTION,
+         f"must be one of {', '.join(SPATIAL_ATTENTION)}"),
         ("checkpoints_total_limit", cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit >= 1,
          "must be >= 1 or null"),
         # The inverted latent has n_sample_frames frames; sampling it at another length fails (original issue #58).
