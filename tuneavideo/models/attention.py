@@ -128,9 +128,7 @@ class SparseCausalAttention(Attention):
     is not sparse-causal is wrapped here, so the rule can never be dropped silently.
     """
 
-    def __init__(self, *args, spatial_attention: str = "sparse_causal", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.spatial_attention = spatial_attention
+    spatial_attention: str = "sparse_causal"
 
     def set_processor(self, processor) -> None:
         if not isinstance(processor, (SparseCausalAttnProcessor, SparseCausalAttnProcessor2_0)):

@@ -39,8 +39,8 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
 
     Its constructor takes the original project's config keys (those of diffusers 0.11's 2D UNet, with 3D block
     names) and one more, `spatial_attention` (see `set_spatial_attention`; a config without it is Tune-A-Video's
-    "sparse_causal"). Features SD never used (class embeddings, dual or only-cross attention, scale-shift time embedding) are
-    refused rather than half-supported.
+    "sparse_causal"). Features SD never used (class embeddings, dual or only-cross attention, scale-shift time
+    embedding) are refused rather than half-supported.
     """
 
     _supports_gradient_checkpointing = True
