@@ -294,6 +294,7 @@ def test_invalid_yaml_and_non_mapping(tmp_path):
         ("checkpoints_total_limit=0", "checkpoints_total_limit=0"),
         ("spatial_attention=full", "spatial_attention='full'"),
         ("trainable_modules=[]", "trainable_modules=[]"),
+        ("spatial_attention=frame0", "spatial_attention='frame0'"),
     ],
 )
 def test_obviously_bad_values_are_rejected(override, key):

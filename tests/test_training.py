@@ -243,3 +243,11 @@ def test_validation_samples_from_the_inverted_noise_level(pipe, tmp_path, run_co
 
     torch.testing.assert_close(samples, sample(sampling_scheduler(scheduler, 2, 4)), rtol=1e-5, atol=1e-5)
     assert (samples - sample(scheduler)).abs().max() > 1e-3  # the plain 2-step grid starts elsewhere
+
+
+def test_a_run_tuned_with_the_first_frame_rule_is_saved_with_it(tmp_path, run_config):
+    config = run_config(tmp_path / "run", mixed_precision="no", max_train_steps=1, validation_steps=100)
+    run = train_in_process(load_config(config, ["spatial_attention=first_frame"]))
+    unet = UNet3DConditionModel.from_pretrained(run, subfolder="unet")
+    assert unet.config.spatial_attention == "first_frame"
+    assert {m.spatial_attention for name, m in unet.named_modules() if name.endswith(".attn1")} == {"first_frame"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import diffusers
@@ -91,7 +92,8 @@ def train(cfg: TrainConfig) -> Path:
         vae=_load(AutoencoderKL.from_pretrained, base, "vae"),
         text_encoder=_load(CLIPTextModel.from_pretrained, base, "text_encoder"),
         tokenizer=_load(CLIPTokenizer.from_pretrained, base, "tokenizer"),
-        unet=_load(UNet3DConditionModel.from_pretrained_2d, base, "unet"),
+        unet=_load(partial(UNet3DConditionModel.from_pretrained_2d, spatial_attention=cfg.spatial_attention), base,
+                   "unet"),
         scheduler=_load(DDIMScheduler.from_pretrained, base, "scheduler"),
     )
     pipeline.set_progress_bar_config(disable=True)
@@ -428,7 +430,8 @@ def _save_final(cfg: TrainConfig, unet: UNet3DConditionModel, output_dir: Path) 
     """
     base = cfg.pretrained_model_path
     tuned_file = save_tuned_parameters(unet, output_dir / TUNED_PARAMETERS, cfg.trainable_modules)
-    unet = apply_tuned_parameters(UNet3DConditionModel.from_pretrained_2d(base, subfolder="unet"), tuned_file)
+    unet = UNet3DConditionModel.from_pretrained_2d(base, subfolder="unet", spatial_attention=cfg.spatial_attention)
+    unet = apply_tuned_parameters(unet, tuned_file)
     pipeline = TuneAVideoPipeline.from_pretrained(
         base, unet=unet, scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler")
     )

@@ -20,6 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from .attention import SPATIAL_ATTENTION, SparseCausalAttention
 from .resnet import InflatedConv3d
 from .unet_blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, Transformers, get_block
 
@@ -37,8 +38,9 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
     """The inflated SD UNet on latent clips `(batch, 4, frames, height/8, width/8)`.
 
     Its constructor takes the original project's config keys (those of diffusers 0.11's 2D UNet, with 3D block
-    names). Features SD never used (class embeddings, dual or only-cross attention, scale-shift time embedding) are
-    refused rather than half-supported.
+    names) and one more, `spatial_attention` (see `set_spatial_attention`; a config without it is Tune-A-Video's
+    "sparse_causal"). Features SD never used (class embeddings, dual or only-cross attention, scale-shift time
+    embedding) are refused rather than half-supported.
     """
 
     _supports_gradient_checkpointing = True
@@ -76,6 +78,7 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
         num_class_embeds: int | None = None,
         upcast_attention: bool = False,
         resnet_time_scale_shift: str = "default",
+        spatial_attention: str = "sparse_causal",
     ):
         super().__init__()
         unsupported = {
@@ -155,6 +158,22 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = InflatedConv3d(block_out_channels[0], out_channels, 3, padding=1)
+        self.set_spatial_attention(spatial_attention)
+
+    def set_spatial_attention(self, rule: str) -> None:
+        """Where every frame's spatial self-attention (`attn1`) takes its keys and values: "sparse_causal"
+        (Tune-A-Video: frames 0 and i-1) or "first_frame" (Video-P2P: frame 0 only). Kept in the config, so a
+        saved model keeps it; set it on a model tuned by Video-P2P's own code, whose config cannot say.
+
+        Raises:
+            ValueError: an unknown rule.
+        """
+        if rule not in SPATIAL_ATTENTION:
+            raise ValueError(f"spatial_attention must be one of {', '.join(SPATIAL_ATTENTION)}, got {rule!r}")
+        for module in self.modules():
+            if isinstance(module, SparseCausalAttention):
+                module.spatial_attention = rule
+        self.register_to_config(spatial_attention=rule)
 
     def set_default_attn_processor(self) -> None:
         """Plain-maths attention everywhere (sparse-causal where it was); the reference for other backends."""
@@ -203,16 +222,21 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
 
     @classmethod
     def from_pretrained_2d(
-        cls, pretrained_model_path: str | os.PathLike, subfolder: str | None = None, **kwargs
+        cls,
+        pretrained_model_path: str | os.PathLike,
+        subfolder: str | None = None,
+        spatial_attention: str = "sparse_causal",
+        **kwargs,
     ) -> "UNet3DConditionModel":
         """Inflate a Stable Diffusion 1.x/2.x UNet folder (`.bin` or `.safetensors`, fp16 variants via `variant=`).
 
         Takes every SD weight by name and initialises the temporal layers (`attn_temp`, `norm_temp`), whose output
-        projection is zero, so the result equals the image model on a clip of identical frames. `kwargs` go to
+        projection is zero, so the result equals the image model on a clip of identical frames.
+        `spatial_attention` is the frame rule of `set_spatial_attention`. `kwargs` go to
         `UNet2DConditionModel.from_pretrained` (`variant`, `torch_dtype`, ...).
         """
         unet_2d = UNet2DConditionModel.from_pretrained(pretrained_model_path, subfolder=subfolder, **kwargs)
-        model = cls.from_config(cls.config_from_2d(unet_2d.config))
+        model = cls.from_config({**cls.config_from_2d(unet_2d.config), "spatial_attention": spatial_attention})
         state_dict = unet_2d.state_dict()
         del unet_2d
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
