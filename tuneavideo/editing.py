@@ -120,7 +120,10 @@ class EditResult:
     def load(cls, folder: str | os.PathLike) -> EditResult:
         """The result.json of the edit written to `folder`."""
         data = json.loads(result_file(folder).read_text())
-        path = lambda value: None if value is None else Path(value)  # noqa: E731
+
+        def path(value: str | None) -> Path | None:
+            return None if value is None else Path(value)
+
         return cls(folder=Path(data["folder"]), videos=[Path(p) for p in data["videos"]],
                    gifs=[Path(p) for p in data["gifs"]], side_by_side=Path(data["side_by_side"]),
                    size=tuple(data["size"]), fps=Fraction(data["fps"]), frames=range(*data["frames"]),

@@ -232,8 +232,8 @@ class JobRunner:
             job.status, job.message = "done", ""
         else:
             job.status = "stopped" if job.stop_requested else "failed"
-            progress = job.progress()
-            ended = progress.message if progress and progress.state in ("stopped", "failed") else None
+            progress = job.progress()  # a tuning's own account of how it failed or stopped
+            ended = progress.message if progress else None
             job.message = job.message or ended or last_line(job.log) or f"exit status {returncode}"
         try:
             job.save()
