@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +29,12 @@ from omegaconf import OmegaConf
 
 from tuneavideo.atomic import atomic_path
 from tuneavideo.checkpointing import remove_checkpoints
-from tuneavideo.cli import last_cli_line
 from tuneavideo.config import TrainConfig, load_config, validation_prompts
 from tuneavideo.video.readers import Clip
 from tuneavideo.editing import EditOptions, edit
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import Evaluator, read_frames
+from tuneavideo.run import Run
 from tuneavideo.training import TrainingWindows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,25 +160,22 @@ def single_process_environment(device_type: str, device_index: int | None,
     return env
 
 
-def tuned(cfg: TrainConfig) -> bool:
-    """Whether the run finished: `train` writes the tuned pipeline's model_index.json last."""
-    return (Path(cfg.output_dir) / "model_index.json").is_file()
-
-
 def tune(video: Video, cfg: TrainConfig, layout: Layout, env: dict[str, str]) -> bool:
     """Tune `video` unless its run is finished (an unfinished one continues from its checkpoint): `python
-    train_tuneavideo.py` in `env`, its output in the run's tune.log. Returns whether it tuned."""
-    run = Path(cfg.output_dir)
-    if (run / "config.yaml").is_file():
+    train_tuneavideo.py` in `env`, its output in the run's tune.log, how it ended in its progress.json. Returns
+    whether it tuned."""
+    run = Run(cfg.output_dir)
+    if run.config_file.is_file():
         _check_same_tuning(video, cfg, run)
-        if tuned(cfg):
+        if run.finished:
             remove_checkpoints(run)  # left by a stop between the end of the tuning and their removal
             return False
     config = layout.config(video)
     with atomic_path(config) as path:
         path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    run.mkdir(parents=True, exist_ok=True)
-    log_path = run / "tune.log"
+    run.folder.mkdir(parents=True, exist_ok=True)
+    log_path = run.folder / "tune.log"
+    started = time.time()
     with open(log_path, "a") as log:  # appended to: an interrupted tuning's log goes on
         child = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), f"--config={config}"], stdout=log,
                                  stderr=subprocess.STDOUT, env=env)
@@ -191,25 +189,26 @@ def tune(video: Video, cfg: TrainConfig, layout: Layout, env: dict[str, str]) ->
                 child.terminate()
                 child.wait()
     if code != 0:
-        last = last_cli_line(log_path) or "it wrote nothing"
-        raise UserError(f"{video.id}: tuning failed: {last} (whole log: {log_path})")
+        progress = run.progress(since=started)
+        ended = progress.message if progress and progress.message else f"exit status {code}"
+        raise UserError(f"{video.id}: tuning failed: {ended} (whole log: {log_path})")
     remove_checkpoints(run)  # only an unfinished tuning needs one
     return True
 
 
-def _check_same_tuning(video: Video, cfg: TrainConfig, run: Path) -> None:
+def _check_same_tuning(video: Video, cfg: TrainConfig, run: Run) -> None:
     """A run folder tuned with other settings is not reused, nor replaced: its tuning may have cost an hour."""
     try:
-        done = load_config(run / "config.yaml")
+        done = load_config(run.config_file)
     except UserError as err:
-        raise UserError(f"{video.id}: {err}; remove {run} to tune it again") from err
+        raise UserError(f"{video.id}: {err}; remove {run.folder} to tune it again") from err
     ignored = {"resume_from_checkpoint", "overwrite"}
     old, new = _flat(done), _flat(cfg)
     changed = [key for key in sorted(old.keys() | new.keys()) if key not in ignored and old.get(key) != new.get(key)]
     if changed:
         what = "; ".join(f"{key}: {old.get(key)!r} there, {new.get(key)!r} now" for key in changed[:3])
-        raise UserError(f"{video.id}: {run} was tuned with other settings ({what}); remove that folder to tune it "
-                        "again, or choose another --output")
+        raise UserError(f"{video.id}: {run.folder} was tuned with other settings ({what}); remove that folder to tune "
+                        "it again, or choose another --output")
 
 
 def _flat(cfg: TrainConfig) -> dict[str, object]:
@@ -244,7 +243,7 @@ def edit_settings(cfg: TrainConfig) -> dict:
     """What an edit depends on besides its prompt: the sampling settings, and which tuning (its tuned tensors'
     size and time: a video tuned again must be edited again)."""
     validation = cfg.validation_data
-    tuned_file = os.stat(Path(cfg.output_dir) / "tuned_parameters.safetensors")
+    tuned_file = os.stat(Run(cfg.output_dir).tuned_parameters)
     return {"num_inference_steps": validation.num_inference_steps, "guidance_scale": validation.guidance_scale,
             "num_inv_steps": validation.num_inv_steps, "negative_prompt": validation.negative_prompt,
             "seed": cfg.seed if cfg.seed is not None else 0, "num_frames": cfg.train_data.n_sample_frames,

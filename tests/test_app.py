@@ -112,21 +112,25 @@ def test_tune_stop_resume_and_edit_with_sound(app):
     assert client.predict(second, api_name="/job")["status"] == "cancelled"
     assert not (root / second / "log.txt").exists()  # it never started
 
-    # progress while it runs, then Stop: a checkpoint after the current step
+    # progress while it runs (the run's progress.json), then Stop: a checkpoint after the current step
     progress = wait_for(client, first, lambda info: (info["progress"] or {}).get("step", 0) >= 1)["progress"]
-    assert progress["desc"] == "Steps" and progress["total"] == 6 and float(progress["postfix"]["loss"]) > 0
+    assert (progress["state"], progress["total"], progress["learning_rate"]) == ("running", 6, 3e-5)
+    assert progress["loss"] > 0 and progress["seconds_per_step"] > 0 and progress["eta_seconds"] >= 0
     client.predict(first, api_name="/stop")
     stopped = wait_for(client, first, lambda info: info["status"] == "stopped")
-    assert "saved checkpoint-" in stopped["message"] and stopped["checkpoints"]
-    assert not stopped["finished_run"]
+    assert stopped["checkpoints"] and not stopped["finished_run"]
     saved_at = int(stopped["checkpoints"][-1].split("-")[1])
     assert 1 <= saved_at < 6
+    # the message is the training's own note in progress.json, not a line of its output
+    assert stopped["message"] == f"saved checkpoint-{saved_at}; continue with resume_from_checkpoint=latest"
+    assert (stopped["progress"]["state"], stopped["progress"]["step"]) == ("stopped", saved_at)
 
     # Resume continues from that checkpoint to the end
     job_id, status = client.predict(first, api_name="/resume")
     assert job_id == first
     done = wait_for(client, first, lambda info: info["status"] == "done")
     assert done["finished_run"] and (done["progress"]["step"], done["progress"]["total"]) == (6, 6)
+    assert done["progress"]["state"] == "finished"
     assert f"resuming from {root / first / f'checkpoint-{saved_at}'}" in (root / first / "log.txt").read_text()
     assert done["sample"] == str(root / first / "samples" / "sample-6" / "a ball is moving.mp4")
     # the upload is stored under a generated name, in the run's generated folder
@@ -156,6 +160,16 @@ def test_tune_stop_resume_and_edit_with_sound(app):
         assert found == {first: "done", second: "cancelled", edit_id: "done"}
     finally:
         reopened.shutdown()
+
+
+def test_a_failed_tuning_shows_the_training_s_own_error(app):
+    # a learning rate this large sends the weights to infinity in one step: the next loss is not finite
+    job_id, _ = tune(app.client, clip="sample.mp4", steps=4, sample_every=4, learning_rate=1e30)
+    failed = wait_for(app.client, job_id, lambda info: info["status"] == "failed")
+    # progress.json's one-line error, without the CLI's "train_tuneavideo.py: error: " of the log's last line
+    assert failed["message"].startswith("the loss became ") and "\n" not in failed["message"]
+    assert (failed["progress"]["state"], failed["progress"]["message"]) == ("failed", failed["message"])
+    assert status_markdown(app.runner, app.runner.get(job_id)).endswith(f"`{failed['message']}`")
 
 
 @contextlib.contextmanager

@@ -21,14 +21,15 @@ from safetensors.torch import load_file
 
 import train_tuneavideo
 from tests.helpers import ROOT, SAMPLE_CLIP, ffmpeg, index_frames, probe, small_disk, train_in_process
-from tuneavideo.checkpointing import list_checkpoints
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.video.readers import Clip
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
-from tuneavideo.tuned_parameters import FILENAME
+from tuneavideo.run import Run
 from tuneavideo.video.writers import write_mp4
+
+TUNED = "tuned_parameters.safetensors"  # the tuned tensors in a run folder
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +133,10 @@ def test_a_diverging_run_stops_before_the_bad_step_reaches_a_checkpoint(tmp_path
     message = str(error.value)
     assert "the loss became" in message and "at step 2" in message and "bf16" in message
     assert "checkpoint-1 is the last good checkpoint" in message
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
-    assert not (tmp_path / "run" / FILENAME).exists()
+    assert [p.name for p in Run(tmp_path / "run").checkpoints()] == ["checkpoint-1"]
+    assert not (tmp_path / "run" / TUNED).exists()
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert (progress["state"], progress["step"], progress["total"], progress["message"]) == ("failed", 1, 6, message)
 
 
 def _launch(config, *overrides):
@@ -166,8 +169,8 @@ def test_a_killed_run_resumes_to_the_same_weights(moment, tmp_path, run_config):
         _kill_when(config, lambda: (run / "checkpoint-1").exists())
     else:
         _kill_when(config, lambda: any(run.glob(".checkpoint-*.tmp")) and (run / "checkpoint-1").exists())
-    assert not (run / FILENAME).exists()  # it really died mid-run
-    assert all((path / "optimizer.bin").exists() for path in list_checkpoints(run))  # no half checkpoint listed
+    assert not (run / TUNED).exists()  # it really died mid-run
+    assert all((path / "optimizer.bin").exists() for path in Run(run).checkpoints())  # no half checkpoint listed
     resumed = _launch(config, "resume_from_checkpoint=latest")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     expected, got = _weights(tmp_path / "straight"), _weights(run)
@@ -179,18 +182,28 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, run_config):
     run = tmp_path / "run"
     config = run_config(run, max_train_steps=200, checkpointing_steps=1000, validation_steps=1000)
     process = _launch(config)
-    deadline = time.time() + 120
-    while process.poll() is None and time.time() < deadline:
-        if (run / "logs").exists() and any((run / "logs").rglob("events.out.tfevents.*")):
-            break
+    deadline, progress = time.time() + 120, None
+    while process.poll() is None and time.time() < deadline:  # a few steps in, as progress.json says
+        if (run / "progress.json").exists():
+            progress = json.loads((run / "progress.json").read_text())
+            if progress["step"] >= 3:
+                break
         time.sleep(0.05)
-    time.sleep(1.0)  # a few steps in
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
+    # while it ran: the newest step, its loss and learning rate, the pace and what is left
+    assert (progress["state"], progress["total"], progress["learning_rate"]) == ("running", 200, 3e-5)
+    assert progress["loss"] > 0 and progress["sample"] is None and progress["message"] is None
+    assert progress["seconds_per_step"] > 0
+    assert progress["eta_seconds"] == pytest.approx(progress["seconds_per_step"] * (200 - progress["step"]))
     assert process.returncode != 0 and "Traceback" not in stderr
-    saved = list_checkpoints(run)
-    assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 200
+    saved = Run(run).checkpoints()
+    step = int(saved[0].name.split("-")[1])
+    assert len(saved) == 1 and progress["step"] <= step < 200
     assert f"saved {saved[0].name}" in stderr and "resume_from_checkpoint=latest" in stderr
+    stopped = json.loads((run / "progress.json").read_text())
+    assert (stopped["state"], stopped["step"]) == ("stopped", step)
+    assert stopped["message"] == f"saved {saved[0].name}; continue with resume_from_checkpoint=latest"
 
 
 # Full disks ------------------------------------------------------------------------------------------------------
@@ -209,7 +222,7 @@ def test_a_checkpoint_that_fills_the_disk_ends_in_one_line(tmp_path, run_config)
                                 capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
         last_line = result.stderr.strip().splitlines()[-1]
-        complete = list_checkpoints(run)
+        complete = Run(run).checkpoints()
         assert complete, "no checkpoint fitted: make the disk larger"
         assert last_line.startswith("train_tuneavideo.py: error: no space left on the disk of ")
         assert f"{complete[-1]} is the last complete checkpoint" in last_line
@@ -217,7 +230,7 @@ def test_a_checkpoint_that_fills_the_disk_ends_in_one_line(tmp_path, run_config)
         assert leftovers(run) == []
         assert all(sorted(p.name for p in c.iterdir()) == sorted(p.name for p in complete[0].iterdir())
                    for c in complete)  # every listed checkpoint is whole
-        assert not (run / FILENAME).exists()
+        assert not (run / TUNED).exists()
 
 
 def test_a_killed_final_save_leaves_nothing_behind_the_next_one(tmp_path, run_config):
@@ -248,10 +261,10 @@ def test_a_final_save_that_fills_the_disk_keeps_the_tuned_tensors(tmp_path, run_
             run_cli(train_tuneavideo.main, "train_tuneavideo.py", [f"--config={config}"])
         message = str(exit_info.value.code)
         assert message.startswith("train_tuneavideo.py: error: no space left on the disk of ") and "\n" not in message
-        assert f"the tuned tensors are safe in {run / FILENAME}" in message
+        assert f"the tuned tensors are safe in {run / TUNED}" in message
         assert leftovers(run) == [] and not (run / "model_index.json").exists() and not (run / "unet").exists()
         # the tuned tensors file is whole: it loads and equals the reference run's
-        saved, expected = load_file(run / FILENAME), load_file(reference / FILENAME)
+        saved, expected = load_file(run / TUNED), load_file(reference / TUNED)
         assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
 
 

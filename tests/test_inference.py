@@ -7,6 +7,7 @@ Edits are checked by decoding what was written.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,7 +31,7 @@ from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.video.frames import fit_size
 from tuneavideo.video.readers import Clip
-from tuneavideo.editing import EditError, EditOptions, edit, plan_edit
+from tuneavideo.editing import EditError, EditOptions, EditResult, edit, plan_edit
 from tuneavideo.pipelines.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import SD_SCHEDULER_CONFIG
@@ -162,6 +163,11 @@ def test_a_wide_clip_keeps_its_aspect_ratio_frame_rate_and_sound(runs, tmp_path)
     assert (result.size, result.fps, result.frames) == (size, fps, range(2, 10, 2))
     assert result.span == pytest.approx((2 / NTSC, (2 + 4 * 2) / NTSC))  # the tuned frames 2, 4, 6, 8 and strides
     assert result.cached_latent == run / "inv_latents" / "ddim_latent-1.pt" and result.with_audio
+    # result.json beside the outputs holds all of it
+    assert EditResult.load(tmp_path) == result and (tmp_path / "result.json").is_file()
+    written = json.loads((tmp_path / "result.json").read_text())
+    assert (written["fps"], written["frames"], written["videos"]) == ("15000/1001", [2, 10, 2],
+                                                                      [str(tmp_path / "a red ball.mp4")])
     check_video(tmp_path / "a red ball.mp4", 4, size, fps, sound=True)
     check_gif(tmp_path / "a red ball.gif", 4, size, fps)
     check_video(tmp_path / "side-by-side.mp4", 4, (2 * size[0], size[1]), fps, sound=True)

@@ -1,6 +1,7 @@
 """One-shot tuning end to end on the tiny model: outputs, tuned-parameter file, the original's frames, random
 windows, resume, two processes, bf16 on the CPU, learning."""
 
+import json
 import math
 import subprocess
 import sys
@@ -53,6 +54,10 @@ def test_accelerate_launch_writes_every_output(tiny_sd, tmp_path, run_config):
         assert grid.size == (2 + 2 * 66, 64 + 4) and grid.n_frames == 4
     assert (run / "checkpoint-2" / "optimizer.bin").exists()
     assert any((run / "logs").rglob("events.out.tfevents.*"))
+    progress = json.loads((run / "progress.json").read_text())
+    assert (progress["state"], progress["step"], progress["total"], progress["eta_seconds"]) == ("finished", 2, 2, 0)
+    assert progress["sample"] == str(run / "samples" / "sample-2" / "a red ball is moving.mp4")
+    assert math.isfinite(progress["loss"]) and progress["learning_rate"] == 3e-5 and progress["message"] is None
 
     pipe = TuneAVideoPipeline.from_pretrained(run)
     assert isinstance(pipe.unet, UNet3DConditionModel) and isinstance(pipe.scheduler, DDIMScheduler)

@@ -8,7 +8,6 @@ so a crash, a kill or a full disk never leaves a half-written `checkpoint-STEP` 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from accelerate.logging import get_logger
 
 from .atomic import remove, staged
 from .errors import UserError
+from .run import Run, checkpoint_step
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -32,27 +32,21 @@ def keep_only_trainable_in_checkpoints(accelerator: Accelerator, trainable: list
     accelerator.register_save_state_pre_hook(keep_trainable)
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete `checkpoint-STEP` folders, oldest first (temporary `.checkpoint-STEP.tmp` ones are not listed)."""
-    found = [p for p in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def remove_checkpoints(output_dir: Path) -> None:
-    for path in list_checkpoints(output_dir):
+def remove_checkpoints(run: Run) -> None:
+    for path in run.checkpoints():
         shutil.rmtree(path)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None = None) -> Path:
+def save_checkpoint(accelerator: Accelerator, run: Run, step: int, total_limit: int | None = None) -> Path:
     """`accelerator.save_state` (on every process) into a temporary folder renamed to `checkpoint-STEP`."""
-    final = output_dir / f"checkpoint-{step}"
-    temporary = output_dir / f".checkpoint-{step}.tmp"
+    final = run.checkpoint(step)
+    temporary = run.checkpoint_staging(step)
     if accelerator.is_main_process:
         remove(temporary)  # left by a killed run
     accelerator.wait_for_everyone()
     # torch.save reports a full disk as a RuntimeError ("unexpected pos"), not OSError: `staged` asks the disk
-    with staged(temporary, f"no space left on the disk of {output_dir} while saving checkpoint-{step}; "
-                           f"{resume_advice(output_dir)}"):
+    with staged(temporary, f"no space left on the disk of {run.folder} while saving {final.name}; "
+                           f"{resume_advice(run)}"):
         accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -60,36 +54,36 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
             shutil.rmtree(final)
         os.replace(temporary, final)
         if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
+            for old in run.checkpoints()[:-total_limit]:
                 shutil.rmtree(old)
         logger.info(f"saved {final}")
     accelerator.wait_for_everyone()
     return final
 
 
-def resume_advice(output_dir: Path) -> str:
+def resume_advice(run: Run) -> str:
     """What to do once space is freed after a failed save: resume from the last complete checkpoint, if any."""
-    last = list_checkpoints(output_dir)
+    last = run.checkpoints()
     if last:
         return f"{last[-1]} is the last complete checkpoint: free space, then resume with resume_from_checkpoint=latest"
     return "there is no complete checkpoint: free space, then run the training again"
 
 
-def resume(accelerator: Accelerator, resume_from_checkpoint: str | None, output_dir: Path) -> int:
+def resume(accelerator: Accelerator, resume_from_checkpoint: str | None, run: Run) -> int:
     """Load the requested checkpoint (a path or "latest"); returns the step it was saved at (0 when none)."""
     if not resume_from_checkpoint:
         return 0
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
+        found = run.checkpoints()
         if not found:
-            logger.warning(f"no checkpoint in {output_dir} to resume from; starting from step 0")
+            logger.warning(f"no checkpoint in {run.folder} to resume from; starting from step 0")
             return 0
         path = found[-1]
     else:
         path = Path(resume_from_checkpoint)
-        if not path.is_dir() or not re.fullmatch(r"checkpoint-\d+", path.name):
+        if not path.is_dir() or checkpoint_step(path) is None:
             raise UserError(f"resume_from_checkpoint={path}: no checkpoint-STEP folder there; use latest or a path")
     logger.info(f"resuming from {path}")
     # the checkpoint holds only the trainable tensors; the frozen ones come from the base model
     accelerator.load_state(str(path), strict=False)
-    return int(path.name.split("-")[-1])
+    return checkpoint_step(path)

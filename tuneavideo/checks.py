@@ -34,19 +34,3 @@ def check_sd_folder(path: str | Path) -> Path:
     if not isinstance(unet_config, dict) or len(unet_config.get("block_out_channels", [])) != 4:
         raise UserError(f"{config}: not a 4-level Stable Diffusion 1.x/2.x UNet")
     return folder
-
-
-def holds_a_run(output_dir: str | Path) -> bool:
-    """Whether `output_dir` already has a training run's files in it."""
-    folder = Path(output_dir)
-    markers = ("config.yaml", "model_index.json", "unet", "tuned_parameters.safetensors")
-    return any((folder / name).exists() for name in markers) or any(folder.glob("checkpoint-*"))
-
-
-def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
-    """Refuse to write a new run over an earlier one unless asked to (resume it, or overwrite it)."""
-    if holds_a_run(output_dir) and not (resuming or overwrite):
-        raise UserError(
-            f"output_dir {output_dir} already holds a run: continue it with resume_from_checkpoint=latest, "
-            "replace it with overwrite=true, or choose another output_dir"
-        )

@@ -7,7 +7,6 @@ import argparse
 import ctypes
 import ctypes.util
 import os
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +17,6 @@ from .errors import UserError
 
 DEBUG_ENV = "TUNEAVIDEO_DEBUG"
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter behind MALLOC_MMAP_THRESHOLD_
-# run_cli's last line on a handled failure or a Ctrl-C (argparse's errors read the same)
-_CLI_LINE = re.compile(r"^\S+\.py: (?:error|interrupted)\b.*$", re.MULTILINE)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -69,14 +66,3 @@ def read_tail(path: Path, max_bytes: int = 65536) -> str:
             return file.read().decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-def last_cli_line(log: Path) -> str:
-    """A tool's one-line error or interruption note (`run_cli`'s) in the `log` of its output, else the log's last
-    non-empty line ("" if none)."""
-    text = read_tail(log).replace("\r", "\n")
-    found = _CLI_LINE.findall(text)
-    if found:
-        return found[-1].strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""

@@ -10,9 +10,12 @@ checkpoints, saved model, a windowed whole-clip edit with sound) running in abou
 
 from pathlib import Path
 
+from .checks import check_sd_folder
 from .cli import run_cli
 from .config import load_config
 from .editing import EditOptions, edit
+from .errors import UserError
+from .run import Run
 from .tiny import make_tiny_sd
 from .training import train
 
@@ -21,13 +24,15 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 def main(overrides: list[str]) -> None:
     cfg = load_config(DEMO_CONFIG, ["overwrite=true", *overrides])
-    if not (Path(cfg.pretrained_model_path) / "model_index.json").exists():
+    try:
+        check_sd_folder(cfg.pretrained_model_path)
+    except UserError:
         make_tiny_sd(cfg.pretrained_model_path)
-    output_dir = train(cfg)
+    run = Run(train(cfg))
     steps = cfg.validation_data.num_inv_steps  # the run's own (20 in demo.yaml): quick on the CPU
-    whole = edit(output_dir, EditOptions(["a red ball is moving"], num_inference_steps=steps, num_inv_steps=steps,
-                                         span=(None, None), output_dir=output_dir / "edits" / "whole-clip"))
-    print(f"demo run written to {output_dir}: samples in {output_dir / 'samples'}; the whole clip "
+    whole = edit(run.folder, EditOptions(["a red ball is moving"], num_inference_steps=steps, num_inv_steps=steps,
+                                         span=(None, None), output_dir=run.edits / "whole-clip"))
+    print(f"demo run written to {run.folder}: samples in {run.samples}; the whole clip "
           f"({len(whole.frames)} frames at {float(whole.fps):g} fps, {whole.windows} windows, "
           f"{'with' if whole.with_audio else 'without'} sound) edited into {whole.folder}")
 

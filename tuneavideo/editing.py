@@ -14,7 +14,6 @@ frames are decoded a few at a time and streamed to the encoder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 
@@ -34,13 +33,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
-from .config import ConfigError, TrainConfig, load_config
+from .config import TrainConfig, load_config
 from .video.frames import ClipTooShortError, clip_size, decode_frames, tuned_window
-from .video.readers import Clip, VideoReadError, frames_text
+from .video.readers import Clip, frames_text
 from .errors import UserError, first_line
 from .evaluate import Evaluator, read_frames
 from .pipelines.inversion import ddim_inversion, sampling_scheduler
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
+from .run import Run, metrics_file, result_file
 from .video.sound import extract_audio, source_span
 from .video.writers import Mp4Writer, grid_frames, prompt_file_name, side_by_side, write_gif
 from .pipelines.windows import Window, plan_windows
@@ -104,6 +104,33 @@ class EditResult:
     frame_folders: list[Path]  # one JPEG folder per video with `jpeg_frames`, else empty
     metrics: Path | None = None  # the scores of every edit and of the source (with `evaluate`)
 
+    def save(self) -> None:
+        """Write it to result.json in `folder`, atomically: what the app and other readers take the outputs from."""
+        def plain(value):
+            if isinstance(value, (Path, Fraction)):
+                return str(value)
+            if isinstance(value, range):
+                return [value.start, value.stop, value.step]
+            return [plain(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+        with atomic_path(result_file(self.folder)) as path:
+            path.write_text(json.dumps({f.name: plain(getattr(self, f.name)) for f in fields(self)}, indent=1))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> EditResult:
+        """The result.json of the edit written to `folder`."""
+        data = json.loads(result_file(folder).read_text())
+
+        def path(value: str | None) -> Path | None:
+            return None if value is None else Path(value)
+
+        return cls(folder=Path(data["folder"]), videos=[Path(p) for p in data["videos"]],
+                   gifs=[Path(p) for p in data["gifs"]], side_by_side=Path(data["side_by_side"]),
+                   size=tuple(data["size"]), fps=Fraction(data["fps"]), frames=range(*data["frames"]),
+                   span=tuple(data["span"]), windows=data["windows"], cached_latent=path(data["cached_latent"]),
+                   with_audio=data["with_audio"], frame_folders=[Path(p) for p in data["frame_folders"]],
+                   metrics=path(data["metrics"]))
+
 
 def parse_span(text: str) -> Span:
     """`all`, or `START:END` in seconds with either side optional (`:4.5`, `2:`, `1.5:3`)."""
@@ -124,19 +151,13 @@ def run_folder(model: str | os.PathLike | None = None, config: str | os.PathLike
     """The run folder named by `model`, or the `output_dir` of the training config `config`, checked to be finished.
 
     Raises:
-        EditError: neither or both given, no such folder, or no `config.yaml` / tuned model in it.
+        EditError: neither or both given.
+        RunError: no such folder, or no config or tuned model in it.
         ConfigError: `config` cannot be loaded.
     """
     if (model is None) == (config is None):
         raise EditError("name the tuned run with either --model (its folder) or --config (its training config)")
-    run = Path(model) if model is not None else Path(load_config(config).output_dir)
-    if not run.is_dir():
-        raise EditError(f"{run}: no such run folder (tune first: accelerate launch train_tuneavideo.py --config=...)")
-    if not (run / "config.yaml").is_file():
-        raise EditError(f"{run}: has no config.yaml, so it is not the output_dir of a training run")
-    if not (run / "model_index.json").is_file():
-        raise EditError(f"{run}: has no tuned model (model_index.json) yet; did the training run finish?")
-    return run
+    return Run(model if model is not None else load_config(config).output_dir).check_finished().folder
 
 
 @dataclass
@@ -158,34 +179,18 @@ class EditPlan:
 
     @property
     def cache(self) -> Path:
-        """Where the inversion of these frames is cached. The tuned window inverted as validation does it is the
-        run's own `ddim_latent-<max_train_steps>.pt`; any other span is keyed by everything it depends on."""
-        cfg, data, options = self.cfg, self.cfg.train_data, self.options
-        tuned = tuned_window(self.clip.info.num_frames, data.n_sample_frames, data.sample_start_idx,
-                             data.sample_frame_rate, self.clip.path)
-        validation = cfg.validation_data
-        if (self.frames == tuned and len(self.windows) == 1 and validation.use_inv_latent
-                and options.num_inv_steps == validation.num_inv_steps):
-            return self.run / "inv_latents" / f"ddim_latent-{cfg.max_train_steps}.pt"
-        source = os.stat(self.clip.path)
-        # a folder's own time stamp does not change when a frame is overwritten in place; its images' do
-        changed = max(os.stat(p).st_mtime_ns for p in self.clip.images) if self.clip.images else source.st_mtime_ns
-        weights = [os.stat(p) for p in sorted((self.run / "unet").glob("diffusion_pytorch_model*"))]
-        key = dict(source=[os.path.abspath(self.clip.path), source.st_size, changed],
-                   unet=[[w.st_size, w.st_mtime_ns] for w in weights], size=list(self.size),
-                   frames=[self.frames.start, self.frames.stop, self.frames.step], num_inv_steps=options.num_inv_steps,
-                   windows=[[w.frames[0], w.frames[-1], len(w.frames)] for w in self.windows])
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return self.run / "inv_latents" / f"span-{digest}.pt"
+        """Where the inversion of these frames is cached (`Run.inversion_cache`)."""
+        return Run(self.run).inversion_cache(self.cfg, self.clip, self.size, self.frames, self.windows,
+                                             self.options.num_inv_steps)
 
 
 def plan_edit(run: str | os.PathLike, options: EditOptions) -> EditPlan:
     """Check the run folder, its files and the options, and decide frames, size, windows and outputs."""
     run = run_folder(run)
     names = check_options(options)
-    cfg = _run_config(run)
+    cfg = Run(run).config()
     data = cfg.train_data
-    clip = _source_clip(cfg, run)
+    clip = Run(run).clip(cfg)
     stride = options.stride or data.sample_frame_rate
     frames = edit_frames(clip, cfg, options.span, stride)
     window = options.window or data.n_sample_frames
@@ -198,7 +203,7 @@ def plan_edit(run: str | os.PathLike, options: EditOptions) -> EditPlan:
                         ("--num-inv-steps", options.num_inv_steps)):
         if steps > timesteps:
             raise EditError(f"{name} {steps}: at most {timesteps} (the model's timesteps)")
-    folder = _output_folder(Path(options.output_dir) if options.output_dir is not None else run / "edits")
+    folder = _output_folder(Path(options.output_dir) if options.output_dir is not None else Run(run).edits)
     span = source_span(frames.start, len(frames), stride, float(clip.info.fps), clip.info.start_time)
     size = clip_size(clip.info.width, clip.info.height, data.width, data.height)
     return EditPlan(run, cfg, options, names, clip, size, frames, window, windows, folder,
@@ -264,6 +269,7 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
         del pipe
         prompts = [prompt for prompt in options.prompts for _ in range(options.num_videos_per_prompt)]
         result.metrics = _score(evaluator, plan, videos, prompts)
+    result.save()
     return result
 
 
@@ -276,9 +282,9 @@ def _score(evaluator: Evaluator, plan: EditPlan, videos: list[Path], prompts: li
          "source": asdict(evaluator.score_encoded(source, prompt))}
         for video, prompt in zip(videos, prompts)
     ]
-    with atomic_path(plan.folder / "metrics.json") as path:
+    with atomic_path(metrics_file(plan.folder)) as path:
         path.write_text(json.dumps(records, indent=2))
-    return plan.folder / "metrics.json"
+    return metrics_file(plan.folder)
 
 
 def edit_frames(clip: Clip, cfg: TrainConfig, span: Span | None, stride: int) -> range:
@@ -366,21 +372,6 @@ def _write(pipe: TuneAVideoPipeline, latents: torch.Tensor, source, stems: list[
         gifs.append(folder / f"{stem}.gif")
         write_gif(np.stack(frames), gifs[-1], fps)
     return videos, gifs, comparison
-
-
-def _run_config(run: Path) -> TrainConfig:
-    try:
-        return load_config(run / "config.yaml")
-    except ConfigError as err:
-        raise EditError(f"{err} (the run's config; re-run the training to rewrite it)") from err
-
-
-def _source_clip(cfg: TrainConfig, run: Path) -> Clip:
-    """The clip the run was tuned on."""
-    try:
-        return Clip(cfg.train_data.video_path, cfg.train_data.fps)
-    except VideoReadError as err:
-        raise EditError(f"{err} (the source clip, train_data.video_path in {run / 'config.yaml'})") from err
 
 
 def _source_frames(plan: EditPlan) -> Iterator[np.ndarray]:

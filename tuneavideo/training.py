@@ -33,13 +33,12 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .atomic import atomic_path, remove, staged
 from .checkpointing import (
     keep_only_trainable_in_checkpoints,
-    list_checkpoints,
     remove_checkpoints,
     resume,
     resume_advice,
     save_checkpoint,
 )
-from .checks import check_output_dir, check_sd_folder
+from .checks import check_sd_folder
 from .config import TrainConfig, validation_prompts
 from .video.frames import clip_size, decode_frames, tuned_window, window_starts
 from .video.readers import Clip
@@ -47,22 +46,20 @@ from .errors import UserError, first_line
 from .pipelines.inversion import ddim_inversion, sampling_scheduler
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline, truncated_text
-from .tuned_parameters import FILENAME as TUNED_PARAMETERS
+from .run import ProgressWriter, Run
 from .tuned_parameters import apply_tuned_parameters, save_tuned_parameters, trainable_parameter_names
-from .video.writers import prompt_file_name, save_videos_grid
+from .video.writers import save_videos_grid
 
 logger = get_logger(__name__, log_level="INFO")
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Tune on `cfg.train_data`'s clip and write the run to `cfg.output_dir`; returns that folder."""
-    output_dir = Path(cfg.output_dir)
-    # bad paths fail here, in seconds, before any model is loaded
+    """Tune on `cfg.train_data`'s clip and write the run to `cfg.output_dir`; returns that folder. The main process
+    keeps the run's progress.json up to date, to the end, however it ends (`ProgressWriter`)."""
+    run = Run(cfg.output_dir)
+    # bad paths fail here, in seconds, before any model is loaded (the clip's in `_tune`, as soon)
     check_sd_folder(cfg.pretrained_model_path)
-    check_output_dir(output_dir, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite)
-    data = cfg.train_data
-    clip = Clip(data.video_path, data.fps)
-    windows = TrainingWindows.plan(clip, cfg)
+    run.check_output_dir(resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite)
     mixed_precision = _usable_mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(
         # several processes without CUDA (`accelerate launch --multi_gpu` on a CPU machine): CPU workers over gloo
@@ -70,8 +67,19 @@ def train(cfg: TrainConfig) -> Path:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(run.folder), logging_dir=str(run.logs)),
     )
+    with ProgressWriter(run, cfg.max_train_steps, enabled=accelerator.is_main_process,
+                        resuming=bool(cfg.resume_from_checkpoint)) as report:
+        _tune(cfg, run, accelerator, mixed_precision, report)
+    return run.folder
+
+
+def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision: str,
+          report: ProgressWriter) -> None:
+    data = cfg.train_data
+    clip = Clip(data.video_path, data.fps)
+    windows = TrainingWindows.plan(clip, cfg)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_error()
@@ -83,8 +91,8 @@ def train(cfg: TrainConfig) -> Path:
         set_seed(cfg.seed)
     if accelerator.is_main_process:
         if cfg.overwrite and not cfg.resume_from_checkpoint:
-            remove_checkpoints(output_dir)  # a fresh run must not resume from the replaced run's state later
-        _write_run_config(cfg, output_dir)
+            remove_checkpoints(run)  # a fresh run must not resume from the replaced run's state later
+        run.write_config(cfg)
 
     # models: everything frozen but the trainable UNet modules
     base = cfg.pretrained_model_path
@@ -152,7 +160,7 @@ def train(cfg: TrainConfig) -> Path:
         encoder_hidden_states = pipeline.encode_prompt(data.prompt, accelerator.device,
                                                        do_classifier_free_guidance=False)
 
-    global_step = resume(accelerator, cfg.resume_from_checkpoint, output_dir)
+    global_step = resume(accelerator, cfg.resume_from_checkpoint, run)
     if accelerator.is_main_process:
         accelerator.init_trackers("tuneavideo", config=_scalar_hparams(cfg))
     progress = tqdm(
@@ -160,6 +168,7 @@ def train(cfg: TrainConfig) -> Path:
         disable=not accelerator.is_local_main_process, desc="Steps",
     )
     prepared_unet.train()
+    report.begin(global_step)
     with CtrlC() as ctrl_c:
         while global_step < cfg.max_train_steps:
             with accelerator.accumulate(prepared_unet):
@@ -167,7 +176,7 @@ def train(cfg: TrainConfig) -> Path:
                 loss = _diffusion_loss(prepared_unet, noise_scheduler, latents, encoder_hidden_states)
                 losses = accelerator.gather(loss.detach())  # every process sees every loss, so all stop together
                 if not torch.isfinite(losses).all():
-                    _stop_diverged(losses, global_step + 1, output_dir)
+                    _stop_diverged(losses, global_step + 1, run)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_([named[n] for n in trainable], cfg.max_grad_norm)
@@ -181,24 +190,26 @@ def train(cfg: TrainConfig) -> Path:
                 logs = {"loss": losses.mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
                 progress.set_postfix(**logs)
                 accelerator.log(logs, step=global_step)
+                report.step(global_step, logs["loss"], logs["lr"])
                 interrupted = ctrl_c.agreed(accelerator)
                 if global_step % cfg.checkpointing_steps == 0 or interrupted:
-                    save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+                    save_checkpoint(accelerator, run, global_step, cfg.checkpoints_total_limit)
                 if interrupted:
-                    raise KeyboardInterrupt(f"saved checkpoint-{global_step}; continue with "
+                    raise KeyboardInterrupt(f"saved {run.checkpoint(global_step).name}; continue with "
                                             "resume_from_checkpoint=latest")
                 if global_step % cfg.validation_steps == 0 or global_step == cfg.max_train_steps:
                     if accelerator.is_main_process:
                         with accelerator.autocast():
                             validate(pipeline, windows.first(posterior).mean, cfg, global_step,
                                      clip.info.fps / data.sample_frame_rate)
+                        name, prompt = validation_prompts(cfg.validation_data)[0]
+                        report.sample(run.sample(global_step, prompt, name))
                     accelerator.wait_for_everyone()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(cfg, unet, output_dir)
+        _save_final(cfg, unet, run)
     accelerator.end_training()
-    return output_dir
 
 
 class TrainingWindows:
@@ -307,9 +318,9 @@ def _diffusion_loss(unet, noise_scheduler: DDPMScheduler, latents: torch.Tensor,
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
-def _stop_diverged(losses: torch.Tensor, step: int, output_dir: Path) -> None:
+def _stop_diverged(losses: torch.Tensor, step: int, run: Run) -> None:
     """Stop on a NaN or infinite loss, before it reaches the weights or a checkpoint."""
-    last = list_checkpoints(output_dir)
+    last = run.checkpoints()
     kept = f"{last[-1]} is the last good checkpoint (resume_from_checkpoint=latest)" if last else "no checkpoint yet"
     values = ", ".join(f"{v:g}" for v in losses.flatten().tolist())
     raise UserError(f"the loss became {values} at step {step}: try mixed_precision=bf16 or no, or a lower "
@@ -367,7 +378,7 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
     `validation_data.width/height` (an inverted latent of another size could not be sampled anyway).
     """
     validation = cfg.validation_data
-    output_dir = Path(cfg.output_dir)
+    run = Run(cfg.output_dir)
     unet = pipeline.unet
     was_training = unet.training
     unet.eval()
@@ -375,7 +386,7 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
     scheduler = pipeline.scheduler
     if validation.use_inv_latent:
         latents = ddim_inversion(pipeline, scheduler, clean_latents, validation.num_inv_steps, keep_all=False)[-1]
-        with atomic_path(output_dir / "inv_latents" / f"ddim_latent-{step}.pt") as path:
+        with atomic_path(run.validation_latent(step)) as path:
             torch.save(latents.cpu(), path)
         # sampling starts at the inverted latent's noise level, as in an edit
         pipeline.scheduler = sampling_scheduler(scheduler, validation.num_inference_steps, validation.num_inv_steps)
@@ -389,25 +400,14 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
             guidance_scale=validation.guidance_scale, negative_prompt=validation.negative_prompt, generator=generator,
             latents=latents,
         ).videos
-        folder = output_dir / "samples" / f"sample-{step}" / (prompt_file_name(name) if name else "")
         for suffix in (".gif", ".mp4"):
-            save_videos_grid(video, str(folder / f"{prompt_file_name(prompt)}{suffix}"), fps=fps)
+            save_videos_grid(video, str(run.sample(step, prompt, name, suffix)), fps=fps)
         videos.append(video)
     videos = torch.cat(videos)
-    save_videos_grid(videos, str(output_dir / "samples" / f"sample-{step}.gif"), fps=fps)
+    save_videos_grid(videos, str(run.sample_grid(step)), fps=fps)
     pipeline.scheduler = scheduler
     unet.train(was_training)
     return videos
-
-
-def _write_run_config(cfg: TrainConfig, output_dir: Path) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.structured(cfg)
-    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__}
-    header = "".join(f"# {name} {version}\n" for name, version in versions.items())
-    with atomic_path(output_dir / "config.yaml") as path:
-        path.write_text(header + OmegaConf.to_yaml(resolved))
 
 
 def _scalar_hparams(cfg: TrainConfig) -> dict:
@@ -421,7 +421,7 @@ def _scalar_hparams(cfg: TrainConfig) -> dict:
     return result
 
 
-def _save_final(cfg: TrainConfig, unet: UNet3DConditionModel, output_dir: Path) -> None:
+def _save_final(cfg: TrainConfig, unet: UNet3DConditionModel, run: Run) -> None:
     """The tuned tensors, then the tuned pipeline (float32 VAE and text encoder from the base, a DDIM scheduler).
 
     The saved UNet is the base model plus the tuned-parameters file, so it is float32 even when the frozen weights
@@ -429,22 +429,22 @@ def _save_final(cfg: TrainConfig, unet: UNet3DConditionModel, output_dir: Path) 
     written to a temporary folder and moved in, `model_index.json` last: a full disk leaves no half-written model.
     """
     base = cfg.pretrained_model_path
-    tuned_file = save_tuned_parameters(unet, output_dir / TUNED_PARAMETERS, cfg.trainable_modules)
+    tuned_file = save_tuned_parameters(unet, run.tuned_parameters, cfg.trainable_modules)
     unet = UNet3DConditionModel.from_pretrained_2d(base, subfolder="unet", spatial_attention=cfg.spatial_attention)
     unet = apply_tuned_parameters(unet, tuned_file)
     pipeline = TuneAVideoPipeline.from_pretrained(
         base, unet=unet, scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler")
     )
-    staging = output_dir / ".pipeline.tmp"
+    staging = run.pipeline_staging
     remove(staging)  # left by a killed run
-    with staged(staging, f"no space left on the disk of {output_dir} while saving the tuned model; the tuned tensors "
-                         f"are safe in {tuned_file}; {resume_advice(output_dir)}"):
+    with staged(staging, f"no space left on the disk of {run.folder} while saving the tuned model; the tuned tensors "
+                         f"are safe in {tuned_file}; {resume_advice(run)}"):
         pipeline.save_pretrained(staging)
-    entries = sorted(staging.iterdir(), key=lambda entry: entry.name == "model_index.json")
+    entries = sorted(staging.iterdir(), key=lambda entry: entry.name == run.model_index.name)
     for entry in entries:
-        target = output_dir / entry.name
+        target = run.folder / entry.name
         if target.is_dir():
             remove(target)
         os.replace(entry, target)
     staging.rmdir()
-    logger.info(f"saved the tuned model to {output_dir}")
+    logger.info(f"saved the tuned model to {run.folder}")

@@ -18,8 +18,6 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path
 from .models.unet import TEMPORAL_KEY
 
-FILENAME = "tuned_parameters.safetensors"
-
 
 def trainable_parameter_names(unet: torch.nn.Module, trainable_modules: list[str]) -> list[str]:
     """Names of the parameters of every module whose qualified name ends with one of `trainable_modules`."""

@@ -1,9 +1,10 @@
 """One job at a time: a queue of tuning and editing jobs, each a subprocess of the project's command-line tools.
 
 The state of every job lives here and on disk, not in a browser: `<job folder>/job.json` holds its status and
-command, `<job folder>/log.txt` everything the process printed. A page only reads them (`JobRunner.get`,
-`read_progress`), so closing it changes nothing and reopening it shows the job again; an app restarted later finds
-its jobs in the same folders.
+command, `<job folder>/log.txt` everything the process printed (for people to read: nothing is parsed out of it).
+What a job did comes from the files its tool writes: a tuning's progress.json (`Job.progress`), an edit's
+result.json (`Job.result`). A page only reads them, so closing it changes nothing and reopening it shows the job
+again; an app restarted later finds its jobs in the same folders.
 
 Jobs start in their own session (process group): a Ctrl-C in the app's terminal reaches the app only, which then
 stops the running job with one SIGINT, the signal on which `train_tuneavideo.py` saves a checkpoint after the
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -24,17 +24,15 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from ..atomic import DiskFullError, atomic_path
-from ..cli import last_cli_line, read_tail
+from ..cli import read_tail
+from ..editing import EditResult
+from ..run import Progress, Run, result_file
 
 JOB_FILE = "job.json"
 LOG_FILE = "log.txt"
 FINISHED = ("done", "failed", "stopped", "cancelled")
-# A tqdm bar: "Steps:  33%|███▎      | 1/3 [00:03<00:06,  3.01s/it, loss=1.18, lr=3e-5]"
-_BAR = re.compile(r"(?P<desc>[^\r\n|]*?):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
-                  r"\[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:?]+)(?P<postfix>[^\]]*)\]")
 
 
 @dataclass
@@ -52,7 +50,7 @@ class Job:
     started: float | None = None
     finished: float | None = None
     returncode: int | None = None
-    message: str = ""  # the tool's one-line error or interruption note
+    message: str = ""  # how it failed or stopped, in one line
     pid: int | None = None
     stop_requested: bool = False
 
@@ -61,8 +59,12 @@ class Job:
         return self.folder / LOG_FILE
 
     def progress(self) -> Progress | None:
-        """The newest state of its progress bar: a tuning job's training steps, an editing job's newest bar."""
-        return read_progress(self.log, "Steps" if self.kind == "tune" else None)
+        """A tuning job's progress.json as its latest start wrote it (None for an edit, or before then)."""
+        return Run(self.folder).progress(since=self.started) if self.kind == "tune" and self.started else None
+
+    def result(self) -> EditResult | None:
+        """A finished edit's result.json (None before it is written, and for a tuning job)."""
+        return EditResult.load(self.folder) if result_file(self.folder).is_file() else None
 
     def save(self) -> None:
         """Write job.json atomically, so a reader never sees half of it."""
@@ -75,25 +77,11 @@ class Job:
         return cls(**data | {"folder": Path(data["folder"])})
 
 
-class Progress(NamedTuple):
-    """The newest state of a tqdm bar in a log."""
-
-    desc: str
-    step: int
-    total: int
-    elapsed: str
-    remaining: str  # tqdm's estimate, "?" before the first step
-    postfix: dict[str, str]  # e.g. {"loss": "0.123", "lr": "3e-05"}
-
-
-def read_progress(log: Path, desc: str | None = None) -> Progress | None:
-    """The last tqdm bar printed to `log` (the last one called `desc`, if given)."""
-    for match in reversed(list(_BAR.finditer(read_tail(log)))):
-        name = match["desc"].split("\x1b[A")[-1].strip()  # tqdm moves the cursor up before nested bars
-        if desc is None or name == desc:
-            postfix = dict(item.strip().split("=", 1) for item in match["postfix"].split(",") if "=" in item)
-            return Progress(name, int(match["n"]), int(match["total"]), match["elapsed"], match["remaining"], postfix)
-    return None
+def last_line(log: Path) -> str:
+    """The last line a job's process printed ("" if none): shown as the message of a job that left no file saying
+    how it failed."""
+    lines = [line.strip() for line in read_tail(log).replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 class JobRunner:
@@ -113,7 +101,8 @@ class JobRunner:
 
     def start(self) -> JobRunner:
         """Load the jobs found under `root`, queue the ones that were waiting, and start working."""
-        for path in sorted([*self.root.glob(f"*/{JOB_FILE}"), *self.root.glob(f"*/edits/*/{JOB_FILE}")]):
+        edits = [path for run in self.root.glob("*/") for path in Run(run).edits.glob(f"*/{JOB_FILE}")]
+        for path in sorted([*self.root.glob(f"*/{JOB_FILE}"), *edits]):
             try:
                 job = Job.load(path)
             except (OSError, ValueError, TypeError, KeyError):
@@ -243,7 +232,9 @@ class JobRunner:
             job.status, job.message = "done", ""
         else:
             job.status = "stopped" if job.stop_requested else "failed"
-            job.message = job.message or last_cli_line(job.log) or f"exit status {returncode}"
+            progress = job.progress()  # a tuning's own account of how it failed or stopped
+            ended = progress.message if progress else None
+            job.message = job.message or ended or last_line(job.log) or f"exit status {returncode}"
         try:
             job.save()
         except (OSError, DiskFullError) as err:  # the job fails, not the queue

@@ -13,23 +13,24 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
+from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 
 import gradio as gr
 
 from ..cli import read_tail
-from ..editing import EditOptions
+from ..editing import EditOptions, EditResult
 from ..errors import UserError
+from ..run import Run
 from .jobs import FINISHED, Job, JobRunner
 from .workspace import (
     PRESETS,
     TUNE_CONFIG,
     TuneSettings,
     Workspace,
-    edit_outputs,
     is_random_model,
-    latest_sample,
     metrics_markdown,
     prepare_edit,
     prepare_tune,
@@ -59,6 +60,21 @@ def whole_number(value: float | None, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def duration(seconds: float) -> str:
+    """`seconds` as m:ss, or h:mm:ss from an hour on."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def outputs(result: EditResult | None) -> dict[str, list[str]]:
+    """An edit's files by kind, as the API's `/job` reports them (empty lists before it is done)."""
+    if result is None:
+        return {"videos": [], "gifs": [], "side_by_side": []}
+    return {"videos": [str(path) for path in result.videos], "gifs": [str(path) for path in result.gifs],
+            "side_by_side": [str(result.side_by_side)]}
+
+
 def status_markdown(runner: JobRunner, job: Job | None) -> str:
     """One or two lines on a job: its place in the queue, its progress, or how it ended."""
     if job is None:
@@ -71,18 +87,23 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
         ahead = "next to start" if position == 1 else f"{position - 1} jobs ahead of it"
         return f"{head}: waiting in the queue, position {position} ({ahead})."
     if job.status == "running":
+        stopping = " · stopping after this step…" if job.stop_requested else ""
+        elapsed = duration(time.time() - job.started) if job.started else "0:00"
+        if job.kind == "edit":
+            return f"{head}: editing (elapsed {elapsed})…" + stopping
         progress = job.progress()
         if progress is None:
             return f"{head}: starting (loading the model)…"
-        text = f"{head}: {progress.desc} {progress.step} / {progress.total}"
-        if "loss" in progress.postfix:
-            text += f" · loss {progress.postfix['loss']}"
-        text += f" · ETA {progress.remaining} (elapsed {progress.elapsed})"
-        return text + (" · stopping after this step…" if job.stop_requested else "")
+        text = f"{head}: step {progress.step} / {progress.total}"
+        if progress.loss is not None:
+            text += f" · loss {progress.loss:.4g}"
+        if progress.eta_seconds is not None:
+            text += f" · ETA {duration(progress.eta_seconds)}"
+        return text + f" (elapsed {elapsed}){stopping}"
     took = f" in {job.finished - job.started:.0f} s" if job.finished and job.started else ""
     if job.status == "done":
         progress = job.progress()
-        loss = f"; last loss {progress.postfix['loss']}" if progress and "loss" in progress.postfix else ""
+        loss = f"; last loss {progress.loss:.4g}" if progress and progress.loss is not None else ""
         return f"{head}: done{took}{loss}."
     if job.status == "stopped":
         return f"{head}: stopped{took}. `{job.message}`" + (" Press Resume to continue." if job.kind == "tune" else "")
@@ -96,15 +117,14 @@ def job_info(runner: JobRunner, job: Job) -> dict:
     info = {key: getattr(job, key) for key in ("id", "kind", "run", "status", "message", "returncode")}
     info["position"] = runner.position(job.id)
     progress = job.progress()
-    info["progress"] = progress._asdict() if progress else None
+    info["progress"] = asdict(progress) if progress else None
     if job.kind == "tune":
-        sample = latest_sample(job.folder)
-        info["sample"] = str(sample) if sample else None
-        info["finished_run"] = (job.folder / "model_index.json").is_file()
-        info["checkpoints"] = sorted(path.name for path in job.folder.glob("checkpoint-*"))
+        run = Run(job.folder)
+        info["sample"] = progress.sample if progress else None
+        info["finished_run"] = run.finished
+        info["checkpoints"] = [path.name for path in run.checkpoints()]
     else:
-        outputs = edit_outputs(job.folder, read_tail(job.log)) if job.status == "done" else {}
-        info["outputs"] = {key: [str(path) for path in paths] for key, paths in outputs.items()}
+        info["outputs"] = outputs(job.result() if job.status == "done" else None)
     return info
 
 
@@ -226,14 +246,13 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         """The first prompt's edit (MP4 with sound), the side-by-side, every MP4 and GIF for download, and the
         edits' LOVEU-TGVE figures when the scoring models are there."""
         job = runner.get(job_id or "")
-        if job is None or job.status != "done":
+        result = job.result() if job is not None and job.status == "done" else None
+        if result is None:
             return None, None, None, gr.update(value="", visible=False)
-        outputs = edit_outputs(job.folder, read_tail(job.log))
-        videos = outputs["videos"]
-        side = outputs["side_by_side"]
-        figures = metrics_markdown(job.folder / "metrics.json")
-        return (str(videos[0]) if videos else None, str(side[0]) if side else None,
-                [str(path) for path in [*videos, *outputs["gifs"], *side]] or None,
+        videos = [str(path) for path in result.videos]
+        figures = metrics_markdown(result.metrics) if result.metrics else ""
+        return (videos[0] if videos else None, str(result.side_by_side),
+                [*videos, *(str(path) for path in result.gifs), str(result.side_by_side)],
                 gr.update(value=figures, visible=bool(figures)))
 
     def job(job_id: str) -> dict:
@@ -270,7 +289,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
 
         tune_job, edit_job = shown_job(tune_id, "tune"), shown_job(edit_id, "edit")
         tune_choices, edit_choices = job_choices("tune"), job_choices("edit")
-        sample = latest_sample(tune_job.folder) if tune_job else None
+        tune_progress = tune_job.progress() if tune_job else None
+        sample = tune_progress.sample if tune_progress else None
         tune_status, edit_status = status_markdown(runner, tune_job), status_markdown(runner, edit_job)
         log = log_tail(tune_job)
         edit_key = (edit_job.id, edit_job.status) if edit_job else None
@@ -280,7 +300,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
             queue if changed("queue", queue) else gr.skip(),
             dropdown("tune_choices", tune_choices, tune_id, tune_job.id if tune_job else None),
             tune_status if changed("tune_status", tune_status) else gr.skip(),
-            (str(sample) if sample else None) if changed("sample", str(sample)) else gr.skip(),
+            sample if changed("sample", sample) else gr.skip(),
             log if changed("log", log) else gr.skip(),
             dropdown("edit_choices", edit_choices, edit_id, edit_job.id if edit_job else None),
             edit_status if changed("edit_status", edit_status) else gr.skip(),
@@ -294,7 +314,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         for job in runner.jobs():
             if job.status == "running":
                 progress = job.progress()
-                step = f" ({progress.desc} {progress.step}/{progress.total})" if progress else ""
+                step = f" (step {progress.step}/{progress.total})" if progress else ""
                 parts.append(f"running: {job.kind} `{job.id}`{step}")
         waiting = [runner.get(job_id) for job_id in runner.waiting()]
         if waiting:

@@ -3,13 +3,16 @@
 Everything the app writes lives under `Workspace.root` (./outputs by default), in folders whose names it generates
 (never from user text):
 
-- `<root>/<run>/` is one tuning job: the training `output_dir`, plus the app's `tune.yaml` (the config it hands to
-  `train_tuneavideo.py`), `source.<ext>` (the clip, copied under that name), `job.json` and `log.txt`;
-- `<root>/<run>/edits/<edit>/` is one editing job: `inference.py --output-dir`, plus its `job.json` and `log.txt`.
+- `<root>/<run>/` is one tuning job: the training `output_dir` (a `tuneavideo.run.Run`), plus the app's own
+  `tune.yaml` (the config it hands to `train_tuneavideo.py`), `source.<ext>` (the clip, copied under that name),
+  `job.json` and `log.txt`;
+- `<root>/<run>/edits/<edit>/` (under `Run.edits`) is one editing job: `inference.py --output-dir`, plus its
+  `job.json` and `log.txt`.
 
-Jobs run as subprocesses of `train_tuneavideo.py` and `inference.py`: the CLIs are the stable interface, so the app
-keeps working while the package behind them changes, and a job outlives the browser tab that started it. The two
-`*_command` functions below are the only place that knows their flags.
+Jobs run as subprocesses of `train_tuneavideo.py` and `inference.py`: the CLIs start them, so a job outlives the
+browser tab that started it. What they did comes back through files, never through their printed lines: a tuning's
+`progress.json` (`Run.progress`), an edit's `result.json` (`EditResult.load`). The two `*_command` functions below
+are the only place that knows the CLIs' flags.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import re
 import secrets
 import shutil
 import sys
@@ -28,12 +30,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..checks import check_sd_folder
-from ..config import TrainConfig, load_config
+from ..config import load_config
 from ..video.frames import tuned_window
 from ..video.readers import IMAGE_SUFFIXES, Clip
 from ..editing import EditOptions, plan_edit
 from ..errors import UserError
 from ..evaluate import evaluation_models
+from ..run import Run
 from ..tiny import make_tiny_sd, tiny_unet_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,8 +94,8 @@ class Workspace:
         return True
 
     def runs(self) -> dict[str, Path]:
-        """Finished runs (folders of `root` holding a tuned `model_index.json`), newest first, by folder name."""
-        folders = [index.parent for index in self.root.glob("*/model_index.json")]
+        """Finished runs (folders of `root` holding a tuned model), newest first, by folder name."""
+        folders = [folder for folder in self.root.glob("*/") if Run(folder).finished]
         return {folder.name: folder for folder in sorted(folders, key=lambda f: f.stat().st_mtime, reverse=True)}
 
     def new_folder(self, parent: Path | None = None, prefix: str = "") -> Path:
@@ -229,18 +232,10 @@ def tune_command(workspace: Workspace, config: Path, resume: bool = False) -> li
 # --- editing ----------------------------------------------------------------------------------------------------
 
 
-def load_run(run: Path) -> TrainConfig:
-    """The training config a run folder holds, or a one-line error naming the run."""
-    try:
-        return load_config(run / "config.yaml")
-    except UserError as err:
-        raise UserError(f"the run {run.name} cannot be read: {err}") from err
-
-
 def run_defaults(run: Path) -> dict[str, int | bool]:
     """Edit settings that fit `run`: its validation steps (so its cached inversion is reused), its seed and stride,
     and whether it was tuned from the tiny random model ("random")."""
-    cfg = load_run(run)
+    cfg = Run(run).config()
     steps = cfg.validation_data.num_inv_steps
     return dict(num_inference_steps=steps, num_inv_steps=steps, seed=cfg.seed or 0,
                 stride=cfg.train_data.sample_frame_rate,
@@ -256,7 +251,7 @@ def prepare_edit(workspace: Workspace, run_name: str, options: EditOptions) -> t
     prompts = [prompt.strip() for prompt in options.prompts if prompt.strip()]
     if not prompts:
         raise UserError("give at least one prompt (one per line)")
-    folder = workspace.new_folder(run / "edits", prefix="edit-")
+    folder = workspace.new_folder(Run(run).edits, prefix="edit-")
     options = dataclasses.replace(options, prompts=prompts, output_dir=folder)
     try:
         plan_edit(run, options)
@@ -299,38 +294,3 @@ def metrics_markdown(path: Path) -> str:
             rows.append(f"| {name} | {figures['frame_consistency']:.2f} | {figures['text_alignment']:.2f} | "
                         f"{figures['pickscore']:.2f} |")
     return "**LOVEU-TGVE figures** (the source's for the same prompt below each edit)\n\n" + "\n".join(rows)
-
-
-_FILE_LINE = re.compile(r"^\s+(\S.*\.(?:mp4|gif))\s*$")
-
-
-def edit_outputs(folder: Path, log_text: str) -> dict[str, list[Path]]:
-    """The files an edit wrote, from the paths `inference.py` prints (one per line, indented), in its order.
-
-    Only existing files inside `folder` count. Returns {"videos": per-prompt MP4s, "gifs": ..., "side_by_side": [..]}.
-    """
-    found: dict[str, list[Path]] = {"videos": [], "gifs": [], "side_by_side": []}
-    inside, seen = folder.resolve(), set()
-    for line in log_text.splitlines():
-        match = _FILE_LINE.match(line)
-        if not match:
-            continue
-        path = Path(match.group(1))
-        if path in seen or not path.is_file() or not path.resolve().is_relative_to(inside):
-            continue
-        seen.add(path)
-        if path.stem == "side-by-side":
-            found["side_by_side"].append(path)
-        else:
-            found["videos" if path.suffix == ".mp4" else "gifs"].append(path)
-    return found
-
-
-def latest_sample(run: Path) -> Path | None:
-    """The newest validation sample MP4 of a run (`samples/sample-STEP/<prompt>.mp4`), or None."""
-    samples = []
-    for video in run.glob("samples/sample-*/*.mp4"):
-        step = video.parent.name.removeprefix("sample-")
-        if step.isdigit():
-            samples.append((-int(step), video.name, video))
-    return min(samples)[2] if samples else None
