@@ -6,17 +6,18 @@
     python -m benchmarks.benchmark --jobs edit --frames 4 10 --window 4 --sizes 256
     python -m benchmarks.benchmark --model sd2 --device cuda --dtype fp16 --json results.json
 
-Jobs: `train` (one tuning step: default trainable modules, gradient checkpointing, AdamW step), `denoise` (one
-classifier-free-guided UNet call, batch 2), `invert` (one inversion UNet call, batch 1), `vae` (encode + decode
-the clip frame by frame), `edit` (what `tuneavideo.editing` does with a clip of `--frames` frames in windows of
-`--window` frames: VAE-encode the frames as they stream in, `--steps` DDIM inversion steps and `--steps` guided
-sampling steps over every window, decode the result a few frames at a time; run once, its phases and steps timed
-one by one; a warm-up runs each model once at the edit's shapes). `--attention sdpa-dup` keeps SDPA but gathers
-sparse-causal keys as the original did (duplicates for frames 0 and 1). `--attention plain` swaps every attention
-to plain maths (softmax of an explicit score matrix, sparse-causal keys duplicated for frames 0 and 1): the
-original's computation without xformers, so both are compared in one run. `--allocator mallopt` runs a job
-after `tuneavideo.cli.release_freed_memory()`, as the CLIs do on the CPU; `default` leaves glibc's allocator as it
-is. `--model tiny` is the tests' tiny SD (for quick checks of this script, not for figures).
+Jobs: `train` (one step of the training's own `TrainingStep`: default trainable modules, gradient checkpointing, the
+diffusion loss, accelerate's mixed precision, AdamW step), `denoise` (one classifier-free-guided UNet call, batch
+2), `invert` (one inversion UNet call, batch 1), `vae` (encode + decode the clip frame by frame), `edit` (what
+`tuneavideo.editing` does with a clip of `--frames` frames in windows of `--window` frames: VAE-encode the frames as
+they stream in, `--steps` DDIM inversion steps and `--steps` guided sampling steps over every window, decode the
+result a few frames at a time; run once, its phases and steps timed one by one; a warm-up runs each model once at
+the edit's shapes). `--attention sdpa-dup` keeps SDPA but gathers sparse-causal keys as the original did (duplicates
+for frames 0 and 1). `--attention plain` swaps every attention to plain maths (softmax of an explicit score matrix,
+sparse-causal keys duplicated for frames 0 and 1): the original's computation without xformers, so both are compared
+in one run. `--allocator mallopt` runs a job after `tuneavideo.cli.release_freed_memory()`, as the CLIs do on the
+CPU; `default` leaves glibc's allocator as it is. `--model tiny` is the tests' tiny SD (for quick checks of this
+script, not for figures).
 
 Each job runs in a fresh process, so its peak memory (RSS on CPU, `torch.cuda.max_memory_allocated` on GPU, in GiB)
 is its own. Prints a table and writes JSON.
@@ -78,7 +79,6 @@ MODELS = ["sd1", "sd2", "tiny"]
 JOBS = ["train", "denoise", "invert", "vae", "edit"]
 ALLOCATORS = ["mallopt", "default"]
 UNET_GFLOP_PER_FRAME_512 = 677  # forward of the SD 1.x UNet on one 64x64 latent
-DECODE_CHUNK = 8  # frames decoded at once, as tuneavideo.editing.DECODE_CHUNK (not imported: it needs PyAV)
 EDIT_PROMPT = "a jeep car is moving on the snow"
 EDIT_GUIDANCE = 12.5  # the edit default (tuneavideo.editing.EditOptions)
 
@@ -159,13 +159,12 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
     peak that does not depend on the clip)."""
     import torch
 
-    from tuneavideo.pipelines.inversion import ddim_inversion, sampling_scheduler
+    from tuneavideo.pipelines.edit import invert, sample
     from tuneavideo.pipelines.windows import plan_windows
 
     frames, size = args.frames[0], args.sizes[0]
     with tempfile.TemporaryDirectory(prefix="tav-bench-") as folder:
         pipe = build_pipeline(args.model, args.attention[0], dtype, folder).to(device)
-    scheduler = pipe.scheduler
     windows = plan_windows(frames, args.window)
     models = (pipe.unet, pipe.vae, pipe.text_encoder)
     weights_gb = sum(p.numel() * p.element_size() for model in models for p in model.parameters()) / 2**30
@@ -186,16 +185,13 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
         invert_steps, denoise_steps = [], []
         latent = pipe.encode_video(random_frames(frames, size)).mean
         encode = clock.lap()
-        latent = ddim_inversion(pipe, scheduler, latent, args.steps, window_size=args.window,
-                                callback=lambda *_: invert_steps.append(clock.lap()), keep_all=False)[-1]
-        pipe.scheduler = sampling_scheduler(scheduler, args.steps, args.steps)
+        latent = invert(pipe, latent, args.steps, args.window, callback=lambda *_: invert_steps.append(clock.lap()))
         clock.lap()
-        edited = pipe(EDIT_PROMPT, latents=latent, num_inference_steps=args.steps, guidance_scale=EDIT_GUIDANCE,
-                      output_type="latent", window_size=args.window,
-                      callback=lambda *_: denoise_steps.append(clock.lap())).videos
+        edited = sample(pipe, latent, [EDIT_PROMPT], args.steps, EDIT_GUIDANCE, args.steps, window_size=args.window,
+                        callback=lambda *_: denoise_steps.append(clock.lap()))
         clock.lap()
-        for first in range(0, frames, DECODE_CHUNK):
-            pipe.decode_latents(edited[:, :, first : first + DECODE_CHUNK])
+        for _ in pipe.decode_chunks(edited):  # as the edit decodes: a few frames at a time
+            pass
         decode = clock.lap()
         return dict(encode_s=encode, invert_s=sum(invert_steps), denoise_s=sum(denoise_steps), decode_s=decode,
                     invert_step_s=invert_steps, denoise_step_s=denoise_steps, weights_gb=weights_gb)
@@ -203,12 +199,10 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
     return warmup, run
 
 
-def unet_job(args, device, dtype) -> Callable[[], None]:
-    """One step of `train`, `denoise` or `invert`."""
+def unet_job(args, device, dtype) -> Callable[[], dict | None]:
+    """One step of `train` (the shipped `tuneavideo.training_step.TrainingStep`: it returns the step's `loss`),
+    `denoise` or `invert`."""
     import torch
-    import torch.nn.functional as F
-
-    from tuneavideo.tuned_parameters import trainable_parameter_names
 
     frames, size, job = args.frames[0], args.sizes[0], args.jobs[0]
     latent = size // 8
@@ -217,42 +211,42 @@ def unet_job(args, device, dtype) -> Callable[[], None]:
         unet.forward = torch.compile(unet.forward)
     text = torch.randn(1, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     sample = torch.randn(1, 4, frames, latent, latent, device=device, dtype=dtype)
-    if job != "train":
-        unet.eval()
-        batch = 2 if job == "denoise" else 1
-        sample, text = sample.expand(batch, -1, -1, -1, -1), text.expand(batch, -1, -1)
+    if job == "train":
+        return train_step(unet, device, dtype, sample.float(), text.float())
+    unet.eval()
+    batch = 2 if job == "denoise" else 1
+    sample, text = sample.expand(batch, -1, -1, -1, -1), text.expand(batch, -1, -1)
 
-        def step():
-            with torch.no_grad():
-                unet(sample, torch.tensor([500], device=device), text)
+    def step():
+        with torch.no_grad():
+            unet(sample, torch.tensor([500], device=device), text)
 
-        return step
+    return step
+
+
+def train_step(unet, device, dtype, latents, text) -> Callable[[], dict]:
+    """The training's own step on `unet` (float32): the default trainable modules, gradient checkpointing, SD's
+    noise schedule, AdamW at the default learning rate, `dtype` as accelerate's mixed precision."""
+    import torch
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    from tuneavideo.tiny import SD_SCHEDULER_CONFIG
+    from tuneavideo.training_step import TrainingStep, make_optimizer
+    from tuneavideo.tuned_parameters import trainable_parameter_names
 
     unet.requires_grad_(False)
     names = set(trainable_parameter_names(unet, ["attn1.to_q", "attn2.to_q", "attn_temp"]))
-    parameters = [p for n, p in unet.named_parameters() if n in names]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    if device.type == "cuda" and dtype != torch.float32:
-        # frozen weights in half precision, trainable master weights in float32
-        for name, parameter in unet.named_parameters():
-            if name not in names:
-                parameter.data = parameter.data.to(dtype)
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_(name in names)
     unet.enable_gradient_checkpointing()
-    unet.train()
-    optimizer = torch.optim.AdamW(parameters, lr=3e-5, weight_decay=1e-2)
-    text = text.float()
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            prediction = unet(sample.float(), torch.tensor([500], device=device), text).sample
-        loss = F.mse_loss(prediction.float(), torch.randn_like(prediction, dtype=torch.float32))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    precision = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+    optimizer = make_optimizer([p for p in unet.parameters() if p.requires_grad], learning_rate=3e-5)
+    step = TrainingStep.prepare(accelerator, unet, DDPMScheduler.from_config(SD_SCHEDULER_CONFIG), optimizer,
+                                get_scheduler("constant", optimizer), max_grad_norm=1.0)
+    return lambda: dict(loss=step(latents, text).mean().item())
 
 
 def vae_job(args, device, dtype) -> Callable[[], None]:

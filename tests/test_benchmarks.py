@@ -6,6 +6,7 @@ the scripts, never from tests.
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from benchmarks import benchmark, gpu_check
 from tests.helpers import ROOT
@@ -26,9 +28,16 @@ def child_args(*options: str):
 
 @pytest.fixture
 def tiny_job():
-    """Run a tiny job in this process; the thread count it sets (1) is put back afterwards."""
+    """Run a tiny job in this process, each with a fresh accelerate state (the train job makes an `Accelerator`);
+    the thread count it sets (1) is put back afterwards."""
     threads = torch.get_num_threads()
-    yield lambda *options: benchmark.run_job(child_args(*options))
+
+    def run(*options):
+        AcceleratorState._reset_state(True)
+        return benchmark.run_job(child_args(*options))
+
+    yield run
+    AcceleratorState._reset_state(True)
     torch.set_num_threads(threads)
 
 
@@ -106,9 +115,14 @@ def test_tiny_edit_runs_every_window_and_step(tiny_job):
     assert 0 < result["weights_gb"] < result["peak_gb"]
 
 
-def test_tiny_train_step(tiny_job):
-    result = tiny_job("--jobs", "train", "--frames", "3")
-    assert result["seconds"] > 0 and result["peak_gb"] > 0
+def test_tiny_train_step_is_the_trainings_step(tiny_job):
+    """The job runs `tuneavideo.training_step.TrainingStep` and reports its loss; the mixed precision is the
+    accelerator's: bf16 gives nearly the loss of float32 (the same seed draws the same noise and timestep), not it."""
+    full = tiny_job("--jobs", "train", "--frames", "3")
+    half = tiny_job("--jobs", "train", "--frames", "3", "--dtype", "bf16")
+    assert full["seconds"] > 0 and full["peak_gb"] > 0
+    assert math.isfinite(full["loss"]) and full["loss"] > 0
+    assert half["loss"] == pytest.approx(full["loss"], rel=0.05) and half["loss"] != full["loss"]
 
 
 def test_measure_runs_jobs_in_fresh_processes_without_video_or_config_packages(tmp_path, monkeypatch):
@@ -122,12 +136,6 @@ def test_measure_runs_jobs_in_fresh_processes_without_video_or_config_packages(t
     assert "error" not in edit and "error" not in train, (edit.get("error"), train.get("error"))
     assert edit["windows"] == 2 and 0 < edit["weights_gb"] < edit["peak_gb"] and train["peak_gb"] > 0
     assert benchmark.format_row(edit).split()[:6] == ["edit", "sdpa", "default", "6", "64", "2"]
-
-
-def test_decode_chunk_is_the_edits():
-    from tuneavideo.editing import DECODE_CHUNK
-
-    assert benchmark.DECODE_CHUNK == DECODE_CHUNK
 
 
 def test_extrapolation_keeps_the_first_step_and_repeats_the_later_ones():

@@ -143,6 +143,33 @@ def test_encode_video_is_the_scaled_vae_posterior_of_every_frame(pipe):
     assert decoded.shape == (1, 3, 5, 64, 64) and 0 <= decoded.min() and decoded.max() <= 1
 
 
+def test_chunked_decoding_is_the_whole_clips(pipe):
+    """Two clips of 5 frames decoded 2 frames at a time (chunks of 2, 2 and 1) give the clips decoded at once."""
+    latents = torch.randn(2, 4, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    whole = pipe.decode_latents(latents)
+    chunks = list(pipe.decode_chunks(latents, chunk_size=2))
+    assert [chunk.shape for chunk in chunks] == [(2, 3, 2, 64, 64)] * 2 + [(2, 3, 1, 64, 64)]
+    assert whole.shape == (2, 3, 5, 64, 64) and 0 <= whole.min() and whole.max() <= 1
+    np.testing.assert_allclose(pipe.decode_latents(latents, chunk_size=2), whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(chunks, axis=2), whole, rtol=0, atol=1e-6)
+    # each frame is its own: decoding frame 3 alone gives frame 3 of the clip
+    np.testing.assert_allclose(pipe.decode_latents(latents[:, :, 3:4])[:, :, 0], whole[:, :, 3], rtol=0, atol=1e-6)
+
+
+def test_sampled_prompts_do_not_depend_on_each_other(pipe):
+    """`tuneavideo.pipelines.edit.sample`: one generator per prompt (eta > 0 draws from it every step), prompt
+    order kept, and the pipeline's scheduler put back."""
+    from tuneavideo.pipelines.edit import sample
+
+    latent = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    scheduler = pipe.scheduler
+    settings = dict(num_inference_steps=3, guidance_scale=5.0, num_inv_steps=3, eta=0.5, seed=7)
+    both = sample(pipe, latent, ["a cat", "a dog"], **settings)
+    assert pipe.scheduler is scheduler and both.shape == (2, 4, 3, 8, 8)
+    torch.testing.assert_close(sample(pipe, latent, ["a dog"], **settings)[0], both[1], rtol=0, atol=1e-6)
+    assert (both[0] - both[1]).abs().max() > 1e-3
+
+
 def test_misspelt_arguments_are_not_swallowed(pipe):
     with pytest.raises(TypeError, match="num_inference_step"):
         pipe("a", video_length=2, num_inference_step=3)

@@ -209,7 +209,7 @@ def test_bf16_on_the_cpu_trains_resumes_and_edits(tmp_path, run_config):
 
 
 def test_frozen_weights_in_half_precision_still_train_in_float32(unet3d, clip_inputs):
-    from tuneavideo.training import cast_frozen_parameters
+    from tuneavideo.training_step import cast_frozen_parameters
     from tuneavideo.tuned_parameters import trainable_parameter_names
 
     names = set(trainable_parameter_names(unet3d, ["attn1.to_q", "attn2.to_q", "attn_temp"]))
@@ -256,3 +256,40 @@ def test_a_run_tuned_with_the_first_frame_rule_is_saved_with_it(tmp_path, run_co
     unet = UNet3DConditionModel.from_pretrained(run, subfolder="unet")
     assert unet.config.spatial_attention == "first_frame"
     assert {m.spatial_attention for name, m in unet.named_modules() if name.endswith(".attn1")} == {"first_frame"}
+
+
+def test_the_loss_targets_the_noise_or_v_and_refuses_other_prediction_types(tiny_sd, unet3d, clip_inputs):
+    from diffusers import DDPMScheduler
+
+    from tuneavideo.errors import UserError
+    from tuneavideo.training_step import diffusion_loss
+
+    latents, _, text = clip_inputs(unet3d, batch=2, frames=3)
+    text = text[:1]  # one prompt for every clip, as in training
+    for prediction_type in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler", prediction_type=prediction_type)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            loss = diffusion_loss(unet3d, scheduler, latents, text)
+            # by hand, from the same draws: the noise, then one timestep per clip
+            torch.manual_seed(0)
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, 1000, (2,))
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+            expected = torch.nn.functional.mse_loss(unet3d(noisy, timesteps, text.expand(2, -1, -1)).sample, target)
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    scheduler = DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler", prediction_type="sample")
+    with pytest.raises(UserError, match="prediction_type 'sample'"):
+        diffusion_loss(unet3d, scheduler, latents, text)
+
+
+@pytest.mark.skipif(bool(__import__("importlib").util.find_spec("bitsandbytes")), reason="bitsandbytes is installed")
+def test_8bit_adam_without_bitsandbytes_stops_with_one_line(tmp_path, run_config):
+    from tuneavideo.errors import UserError
+
+    cfg = load_config(run_config(tmp_path / "run"), ["use_8bit_adam=true"])
+    with pytest.raises(UserError, match="use_8bit_adam: true needs bitsandbytes") as error:
+        train_in_process(cfg)
+    assert "pip install bitsandbytes" in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "run" / "checkpoint-1").exists()

@@ -38,7 +38,7 @@ from .video.frames import ClipTooShortError, clip_size, decode_frames, tuned_win
 from .video.readers import Clip, frames_text
 from .errors import UserError, first_line
 from .evaluate import Evaluator, read_frames
-from .pipelines.inversion import ddim_inversion, sampling_scheduler
+from .pipelines.edit import invert, sample
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .run import Run, metrics_file, result_file
 from .video.sound import extract_audio, source_span
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 SIDE_BY_SIDE = "side-by-side"  # file stem of the source-and-every-edit comparison
 GIF_MAX_FRAMES = 128  # longer edits get no GIF: a GIF is held whole in memory and grows to hundreds of MB
-DECODE_CHUNK = 8  # edited frames decoded (and source frames held) at once
 JPEG_QUALITY = 95  # of `jpeg_frames`; Pillow's default, 75, visibly blurs fine texture
 
 
@@ -219,7 +218,6 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
     pipe = _load_pipeline(plan.run, torch.float16 if device.type == "cuda" else torch.float32).to(device)
     pipe.vae.enable_slicing()  # one frame at a time through the VAE: the whole clip at once is a memory spike
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole edit instead
-    run_scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     width, height = plan.size
     cache = plan.cache
     scale = pipe.vae_scale_factor
@@ -240,28 +238,19 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
         if reused:
             logger.info(f"using the run's inverted latent {cache}")
         else:
-            source = pipe.encode_video(_source_frames(plan)).mean
-            latent = ddim_inversion(pipe, run_scheduler, source, options.num_inv_steps, window_size=plan.window,
-                                    window_overlap=options.overlap, callback=progress, keep_all=False)[-1]
+            latent = invert(pipe, pipe.encode_video(_source_frames(plan)).mean, options.num_inv_steps,
+                            plan.window, options.overlap, progress)
             with atomic_path(cache) as path:
                 torch.save(latent.cpu(), path)
-        pipe.scheduler = sampling_scheduler(run_scheduler, options.num_inference_steps, options.num_inv_steps)
-        edited = []
-        for prompt in options.prompts:
-            # a generator per prompt, so a prompt's edit does not depend on the prompts before it
-            generator = torch.Generator(device).manual_seed(seed)
-            edited.append(pipe(
-                prompt, latents=latent, num_inference_steps=options.num_inference_steps,
-                guidance_scale=options.guidance_scale, negative_prompt=options.negative_prompt,
-                num_videos_per_prompt=options.num_videos_per_prompt, eta=options.eta, generator=generator,
-                output_type="latent", callback=progress, window_size=plan.window, window_overlap=options.overlap,
-            ).videos)
+        edited = sample(pipe, latent, options.prompts, options.num_inference_steps, options.guidance_scale,
+                        options.num_inv_steps, options.negative_prompt, options.num_videos_per_prompt, options.eta,
+                        seed, plan.window, options.overlap, progress)
     stems = [name if options.num_videos_per_prompt == 1 else f"{name}-{index}"
              for name in plan.names for index in range(options.num_videos_per_prompt)]
     with tempfile.TemporaryDirectory(prefix="tav-edit-") as tmp:
         audio = _span_audio(plan.clip, plan.span, Path(tmp)) if options.audio else None
         frame_folders = [plan.folder / stem for stem in stems] if options.jpeg_frames else []
-        videos, gifs, comparison = _write(pipe, torch.cat(edited), _source_frames(plan), stems, plan.folder,
+        videos, gifs, comparison = _write(pipe, edited, _source_frames(plan), stems, plan.folder,
                                           plan.fps, audio, frame_folders, options.gif)
     result = EditResult(plan.folder, videos, gifs, comparison, plan.size, plan.fps, plan.frames, plan.span, windows,
                         cache if reused else None, audio is not None, frame_folders)
@@ -348,14 +337,10 @@ def _write(pipe: TuneAVideoPipeline, latents: torch.Tensor, source, stems: list[
     with ExitStack() as stack:
         writers = [stack.enter_context(Mp4Writer(path, fps, audio, num_frames)) for path in videos]
         side = stack.enter_context(Mp4Writer(comparison, fps, audio, num_frames))
-        chunk: list[np.ndarray] = []
-        for index, frame in enumerate(source):
-            chunk.append(frame)
-            if len(chunk) < DECODE_CHUNK and index + 1 < num_frames:
-                continue
-            first = index + 1 - len(chunk)
-            decoded = [grid_frames(torch.from_numpy(pipe.decode_latents(latents[k : k + 1, :, first : index + 1])))
-                       for k in range(len(stems))]
+        source = iter(source)
+        first = 0
+        for chunk in pipe.decode_chunks(latents):
+            decoded = [grid_frames(torch.from_numpy(video[None])) for video in chunk]
             for k, frames in enumerate(decoded):
                 for offset, frame_of_edit in enumerate(frames):
                     writers[k].write(frame_of_edit)
@@ -364,9 +349,9 @@ def _write(pipe: TuneAVideoPipeline, latents: torch.Tensor, source, stems: list[
                                                             quality=JPEG_QUALITY)
                 if gif_frames is not None:
                     gif_frames[k].extend(frames)
-            for frame_of_all in side_by_side([np.stack(chunk), *decoded]):
+            for frame_of_all in side_by_side([np.stack([next(source) for _ in range(chunk.shape[2])]), *decoded]):
                 side.write(frame_of_all)
-            chunk = []
+            first += chunk.shape[2]
     gifs = []
     for stem, frames in zip(stems, gif_frames or []):
         gifs.append(folder / f"{stem}.gif")

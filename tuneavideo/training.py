@@ -17,7 +17,6 @@ from pathlib import Path
 
 import diffusers
 import torch
-import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -43,10 +42,11 @@ from .config import TrainConfig, validation_prompts
 from .video.frames import clip_size, decode_frames, tuned_window, window_starts
 from .video.readers import Clip
 from .errors import UserError, first_line
-from .pipelines.inversion import ddim_inversion, sampling_scheduler
+from .pipelines.edit import invert, sample
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline, truncated_text
 from .run import ProgressWriter, Run
+from .training_step import NonFiniteLoss, TrainingStep, make_optimizer, weight_dtype
 from .tuned_parameters import apply_tuned_parameters, save_tuned_parameters, trainable_parameter_names
 from .video.writers import save_videos_grid
 
@@ -131,7 +131,8 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
     learning_rate = cfg.learning_rate
     if cfg.scale_lr:
         learning_rate *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
-    optimizer = _optimizer(cfg, [named[n] for n in trainable], learning_rate)
+    optimizer = make_optimizer([named[n] for n in trainable], learning_rate, cfg.use_8bit_adam,
+                               (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay, cfg.adam_epsilon)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
         optimizer=optimizer,
@@ -140,18 +141,15 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
         num_training_steps=cfg.max_train_steps * accelerator.num_processes,
     )
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if weight_dtype != torch.float32:
-        cast_frozen_parameters(unet, weight_dtype)
-    prepared_unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    step = TrainingStep.prepare(accelerator, unet, noise_scheduler, optimizer, lr_scheduler, cfg.max_grad_norm)
     if cfg.seed is not None and accelerator.num_processes > 1:
         # the model was initialised alike everywhere (DDP also broadcasts rank 0's weights); each process now
         # draws its own noise, timesteps and windows, or they would all compute the same gradient
         set_seed(cfg.seed + accelerator.process_index)
     keep_only_trainable_in_checkpoints(accelerator, trainable)
 
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype(accelerator))
+    text_encoder.to(accelerator.device, dtype=weight_dtype(accelerator))
     vae.enable_slicing()  # encode and decode frame by frame: the whole clip at once is a memory spike
     logger.info(f"frames resized to {windows.size[0]}x{windows.size[1]}; {len(windows.starts)} window start(s)")
     with torch.no_grad():
@@ -167,27 +165,18 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
         range(global_step, cfg.max_train_steps), initial=global_step, total=cfg.max_train_steps,
         disable=not accelerator.is_local_main_process, desc="Steps",
     )
-    prepared_unet.train()
     report.begin(global_step)
     with CtrlC() as ctrl_c:
         while global_step < cfg.max_train_steps:
-            with accelerator.accumulate(prepared_unet):
-                latents = windows.sample(posterior, cfg.train_batch_size)
-                loss = _diffusion_loss(prepared_unet, noise_scheduler, latents, encoder_hidden_states)
-                losses = accelerator.gather(loss.detach())  # every process sees every loss, so all stop together
-                if not torch.isfinite(losses).all():
-                    _stop_diverged(losses, global_step + 1, run)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_([named[n] for n in trainable], cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+            try:
+                losses = step(windows.sample(posterior, cfg.train_batch_size), encoder_hidden_states)
+            except NonFiniteLoss as err:
+                _stop_diverged(err.losses, global_step + 1, run)
 
             if accelerator.sync_gradients:
                 global_step += 1
                 progress.update(1)
-                logs = {"loss": losses.mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
+                logs = {"loss": losses.mean().item(), "lr": step.lr_scheduler.get_last_lr()[0]}
                 progress.set_postfix(**logs)
                 accelerator.log(logs, step=global_step)
                 report.step(global_step, logs["loss"], logs["lr"])
@@ -300,24 +289,6 @@ def _load(loader, base: str, subfolder: str):
         ) from err
 
 
-def _diffusion_loss(unet, noise_scheduler: DDPMScheduler, latents: torch.Tensor,
-                    encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-    """The original's objective: MSE between the UNet's prediction and the noise (or v) at a random timestep, one
-    timestep per clip of `latents` `(batch, 4, frames, h, w)`."""
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-    ).long()
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    text = encoder_hidden_states.expand(latents.shape[0], -1, -1)
-    model_pred = unet(noisy_latents, timesteps, text).sample
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-
-
 def _stop_diverged(losses: torch.Tensor, step: int, run: Run) -> None:
     """Stop on a NaN or infinite loss, before it reaches the weights or a checkpoint."""
     last = run.checkpoints()
@@ -325,16 +296,6 @@ def _stop_diverged(losses: torch.Tensor, step: int, run: Run) -> None:
     values = ", ".join(f"{v:g}" for v in losses.flatten().tolist())
     raise UserError(f"the loss became {values} at step {step}: try mixed_precision=bf16 or no, or a lower "
                     f"learning_rate; {kept}")
-
-
-def cast_frozen_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Hold frozen weights in `dtype` (half the UNet's memory in fp16/bf16), trainable ones in float32.
-
-    Autocast runs every layer in half precision either way; the trainable float32 master weights keep small
-    AdamW updates from rounding away.
-    """
-    for parameter in model.parameters():
-        parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else dtype)
 
 
 def _usable_mixed_precision(requested: str | None) -> str:
@@ -348,24 +309,6 @@ def _enable_xformers(unet: UNet3DConditionModel) -> None:
         logger.warning("xformers is not available here; using PyTorch's scaled_dot_product_attention instead")
         return
     unet.enable_xformers_memory_efficient_attention()
-
-
-def _optimizer(cfg: TrainConfig, parameters: list[torch.nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
-    optimizer_class = torch.optim.AdamW
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes
-        except ImportError:
-            logger.warning("use_8bit_adam needs bitsandbytes (pip install bitsandbytes); using torch AdamW")
-        else:
-            optimizer_class = bitsandbytes.optim.AdamW8bit
-    return optimizer_class(
-        parameters,
-        lr=learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
 
 
 @torch.no_grad()
@@ -382,30 +325,25 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
     unet = pipeline.unet
     was_training = unet.training
     unet.eval()
+    prompts = validation_prompts(validation)  # (folder name, prompt)
     latents = None
-    scheduler = pipeline.scheduler
-    if validation.use_inv_latent:
-        latents = ddim_inversion(pipeline, scheduler, clean_latents, validation.num_inv_steps, keep_all=False)[-1]
-        with atomic_path(run.validation_latent(step)) as path:
-            torch.save(latents.cpu(), path)
-        # sampling starts at the inverted latent's noise level, as in an edit
-        pipeline.scheduler = sampling_scheduler(scheduler, validation.num_inference_steps, validation.num_inv_steps)
-    generator = torch.Generator(device=pipeline.device).manual_seed(cfg.seed if cfg.seed is not None else 0)
-    videos = []
-    for name, prompt in tqdm(validation_prompts(validation), desc=f"Validation at step {step}", leave=False):
-        video = pipeline(
-            prompt, video_length=validation.video_length, height=clean_latents.shape[3] * pipeline.vae_scale_factor,
-            width=clean_latents.shape[4] * pipeline.vae_scale_factor,
-            num_inference_steps=validation.num_inference_steps,
-            guidance_scale=validation.guidance_scale, negative_prompt=validation.negative_prompt, generator=generator,
-            latents=latents,
-        ).videos
+    work = validation.num_inference_steps * len(prompts) + validation.use_inv_latent * validation.num_inv_steps
+    with tqdm(total=work, desc=f"Validation at step {step}", leave=False) as bar:
+        if validation.use_inv_latent:
+            latents = invert(pipeline, clean_latents, validation.num_inv_steps, callback=lambda *_: bar.update())
+            with atomic_path(run.validation_latent(step)) as path:
+                torch.save(latents.cpu(), path)
+        samples = sample(pipeline, latents, [prompt for _, prompt in prompts], validation.num_inference_steps,
+                         validation.guidance_scale, validation.num_inv_steps, validation.negative_prompt,
+                         seed=cfg.seed if cfg.seed is not None else 0, callback=lambda *_: bar.update(),
+                         video_length=validation.video_length,
+                         height=clean_latents.shape[3] * pipeline.vae_scale_factor,
+                         width=clean_latents.shape[4] * pipeline.vae_scale_factor)
+    videos = torch.from_numpy(pipeline.decode_latents(samples))
+    for (name, prompt), video in zip(prompts, videos):
         for suffix in (".gif", ".mp4"):
-            save_videos_grid(video, str(run.sample(step, prompt, name, suffix)), fps=fps)
-        videos.append(video)
-    videos = torch.cat(videos)
+            save_videos_grid(video[None], str(run.sample(step, prompt, name, suffix)), fps=fps)
     save_videos_grid(videos, str(run.sample_grid(step)), fps=fps)
-    pipeline.scheduler = scheduler
     unet.train(was_training)
     return videos
 

@@ -40,9 +40,9 @@ def truncated_text(tokenizer: CLIPTokenizer, prompt: str) -> str:
 class TuneAVideoPipeline(DiffusionPipeline):
     """Sample clips from prompts with Stable Diffusion's VAE and text encoder and a tuned `UNet3DConditionModel`.
 
-    For edits, pass `latents=` the DDIM-inverted latent of the source clip (`tuneavideo.util.ddim_inversion`) and
-    use a DDIM scheduler with as many steps as the inversion had. One inverted latent of batch 1 serves every
-    prompt and every `num_videos_per_prompt`.
+    For edits, pass `latents=` the DDIM-inverted latent of the source clip and a DDIM scheduler whose grid starts at
+    its noise level: `tuneavideo.pipelines.edit` does both (`invert`, then `sample`). One inverted latent of batch 1
+    serves every prompt and every `num_videos_per_prompt`.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -130,12 +130,20 @@ class TuneAVideoPipeline(DiffusionPipeline):
         return DiagonalGaussianDistribution(torch.cat(chunks, dim=2))
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """Latent clips `(batch, 4, frames, h, w)` -> float32 numpy videos `(batch, 3, frames, H, W)` in [0, 1]."""
-        num_frames = latents.shape[2]
-        frames = fold_frames(latents / self.vae.config.scaling_factor)
-        video = unfold_frames(self.vae.decode(frames).sample, num_frames)
-        return (video / 2 + 0.5).clamp(0, 1).cpu().float().numpy()
+    def decode_latents(self, latents: torch.Tensor, chunk_size: int | None = None) -> np.ndarray:
+        """Latent clips `(batch, 4, frames, h, w)` -> float32 numpy videos `(batch, 3, frames, H, W)` in [0, 1],
+        `chunk_size` frames through the VAE at once (None: all). The mirror of `encode_video`."""
+        return np.concatenate(list(self.decode_chunks(latents, chunk_size or latents.shape[2])), axis=2)
+
+    @torch.no_grad()
+    def decode_chunks(self, latents: torch.Tensor, chunk_size: int = 8) -> Iterator[np.ndarray]:
+        """`decode_latents` `chunk_size` frames at a time, each chunk `(batch, 3, frames, H, W)` given as soon as it
+        is decoded: a long clip's decoded video need never be in memory whole."""
+        scale = self.vae.config.scaling_factor
+        for first in range(0, latents.shape[2], chunk_size):
+            chunk = latents[:, :, first : first + chunk_size]
+            video = unfold_frames(self.vae.decode(fold_frames(chunk / scale)).sample, chunk.shape[2])
+            yield (video / 2 + 0.5).clamp(0, 1).cpu().float().numpy()
 
     def prepare_latents(
         self,
@@ -192,7 +200,8 @@ class TuneAVideoPipeline(DiffusionPipeline):
         overlapping windows of that size (`tuneavideo.pipelines.windows`; `window_overlap` defaults to a quarter window);
         invert it with the same windows. Returns `.videos` `(batch, 3, frames, height, width)` in [0, 1]: a torch
         tensor for `output_type="tensor"` (or "pt"), numpy for "np"; for "latent", the final latents
-        `(batch, 4, frames, h, w)` undecoded (decode them with `decode_latents`, e.g. a few frames at a time).
+        `(batch, 4, frames, h, w)` undecoded (decode them with `decode_latents` or, a few frames at a time,
+        `decode_chunks`).
         """
         if latents is not None:
             video_length = video_length or latents.shape[2]
