@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -50,7 +49,7 @@ from .tuned_parameters import FILENAME as TUNED_PARAMETERS
 from .tuned_parameters import apply_tuned_parameters, save_tuned_parameters, trainable_parameter_names
 from .video.writers import prompt_file_name, save_videos_grid
 
-logger = get_logger(__name__, log_level="INFO")
+logger = logging.getLogger(__name__)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -71,8 +70,8 @@ def train(cfg: TrainConfig) -> Path:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if not accelerator.is_local_main_process:
+    if not accelerator.is_local_main_process:  # one process per machine prints
+        logging.getLogger(__package__).setLevel(logging.ERROR)
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     if mixed_precision != (cfg.mixed_precision or "no"):
@@ -87,6 +86,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # models: everything frozen but the trainable UNet modules
     base = cfg.pretrained_model_path
+    logger.info(f"loading the base model {base}")
     pipeline = TuneAVideoPipeline(
         vae=_load(AutoencoderKL.from_pretrained, base, "vae"),
         text_encoder=_load(CLIPTextModel.from_pretrained, base, "text_encoder"),
@@ -393,6 +393,7 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
         videos.append(video)
     videos = torch.cat(videos)
     save_videos_grid(videos, str(output_dir / "samples" / f"sample-{step}.gif"), fps=fps)
+    logger.info(f"wrote the samples of step {step} to {output_dir / 'samples'}")
     pipeline.scheduler = scheduler
     unet.train(was_training)
     return videos
