@@ -37,8 +37,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.add_argument("--verbose", action="store_true",
-                          help=f"also show the libraries' own logs, progress bars and warnings (or set {VERBOSE_ENV}=1)")
+        self.add_argument("--verbose", action="store_true", help="also show the libraries' own logs, progress bars "
+                          f"and warnings (or set {VERBOSE_ENV}=1)")
         self.add_argument("--debug", action="store_true",
                           help=f"show the traceback of an error instead of one line (or set {DEBUG_ENV}=1)")
 
@@ -65,8 +65,8 @@ def _env_flag(name: str) -> bool:
 def setup_terminal(verbose: bool) -> None:
     """What this process prints: our own loggers' lines (`tuneavideo.*`, `benchmarks.*`, from INFO) as they are;
     of the libraries (diffusers, transformers, accelerate, huggingface_hub, PIL, httpx, gradio, ...) only errors, no
-    progress bars and no Python warnings, unless `verbose`: then their logs from INFO, named, and the tools this
-    process starts (the app's jobs, the benchmark's tunings) are verbose too."""
+    progress bars and no Python warnings, unless `verbose`: then their logs and warnings as they come (each line
+    named), and the tools this process starts (the app's jobs, the benchmark's tunings) are verbose too."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
     logging.getLogger().setLevel(logging.INFO if verbose else logging.ERROR)
     for name in OUR_LOGGERS:
