@@ -7,11 +7,11 @@
 Writes, per prompt, `<prompt>.mp4` (H.264 with the source's sound over the same span) and, for edits of at most 128
 frames, `<prompt>.gif`, plus `side-by-side.mp4` (the source and every edit), to <run>/edits unless --output-dir says
 otherwise. By default the edit covers the tuned frames; --span all edits the whole clip, in overlapping windows.
-Bad input ends with a one-line error; add --debug (or set TUNEAVIDEO_DEBUG=1) for the traceback.
+Bad input ends with a one-line error; add --debug (or set TUNEAVIDEO_DEBUG=1) for the traceback, --verbose (or
+TUNEAVIDEO_VERBOSE=1) for the libraries' own logs, progress bars and warnings.
 """
 
 import argparse
-import logging
 from pathlib import Path
 
 from tuneavideo.cli import OneLineArgumentParser, run_cli
@@ -68,7 +68,6 @@ def parse_args(argv: list[str]) -> tuple[Path, EditOptions]:
 
 def main(argv: list[str]) -> None:
     run, options = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = edit(run, options)
     width, height = result.size
     frames = result.frames

@@ -4,7 +4,8 @@
     accelerate launch train_tuneavideo.py --config=configs/man-skiing.yaml max_train_steps=300 train_data.n_sample_frames=16
 
 Everything after `--config` is a `key=value` override of the config file (see tuneavideo/config.py for every key).
-Bad input ends with a one-line error; add --debug (or set TUNEAVIDEO_DEBUG=1) for the traceback.
+Bad input ends with a one-line error; add --debug (or set TUNEAVIDEO_DEBUG=1) for the traceback, --verbose (or
+TUNEAVIDEO_VERBOSE=1) for the libraries' own logs, progress bars and warnings.
 """
 
 import argparse

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import signal
@@ -111,7 +110,6 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     # checks first, in every process alike: bad input fails in seconds, before any tuning
     if not args.data.is_dir():
         raise UserError(f"--data {args.data}: no such folder; download loveu-tgve-2023.zip (see the benchmark's "

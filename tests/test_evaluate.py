@@ -273,6 +273,8 @@ def test_command_json_matches_the_benchmark_definitions(eval_root, models, clips
     process = run_module(args + [arg for prompt in prompts for arg in ("--prompt", prompt)], cwd=eval_root)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
+    assert stderr.splitlines() == ["loading the CLIP model checkpoints/clip-vit-large-patch14",
+                                   "loading the PickScore model checkpoints/PickScore_v1"]  # and no library chatter
     records = [json.loads(line) for line in stdout.splitlines()]
     assert [record["video"] for record in records] == list(map(str, edits))
     for record, path, prompt in zip(records, edits, prompts):
@@ -315,8 +317,9 @@ def test_bad_input_ends_in_one_line(tmp_path, models, clips):
         stdout, stderr = process.communicate(timeout=300)
         assert process.returncode != 0, words
         assert "Traceback" not in stderr, stderr
-        line = stderr.strip()
-        assert "\n" not in line and line.startswith("python -m tuneavideo.evaluate: error: "), stderr
+        *phases, line = stderr.strip().splitlines()  # the models being loaded, then the one-line error
+        assert all(phase.startswith("loading the ") for phase in phases), stderr
+        assert line.startswith("python -m tuneavideo.evaluate: error: "), stderr
         assert words in line, line
     # ... and every case through the same entry point in-process: a one-line exit message; --debug keeps the traceback
     for args, words in cases.items():

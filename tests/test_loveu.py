@@ -235,6 +235,7 @@ def test_two_processes_share_the_videos_and_the_first_prints_the_table(one_proce
     for set_name, video in VIDEOS.items():
         log = (output / "runs" / set_name / video / "tune.log").read_text()
         assert "1 process(es) on cpu" in log  # each video tuned by one process, not by both together
+        assert "Loading pipeline components" not in log and "[RANK" not in log  # no library chatter
         for kind in TYPES:
             assert jpegs(output / "submission" / set_name / video / kind) == [f"{i:05d}.jpg" for i in range(4)]
     # the same work as one process did: the same figures

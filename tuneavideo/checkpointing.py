@@ -7,18 +7,18 @@ so a crash, a kill or a full disk never leaves a half-written `checkpoint-STEP` 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 
 from .atomic import remove, staged
 from .errors import UserError
 from .run import Run, checkpoint_step
 
-logger = get_logger(__name__, log_level="INFO")
+logger = logging.getLogger(__name__)
 
 
 def keep_only_trainable_in_checkpoints(accelerator: Accelerator, trainable: list[str]) -> None:

@@ -8,6 +8,7 @@ Random weights give noise, not pictures: this shows the whole job (tuning, inver
 checkpoints, saved model, a windowed whole-clip edit with sound) running in about a minute on two CPU cores.
 """
 
+import logging
 from pathlib import Path
 
 from .checks import check_sd_folder
@@ -20,6 +21,7 @@ from .tiny import make_tiny_sd
 from .training import train
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+logger = logging.getLogger(__name__)
 
 
 def main(overrides: list[str]) -> None:
@@ -27,6 +29,7 @@ def main(overrides: list[str]) -> None:
     try:
         check_sd_folder(cfg.pretrained_model_path)
     except UserError:
+        logger.info(f"writing the tiny random model to {cfg.pretrained_model_path}")
         make_tiny_sd(cfg.pretrained_model_path)
     run = Run(train(cfg))
     steps = cfg.validation_data.num_inv_steps  # the run's own (20 in demo.yaml): quick on the CPU

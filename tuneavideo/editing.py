@@ -215,6 +215,7 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
     # the scoring models are loaded first, so that a missing one fails before minutes of editing
     evaluator = Evaluator() if options.evaluate else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    logger.info(f"loading the tuned model {plan.run}")
     pipe = _load_pipeline(plan.run, torch.float16 if device.type == "cuda" else torch.float32).to(device)
     pipe.vae.enable_slicing()  # one frame at a time through the VAE: the whole clip at once is a memory spike
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole edit instead
@@ -250,6 +251,7 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
     with tempfile.TemporaryDirectory(prefix="tav-edit-") as tmp:
         audio = _span_audio(plan.clip, plan.span, Path(tmp)) if options.audio else None
         frame_folders = [plan.folder / stem for stem in stems] if options.jpeg_frames else []
+        logger.info(f"writing the edits to {plan.folder}")
         videos, gifs, comparison = _write(pipe, edited, _source_frames(plan), stems, plan.folder,
                                           plan.fps, audio, frame_folders, options.gif)
     result = EditResult(plan.folder, videos, gifs, comparison, plan.size, plan.fps, plan.frames, plan.span, windows,

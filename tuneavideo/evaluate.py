@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BaseImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
-from .cli import run_cli
+from .cli import OneLineArgumentParser, run_cli
 from .video.readers import Clip
 from .errors import UserError, first_line
 
@@ -38,6 +39,8 @@ PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore was t
 FRAME_SIZE = (480, 480)  # (width, height) every frame is resized to before the processors, as in the benchmark
 MAX_TEXT_TOKENS = 77  # CLIP's context; longer prompts are cut (the benchmark cuts PickScore's and fails on CLIP's)
 DOWNLOAD_HINT = "run ./download_models.sh --eval"
+
+logger = logging.getLogger(__name__)
 
 Frames = Sequence[np.ndarray]  # uint8 RGB (height, width, 3) frames; a (frames, height, width, 3) array is one
 
@@ -109,6 +112,7 @@ class ClipEncoder:
              batch_size: int) -> ClipEncoder:
         """Load from local folders or hub ids. The image processor is the Pillow one whatever is installed: the
         torchvision one resizes differently, and the benchmark's figures were taken with Pillow's."""
+        logger.info(f"loading the {name} model {model_path}")
         try:
             model = CLIPModel.from_pretrained(model_path).to(device).eval()
             image_processor = AutoImageProcessor.from_pretrained(processor_path, backend="pil")
@@ -247,7 +251,7 @@ def _table_row(name: str, scores: VideoScores, prompt: str) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tuneavideo.evaluate", description=__doc__,
+    parser = OneLineArgumentParser(prog="python -m tuneavideo.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("edits", nargs="+", metavar="EDIT", help="an edited video: MP4 (or other video), GIF, or "
                         "a folder of frame images (JPEG/PNG, sorted by name)")

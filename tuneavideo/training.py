@@ -19,7 +19,6 @@ import diffusers
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -50,7 +49,7 @@ from .training_step import NonFiniteLoss, TrainingStep, make_optimizer, weight_d
 from .tuned_parameters import apply_tuned_parameters, save_tuned_parameters, trainable_parameter_names
 from .video.writers import save_videos_grid
 
-logger = get_logger(__name__, log_level="INFO")
+logger = logging.getLogger(__name__)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -80,8 +79,8 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
     data = cfg.train_data
     clip = Clip(data.video_path, data.fps)
     windows = TrainingWindows.plan(clip, cfg)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if not accelerator.is_local_main_process:
+    if not accelerator.is_local_main_process:  # one process per machine prints
+        logging.getLogger(__package__).setLevel(logging.ERROR)
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     if mixed_precision != (cfg.mixed_precision or "no"):
@@ -96,6 +95,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
 
     # models: everything frozen but the trainable UNet modules
     base = cfg.pretrained_model_path
+    logger.info(f"loading the base model {base}")
     pipeline = TuneAVideoPipeline(
         vae=_load(AutoencoderKL.from_pretrained, base, "vae"),
         text_encoder=_load(CLIPTextModel.from_pretrained, base, "text_encoder"),
@@ -344,6 +344,7 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
         for suffix in (".gif", ".mp4"):
             save_videos_grid(video[None], str(run.sample(step, prompt, name, suffix)), fps=fps)
     save_videos_grid(videos, str(run.sample_grid(step)), fps=fps)
+    logger.info(f"wrote the samples of step {step} to {run.samples}")
     unet.train(was_training)
     return videos
 

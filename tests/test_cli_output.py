@@ -1,0 +1,99 @@
+"""What the command-line tools print: one line per phase, one progress bar per long phase, the warnings that ask for
+something, and no library chatter unless --verbose."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, SAMPLE_CLIP
+
+# A tqdm bar as it is redrawn (the text before "NN%|"), and the cursor moves of nested bars.
+BAR = re.compile(r"^(?P<desc>[^|]*?):\s+\d+%\|")
+CHATTER = ("Loading pipeline components", "Loading weights", "Writing model shards", "accelerate", "[RANK",
+           "torchvision", "INFO", "Warning:", "should be kept in float32")
+
+
+def python(*args) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def printed(result: subprocess.CompletedProcess) -> tuple[list[str], set[str]]:
+    """The lines a terminal keeps (each bar's redraws dropped), and the bars' names."""
+    lines, bars = [], set()
+    for line in re.split(r"[\r\n]", result.stderr + result.stdout):
+        line = line.replace("\x1b[A", "").strip()
+        bar = BAR.match(line)
+        if bar:
+            bars.add(bar["desc"])
+        elif line:
+            lines.append(line)
+    return lines, bars
+
+
+def assert_lines(lines: list[str], expected: list[str]) -> None:
+    """Every line is one of ours (a regex of `expected`, in that order), and every one of ours is there."""
+    assert not [line for line in lines if any(word in line for word in CHATTER)], lines
+    assert len(lines) == len(expected), lines
+    for line, pattern in zip(lines, expected):
+        assert re.fullmatch(pattern, line), (pattern, line)
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_sd, tmp_path_factory):
+    """A one-step tuning through train_tuneavideo.py: the run folder and what it printed."""
+    folder = tmp_path_factory.mktemp("quiet")
+    config = folder / "config.yaml"
+    config.write_text(f"""
+pretrained_model_path: "{tiny_sd}"
+output_dir: "{folder / 'run'}"
+train_data: {{video_path: "{SAMPLE_CLIP}", prompt: "a ball is moving", n_sample_frames: 4,
+             width: 64, height: 64, sample_frame_rate: 3}}
+validation_data: {{prompts: ["a red ball"], num_inference_steps: 2, num_inv_steps: 2}}
+max_train_steps: 1
+checkpointing_steps: 1
+validation_steps: 1
+seed: 33
+mixed_precision: fp16
+""")
+    return folder / "run", python(ROOT / "train_tuneavideo.py", f"--config={config}")
+
+
+def test_a_tuning_names_every_phase_and_nothing_else(tuned, tiny_sd):
+    run, result = tuned
+    lines, bars = printed(result)
+    assert_lines(lines, [
+        r"mixed_precision=fp16 needs a CUDA GPU; training in float32 instead \(bf16 works on the CPU\)",
+        f"loading the base model {re.escape(str(tiny_sd))}",
+        r"1 process\(es\) on cpu, mixed precision no",
+        r"trainable parameters: [\d,]+ in \d+ tensors",
+        r"xformers is not available here; using PyTorch's scaled_dot_product_attention instead",
+        r"frames resized to 64x64; 1 window start\(s\)",
+        f"saved {re.escape(str(run / 'checkpoint-1'))}",
+        f"wrote the samples of step 1 to {re.escape(str(run / 'samples'))}",
+        f"saved the tuned model to {re.escape(str(run))}",
+    ])
+    assert bars == {"Steps", "Validation at step 1"}
+
+
+def test_an_edit_names_every_phase_and_verbose_brings_the_libraries_back(tuned):
+    run, _ = tuned
+    edit = [ROOT / "inference.py", f"--model={run}", "--prompt=a cat", "--num-inference-steps=2",
+            "--num-inv-steps=2", f"--output-dir={run / 'quiet'}"]
+    lines, bars = printed(python(*edit))
+    edits = re.escape(str(run / "quiet"))
+    assert_lines(lines, [
+        f"loading the tuned model {re.escape(str(run))}",
+        f"using the run's inverted latent {re.escape(str(run / 'inv_latents' / 'ddim_latent-1.pt'))}",
+        f"writing the edits to {edits}",
+        rf"wrote 1 edit\(s\) of source frames 0-9 \(every 3\), 4 frames at 64x64, 8 fps, with sound, to {edits}:",
+        f"{edits}/a cat.mp4", f"{edits}/a cat.gif", f"{edits}/side-by-side.mp4",
+    ])
+    assert bars == {"Editing 4 frames in 1 window(s)"}
+
+    lines, bars = printed(python(*edit[:-1], f"--output-dir={run / 'verbose'}", "--verbose"))
+    assert f"INFO tuneavideo.editing: loading the tuned model {run}" in lines
+    assert {"Loading pipeline components...", "Editing 4 frames in 1 window(s)"} <= bars
