@@ -71,8 +71,10 @@ def main(argv: list[str]) -> None:
     result = edit(run, options)
     width, height = result.size
     frames = result.frames
+    rate = f"{float(result.fps):g} fps" + (" (the source's variable rate: each frame held until the next one's time)"
+                                           if result.variable_rate else "")
     print(f"wrote {len(result.videos)} edit(s) of source frames {frames.start}-{frames[-1]} (every {frames.step}), "
-          f"{len(frames)} frames at {width}x{height}, {float(result.fps):g} fps, "
+          f"{len(frames)} frames at {width}x{height}, {rate}, "
           f"{'with' if result.with_audio else 'without'} sound, to {result.folder}:")
     for path in [*result.videos, *result.gifs, result.side_by_side, *([result.metrics] if result.metrics else [])]:
         print(f"  {path}")

@@ -26,7 +26,8 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 import inference
-from tests.helpers import ROOT, SAMPLE_CLIP, probe, train_in_process
+from tests.helpers import ROOT, SAMPLE_CLIP, frame_indices, index_frames, probe, train_in_process, write_vfr_clip
+from tests.test_readers import PHONE_TIMES
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.video.frames import fit_size
@@ -96,7 +97,9 @@ def runs(tiny_sd, tmp_path_factory) -> dict[str, Path]:
     wide = make_clip(clips / "wide.mp4", 192, 108, NTSC, 20, sound=True)
     silent = make_clip(clips / "silent.mp4", 64, 64, Fraction(25, 2), 8, sound=False)
     thirty = make_clip(clips / "thirty.mp4", 64, 64, Fraction(30), 45, sound=True)
+    phone = write_vfr_clip(clips / "phone.mp4", index_frames(30, 64, 64), PHONE_TIMES)
     return {
+        "phone": tune(tmp_path_factory.mktemp("phone"), tiny_sd, phone, 64, 0, 1),
         "square": tune(tmp_path_factory.mktemp("square"), tiny_sd, SAMPLE_CLIP, 64, 0, 3),
         "wide": tune(tmp_path_factory.mktemp("wide"), tiny_sd, wide, 128, 2, 2),
         "silent": tune(tmp_path_factory.mktemp("silent"), tiny_sd, silent, 64, 1, 1),
@@ -334,3 +337,24 @@ def test_windowed_reconstruction_is_close_to_the_single_window_one(runs, capsys)
     with capsys.disabled():
         print(f"\nreconstruction MSE of 12 latent frames: one window {errors[12]:.5f}, windows of 4 {errors[4]:.5f}")
     assert errors[4] <= 1.25 * errors[12]
+
+
+def test_a_variable_frame_rate_clip_edited_whole_shows_every_frame_at_its_source_time(runs, tmp_path):
+    # PHONE_TIMES: 16 frames at 30 fps, then 14 at 15 fps; the edit is written at 30 fps, each frame held until the
+    # next one's time
+    result = edit(runs["phone"], EditOptions(["a red ball"], span=(None, None), stride=1, output_dir=tmp_path, **FAST))
+    assert result.variable_rate and result.fps == 30 and result.span == pytest.approx((0, 1.5), abs=1e-4)
+    with av.open(str(result.side_by_side)) as container:
+        shown = [(float(frame.time), frame.to_ndarray(format="rgb24")) for frame in container.decode(video=0)]
+    assert len(shown) == 45  # 1.5 s at 30 fps
+    for seconds, frame in shown:
+        source = max(i for i, t in enumerate(PHONE_TIMES) if t <= seconds + 1e-3)  # on screen in the source then
+        assert frame_indices(frame[None, :, :64])[0] == source, f"at {seconds:.3f} s"
+    assert probe(result.videos[0])["frames"] == 45
+    assert probe(result.videos[0])["audio_seconds"] == pytest.approx(1.5, abs=1 / 30)  # the sound: the same 1.5 s
+    with Image.open(result.gifs[0]) as gif:  # the GIF's frames last as long as they are shown
+        durations = []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            durations.append(gif.info["duration"])
+    assert sum(durations) == pytest.approx(1500, abs=20)

@@ -14,6 +14,7 @@ frames are decoded a few at a time and streamed to the encoder.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .config import TrainConfig, load_config
-from .video.frames import ClipTooShortError, clip_size, decode_frames, tuned_window
+from .video.frames import ClipTooShortError, clip_size, decode_frames, shown_at_constant_rate, tuned_window
 from .video.readers import Clip, frames_text
 from .errors import UserError, first_line
 from .evaluate import Evaluator, read_frames
@@ -94,7 +95,7 @@ class EditResult:
     gifs: list[Path]  # empty when the edit is longer than GIF_MAX_FRAMES, or without `gif`
     side_by_side: Path
     size: tuple[int, int]  # (width, height) of every edit
-    fps: Fraction
+    fps: Fraction  # the MP4s' constant rate
     frames: range  # the source frames edited
     span: tuple[float, float]  # seconds [start, end) of the source's timeline the edits cover
     windows: int  # UNet calls per denoising step
@@ -102,6 +103,8 @@ class EditResult:
     with_audio: bool  # whether the MP4s carry the source's sound
     frame_folders: list[Path]  # one JPEG folder per video with `jpeg_frames`, else empty
     metrics: Path | None = None  # the scores of every edit and of the source (with `evaluate`)
+    # the source has a variable frame rate: each edited frame is repeated at `fps` to its source frame's time
+    variable_rate: bool = False
 
     def save(self) -> None:
         """Write it to result.json in `folder`, atomically: what the app and other readers take the outputs from."""
@@ -128,7 +131,7 @@ class EditResult:
                    size=tuple(data["size"]), fps=Fraction(data["fps"]), frames=range(*data["frames"]),
                    span=tuple(data["span"]), windows=data["windows"], cached_latent=path(data["cached_latent"]),
                    with_audio=data["with_audio"], frame_folders=[Path(p) for p in data["frame_folders"]],
-                   metrics=path(data["metrics"]))
+                   metrics=path(data["metrics"]), variable_rate=data["variable_rate"])
 
 
 def parse_span(text: str) -> Span:
@@ -173,8 +176,9 @@ class EditPlan:
     window: int
     windows: list[Window]
     folder: Path
-    fps: Fraction
+    fps: Fraction  # the MP4s' constant rate
     span: tuple[float, float]  # seconds of the source's timeline
+    repeats: list[int] | None = None  # a variable-rate source: how often each edited frame is written at `fps`
 
     @property
     def cache(self) -> Path:
@@ -203,10 +207,15 @@ def plan_edit(run: str | os.PathLike, options: EditOptions) -> EditPlan:
         if steps > timesteps:
             raise EditError(f"{name} {steps}: at most {timesteps} (the model's timesteps)")
     folder = _output_folder(Path(options.output_dir) if options.output_dir is not None else Run(run).edits)
-    span = source_span(frames.start, len(frames), stride, float(clip.info.fps), clip.info.start_time)
     size = clip_size(clip.info.width, clip.info.height, data.width, data.height)
-    return EditPlan(run, cfg, options, names, clip, size, frames, window, windows, folder,
-                    clip.info.fps / stride, span)
+    info = clip.info
+    if info.times is None:
+        span = source_span(frames.start, len(frames), stride, float(info.fps), info.start_time)
+        return EditPlan(run, cfg, options, names, clip, size, frames, window, windows, folder, info.fps / stride, span)
+    # a variable frame rate: every edited frame is shown at its source frame's time, at one constant rate
+    span = info.time(frames.start), info.time(frames[-1] + stride)
+    rate, repeats = shown_at_constant_rate([info.time(i) - span[0] for i in frames], span[1] - span[0])
+    return EditPlan(run, cfg, options, names, clip, size, frames, window, windows, folder, rate, span, repeats)
 
 
 def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
@@ -253,9 +262,10 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
         frame_folders = [plan.folder / stem for stem in stems] if options.jpeg_frames else []
         logger.info(f"writing the edits to {plan.folder}")
         videos, gifs, comparison = _write(pipe, edited, _source_frames(plan), stems, plan.folder,
-                                          plan.fps, audio, frame_folders, options.gif)
+                                          plan.fps, audio, frame_folders, options.gif, plan.repeats)
     result = EditResult(plan.folder, videos, gifs, comparison, plan.size, plan.fps, plan.frames, plan.span, windows,
-                        cache if reused else None, audio is not None, frame_folders)
+                        cache if reused else None, audio is not None, frame_folders,
+                        variable_rate=plan.repeats is not None)
     if evaluator is not None:
         del pipe
         prompts = [prompt for prompt in options.prompts for _ in range(options.num_videos_per_prompt)]
@@ -286,6 +296,10 @@ def edit_frames(clip: Clip, cfg: TrainConfig, span: Span | None, stride: int) ->
         tuned = tuned_window(info.num_frames, data.n_sample_frames, data.sample_start_idx, data.sample_frame_rate,
                              clip.path)
         start, stop = tuned.start, min(info.num_frames, tuned.stop)
+    elif info.times is not None:  # by the frames' own times, from the first frame's
+        seconds = [t - info.times[0] for t in info.times]
+        start = bisect.bisect_left(seconds, span[0]) if span[0] is not None else 0
+        stop = bisect.bisect_left(seconds, span[1]) if span[1] is not None else info.num_frames
     else:
         start = math.ceil(span[0] * info.fps) if span[0] is not None else 0
         stop = min(info.num_frames, math.ceil(span[1] * info.fps)) if span[1] is not None else info.num_frames
@@ -325,17 +339,20 @@ def check_options(options: EditOptions) -> list[str]:
 
 
 def _write(pipe: TuneAVideoPipeline, latents: torch.Tensor, source, stems: list[str], folder: Path, fps: Fraction,
-           audio: str | None, frame_folders: list[Path], gif: bool) -> tuple[list[Path], list[Path], Path]:
+           audio: str | None, frame_folders: list[Path], gif: bool,
+           repeats: list[int] | None) -> tuple[list[Path], list[Path], Path]:
     """Decode `latents` `(videos, 4, frames, h, w)` a few frames at a time into one MP4 per video (and with `gif` a
     GIF when short), and the side-by-side of the `source` frames and every video, all streamed to the encoder; with
-    `frame_folders` (one per video, emptied first), every frame as a JPEG too."""
-    num_frames = latents.shape[2]
+    `frame_folders` (one per video, emptied first), every frame as a JPEG too. With `repeats`, frame j is written
+    `repeats[j]` times (a variable-rate source at a constant rate)."""
+    repeats = repeats or [1] * latents.shape[2]
+    num_frames = sum(repeats)
     for frame_folder in frame_folders:
         shutil.rmtree(frame_folder, ignore_errors=True)  # a longer earlier edit must not leave frames behind
         frame_folder.mkdir(parents=True)
     videos = [folder / f"{stem}.mp4" for stem in stems]
     comparison = folder / f"{SIDE_BY_SIDE}.mp4"
-    gif_frames: list[list[np.ndarray]] | None = [[] for _ in stems] if gif and num_frames <= GIF_MAX_FRAMES else None
+    gif_frames: list[list[np.ndarray]] | None = [[] for _ in stems] if gif and latents.shape[2] <= GIF_MAX_FRAMES else None
     with ExitStack() as stack:
         writers = [stack.enter_context(Mp4Writer(path, fps, audio, num_frames)) for path in videos]
         side = stack.enter_context(Mp4Writer(comparison, fps, audio, num_frames))
@@ -343,16 +360,19 @@ def _write(pipe: TuneAVideoPipeline, latents: torch.Tensor, source, stems: list[
         first = 0
         for chunk in pipe.decode_chunks(latents):
             decoded = [grid_frames(torch.from_numpy(video[None])) for video in chunk]
+            times = repeats[first : first + chunk.shape[2]]
             for k, frames in enumerate(decoded):
-                for offset, frame_of_edit in enumerate(frames):
-                    writers[k].write(frame_of_edit)
+                for offset, (frame_of_edit, count) in enumerate(zip(frames, times)):
+                    for _ in range(count):
+                        writers[k].write(frame_of_edit)
+                        if gif_frames is not None:
+                            gif_frames[k].append(frame_of_edit)
                     if frame_folders:
                         Image.fromarray(frame_of_edit).save(frame_folders[k] / f"{first + offset:05d}.jpg",
                                                             quality=JPEG_QUALITY)
-                if gif_frames is not None:
-                    gif_frames[k].extend(frames)
-            for frame_of_all in side_by_side([np.stack([next(source) for _ in range(chunk.shape[2])]), *decoded]):
-                side.write(frame_of_all)
+            for frame_of_all, count in zip(side_by_side([np.stack([next(source) for _ in times]), *decoded]), times):
+                for _ in range(count):
+                    side.write(frame_of_all)
             first += chunk.shape[2]
     gifs = []
     for stem, frames in zip(stems, gif_frames or []):
