@@ -285,7 +285,7 @@ def test_an_edit_that_fills_the_disk_keeps_the_earlier_edits(tuned_run, tmp_path
         edits = disk / "edits"
         assert edit_cli(tuned_run, "--prompt", "a red ball", "--output-dir", str(edits))[0] == 0
         earlier = {p.name: p.read_bytes() for p in edits.iterdir()}
-        assert set(earlier) == {"a red ball.mp4", "a red ball.gif", "side-by-side.mp4"}
+        assert set(earlier) == {"a red ball.mp4", "a red ball.gif", "side-by-side.mp4", "result.json"}
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(bytes(free - 20_000))  # room for a few pages, not for an edit
         status, message = edit_cli(tuned_run, "--prompt", "a green ball", "--prompt", "a blue ball",
