@@ -32,6 +32,19 @@ def test_every_path_of_a_run_folder(tmp_path):
     assert run.checkpoint_staging(4).parent == tmp_path and run.checkpoint_staging(4).name.startswith(".")
 
 
+def test_sample_files_are_the_newest_step_s_first(tmp_path):
+    run = Run(tmp_path)
+    assert run.sample_files() == []
+    written = [run.sample(9, "a cat"), run.sample(10, "a cat", suffix=".gif"), run.sample(10, "a cat"),
+               run.sample(10, "a dog", "style"), run.sample_grid(10), run.sample_grid(9)]
+    for path in [*written, run.samples / "sample-10" / ".a cat.0123.tmp.mp4", run.samples / "notes.txt"]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    assert run.sample_files() == [run.samples / name for name in (
+        "sample-10/a cat.gif", "sample-10/a cat.mp4", "sample-10/style/a dog.mp4", "sample-10.gif",
+        "sample-9/a cat.mp4", "sample-9.gif")]
+
+
 def test_checkpoints_are_the_complete_ones_by_step(tmp_path):
     run = Run(tmp_path)
     for name in ("checkpoint-10", "checkpoint-9", "checkpoint-x", ".checkpoint-11.tmp", "checkpoint-12.bak"):

@@ -46,6 +46,7 @@ MODEL_INDEX = "model_index.json"  # diffusers' pipeline index: written last, so 
 PROGRESS_INTERVAL = 1.0  # seconds between progress.json rewrites while training runs
 HISTORY_LIMIT = 1000  # most entries in progress.json's history: a longer run keeps one per so many steps
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_SAMPLE = re.compile(r"sample-(\d+)")
 
 
 class RunError(UserError):
@@ -131,6 +132,15 @@ class Run:
         """A validation prompt's sample at `step` (a named prompt's in a subfolder of its name)."""
         folder = self.samples / f"sample-{step}" / (prompt_file_name(name) if name else "")
         return folder / f"{prompt_file_name(prompt)}{suffix}"
+
+    def sample_files(self) -> list[Path]:
+        """Every validation sample written (samples/sample-STEP*), the newest step's first, by name within a step."""
+        steps = {}
+        for path in self.samples.rglob("*"):
+            match = _SAMPLE.match(path.relative_to(self.samples).parts[0])
+            if match and path.is_file() and not path.name.startswith("."):  # not an atomic write's temporary
+                steps[path] = int(match[1])
+        return sorted(steps, key=lambda path: (-steps[path], path))
 
     def sample_grid(self, step: int) -> Path:
         """Every validation prompt's sample at `step`, side by side in one GIF."""
