@@ -75,6 +75,12 @@ def file_link(path: Path, folder: Path) -> str:
     return f"[{path.relative_to(folder)}](gradio_api/file={quote(str(path))})"
 
 
+def samples_markdown(run: Run) -> str:
+    """Links to every validation sample of `run`, the newest first ("" before the first)."""
+    links = [f"- {file_link(path, run.samples)}" for path in run.sample_files()]
+    return "**Samples** (the newest first)\n\n" + "\n".join(links) if links else ""
+
+
 def history_frame(progress: Progress | None) -> pd.DataFrame | None:
     """progress.json's history as the plots' table (None, no plot, before the first step)."""
     if progress is None or not progress.history:
@@ -323,7 +329,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         history = tune_progress.history if tune_progress else []
         history_key = (tune_job.id, len(history), history[-1] if history else None) if tune_job else None
         plot = history_frame(tune_progress) if changed("history", history_key) else gr.skip()
-        samples = [str(path) for path in Run(tune_job.folder).sample_files()] if tune_job else []
+        samples = samples_markdown(Run(tune_job.folder)) if tune_job else ""
         tune_status, edit_status = status_markdown(runner, tune_job), status_markdown(runner, edit_job)
         log = log_tail(tune_job)
         edit_key = (edit_job.id, edit_job.status) if edit_job else None
@@ -402,13 +408,13 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                     tune_status = gr.Markdown("No job yet.", elem_id="tune-status", elem_classes="status-box")
                     with gr.Row():
                         tune_loss = gr.LinePlot(x="step", y="loss", label="Loss", show_label=True, height=200,
-                                                elem_id="tune-loss")
+                                                x_axis_format="d", y_axis_format=".3~g", elem_id="tune-loss")
                         tune_lr = gr.LinePlot(x="step", y="learning rate", label="Learning rate", show_label=True,
-                                              height=200, y_axis_format=".2~e", elem_id="tune-lr")
+                                              height=200, x_axis_format="d", y_axis_format=".2~e",
+                                              elem_id="tune-lr")
                     tune_sample = gr.Video(label="Newest validation sample", interactive=False,
                                            elem_id="tune-sample", loop=True, height=320)
-                    tune_samples = gr.File(label="Samples (every validation, the newest first)",
-                                           file_count="multiple", interactive=False, elem_id="tune-samples")
+                    tune_samples = gr.Markdown(elem_id="tune-samples")
                     with gr.Accordion("Log", open=False):
                         tune_log = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False)
         with gr.Tab("Edit", id="edit"):
