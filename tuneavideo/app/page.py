@@ -3,8 +3,8 @@
 The page never runs a job itself. Its buttons put jobs on the `JobRunner`'s queue (one job at a time on the machine)
 and a one-second timer redraws what the runner and the job folders say: queue positions, training step, the loss
 and learning rate curves and ETA, the newest validation sample and every sample, the edited videos; the Edit tab
-offers the newest finished run first. So a page can be closed and opened again, by anyone, while a
-job runs, and a slow job never blocks the page.
+offers the newest finished run first. So a page can be closed and opened again, by anyone, while a job runs, and a
+slow job never blocks the page.
 
 Bad input (not a video, too long, too short, an unreadable run) is refused before a job is queued, with a one-line
 message in the page (`gr.Error`); a job that fails shows the tool's own one-line error.
