@@ -68,6 +68,8 @@ def test_accelerate_launch_writes_every_output(tiny_sd, tmp_path, run_config):
     assert (progress["state"], progress["step"], progress["total"], progress["eta_seconds"]) == ("finished", 2, 2, 0)
     assert progress["sample"] == str(run / "samples" / "sample-2" / "a red ball is moving.mp4")
     assert math.isfinite(progress["loss"]) and progress["learning_rate"] == 3e-5 and progress["message"] is None
+    assert [(step, lr) for step, _, lr in progress["history"]] == [(1, 3e-5), (2, 3e-5)]
+    assert progress["history"][-1][1] == progress["loss"]
 
     pipe = TuneAVideoPipeline.from_pretrained(run)
     assert isinstance(pipe.unet, UNet3DConditionModel) and isinstance(pipe.scheduler, DDIMScheduler)
