@@ -39,6 +39,8 @@ from tuneavideo.app.jobs import FINISHED, Job, JobRunner
 from tuneavideo.video.writers import write_mp4
 from tuneavideo.app.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
 
+pytestmark = pytest.mark.e2e  # the app serves, and runs the tools as processes
+
 MAX_UPLOAD_BYTES = 1_000_000
 MAX_CLIP_SECONDS = 3.0
 # every tuning job here: 4 frames (every 3rd: 8 fps), 64x64, validation with 2 DDIM steps
