@@ -68,8 +68,11 @@ from tuneavideo.video.readers import Clip, VideoReadError
 
 def describe(name, value):
     if name == "info":
+        times = value.times
         return {"info": [value.num_frames, value.fps.numerator, value.fps.denominator, value.width, value.height,
-                         value.start_time], "types": [type(v).__name__ for v in vars(value).values()]}
+                         value.start_time], "types": [type(v).__name__ for v in vars(value).values()],
+                "times": None if times is None else [len(times), all(map(math.isfinite, times)),
+                                                     list(times) == sorted(times)]}
     if name == "all":
         return {"count": len(value), "shapes": sorted({frame.shape for frame in value}),
                 "dtypes": sorted({str(frame.dtype) for frame in value})}
@@ -224,7 +227,9 @@ def check_results(results: dict, path: Path) -> None:
             assert re.match(rf"{where}: ", message) and "\n" not in message, f"{call}: {message!r}"
         elif call == "info":
             num_frames, fps_numerator, fps_denominator, width, height, start_time = result["info"]
-            assert result["types"] == ["int", "Fraction", "int", "int", "float"], result
+            assert result["types"][:5] == ["int", "Fraction", "int", "int", "float"], result
+            assert result["types"][5] in ("NoneType", "tuple"), result  # a variable rate's frame times
+            assert result["times"] in (None, [num_frames, True, True]), result
             assert num_frames >= 1 and width >= 1 and height >= 1 and fps_numerator > 0 < fps_denominator, result
             assert math.isfinite(start_time), result
         else:
