@@ -54,6 +54,7 @@ class LocalEdit:
     blend_start: float = 0.2
     mask_threshold: float = 0.3
     inversion: str = "null-text"  # or "ddim"
+    null_text_iterations: int = 10  # most optimiser iterations per step of null-text inversion (Video-P2P's 10)
 
 
 @dataclass
@@ -118,8 +119,8 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, plan: LocalPl
                 progress()
 
         text = pipe.encode_prompt([inversion_prompt], clean.device, do_classifier_free_guidance=False)
-        uncond = null_text_inversion(pipe, latents, text, guidance_scale, window_size=window, window_overlap=overlap,
-                                     callback=step)
+        uncond = null_text_inversion(pipe, latents, text, guidance_scale, local.null_text_iterations,
+                                     window_size=window, window_overlap=overlap, callback=step)
     scheduler = pipe.scheduler
     pipe.scheduler = sampling_scheduler(scheduler, num_inference_steps, num_inv_steps)
     try:
