@@ -35,6 +35,7 @@ from tuneavideo.app.page import launch, status_markdown
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
+from tuneavideo.local_editing import LocalEdit
 from tuneavideo.app.jobs import FINISHED, Job, JobRunner
 from tuneavideo.video.writers import write_mp4
 from tuneavideo.app.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
@@ -328,6 +329,13 @@ def test_edit_command_is_what_inference_reads(tmp_path):
     assert inference.parse_args(edit_command(workspace, run, options)[2:]) == (run, options)
     exact = dataclasses.replace(options, guidance_scale=7.123456789)  # more digits than %g keeps
     assert inference.parse_args(edit_command(workspace, run, exact)[2:]) == (run, exact)
+    local = LocalEdit("replace", source_prompt="-a dog", blend=("dog", "cat"), reweight={"cat": 2.0, "-a": 0.5},
+                      cross_replace_steps=0.1, self_replace_steps=0.25, blend_start=0.3, mask_threshold=0.45,
+                      inversion="ddim")
+    local_options = dataclasses.replace(options, guidance_scale=None, local=local)  # None: the edit's default
+    assert not any(flag.startswith("--guidance-scale") for flag in edit_command(workspace, run, local_options))
+    for edit in (local_options, dataclasses.replace(options, local=LocalEdit())):  # no source prompt, blend, reweight
+        assert inference.parse_args(edit_command(workspace, run, edit)[2:]) == (run, edit)
 
 
 def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path, monkeypatch):
