@@ -163,7 +163,8 @@ def test_tune_stop_resume_and_edit_with_sound(app):
     edited = wait_for(client, edit_id, lambda info: info["status"] == "done", timeout=60)
     assert [Path(path).name for path in edited["outputs"]["videos"]] == ["a red ball is moving.mp4",
                                                                          "a cat, cartoon style.mp4"]
-    video, side_by_side, downloads, figures = client.predict(edit_id, api_name="/edit_result")
+    video, mask, side_by_side, inversion, downloads, figures = client.predict(edit_id, api_name="/edit_result")
+    assert (mask, inversion) == (None, None)  # a plain edit has neither
     assert sorted(Path(path).name for path in downloads) == sorted(
         ["a red ball is moving.mp4", "a cat, cartoon style.mp4", "a red ball is moving.gif",
          "a cat, cartoon style.gif", "side-by-side.mp4"])
@@ -181,6 +182,33 @@ def test_tune_stop_resume_and_edit_with_sound(app):
         assert found == {first: "done", second: "cancelled", edit_id: "done"}
     finally:
         reopened.shutdown()
+
+
+def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
+    client, root = app.client, app.root
+    run = root / "local-run"
+    shutil.copytree(tuned_run, run, ignore=shutil.ignore_patterns("edits"))  # tuned on "a ball is moving"
+    edit = dict(run=run.name, prompts="a red ball is moving", steps=2, inv_steps=2, guidance_scale=None, seed=None,
+                span="tuned window", span_start=0, span_end=0, stride=None, local=True, blend="ball",
+                api_name="/edit")  # inversion: ddim, the app's default
+    # the edit's own checks, before anything is written or a model loads
+    for settings, message in ((dict(blend="cat"), "--blend source word 'cat' is not a word of the prompt"),
+                              (dict(control="replace"), "the source prompt has 4 words and the target 5"),
+                              (dict(reweight="red"), "--reweight 'red': give WORD=FACTOR")):
+        with pytest.raises(AppError) as raised:
+            client.predict(**{**edit, **settings})
+        assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert not (run / "edits").exists()
+
+    edit_id, _ = client.predict(**edit)
+    done = wait_for(client, edit_id, lambda info: info["status"] == "done", timeout=120)
+    assert [Path(path).name for path in done["outputs"]["masks"]] == ["a red ball is moving.mask.mp4"]
+    assert [Path(path).name for path in done["outputs"]["inversion"]] == ["inversion.mp4"]
+    video, mask, _, inversion, downloads, _ = client.predict(edit_id, api_name="/edit_result")
+    assert {"a red ball is moving.mask.mp4", "inversion.mp4"} <= {Path(path).name for path in downloads}
+    for path in (video, mask, inversion):  # downloaded through the app; 4 frames of 64x64 at 8 fps
+        info = probe(Path(path))
+        assert (info["frames"], info["size"], info["fps"], info["codec"]) == (4, (64, 64), Fraction(8), "h264")
 
 
 def test_runs_are_listed_the_newest_to_finish_first(tmp_path):

@@ -73,9 +73,9 @@ def given(value: float | None, name: str) -> float:
     return float(value)
 
 
-def local_edit(on: bool, control: str, source_prompt: str, blend: str, reweight: str, inversion: str,
-               cross_replace_steps: float | None, self_replace_steps: float | None, blend_start: float | None,
-               mask_threshold: float | None) -> LocalEdit | None:
+def local_edit(on: bool, control: str, source_prompt: str | None, blend: str | None, reweight: str | None,
+               inversion: str, cross_replace_steps: float | None, self_replace_steps: float | None,
+               blend_start: float | None, mask_threshold: float | None) -> LocalEdit | None:
     """The Local edit fields as `EditOptions.local` (None when off): blend `WORD` or `SOURCE:TARGET`, reweight
     `WORD=FACTOR` lines, an empty source prompt the run's tuned one. The edit's own checks come later."""
     if not on:
@@ -281,11 +281,12 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
 
     def submit_edit(run: str | None, prompts: str, steps: float, inv_steps: float, guidance_scale: float,
                     seed: float | None, span: str, span_start: float | None, span_end: float | None,
-                    stride: float | None, local: bool, control: str, source_prompt: str, blend: str,
-                    reweight: str, inversion: str, cross_replace_steps: float | None,
-                    self_replace_steps: float | None, blend_start: float | None, mask_threshold: float | None):
+                    stride: float | None, local: bool, control: str, inversion: str,
+                    cross_replace_steps: float | None, self_replace_steps: float | None, blend_start: float | None,
+                    mask_threshold: float | None, source_prompt: str | None = None, blend: str | None = None,
+                    reweight: str | None = None):
         """Check the run and settings and queue the edit; returns its id and status line at once. `local` and the
-        parameters after it are the Local edit fields (see `local_edit`)."""
+        parameters after it are the Local edit fields (see `local_edit`); the text ones may be left out (None)."""
         try:
             seconds = [Fraction(str(value)) if value else None for value in (span_start, span_end)]  # 0: open
             options = EditOptions(
@@ -313,17 +314,21 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         job = runner.get(job_id or "")
         result = job.result() if job is not None and job.status == "done" else None
         if result is None:
-            hidden = gr.update(value=None, visible=False)
-            return None, hidden, None, hidden, None, gr.update(value="", visible=False)
+            return None, None, None, None, None, gr.update(value="", visible=False)
         videos = [str(path) for path in result.videos]
         masks = [str(path) for path in result.masks]
         inversion = [str(result.inversion)] if result.inversion else []
         figures = metrics_markdown(result.metrics) if result.metrics else ""
-        return (videos[0] if videos else None, gr.update(value=masks[0] if masks else None, visible=bool(masks)),
-                str(result.side_by_side),
-                gr.update(value=inversion[0] if inversion else None, visible=bool(inversion)),
+        return (videos[0] if videos else None, masks[0] if masks else None, str(result.side_by_side),
+                inversion[0] if inversion else None,
                 [*videos, *(str(path) for path in result.gifs), str(result.side_by_side), *masks, *inversion],
                 gr.update(value=figures, visible=bool(figures)))
+
+    def edit_media(job_id: str | None):
+        """`edit_result` for the page: the mask and inversion videos shown only when the edit has them."""
+        video, mask, side, inversion, files, figures = edit_result(job_id)
+        return (video, gr.update(value=mask, visible=mask is not None), side,
+                gr.update(value=inversion, visible=inversion is not None), files, figures)
 
     def job(job_id: str) -> dict:
         """The state of one job (for API clients): status, queue position, progress, samples and outputs."""
@@ -375,7 +380,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         tune_status, edit_status = status_markdown(runner, tune_job), status_markdown(runner, edit_job)
         log = log_tail(tune_job)
         edit_key = (edit_job.id, edit_job.status) if edit_job else None
-        media = edit_result(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 6
+        media = edit_media(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 6
         queue, runs = queue_markdown(), run_choices()
         return (
             queue if changed("queue", queue) else gr.skip(),
@@ -538,8 +543,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         run.change(run_settings, run, [edit_steps, inv_steps, edit_seed, edit_stride, source_prompt, edit_note],
                    api_visibility="private")
         edit_button.click(submit_edit, [run, prompts, edit_steps, inv_steps, guidance, edit_seed, span, span_start,
-                                        span_end, edit_stride, local_on, control, source_prompt, blend, reweight,
-                                        inversion, cross_steps, self_steps, blend_start, threshold],
+                                        span_end, edit_stride, local_on, control, inversion, cross_steps,
+                                        self_steps, blend_start, threshold, source_prompt, blend, reweight],
                           [edit_job, edit_status], api_name="edit")
         edit_stop.click(stop, edit_job, edit_status, api_name="stop_edit")
         edit_job.change(edit_result, edit_job, [edit_video, edit_mask, edit_side, edit_inversion, edit_files,
