@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from tests.helpers import probe, train_in_process
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions, EditResult, edit, plan_edit
+from tuneavideo import local_editing
 from tuneavideo.local_editing import LocalEdit, edit_p2p, mask_overlay, psnr_outside, upsampled
 
 CONFIGS = Path(__file__).parent / "p2p_configs"
@@ -32,7 +34,7 @@ def local_edit(tuned_run, folder, **options) -> EditResult:
 
 def test_a_local_edit_writes_the_edit_its_source_branch_and_its_mask(tuned_run, tmp_path):
     local = LocalEdit("refine", blend=("ball", "ball"), reweight={"red": 2}, null_text_iterations=1)
-    result = local_edit(tuned_run, tmp_path / "edit", local=local)
+    result = local_edit(tuned_run, tmp_path / "edit", local=local, num_inference_steps=1, num_inv_steps=1)
     assert result.inversion == tmp_path / "edit" / "inversion.mp4"
     assert result.masks == [tmp_path / "edit" / f"{TARGET}.mask.mp4"]
     count = len(result.frames)
@@ -44,14 +46,16 @@ def test_a_local_edit_writes_the_edit_its_source_branch_and_its_mask(tuned_run, 
 
 
 def test_every_edited_frame_of_a_windowed_span_has_a_mask_frame(tuned_run, tmp_path):
-    result = local_edit(tuned_run, tmp_path / "edit", span=(None, None), window=3, overlap=1, audio=False)
+    result = local_edit(tuned_run, tmp_path / "edit", span=(None, Fraction(1, 2)), window=3, overlap=1,
+                        audio=False)
     assert result.windows > 1
     assert probe(result.masks[0])["frames"] == probe(result.videos[0])["frames"] == len(result.frames)
 
 
 def test_a_span_of_one_window_equals_the_unwindowed_edit(tuned_run, tmp_path):
-    plain = local_edit(tuned_run, tmp_path / "plain", audio=False)
-    one = local_edit(tuned_run, tmp_path / "one", audio=False, window=len(plain.frames) + 3)
+    one_step = dict(audio=False, gif=False, num_inference_steps=1, num_inv_steps=1)
+    plain = local_edit(tuned_run, tmp_path / "plain", **one_step)
+    one = local_edit(tuned_run, tmp_path / "one", window=len(plain.frames) + 3, **one_step)
     assert one.windows == plain.windows == 1
     for a, b in [(plain.videos[0], one.videos[0]), (plain.inversion, one.inversion)]:
         assert a.read_bytes() == b.read_bytes()
@@ -132,18 +136,19 @@ def test_videop2p_rabbit_jump_configs_tune_and_edit_unchanged_but_for_paths_and_
     run = train_in_process(cfg)
     assert run.resolve() == (tmp_path / "outputs" / "rabbit-jump").resolve()
 
+    monkeypatch.setattr(local_editing, "P2P_SIZE", 64)  # Video-P2P's 512x512 takes minutes on the CPU
     run_cli(inference.main, "inference.py", ["--p2p-config", "rabbit-jump-p2p.yaml", "--fast",
                                              "--num-inference-steps", "1", "--num-inv-steps", "1"])
     results = run / "results"
     assert "origami_fast.gif" in capsys.readouterr().out
     for name in ("inversion_fast", "origami_fast"):
         with Image.open(results / f"{name}.gif") as gif:
-            assert (gif.n_frames, gif.size, gif.info["duration"]) == (8, (512, 512), 250)
+            assert (gif.n_frames, gif.size, gif.info["duration"]) == (8, (64, 64), 250)
         assert probe(results / f"{name}.mp4")["frames"] == 8
     assert probe(results / "origami_fast.mask.mp4")["frames"] == 8
 
-    # null-text inversion (Video-P2P's default) through the Python API, at a small size
-    result = edit_p2p("rabbit-jump-p2p.yaml", num_inference_steps=2, num_inv_steps=2, size=64)
+    # null-text inversion (Video-P2P's default) through the Python API
+    result = edit_p2p("rabbit-jump-p2p.yaml", num_inference_steps=2, num_inv_steps=2, null_text_iterations=1)
     assert [path.name for path in result.gifs] == ["inversion.gif", "origami.gif"]
     for path in result.videos:
         assert probe(path)["frames"] == 8 and probe(path)["size"] == (64, 64)

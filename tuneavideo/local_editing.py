@@ -31,13 +31,14 @@ from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .pipelines.prompt_alignment import CONTROLS, PromptControlError, PromptEdit, check_fraction, prompt_edit
 from .pipelines.windows import plan_windows
 from .run import Run
-from .video.writers import Mp4Writer, grid_frames, write_gif
+from .video.writers import Mp4Writer, grid_frames, write_gif, write_mp4
 
 INVERSIONS = ("null-text", "ddim")  # ddim: Video-P2P's --fast
 GUIDANCE_SCALE = 7.5  # Video-P2P's, the default with attention control
 INVERSION = "inversion"  # file stem of the source branch's video
 MASK_SUFFIX = ".mask"  # <prompt>.mask.mp4: the blend mask over the source
 P2P_FPS = 4  # Video-P2P's GIFs: 250 ms a frame
+P2P_SIZE = 512  # Video-P2P's frames: the centre square at 512x512
 MASK_TINT = np.array([255, 0, 0], dtype=np.float32)  # red, half over the masked pixels
 
 
@@ -206,11 +207,12 @@ class P2PResult:
 
 def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps: int = 50, num_inv_steps: int = 50,
              guidance_scale: float = GUIDANCE_SCALE, spatial_attention: str | None = None,
-             size: int = 512) -> P2PResult:
+             size: int | None = None, null_text_iterations: int = 10) -> P2PResult:
     """Run a Video-P2P edit config as its `run_videop2p.py --config CONFIG [--fast]` does: its frames, its
     attention control, null-text inversion unless `fast`, and its outputs (plus MP4s). Its fixed 50 sampling and
     50 inversion steps and 7.5 guidance can be changed; `spatial_attention` sets the UNet's frame rule for folders
-    tuned by Video-P2P's own code (whose UNet config cannot say), e.g. "first_frame"."""
+    tuned by Video-P2P's own code (whose UNet config cannot say), e.g. "first_frame". `size` (None:
+    `P2P_SIZE`) and `null_text_iterations` are Video-P2P's fixed 512 and 10 unless given (for quick checks)."""
     from .editing import _load_pipeline  # editing imports this module
 
     cfg = load_p2p_config(config)
@@ -221,10 +223,11 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
         raise UserError(f"{config}: pretrained_model_path {run.folder} holds no tuned model "
                         "(model_index.json); tune first")
     local = LocalEdit(cfg.control, cfg.source_prompt, cfg.blend_words, cfg.reweights, cfg.cross_replace_steps,
-                      cfg.self_replace_steps, inversion="ddim" if fast else "null-text")
+                      cfg.self_replace_steps, inversion="ddim" if fast else "null-text",
+                      null_text_iterations=null_text_iterations)
     tokenizer = CLIPTokenizer.from_pretrained(run.folder, subfolder="tokenizer")
     plan = plan_local(tokenizer, local, [cfg.target_prompt], cfg.source_prompt, num_inference_steps, num_inv_steps)
-    frames = read_p2p_frames(cfg.image_path, cfg.video_len, size)
+    frames = read_p2p_frames(cfg.image_path, cfg.video_len, size or P2P_SIZE)
     cuda = torch.cuda.is_available()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32) if cuda \
         else torch.float32
@@ -241,13 +244,12 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
     suffix = "_fast" if fast else ""
     stems = [f"{INVERSION}{suffix}", f"{cfg.save_name}{suffix}"]
     gifs, videos = [folder / f"{stem}.gif" for stem in stems], [folder / f"{stem}.mp4" for stem in stems]
-    repeats = [1] * len(frames)
     for latent, gif, video in zip((latents.source, latents.targets), gifs, videos):
         decoded = grid_frames(torch.from_numpy(pipe.decode_latents(latent)))
         write_gif(decoded, gif, P2P_FPS)
-        write_latent_video(pipe, latent, video, P2P_FPS, repeats)
+        write_mp4(decoded, video, P2P_FPS)
     mask = None
     if latents.masks[0] is not None:
         mask = folder / f"{stems[1]}{MASK_SUFFIX}.mp4"
-        write_masks(frames, latents.masks, [mask], P2P_FPS, repeats)
+        write_masks(frames, latents.masks, [mask], P2P_FPS, [1] * len(frames))
     return P2PResult(folder, gifs, videos, mask)
