@@ -140,6 +140,7 @@ def test_tune_and_edit_in_the_browser(app, page, browser, tmp_path, tuned_run):
     page.get_by_label("New prompts, one per line").fill("a red ball is moving")
     page.locator("#edit-local > button").first.click()  # open the Local edit part
     page.locator("#local-on input").check()
+    expect(page.get_by_label("Guidance scale")).to_have_value("7.5")  # Video-P2P's
     expect(page.locator("#local-source textarea")).to_have_value("a ball is moving")  # the run's tuned prompt
     page.locator("#local-blend textarea").fill("ball")
     page.locator("#edit-button").click()

@@ -26,7 +26,7 @@ import pandas as pd
 from ..cli import read_tail
 from ..editing import EditOptions, EditResult
 from ..errors import UserError
-from ..local_editing import INVERSIONS, LocalEdit
+from ..local_editing import GUIDANCE_SCALE, INVERSIONS, LocalEdit
 from ..pipelines.prompt_alignment import CONTROLS, parse_blend, parse_reweight
 from ..run import Progress, Run
 from .jobs import FINISHED, Job, JobRunner
@@ -474,7 +474,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                     with gr.Row():
                         edit_steps = gr.Number(50, label="Steps", precision=0, minimum=1)
                         inv_steps = gr.Number(50, label="Inversion steps", precision=0, minimum=1)
-                        guidance = gr.Number(None, label="Guidance scale", info="empty: 12.5; 7.5 with a local edit")
+                        guidance = gr.Number(12.5, label="Guidance scale", info="7.5 (Video-P2P's) with a local edit")
                         edit_seed = gr.Number(None, label="Seed", precision=0, minimum=0)
                     span = gr.Radio(list(SPAN_MODES), value=SPAN_MODES[0], label="Span of the clip")
                     with gr.Row():
@@ -540,6 +540,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                           [tune_job, tune_status], api_name="tune")
         tune_stop.click(stop, tune_job, tune_status, api_name="stop")
         tune_resume.click(resume, tune_job, [tune_job, tune_status], api_name="resume")
+        local_on.change(lambda on: GUIDANCE_SCALE if on else 12.5, local_on, guidance, api_visibility="private")
         run.change(run_settings, run, [edit_steps, inv_steps, edit_seed, edit_stride, source_prompt, edit_note],
                    api_visibility="private")
         edit_button.click(submit_edit, [run, prompts, edit_steps, inv_steps, guidance, edit_seed, span, span_start,
