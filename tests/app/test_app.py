@@ -194,7 +194,8 @@ def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
     # the edit's own checks, before anything is written or a model loads
     for settings, message in ((dict(blend="cat"), "--blend source word 'cat' is not a word of the prompt"),
                               (dict(control="replace"), "the source prompt has 4 words and the target 5"),
-                              (dict(reweight="red"), "--reweight 'red': give WORD=FACTOR")):
+                              (dict(reweight="red"), "--reweight 'red': give WORD=FACTOR"),
+                              (dict(local=False), "blend and reweight are for a local edit: tick Local edit")):
         with pytest.raises(AppError) as raised:
             client.predict(**{**edit, **settings})
         assert message in str(raised.value) and "\n" not in str(raised.value)

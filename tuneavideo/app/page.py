@@ -78,9 +78,11 @@ def local_edit(on: bool, control: str, source_prompt: str | None, blend: str | N
                blend_start: float | None, mask_threshold: float | None) -> LocalEdit | None:
     """The Local edit fields as `EditOptions.local` (None when off): blend `WORD` or `SOURCE:TARGET`, reweight
     `WORD=FACTOR` lines, an empty source prompt the run's tuned one. The edit's own checks come later."""
-    if not on:
-        return None
     blend = (blend or "").strip()
+    if not on:
+        if blend or (reweight or "").strip():
+            raise UserError("blend and reweight are for a local edit: tick Local edit, or clear them")
+        return None
     return LocalEdit(
         control=control, source_prompt=(source_prompt or "").strip() or None,
         blend=parse_blend(blend) if blend else None,
