@@ -18,7 +18,8 @@ import inference
 from tests.helpers import probe, train_in_process
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
-from tuneavideo.editing import EditOptions, EditResult, edit, plan_edit
+from tuneavideo.editing import EditOptions, EditResult, _source_frames, edit, plan_edit
+from tuneavideo.evaluate import read_frames
 from tuneavideo import local_editing
 from tuneavideo.local_editing import LocalEdit, edit_p2p, mask_overlay, psnr_outside, upsampled
 
@@ -43,6 +44,12 @@ def test_a_local_edit_writes_the_edit_its_source_branch_and_its_mask(tuned_run, 
         assert (info["frames"], info["fps"], info["size"]) == (count, result.fps, result.size), path
     assert result.with_audio and probe(result.inversion)["audio_seconds"] == pytest.approx(count / result.fps, abs=0.05)
     assert EditResult.load(result.folder) == result
+    # at 64x64 the mask's map is 2x2, which the 3x3 max pool makes whole: every pixel of the source is tinted
+    source = list(_source_frames(plan_edit(tuned_run, EditOptions([TARGET], **STEPS, local=LocalEdit(),
+                                                                  output_dir=tmp_path / "edit"))))
+    tinted = [mask_overlay(frame, np.ones(frame.shape[:2], bool)) for frame in source]
+    shown = read_frames(result.masks[0])
+    assert np.abs(np.stack(shown).astype(float) - np.stack(tinted)).mean() < 3
 
 
 def test_every_edited_frame_of_a_windowed_span_has_a_mask_frame(tuned_run, tmp_path):

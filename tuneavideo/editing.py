@@ -218,9 +218,10 @@ def plan_edit(run: str | os.PathLike, options: EditOptions) -> EditPlan:
                         ("--num-inv-steps", options.num_inv_steps)):
         if steps > timesteps:
             raise EditError(f"{name} {steps}: at most {timesteps} (the model's timesteps)")
-    local = options.local and plan_local(CLIPTokenizer.from_pretrained(run, subfolder="tokenizer"), options.local,
-                                         options.prompts, data.prompt, options.num_inference_steps,
-                                         options.num_inv_steps)
+    local = None
+    if options.local is not None:  # its words checked with the run's tokenizer, before any model loads
+        local = plan_local(CLIPTokenizer.from_pretrained(run, subfolder="tokenizer"), options.local, options.prompts,
+                           data.prompt, options.num_inference_steps, options.num_inv_steps)
     guidance = options.guidance_scale if options.guidance_scale is not None else GUIDANCE_SCALE if local else 12.5
     folder = _output_folder(Path(options.output_dir) if options.output_dir is not None else Run(run).edits)
     size = clip_size(clip.info.width, clip.info.height, data.width, data.height)
