@@ -391,7 +391,12 @@ def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path, monkeypatc
     (tmp_path / "metrics.json").write_text(json.dumps(
         [{"video": "a cat.mp4", "prompt": "a cat", **figures, "source": {**figures, "text_alignment": -3.5}}]))
     table = metrics_markdown(tmp_path / "metrics.json")
-    assert "| a cat.mp4 | 91.50 | 27.25 | 20.12 |" in table and "| source | 91.50 | -3.50 | 20.12 |" in table
+    assert "| a cat.mp4 | 91.50 | 27.25 | 20.12 |\n" in table and "| source | 91.50 | -3.50 | 20.12 |" in table
+    (tmp_path / "metrics.json").write_text(json.dumps(  # a local edit's, with the PSNR outside its mask
+        [{"video": "a cat.mp4", "prompt": "a cat", **figures, "psnr_outside_mask": 31.254, "source": figures}]))
+    table = metrics_markdown(tmp_path / "metrics.json")
+    assert "| a cat.mp4 | 91.50 | 27.25 | 20.12 | 31.25 dB |" in table
+    assert "| source | 91.50 | 27.25 | 20.12 | - |" in table
     assert metrics_markdown(tmp_path / "missing.json") == ""
 
 

@@ -301,14 +301,21 @@ def local_flags(local: LocalEdit) -> list[str]:
 
 
 def metrics_markdown(path: Path) -> str:
-    """The figures `inference.py --evaluate` wrote, as a table (empty when there are none)."""
+    """The figures `inference.py --evaluate` wrote, as a table (empty when there are none); a local edit's PSNR
+    outside its blend mask in a last column ("-" where there is none: the source, a mask over every pixel)."""
     try:
         records = json.loads(path.read_text())
     except (OSError, ValueError):
         return ""
-    rows = ["| video | frame consistency | text alignment | PickScore |", "|---|---|---|---|"]
+    psnr = any("psnr_outside_mask" in record for record in records)
+    rows = ["| video | frame consistency | text alignment | PickScore |" + (" PSNR outside the mask |" if psnr else ""),
+            "|---|---|---|---|" + ("---|" if psnr else "")]
     for record in records:
         for name, figures in ((record["video"], record), ("source", record["source"])):
-            rows.append(f"| {name} | {figures['frame_consistency']:.2f} | {figures['text_alignment']:.2f} | "
-                        f"{figures['pickscore']:.2f} |")
+            row = (f"| {name} | {figures['frame_consistency']:.2f} | {figures['text_alignment']:.2f} | "
+                   f"{figures['pickscore']:.2f} |")
+            if psnr:
+                value = figures.get("psnr_outside_mask")
+                row += " - |" if value is None else f" {value:.2f} dB |"
+            rows.append(row)
     return "**LOVEU-TGVE figures** (the source's for the same prompt below each edit)\n\n" + "\n".join(rows)
