@@ -104,7 +104,7 @@ def parse_args(argv: list[str]) -> tuple[Path, EditOptions]:
 
 
 def edit_options(args: argparse.Namespace) -> tuple[Path, EditOptions]:
-    if args.p2p_config or args.fast or args.spatial_attention:
+    if args.fast or args.spatial_attention:
         raise UserError("--fast and --spatial-attention go with --p2p-config; use --inversion ddim for a fast edit")
     if args.prompt is None:
         raise UserError("give at least one --prompt")

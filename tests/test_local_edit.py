@@ -16,11 +16,11 @@ from PIL import Image
 
 import inference
 from tests.helpers import probe, train_in_process
+from tuneavideo import local_editing
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions, EditResult, _source_frames, edit, plan_edit
 from tuneavideo.evaluate import read_frames
-from tuneavideo import local_editing
 from tuneavideo.local_editing import LocalEdit, edit_p2p, mask_overlay, psnr_outside, upsampled
 
 CONFIGS = Path(__file__).parent / "p2p_configs"
@@ -91,7 +91,7 @@ def test_guidance_defaults_to_videop2p_with_control_and_stays_12_5_without(tuned
 ])
 def test_bad_local_edit_input_is_one_line_before_any_model_loads(tuned_run, tmp_path, capsys, monkeypatch, args,
                                                                 message):
-    import tuneavideo.editing as editing
+    from tuneavideo import editing
 
     def no_model(*_):
         raise AssertionError("the model was loaded")

@@ -29,7 +29,6 @@ from .pipelines.local_edit import sample_local_edit
 from .pipelines.null_text import null_text_inversion
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .pipelines.prompt_alignment import CONTROLS, PromptControlError, PromptEdit, check_fraction, prompt_edit
-from .pipelines.windows import plan_windows
 from .run import Run
 from .video.writers import Mp4Writer, grid_frames, write_gif, write_mp4
 
@@ -102,9 +101,8 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, plan: LocalPl
                     overlap: int | None, progress: Callable[..., None],
                     inversion_prompt: str | None = None) -> LocalLatents:
     """Invert the clean latent `clean` as Video-P2P does (DDIM conditioned on `inversion_prompt`, by default the
-    source prompt, then, in null-text
-    mode, one optimised unconditional embedding per step for `guidance_scale`), then sample every prompt with the
-    source branch. `progress()` is called once per step of each phase (per window step of all windows)."""
+    source prompt, then, in null-text mode, one optimised unconditional embedding per step for `guidance_scale`),
+    then sample every prompt with the source branch. `progress()` is called once per step of each phase (per window step of all windows)."""
     local = plan.local
     null_text = local.inversion == "null-text"
     inversion_prompt = inversion_prompt or plan.source_prompt
