@@ -401,3 +401,18 @@ def test_an_edit_with_evaluate_and_no_models_fails_before_editing(tuned_run, tmp
     message = str(exit_info.value)
     assert "./download_models.sh --eval" in message and "\n" not in message
     assert not list((tmp_path / "edits").glob("*.mp4"))
+
+
+def test_a_local_edit_with_evaluate_also_measures_what_stayed_outside_the_mask(eval_root, tuned_run, tmp_path,
+                                                                              monkeypatch):
+    import inference
+
+    monkeypatch.chdir(eval_root)
+    run_cli(inference.main, "inference.py", [
+        "--model", str(tuned_run), "--prompt", "a red ball is moving", "--control", "refine", "--blend", "ball",
+        "--inversion", "ddim", "--num-inference-steps", "1", "--num-inv-steps", "1", "--output-dir", str(tmp_path),
+        "--no-audio", "--evaluate"])
+    [record] = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(record) == KEYS | {"source", "psnr_outside_mask"}
+    # at 64x64 the mask's map is 2x2 (the latent's quarter), which the 3x3 max pool makes whole: nothing is outside
+    assert record["psnr_outside_mask"] is None

@@ -6,7 +6,9 @@ DDIM inversions of the clip. An edit covers a span of the source (by default the
 seconds of it, or all of it) at a stride of source frames; it inverts those frames (or reuses the cached inversion),
 samples every prompt from that latent in overlapping windows of the tuned length (`tuneavideo.pipelines.windows`), and writes,
 per prompt, an MP4 with the source's sound over the same span (and a GIF for short edits), plus one side-by-side
-MP4 of the source and every edit, all at source fps / stride, so picture and sound stay in sync.
+MP4 of the source and every edit, all at source fps / stride, so picture and sound stay in sync. With
+`EditOptions.local`, every prompt is a local edit of the source prompt under attention control (Video-P2P,
+`tuneavideo.local_editing`), which also writes `inversion.mp4` and each prompt's `<prompt>.mask.mp4`.
 
 Memory does not grow with the clip beyond its latents: source frames are resized as they are decoded, and edited
 frames are decoded a few at a time and streamed to the encoder.
@@ -23,7 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import CLIPTokenizer
 
 from .atomic import atomic_path
 from .config import TrainConfig, load_config
@@ -39,6 +42,8 @@ from .video.frames import ClipTooShortError, clip_size, decode_frames, shown_at_
 from .video.readers import Clip, frames_text
 from .errors import UserError, first_line
 from .evaluate import Evaluator, read_frames
+from .local_editing import (GUIDANCE_SCALE, INVERSION, MASK_SUFFIX, LocalEdit, LocalPlan, invert_and_edit, plan_local,
+                            psnr_outside, upsampled, work, write_latent_video, write_masks)
 from .pipelines.edit import invert, sample
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .run import Run, metrics_file, result_file
@@ -63,13 +68,14 @@ Span = tuple[Fraction | None, Fraction | None]  # seconds [start, end) of the so
 @dataclass
 class EditOptions:
     """What to make from a run. The defaults are the original project's: 50 DDIM steps, guidance 12.5, 50 inversion
-    steps, no negative prompt, deterministic DDIM (eta 0), the tuned window."""
+    steps, no negative prompt, deterministic DDIM (eta 0), the tuned window; with `local` (attention control),
+    Video-P2P's guidance 7.5."""
 
     prompts: list[str]
     negative_prompt: str | None = None
     seed: int | None = None  # None: the run's seed (0 if it had none)
     num_inference_steps: int = 50
-    guidance_scale: float = 12.5
+    guidance_scale: float | None = None  # None: 12.5, or 7.5 with `local`
     num_inv_steps: int = 50
     num_videos_per_prompt: int = 1
     eta: float = 0.0  # 0: deterministic, so the seed changes nothing; > 0 adds seeded noise at every step
@@ -84,6 +90,7 @@ class EditOptions:
     # LOVEU-TGVE submission format, scored without the MP4's or the GIF's compression in between
     jpeg_frames: bool = False
     gif: bool = True  # False: no GIF (Pillow takes seconds per hundred 480x480 frames to quantise one)
+    local: LocalEdit | None = None  # attention control (Video-P2P local edits); None: plain Tune-A-Video edits
 
 
 @dataclass
@@ -105,6 +112,8 @@ class EditResult:
     metrics: Path | None = None  # the scores of every edit and of the source (with `evaluate`)
     # the source has a variable frame rate: each edited frame is repeated at `fps` to its source frame's time
     variable_rate: bool = False
+    inversion: Path | None = None  # a local edit's source branch decoded: how well the clip was recovered
+    masks: list[Path] = field(default_factory=list)  # a local edit's blend mask over the source, per prompt
 
     def save(self) -> None:
         """Write it to result.json in `folder`, atomically: what the app and other readers take the outputs from."""
@@ -131,7 +140,8 @@ class EditResult:
                    size=tuple(data["size"]), fps=Fraction(data["fps"]), frames=range(*data["frames"]),
                    span=tuple(data["span"]), windows=data["windows"], cached_latent=path(data["cached_latent"]),
                    with_audio=data["with_audio"], frame_folders=[Path(p) for p in data["frame_folders"]],
-                   metrics=path(data["metrics"]), variable_rate=data["variable_rate"])
+                   metrics=path(data["metrics"]), variable_rate=data["variable_rate"],
+                   inversion=path(data.get("inversion")), masks=[Path(p) for p in data.get("masks", [])])
 
 
 def parse_span(text: str) -> Span:
@@ -179,6 +189,8 @@ class EditPlan:
     fps: Fraction  # the MP4s' constant rate
     span: tuple[float, float]  # seconds of the source's timeline
     repeats: list[int] | None = None  # a variable-rate source: how often each edited frame is written at `fps`
+    guidance_scale: float = 12.5  # the options' or its default
+    local: LocalPlan | None = None  # the checked attention control of a local edit
 
     @property
     def cache(self) -> Path:
@@ -206,16 +218,23 @@ def plan_edit(run: str | os.PathLike, options: EditOptions) -> EditPlan:
                         ("--num-inv-steps", options.num_inv_steps)):
         if steps > timesteps:
             raise EditError(f"{name} {steps}: at most {timesteps} (the model's timesteps)")
+    local = None
+    if options.local is not None:  # its words checked with the run's tokenizer, before any model loads
+        local = plan_local(CLIPTokenizer.from_pretrained(run, subfolder="tokenizer"), options.local, options.prompts,
+                           data.prompt, options.num_inference_steps, options.num_inv_steps)
+    guidance = options.guidance_scale if options.guidance_scale is not None else GUIDANCE_SCALE if local else 12.5
     folder = _output_folder(Path(options.output_dir) if options.output_dir is not None else Run(run).edits)
     size = clip_size(clip.info.width, clip.info.height, data.width, data.height)
     info = clip.info
     if info.times is None:
         span = source_span(frames.start, len(frames), stride, float(info.fps), info.start_time)
-        return EditPlan(run, cfg, options, names, clip, size, frames, window, windows, folder, info.fps / stride, span)
+        return EditPlan(run, cfg, options, names, clip, size, frames, window, windows, folder, info.fps / stride, span,
+                        None, guidance, local)
     # a variable frame rate: every edited frame is shown at its source frame's time, at one constant rate
     span = info.time(frames.start), info.time(frames[-1] + stride)
     rate, repeats = shown_at_constant_rate([info.time(i) - span[0] for i in frames], span[1] - span[0])
-    return EditPlan(run, cfg, options, names, clip, size, frames, window, windows, folder, rate, span, repeats)
+    return EditPlan(run, cfg, options, names, clip, size, frames, window, windows, folder, rate, span, repeats,
+                    guidance, local)
 
 
 def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
@@ -231,30 +250,41 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
     width, height = plan.size
     cache = plan.cache
     scale = pipe.vae_scale_factor
-    latent = _cached_latent(cache, (1, pipe.unet.config.in_channels, len(plan.frames), height // scale, width // scale))
+    # a local edit inverts with its source prompt (as Video-P2P): the plain edit's cache does not hold that
+    latent = None if plan.local else _cached_latent(
+        cache, (1, pipe.unet.config.in_channels, len(plan.frames), height // scale, width // scale))
     reused = latent is not None
     windows = len(plan.windows)
-    work = windows * (options.num_inference_steps * len(options.prompts) + (not reused) * options.num_inv_steps)
+    total = windows * (options.num_inference_steps * len(options.prompts) + (not reused) * options.num_inv_steps)
+    if plan.local:
+        total = work(windows, options.num_inference_steps, options.num_inv_steps, len(options.prompts),
+                     plan.local.local)
     cfg = plan.cfg
     seed = options.seed if options.seed is not None else cfg.seed if cfg.seed is not None else 0
     if options.num_videos_per_prompt > 1 and options.eta == 0:
         logger.warning("note: with eta 0 DDIM is deterministic, so the videos of a prompt are alike; "
                        "use --eta > 0 for variations")
-    with tqdm(total=work, desc=f"Editing {frames_text(len(plan.frames))} in {windows} window(s)",
+    local = None
+    with tqdm(total=total, desc=f"Editing {frames_text(len(plan.frames))} in {windows} window(s)",
               unit="window-step") as bar:
         def progress(*_) -> None:
             bar.update(windows)
 
-        if reused:
+        if plan.local:
+            local = invert_and_edit(pipe, pipe.encode_video(_source_frames(plan)).mean, plan.local, options.prompts,
+                                    options.num_inference_steps, options.num_inv_steps, plan.guidance_scale,
+                                    plan.window, options.overlap, progress)
+        elif reused:
             logger.info(f"using the run's inverted latent {cache}")
         else:
             latent = invert(pipe, pipe.encode_video(_source_frames(plan)).mean, options.num_inv_steps,
                             plan.window, options.overlap, progress)
             with atomic_path(cache) as path:
                 torch.save(latent.cpu(), path)
-        edited = sample(pipe, latent, options.prompts, options.num_inference_steps, options.guidance_scale,
-                        options.num_inv_steps, options.negative_prompt, options.num_videos_per_prompt, options.eta,
-                        seed, plan.window, options.overlap, progress)
+        edited = local.targets if local else sample(
+            pipe, latent, options.prompts, options.num_inference_steps, plan.guidance_scale, options.num_inv_steps,
+            options.negative_prompt, options.num_videos_per_prompt, options.eta, seed, plan.window, options.overlap,
+            progress)
     stems = [name if options.num_videos_per_prompt == 1 else f"{name}-{index}"
              for name in plan.names for index in range(options.num_videos_per_prompt)]
     with tempfile.TemporaryDirectory(prefix="tav-edit-") as tmp:
@@ -263,26 +293,43 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
         logger.info(f"writing the edits to {plan.folder}")
         videos, gifs, comparison = _write(pipe, edited, _source_frames(plan), stems, plan.folder,
                                           plan.fps, audio, frame_folders, options.gif, plan.repeats)
+        inversion, masks = None, []
+        if local:
+            repeats = plan.repeats or [1] * len(plan.frames)
+            inversion = plan.folder / f"{INVERSION}.mp4"
+            write_latent_video(pipe, local.source, inversion, plan.fps, repeats, audio)
+            blended = [(stem, mask) for stem, mask in zip(stems, local.masks) if mask is not None]
+            masks = [plan.folder / f"{stem}{MASK_SUFFIX}.mp4" for stem, _ in blended]
+            write_masks(_source_frames(plan), [mask for _, mask in blended], masks, plan.fps, repeats)
     result = EditResult(plan.folder, videos, gifs, comparison, plan.size, plan.fps, plan.frames, plan.span, windows,
                         cache if reused else None, audio is not None, frame_folders,
-                        variable_rate=plan.repeats is not None)
+                        variable_rate=plan.repeats is not None, inversion=inversion, masks=masks)
     if evaluator is not None:
         del pipe
         prompts = [prompt for prompt in options.prompts for _ in range(options.num_videos_per_prompt)]
-        result.metrics = _score(evaluator, plan, videos, prompts)
+        result.metrics = _score(evaluator, plan, videos, prompts, local.masks if local else None)
     result.save()
     return result
 
 
-def _score(evaluator: Evaluator, plan: EditPlan, videos: list[Path], prompts: list[str]) -> Path:
+def _score(evaluator: Evaluator, plan: EditPlan, videos: list[Path], prompts: list[str],
+           masks: list[torch.Tensor | None] | None = None) -> Path:
     """`metrics.json` beside the edits: each edit's LOVEU-TGVE figures for its prompt (read back from its MP4, as
-    `python -m tuneavideo.evaluate` would), and the source's over the same frames for the same prompt."""
-    source = evaluator.encode_frames(list(_source_frames(plan)))
-    records = [
-        {"video": video.name, "prompt": prompt, **asdict(evaluator.score(read_frames(video), prompt)),
-         "source": asdict(evaluator.score_encoded(source, prompt))}
-        for video, prompt in zip(videos, prompts)
-    ]
+    `python -m tuneavideo.evaluate` would), and the source's over the same frames for the same prompt; for a local
+    edit with a blend mask also `psnr_outside_mask`, its PSNR against the source outside the mask (dB)."""
+    frames = list(_source_frames(plan))
+    source = evaluator.encode_frames(frames)
+    repeats = plan.repeats or [1] * len(frames)
+    records = []
+    for k, (video, prompt) in enumerate(zip(videos, prompts)):
+        edited = read_frames(video)
+        record = {"video": video.name, "prompt": prompt, **asdict(evaluator.score(edited, prompt)),
+                  "source": asdict(evaluator.score_encoded(source, prompt))}
+        if masks is not None and masks[k] is not None:
+            shown = np.repeat(np.stack(frames), repeats, axis=0)
+            outside = np.repeat(upsampled(masks[k], frames[0].shape[:2]), repeats, axis=0)
+            record["psnr_outside_mask"] = psnr_outside(np.stack(edited), shown, outside)
+        records.append(record)
     with atomic_path(metrics_file(plan.folder)) as path:
         path.write_text(json.dumps(records, indent=2))
     return metrics_file(plan.folder)
@@ -327,12 +374,20 @@ def check_options(options: EditOptions) -> list[str]:
         if (start is not None and start < 0) or (start is not None and end is not None and end <= start):
             given = ":".join("" if value is None else f"{float(value):g}" for value in options.span)
             raise EditError(f"--span {given!r}: START must be >= 0 and before END")
-    if not math.isfinite(options.guidance_scale):
+    if options.guidance_scale is not None and not math.isfinite(options.guidance_scale):
         raise EditError(f"--guidance-scale must be a finite number, got {options.guidance_scale}")
     if not (math.isfinite(options.eta) and options.eta >= 0):
         raise EditError(f"--eta must be a finite number >= 0, got {options.eta}")
+    if options.local is not None:
+        for option, off in (("--negative-prompt", options.negative_prompt is None), ("--eta", options.eta == 0),
+                            ("--num-videos-per-prompt", options.num_videos_per_prompt == 1)):
+            if not off:
+                raise EditError(f"{option} does not apply with --control (a local edit is one deterministic video "
+                                "per prompt); leave it out")
     names = [prompt_file_name(prompt) for prompt in options.prompts]
-    clashes = sorted({n for n in names if names.count(n) > 1 or n == SIDE_BY_SIDE})
+    # a local edit also writes inversion.mp4 and <prompt>.mask.mp4
+    taken = {SIDE_BY_SIDE, *((INVERSION, *(f"{n}{MASK_SUFFIX}" for n in names)) if options.local else ())}
+    clashes = sorted({n for n in names if names.count(n) > 1 or n in taken})
     if clashes:
         raise EditError(f"prompts would overwrite each other's files (or the side-by-side): {clashes}")
     return names

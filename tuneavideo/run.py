@@ -12,9 +12,11 @@
     tuned_parameters.safetensors   the tuned tensors alone (`tuneavideo.tuned_parameters`)
     unet/, vae/, ..., model_index.json   the tuned pipeline; model_index.json is written last: the run is finished
     edits/                         edits, unless `inference.py --output-dir` says otherwise
+    results/                       Video-P2P edit configs' outputs (`inference.py --p2p-config`), as Video-P2P
+                                   writes them: inversion[_fast].gif, <save_name>[_fast].gif, and MP4s beside them
 
-Beside an edit's videos (named by `tuneavideo.editing`) are `result.json` (its `EditResult`) and, when scored,
-`metrics.json`.
+Beside an edit's videos (named by `tuneavideo.editing`; a local edit's `inversion.mp4` and `<prompt>.mask.mp4` by
+`tuneavideo.local_editing`) are `result.json` (its `EditResult`) and, when scored, `metrics.json`.
 """
 
 from __future__ import annotations
@@ -117,6 +119,11 @@ class Run:
     def edits(self) -> Path:
         """Where edits go by default."""
         return self.folder / "edits"
+
+    @property
+    def p2p_results(self) -> Path:
+        """Where a Video-P2P edit config of this run writes (Video-P2P's own `<pretrained_model_path>/results`)."""
+        return self.folder / "results"
 
     @property
     def pipeline_staging(self) -> Path:

@@ -35,6 +35,7 @@ from tuneavideo.app.page import launch, status_markdown
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
+from tuneavideo.local_editing import LocalEdit
 from tuneavideo.app.jobs import FINISHED, Job, JobRunner
 from tuneavideo.video.writers import write_mp4
 from tuneavideo.app.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
@@ -162,7 +163,8 @@ def test_tune_stop_resume_and_edit_with_sound(app):
     edited = wait_for(client, edit_id, lambda info: info["status"] == "done", timeout=60)
     assert [Path(path).name for path in edited["outputs"]["videos"]] == ["a red ball is moving.mp4",
                                                                          "a cat, cartoon style.mp4"]
-    video, side_by_side, downloads, figures = client.predict(edit_id, api_name="/edit_result")
+    video, mask, side_by_side, inversion, downloads, figures = client.predict(edit_id, api_name="/edit_result")
+    assert (mask, inversion) == (None, None)  # a plain edit has neither
     assert sorted(Path(path).name for path in downloads) == sorted(
         ["a red ball is moving.mp4", "a cat, cartoon style.mp4", "a red ball is moving.gif",
          "a cat, cartoon style.gif", "side-by-side.mp4"])
@@ -180,6 +182,34 @@ def test_tune_stop_resume_and_edit_with_sound(app):
         assert found == {first: "done", second: "cancelled", edit_id: "done"}
     finally:
         reopened.shutdown()
+
+
+def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
+    client, root = app.client, app.root
+    run = root / "local-run"
+    shutil.copytree(tuned_run, run, ignore=shutil.ignore_patterns("edits"))  # tuned on "a ball is moving"
+    edit = dict(run=run.name, prompts="a red ball is moving", steps=2, inv_steps=2, guidance_scale=None, seed=None,
+                span="tuned window", span_start=0, span_end=0, stride=None, local=True, blend="ball",
+                api_name="/edit")  # inversion: ddim, the app's default
+    # the edit's own checks, before anything is written or a model loads
+    for settings, message in ((dict(blend="cat"), "--blend source word 'cat' is not a word of the prompt"),
+                              (dict(control="replace"), "the source prompt has 4 words and the target 5"),
+                              (dict(reweight="red"), "--reweight 'red': give WORD=FACTOR"),
+                              (dict(local=False), "blend and reweight are for a local edit: tick Local edit")):
+        with pytest.raises(AppError) as raised:
+            client.predict(**{**edit, **settings})
+        assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert not (run / "edits").exists()
+
+    edit_id, _ = client.predict(**edit)
+    done = wait_for(client, edit_id, lambda info: info["status"] == "done", timeout=120)
+    assert [Path(path).name for path in done["outputs"]["masks"]] == ["a red ball is moving.mask.mp4"]
+    assert [Path(path).name for path in done["outputs"]["inversion"]] == ["inversion.mp4"]
+    video, mask, _, inversion, downloads, _ = client.predict(edit_id, api_name="/edit_result")
+    assert {"a red ball is moving.mask.mp4", "inversion.mp4"} <= {Path(path).name for path in downloads}
+    for path in (video, mask, inversion):  # downloaded through the app; 4 frames of 64x64 at 8 fps
+        info = probe(Path(path))
+        assert (info["frames"], info["size"], info["fps"], info["codec"]) == (4, (64, 64), Fraction(8), "h264")
 
 
 def test_runs_are_listed_the_newest_to_finish_first(tmp_path):
@@ -328,6 +358,13 @@ def test_edit_command_is_what_inference_reads(tmp_path):
     assert inference.parse_args(edit_command(workspace, run, options)[2:]) == (run, options)
     exact = dataclasses.replace(options, guidance_scale=7.123456789)  # more digits than %g keeps
     assert inference.parse_args(edit_command(workspace, run, exact)[2:]) == (run, exact)
+    local = LocalEdit("replace", source_prompt="-a dog", blend=("dog", "cat"), reweight={"cat": 2.0, "-a": 0.5},
+                      cross_replace_steps=0.1, self_replace_steps=0.25, blend_start=0.3, mask_threshold=0.45,
+                      inversion="ddim")
+    local_options = dataclasses.replace(options, guidance_scale=None, local=local)  # None: the edit's default
+    assert not any(flag.startswith("--guidance-scale") for flag in edit_command(workspace, run, local_options))
+    for edit in (local_options, dataclasses.replace(options, local=LocalEdit())):  # no source prompt, blend, reweight
+        assert inference.parse_args(edit_command(workspace, run, edit)[2:]) == (run, edit)
 
 
 def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path, monkeypatch):
@@ -354,7 +391,12 @@ def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path, monkeypatc
     (tmp_path / "metrics.json").write_text(json.dumps(
         [{"video": "a cat.mp4", "prompt": "a cat", **figures, "source": {**figures, "text_alignment": -3.5}}]))
     table = metrics_markdown(tmp_path / "metrics.json")
-    assert "| a cat.mp4 | 91.50 | 27.25 | 20.12 |" in table and "| source | 91.50 | -3.50 | 20.12 |" in table
+    assert "| a cat.mp4 | 91.50 | 27.25 | 20.12 |\n" in table and "| source | 91.50 | -3.50 | 20.12 |" in table
+    (tmp_path / "metrics.json").write_text(json.dumps(  # a local edit's, with the PSNR outside its mask
+        [{"video": "a cat.mp4", "prompt": "a cat", **figures, "psnr_outside_mask": 31.254, "source": figures}]))
+    table = metrics_markdown(tmp_path / "metrics.json")
+    assert "| a cat.mp4 | 91.50 | 27.25 | 20.12 | 31.25 dB |" in table
+    assert "| source | 91.50 | 27.25 | 20.12 | - |" in table
     assert metrics_markdown(tmp_path / "missing.json") == ""
 
 

@@ -1,8 +1,9 @@
 """The web app in a real browser (headless Chromium through Playwright), on the tiny random model.
 
 Upload the sample clip, tune it, close the page while the job runs and open it again, see the loss curve, the run
-folder and the samples, edit the run (which the Edit tab picks as it finishes, over an earlier one), and check that
-the page's <video> elements load and have a duration. Bad uploads must show a message, not a traceback.
+folder and the samples, make a local edit of the run (which the Edit tab picks as it finishes, over an earlier one;
+the source prompt is the run's), and check that the page's <video> elements load and have a duration and that the
+blend mask's plays. Bad uploads must show a message, not a traceback.
 `UPDATE_SCREENSHOT=1 python -m pytest tests/test_browser.py` writes the README's screenshot, docs/app.png.
 """
 
@@ -34,6 +35,17 @@ VIDEO_DURATION = """async (video) => {
         });
     }
     return video.duration;
+}"""
+# Plays the <video> (muted) until its time advances, or fails after 10 s; gives the time it got to.
+VIDEO_PLAYS = """async (video) => {
+    video.muted = true;
+    await video.play();
+    const deadline = performance.now() + 10000;
+    while (video.currentTime === 0) {
+        if (performance.now() > deadline) throw new Error("stuck at 0 s: " + video.currentSrc);
+        await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    return video.currentTime;
 }"""
 
 
@@ -126,15 +138,24 @@ def test_tune_and_edit_in_the_browser(app, page, browser, tmp_path, tuned_run):
     page.get_by_role("tab", name="Edit").click()
     expect(page.locator("#edit-run input")).to_have_value(f"{job_id} · a ball is moving", timeout=10_000)
     page.get_by_label("New prompts, one per line").fill("a red ball is moving")
+    page.locator("#edit-local > button").first.click()  # open the Local edit part
+    page.locator("#local-on input").check()
+    expect(page.get_by_label("Guidance scale")).to_have_value("7.5")  # Video-P2P's
+    expect(page.locator("#local-source textarea")).to_have_value("a ball is moving")  # the run's tuned prompt
+    page.locator("#local-blend textarea").fill("ball")
     page.locator("#edit-button").click()
     edit_status = page.locator("#edit-status")
     expect(edit_status).to_contain_text("done", timeout=JOB_TIMEOUT_MS)
     assert video_duration(page, "#edit-video") == pytest.approx(0.5, abs=0.15)  # 4 frames at 8 fps
     assert video_duration(page, "#edit-side") > 0
+    assert video_duration(page, "#edit-inversion") == pytest.approx(0.5, abs=0.15)
+    assert video_duration(page, "#edit-mask") == pytest.approx(0.5, abs=0.15)
+    assert page.locator("#edit-mask video").evaluate(VIDEO_PLAYS) > 0
     links = page.locator("#edit-files a")
-    expect(links).to_have_count(3)
+    expect(links).to_have_count(5)
     names = links.evaluate_all("links => links.map(link => link.getAttribute('download'))")
-    assert sorted(names) == ["a red ball is moving.gif", "a red ball is moving.mp4", "side-by-side.mp4"]
+    assert sorted(names) == ["a red ball is moving.gif", "a red ball is moving.mask.mp4", "a red ball is moving.mp4",
+                             "inversion.mp4", "side-by-side.mp4"]
     shot = REPO / "docs" / "app.png" if os.environ.get("UPDATE_SCREENSHOT") else tmp_path / "app.png"
     shot.parent.mkdir(exist_ok=True)
     page.screenshot(path=shot, full_page=True)

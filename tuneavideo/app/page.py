@@ -26,6 +26,8 @@ import pandas as pd
 from ..cli import read_tail
 from ..editing import EditOptions, EditResult
 from ..errors import UserError
+from ..local_editing import GUIDANCE_SCALE, INVERSIONS, LocalEdit
+from ..pipelines.prompt_alignment import CONTROLS, parse_blend, parse_reweight
 from ..run import Progress, Run
 from .jobs import FINISHED, Job, JobRunner
 from .workspace import (
@@ -48,6 +50,7 @@ NOISE_NOTE = (
 )
 SPAN_MODES = ("tuned window", "whole clip", "from / to")
 LOG_LINES = 40
+LOCAL = LocalEdit()  # the Local edit fields' defaults (Video-P2P's)
 CSS = ".status-box {min-height: 3em}"
 
 
@@ -61,6 +64,34 @@ def whole_number(value: float | None, name: str, minimum: int = 1) -> int:
     if value is None or value != int(value) or value < minimum:
         raise UserError(f"{name} must be a whole number >= {minimum}")
     return int(value)
+
+
+def given(value: float | None, name: str) -> float:
+    """A number field's value; an empty field is a message."""
+    if value is None:
+        raise UserError(f"give a number for {name}")
+    return float(value)
+
+
+def local_edit(on: bool, control: str, source_prompt: str | None, blend: str | None, reweight: str | None,
+               inversion: str, cross_replace_steps: float | None, self_replace_steps: float | None,
+               blend_start: float | None, mask_threshold: float | None) -> LocalEdit | None:
+    """The Local edit fields as `EditOptions.local` (None when off): blend `WORD` or `SOURCE:TARGET`, reweight
+    `WORD=FACTOR` lines, an empty source prompt the run's tuned one. The edit's own checks come later."""
+    blend = (blend or "").strip()
+    if not on:
+        if blend or (reweight or "").strip():
+            raise UserError("blend and reweight are for a local edit: tick Local edit, or clear them")
+        return None
+    return LocalEdit(
+        control=control, source_prompt=(source_prompt or "").strip() or None,
+        blend=parse_blend(blend) if blend else None,
+        reweight=parse_reweight([line.strip() for line in (reweight or "").splitlines() if line.strip()]),
+        cross_replace_steps=given(cross_replace_steps, "cross-replace steps"),
+        self_replace_steps=given(self_replace_steps, "self-replace steps"),
+        blend_start=given(blend_start, "blend start"), mask_threshold=given(mask_threshold, "mask threshold"),
+        inversion=inversion,
+    )
 
 
 def duration(seconds: float) -> str:
@@ -91,9 +122,10 @@ def history_frame(progress: Progress | None) -> pd.DataFrame | None:
 def outputs(result: EditResult | None) -> dict[str, list[str]]:
     """An edit's files by kind, as the API's `/job` reports them (empty lists before it is done)."""
     if result is None:
-        return {"videos": [], "gifs": [], "side_by_side": []}
+        return {"videos": [], "gifs": [], "side_by_side": [], "masks": [], "inversion": []}
     return {"videos": [str(path) for path in result.videos], "gifs": [str(path) for path in result.gifs],
-            "side_by_side": [str(result.side_by_side)]}
+            "side_by_side": [str(result.side_by_side)], "masks": [str(path) for path in result.masks],
+            "inversion": [str(result.inversion)] if result.inversion else []}
 
 
 def status_markdown(runner: JobRunner, job: Job | None) -> str:
@@ -241,26 +273,33 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         """Fill the Edit settings from the picked run, so that by default its cached inversion is reused."""
         run = workspace.runs().get(run_name or "")
         if run is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.update(visible=False)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.update(visible=False)
         try:
             defaults = run_defaults(run)
         except UserError as err:
             raise user_error(err) from None
         return (defaults["num_inference_steps"], defaults["num_inv_steps"], defaults["seed"], defaults["stride"],
-                gr.update(visible=defaults["random"]))
+                defaults["prompt"], gr.update(visible=defaults["random"]))
 
     def submit_edit(run: str | None, prompts: str, steps: float, inv_steps: float, guidance_scale: float,
                     seed: float | None, span: str, span_start: float | None, span_end: float | None,
-                    stride: float | None):
-        """Check the run and settings and queue the edit; returns its id and status line at once."""
+                    stride: float | None, local: bool, control: str, inversion: str,
+                    cross_replace_steps: float | None, self_replace_steps: float | None, blend_start: float | None,
+                    mask_threshold: float | None, source_prompt: str | None = None, blend: str | None = None,
+                    reweight: str | None = None):
+        """Check the run and settings and queue the edit; returns its id and status line at once. `local` and the
+        parameters after it are the Local edit fields (see `local_edit`); the text ones may be left out (None)."""
         try:
             seconds = [Fraction(str(value)) if value else None for value in (span_start, span_end)]  # 0: open
             options = EditOptions(
                 prompts=(prompts or "").splitlines(), num_inference_steps=whole_number(steps, "steps"),
-                num_inv_steps=whole_number(inv_steps, "inversion steps"), guidance_scale=float(guidance_scale or 0),
+                num_inv_steps=whole_number(inv_steps, "inversion steps"),
+                guidance_scale=None if guidance_scale is None else float(guidance_scale),  # None: the edit's default
                 seed=None if seed is None else whole_number(seed, "seed", minimum=0),
                 span={"whole clip": (None, None), "from / to": tuple(seconds)}.get(span),
                 stride=whole_number(stride, "stride") if stride else None,  # None, 0: the run's
+                local=local_edit(local, control, source_prompt, blend, reweight, inversion, cross_replace_steps,
+                                 self_replace_steps, blend_start, mask_threshold),
             )
             edit_folder, command = prepare_edit(workspace, run or "", options)
         except UserError as err:
@@ -271,17 +310,27 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         return job.id, status_markdown(runner, job)  # the timer puts it in the list
 
     def edit_result(job_id: str | None):
-        """The first prompt's edit (MP4 with sound), the side-by-side, every MP4 and GIF for download, and the
-        edits' LOVEU-TGVE figures when the scoring models are there."""
+        """The first prompt's edit (MP4 with sound) and, for a local edit, its blend mask, the side-by-side, a local
+        edit's inversion, every file for download, and the edits' LOVEU-TGVE figures when the scoring models are
+        there."""
         job = runner.get(job_id or "")
         result = job.result() if job is not None and job.status == "done" else None
         if result is None:
-            return None, None, None, gr.update(value="", visible=False)
+            return None, None, None, None, None, gr.update(value="", visible=False)
         videos = [str(path) for path in result.videos]
+        masks = [str(path) for path in result.masks]
+        inversion = [str(result.inversion)] if result.inversion else []
         figures = metrics_markdown(result.metrics) if result.metrics else ""
-        return (videos[0] if videos else None, str(result.side_by_side),
-                [*videos, *(str(path) for path in result.gifs), str(result.side_by_side)],
+        return (videos[0] if videos else None, masks[0] if masks else None, str(result.side_by_side),
+                inversion[0] if inversion else None,
+                [*videos, *(str(path) for path in result.gifs), str(result.side_by_side), *masks, *inversion],
                 gr.update(value=figures, visible=bool(figures)))
+
+    def edit_media(job_id: str | None):
+        """`edit_result` for the page: the mask and inversion videos shown only when the edit has them."""
+        video, mask, side, inversion, files, figures = edit_result(job_id)
+        return (video, gr.update(value=mask, visible=mask is not None), side,
+                gr.update(value=inversion, visible=inversion is not None), files, figures)
 
     def job(job_id: str) -> dict:
         """The state of one job (for API clients): status, queue position, progress, samples and outputs."""
@@ -333,7 +382,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         tune_status, edit_status = status_markdown(runner, tune_job), status_markdown(runner, edit_job)
         log = log_tail(tune_job)
         edit_key = (edit_job.id, edit_job.status) if edit_job else None
-        media = edit_result(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 4
+        media = edit_media(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 6
         queue, runs = queue_markdown(), run_choices()
         return (
             queue if changed("queue", queue) else gr.skip(),
@@ -427,7 +476,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                     with gr.Row():
                         edit_steps = gr.Number(50, label="Steps", precision=0, minimum=1)
                         inv_steps = gr.Number(50, label="Inversion steps", precision=0, minimum=1)
-                        guidance = gr.Number(12.5, label="Guidance scale")
+                        guidance = gr.Number(12.5, label="Guidance scale", info="7.5 (Video-P2P's) with a local edit")
                         edit_seed = gr.Number(None, label="Seed", precision=0, minimum=0)
                     span = gr.Radio(list(SPAN_MODES), value=SPAN_MODES[0], label="Span of the clip")
                     with gr.Row():
@@ -435,15 +484,50 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                         span_end = gr.Number(0, label="to (s)", info="0: to the end", minimum=0)
                         edit_stride = gr.Number(None, label="Stride", info="source frames per edited frame",
                                                 precision=0, minimum=1)
+                    with gr.Accordion("Local edit", open=False, elem_id="edit-local"):
+                        local_on = gr.Checkbox(False, label="Local edit: keep the clip, change only what the prompts "
+                                               "change (Video-P2P's attention control)", elem_id="local-on")
+                        with gr.Row():
+                            control = gr.Radio(list(CONTROLS), value=LOCAL.control,
+                                               label="Control", info="replace: swap words one for one (as many "
+                                               "words as the source prompt); refine: add or change words")
+                            inversion = gr.Radio(sorted(INVERSIONS), value="ddim", label="Inversion",
+                                                 info="ddim: fast, the app's default; null-text: Video-P2P's, "
+                                                 "closer to the clip, about 10 times the time (steps must equal "
+                                                 "inversion steps)")
+                        source_prompt = gr.Textbox(label="Source prompt", elem_id="local-source",
+                                                   info="what the clip shows (the run's tuned prompt); each new "
+                                                   "prompt changes its words")
+                        with gr.Row():
+                            blend = gr.Textbox(label="Blend word(s)", placeholder="ball  or  ball:cat",
+                                               elem_id="local-blend", info="WORD, or SOURCE:TARGET: change only "
+                                               "where it is (empty: the whole frame)")
+                            reweight = gr.Textbox(label="Reweight", lines=2, placeholder="red=2",
+                                                  info="WORD=FACTOR, one a line: more (or less) of a new word")
+                        with gr.Accordion("Steps and mask", open=False), gr.Row():
+                            cross_steps = gr.Number(LOCAL.cross_replace_steps, label="Cross-replace steps",
+                                                    info="fraction of the steps with the source's words")
+                            self_steps = gr.Number(LOCAL.self_replace_steps, label="Self-replace steps",
+                                                   info="fraction with the source's temporal attention")
+                            blend_start = gr.Number(LOCAL.blend_start, label="Blend start",
+                                                    info="fraction of the steps before the blend")
+                            threshold = gr.Number(LOCAL.mask_threshold, label="Mask threshold",
+                                                  info="in (0, 1): of the blend word's peak attention")
                     with gr.Row():
                         edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
                         edit_stop = gr.Button("Stop", elem_id="edit-stop")
                 with gr.Column():
                     edit_job = gr.Dropdown(label="Editing job", allow_custom_value=True, elem_id="edit-job")
                     edit_status = gr.Markdown("No job yet.", elem_id="edit-status", elem_classes="status-box")
-                    edit_video = gr.Video(label="Edited (with the clip's sound)", interactive=False,
-                                          elem_id="edit-video", height=320)
+                    with gr.Row():
+                        edit_video = gr.Video(label="Edited (with the clip's sound)", interactive=False,
+                                              elem_id="edit-video", height=320)
+                        edit_mask = gr.Video(label="Blend mask (red, over the source)", interactive=False,
+                                             elem_id="edit-mask", height=320, visible=False)
                     edit_side = gr.Video(label="Side by side", interactive=False, elem_id="edit-side", height=240)
+                    edit_inversion = gr.Video(label="Inversion (the clip as the source branch recovers it)",
+                                              interactive=False, elem_id="edit-inversion", height=240,
+                                              visible=False)
                     edit_files = gr.File(label="Downloads (MP4, GIF)", file_count="multiple", interactive=False,
                                          elem_id="edit-files")
                     edit_figures = gr.Markdown(visible=False, elem_id="edit-figures")
@@ -458,19 +542,23 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                           [tune_job, tune_status], api_name="tune")
         tune_stop.click(stop, tune_job, tune_status, api_name="stop")
         tune_resume.click(resume, tune_job, [tune_job, tune_status], api_name="resume")
-        run.change(run_settings, run, [edit_steps, inv_steps, edit_seed, edit_stride, edit_note],
+        local_on.change(lambda on: GUIDANCE_SCALE if on else 12.5, local_on, guidance, api_visibility="private")
+        run.change(run_settings, run, [edit_steps, inv_steps, edit_seed, edit_stride, source_prompt, edit_note],
                    api_visibility="private")
         edit_button.click(submit_edit, [run, prompts, edit_steps, inv_steps, guidance, edit_seed, span, span_start,
-                                        span_end, edit_stride], [edit_job, edit_status], api_name="edit")
+                                        span_end, edit_stride, local_on, control, inversion, cross_steps,
+                                        self_steps, blend_start, threshold, source_prompt, blend, reweight],
+                          [edit_job, edit_status], api_name="edit")
         edit_stop.click(stop, edit_job, edit_status, api_name="stop_edit")
-        edit_job.change(edit_result, edit_job, [edit_video, edit_side, edit_files, edit_figures],
+        edit_job.change(edit_result, edit_job, [edit_video, edit_mask, edit_side, edit_inversion, edit_files,
+                                                edit_figures],
                         api_name="edit_result")
         gr.api(job, api_name="job", concurrency_limit=None)
         gr.api(finished_runs, api_name="runs", concurrency_limit=None)
         redraw = dict(fn=refresh, inputs=[tune_job, edit_job, run, shown],
                       outputs=[queue_box, tune_job, tune_status, tune_sample, tune_loss, tune_lr, tune_samples,
-                               tune_log, edit_job, edit_status, edit_video, edit_side, edit_files, edit_figures, run,
-                               shown],
+                               tune_log, edit_job, edit_status, edit_video, edit_mask, edit_side, edit_inversion,
+                               edit_files, edit_figures, run, shown],
                       api_visibility="private", show_progress="hidden", concurrency_limit=None)
         timer.tick(**redraw)
         demo.load(**redraw)

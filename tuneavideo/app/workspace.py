@@ -36,6 +36,7 @@ from ..video.readers import IMAGE_SUFFIXES, Clip
 from ..editing import EditOptions, plan_edit
 from ..errors import UserError
 from ..evaluate import evaluation_models
+from ..local_editing import LocalEdit
 from ..run import Run
 from ..tiny import make_tiny_sd, tiny_unet_config
 
@@ -233,13 +234,13 @@ def tune_command(workspace: Workspace, config: Path, resume: bool = False) -> li
 # --- editing ----------------------------------------------------------------------------------------------------
 
 
-def run_defaults(run: Path) -> dict[str, int | bool]:
+def run_defaults(run: Path) -> dict[str, int | bool | str]:
     """Edit settings that fit `run`: its validation steps (so its cached inversion is reused), its seed and stride,
-    and whether it was tuned from the tiny random model ("random")."""
+    its tuned prompt (a local edit's source prompt) and whether it was tuned from the tiny random model ("random")."""
     cfg = Run(run).config()
     steps = cfg.validation_data.num_inv_steps
     return dict(num_inference_steps=steps, num_inv_steps=steps, seed=cfg.seed or 0,
-                stride=cfg.train_data.sample_frame_rate,
+                stride=cfg.train_data.sample_frame_rate, prompt=cfg.train_data.prompt,
                 random=is_random_model(cfg.pretrained_model_path))
 
 
@@ -269,7 +270,9 @@ def edit_command(workspace: Workspace, run: Path, options: EditOptions) -> list[
     that a prompt starting with '-' stays a value."""
     command = [workspace.python, str(workspace.repo / "inference.py"), f"--model={run}",
                f"--output-dir={options.output_dir}", f"--num-inference-steps={options.num_inference_steps}",
-               f"--num-inv-steps={options.num_inv_steps}", f"--guidance-scale={options.guidance_scale}"]
+               f"--num-inv-steps={options.num_inv_steps}"]
+    if options.guidance_scale is not None:
+        command.append(f"--guidance-scale={options.guidance_scale}")
     command += [f"--prompt={prompt}" for prompt in options.prompts]
     if options.seed is not None:
         command.append(f"--seed={options.seed}")
@@ -278,20 +281,41 @@ def edit_command(workspace: Workspace, run: Path, options: EditOptions) -> list[
         command.append("--span=all" if options.span == (None, None) else f"--span={start}:{end}")
     if options.stride is not None:
         command.append(f"--stride={options.stride}")
+    if options.local is not None:
+        command += local_flags(options.local)
     if workspace.can_evaluate():
         command.append("--evaluate")
     return command
 
 
+def local_flags(local: LocalEdit) -> list[str]:
+    """`inference.py`'s flags of a local edit (its null-text iterations are the CLI's, 10)."""
+    flags = [f"--control={local.control}", f"--inversion={local.inversion}",
+             f"--cross-replace-steps={local.cross_replace_steps}", f"--self-replace-steps={local.self_replace_steps}",
+             f"--blend-start={local.blend_start}", f"--mask-threshold={local.mask_threshold}"]
+    if local.source_prompt is not None:
+        flags.append(f"--source-prompt={local.source_prompt}")
+    if local.blend is not None:
+        flags.append(f"--blend={local.blend[0]}:{local.blend[1]}")
+    return flags + [f"--reweight={word}={factor}" for word, factor in local.reweight.items()]
+
+
 def metrics_markdown(path: Path) -> str:
-    """The figures `inference.py --evaluate` wrote, as a table (empty when there are none)."""
+    """The figures `inference.py --evaluate` wrote, as a table (empty when there are none); a local edit's PSNR
+    outside its blend mask in a last column ("-" where there is none: the source, a mask over every pixel)."""
     try:
         records = json.loads(path.read_text())
     except (OSError, ValueError):
         return ""
-    rows = ["| video | frame consistency | text alignment | PickScore |", "|---|---|---|---|"]
+    psnr = any("psnr_outside_mask" in record for record in records)
+    rows = ["| video | frame consistency | text alignment | PickScore |" + (" PSNR outside the mask |" if psnr else ""),
+            "|---|---|---|---|" + ("---|" if psnr else "")]
     for record in records:
         for name, figures in ((record["video"], record), ("source", record["source"])):
-            rows.append(f"| {name} | {figures['frame_consistency']:.2f} | {figures['text_alignment']:.2f} | "
-                        f"{figures['pickscore']:.2f} |")
+            row = (f"| {name} | {figures['frame_consistency']:.2f} | {figures['text_alignment']:.2f} | "
+                   f"{figures['pickscore']:.2f} |")
+            if psnr:
+                value = figures.get("psnr_outside_mask")
+                row += " - |" if value is None else f" {value:.2f} dB |"
+            rows.append(row)
     return "**LOVEU-TGVE figures** (the source's for the same prompt below each edit)\n\n" + "\n".join(rows)
