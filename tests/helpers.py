@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CLIP = ROOT / "data" / "sample.mp4"
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()  # no system ffmpeg is needed: imageio-ffmpeg ships one
 INDEX_STEP = 8  # grey-level step per frame index in `index_frames`
+PHONE_TIMES = [i / 30 for i in range(16)] + [15 / 30 + (i + 1) / 15 for i in range(14)]  # 30 fps, then 15 fps
 
 
 def ffmpeg(*args: object, input: bytes | None = None) -> None:
@@ -146,3 +147,8 @@ def write_vfr_clip(path: Path, frames: np.ndarray, times: list[float], audio_rat
                 container.mux(audio.encode(chunk))
             container.mux(audio.encode())
     return path
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files and folders left anywhere under `folder`."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp" in p.name)

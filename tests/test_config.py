@@ -328,10 +328,6 @@ def test_video_length_may_differ_without_inversion():
     assert cfg.validation_data.video_length == 8
 
 
-def test_config_error_is_a_value_error():
-    assert issubclass(ConfigError, ValueError)
-
-
 def test_validation_width_and_height_are_accepted_and_not_checked():
     # kept so that old configs load; samples have the tuned frames' size
     cfg = load_config(CONFIGS / "man-skiing.yaml", ["validation_data.height=100", "validation_data.width=3"])

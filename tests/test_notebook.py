@@ -15,6 +15,8 @@ from nbclient import NotebookClient
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.e2e  # the tools run as processes
+
 NOTEBOOK = ROOT / "postprocess.ipynb"
 KERNEL = "tuneavideo-test"
 

@@ -13,7 +13,7 @@ from tests.helpers import SAMPLE_CLIP
 from tuneavideo.errors import UserError
 from tuneavideo.pipelines.windows import plan_windows
 from tuneavideo.video.readers import Clip
-from tuneavideo.run import PROGRESS_INTERVAL, Progress, ProgressWriter, Run, RunError, checkpoint_step
+from tuneavideo.run import HISTORY_LIMIT, PROGRESS_INTERVAL, Progress, ProgressWriter, Run, RunError, checkpoint_step
 
 
 def test_every_path_of_a_run_folder(tmp_path):
@@ -30,6 +30,19 @@ def test_every_path_of_a_run_folder(tmp_path):
     for path, name in expected.items():
         assert path == tmp_path / name
     assert run.checkpoint_staging(4).parent == tmp_path and run.checkpoint_staging(4).name.startswith(".")
+
+
+def test_sample_files_are_the_newest_step_s_first(tmp_path):
+    run = Run(tmp_path)
+    assert run.sample_files() == []
+    written = [run.sample(9, "a cat"), run.sample(10, "a cat", suffix=".gif"), run.sample(10, "a cat"),
+               run.sample(10, "a dog", "style"), run.sample_grid(10), run.sample_grid(9)]
+    for path in [*written, run.samples / "sample-10" / ".a cat.0123.tmp.mp4", run.samples / "notes.txt"]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    assert run.sample_files() == [run.samples / name for name in (
+        "sample-10/a cat.gif", "sample-10/a cat.mp4", "sample-10/style/a dog.mp4", "sample-10.gif",
+        "sample-9/a cat.mp4", "sample-9.gif")]
 
 
 def test_checkpoints_are_the_complete_ones_by_step(tmp_path):
@@ -154,7 +167,8 @@ def test_progress_says_how_the_run_ended(error, state, message, tmp_path):
         writer.step(1, 0.5, 1e-4)
         raise error
     assert run.progress() == Progress(state, 1, 3, 0.5, 1e-4, run.progress().seconds_per_step,
-                                      run.progress().eta_seconds, None, message, run.progress().updated)
+                                      run.progress().eta_seconds, None, message, run.progress().updated,
+                                      [[1, 0.5, 1e-4]])
 
 
 def test_other_processes_write_no_progress_and_a_resumed_run_keeps_its_sample(tmp_path):
@@ -170,3 +184,33 @@ def test_other_processes_write_no_progress_and_a_resumed_run_keeps_its_sample(tm
     resumed = ProgressWriter(run, total=3, resuming=True)
     assert resumed.progress.sample == str(run.sample(1, "a cat"))
     assert ProgressWriter(run, total=3).progress.sample is None  # a fresh run (overwrite) has no sample yet
+
+
+def test_the_history_has_every_step_and_a_resumed_run_keeps_it_up_to_where_it_resumes(tmp_path):
+    run = Run(tmp_path)
+    with pytest.raises(KeyboardInterrupt), ProgressWriter(run, total=5) as writer:
+        writer.begin(0)
+        for step, lr in ((1, 1e-4), (2, 2e-4), (3, 3e-4)):
+            writer.step(step, 1 / step, lr)
+        raise KeyboardInterrupt("saved checkpoint-2")  # as if step 3 were lost: resumed from step 2 below
+    assert run.progress().history == [[1, 1.0, 1e-4], [2, 0.5, 2e-4], [3, 1 / 3, 3e-4]]
+    with ProgressWriter(run, total=5, resuming=True) as writer:
+        writer.begin(2)
+        writer.step(3, 0.25, 3e-4)
+    assert run.progress().history == [[1, 1.0, 1e-4], [2, 0.5, 2e-4], [3, 0.25, 3e-4]]
+    with ProgressWriter(run, total=5) as writer:  # a fresh run over the folder starts a fresh history
+        writer.begin(0)
+        writer.step(1, 2.0, 1e-4)
+    assert run.progress().history == [[1, 2.0, 1e-4]]
+
+
+def test_a_long_run_s_history_is_bounded_each_entry_the_mean_loss_of_its_steps(tmp_path):
+    run, total = Run(tmp_path), 2 * HISTORY_LIMIT + 2  # 3 steps an entry
+    with ProgressWriter(run, total=total) as writer:
+        writer.begin(0)
+        for step in range(1, total + 1):
+            writer.step(step, float(step), 1e-4)
+    history = run.progress().history
+    assert len(history) == total // 3 + 1 <= HISTORY_LIMIT
+    assert history[:2] == [[3, 2.0, 1e-4], [6, 5.0, 1e-4]]  # the mean of steps 1-3, of steps 4-6
+    assert history[-2:] == [[total - 1, total - 2, 1e-4], [total, total, 1e-4]]  # and the last step alone

@@ -3,8 +3,13 @@ windows, resume, two processes, bf16 on the CPU, learning."""
 
 import json
 import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,15 +20,19 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import ROOT, train_in_process
+import train_tuneavideo
+from tests.helpers import ROOT, SAMPLE_CLIP, ffmpeg, index_frames, leftovers, small_disk, train_in_process
+from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
-from tuneavideo.video.readers import Clip
 from tuneavideo.editing import EditOptions, edit
-from tuneavideo.pipelines.inversion import sampling_scheduler
 from tuneavideo.models.unet import UNet3DConditionModel
+from tuneavideo.pipelines.inversion import sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
+from tuneavideo.run import Run
 from tuneavideo.training import TrainingWindows, validate
 from tuneavideo.tuned_parameters import apply_tuned_parameters
+from tuneavideo.video.readers import Clip
+from tuneavideo.video.writers import write_mp4
 
 
 def launch(config, *overrides, processes=1):
@@ -35,6 +44,7 @@ def launch(config, *overrides, processes=1):
     return result
 
 
+@pytest.mark.e2e
 def test_accelerate_launch_writes_every_output(tiny_sd, tmp_path, run_config):
     run = tmp_path / "run"
     result = launch(run_config(run))
@@ -58,6 +68,8 @@ def test_accelerate_launch_writes_every_output(tiny_sd, tmp_path, run_config):
     assert (progress["state"], progress["step"], progress["total"], progress["eta_seconds"]) == ("finished", 2, 2, 0)
     assert progress["sample"] == str(run / "samples" / "sample-2" / "a red ball is moving.mp4")
     assert math.isfinite(progress["loss"]) and progress["learning_rate"] == 3e-5 and progress["message"] is None
+    assert [(step, lr) for step, _, lr in progress["history"]] == [(1, 3e-5), (2, 3e-5)]
+    assert progress["history"][-1][1] == progress["loss"]
 
     pipe = TuneAVideoPipeline.from_pretrained(run)
     assert isinstance(pipe.unet, UNet3DConditionModel) and isinstance(pipe.scheduler, DDIMScheduler)
@@ -74,28 +86,13 @@ def test_accelerate_launch_writes_every_output(tiny_sd, tmp_path, run_config):
     assert changed and all(k.endswith(("attn1.to_q.weight", "attn2.to_q.weight")) for k in changed)
 
 
+@pytest.mark.e2e
 def test_two_processes_train_together(tmp_path, run_config):
     run = tmp_path / "run"
     result = launch(run_config(run), processes=2)
     assert "2 process(es)" in result.stderr + result.stdout
     assert {p.name for p in (run / "checkpoint-2").glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert (run / "unet" / "config.json").exists() and (run / "tuned_parameters.safetensors").exists()
-
-
-@pytest.mark.parametrize("window", ["fixed", "random"])
-def test_resumed_run_ends_with_the_same_weights(window, tmp_path, run_config):
-    def run(output_dir, steps, *extra):
-        config = run_config(tmp_path / output_dir, f"{output_dir}.yaml", validation_steps=100)
-        train_in_process(load_config(config, [f"max_train_steps={steps}", "checkpointing_steps=2",
-                                              f"train_data.window={window}", *extra]))
-        return UNet3DConditionModel.from_pretrained(tmp_path / output_dir, subfolder="unet").state_dict()
-
-    straight = run("straight", 4)
-    stopped = run("resumed", 2)
-    resumed = run("resumed", 4, "resume_from_checkpoint=latest")
-    for name, value in straight.items():
-        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
-    assert any(not torch.equal(v, stopped[k]) for k, v in straight.items())  # steps 3 and 4 did something
 
 
 def test_loss_falls_when_overfitting_the_clip(tiny_sd, tmp_path, run_config):
@@ -293,3 +290,243 @@ def test_8bit_adam_without_bitsandbytes_stops_with_one_line(tmp_path, run_config
         train_in_process(cfg)
     assert "pip install bitsandbytes" in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+# Bad input, interruptions and full disks (one-line errors, runs that resume exactly) ---------------------------
+
+
+TUNED = "tuned_parameters.safetensors"  # the tuned tensors in a run folder
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, tiny_sd) -> Path:
+    """A folder of bad files and models, made once for every case."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "text.mp4").write_text("this is not a video\n" * 20)
+    (root / "noise.mp4").write_bytes(os.urandom(5000))
+    Image.new("RGB", (32, 32), "red").save(root / "image.png")
+    (root / "truncated.mp4").write_bytes(SAMPLE_CLIP.read_bytes()[: SAMPLE_CLIP.stat().st_size // 10])
+    ffmpeg("-f", "lavfi", "-i", "sine=f=440:d=1", "-c:a", "aac", root / "audio.m4a")
+    write_mp4(index_frames(1, 32, 32), root / "one-frame.mp4", 8)
+    write_mp4(index_frames(6, 32, 32), root / "short.mp4", 8)
+    (root / "not-sd" / "vae").mkdir(parents=True)
+    shutil.copytree(tiny_sd, root / "wrong-shapes")
+    config = json.loads((root / "wrong-shapes" / "unet" / "config.json").read_text())
+    config["block_out_channels"] = [16, 16, 32, 32]
+    (root / "wrong-shapes" / "unet" / "config.json").write_text(json.dumps(config))
+    return root
+
+
+# case -> (what to change: a clip or a prompt in the config, or command-line arguments, `{bad}` the `bad` folder),
+# words the one-line message must contain
+BAD_TRAINING_INPUT = {
+    "missing video": (dict(video="missing.mp4"), ["missing.mp4", "no such video file"]),
+    "text file": (dict(video="text.mp4"), ["text.mp4", "cannot be read as a video"]),
+    "random bytes": (dict(video="noise.mp4"), ["noise.mp4", "cannot be read as a video"]),
+    "an image": (dict(video="image.png"), ["image.png", "is a PNG image"]),
+    "audio only": (dict(video="audio.m4a"), ["audio.m4a", "no video stream"]),
+    "truncated mp4": (dict(video="truncated.mp4"), ["truncated.mp4", "frames"]),
+    "one frame": (dict(video="one-frame.mp4"), ["one-frame.mp4", "1 frame"]),
+    "too short": (dict(video="short.mp4"), ["short.mp4", "6 frames", "n_sample_frames"]),
+    "unusable size": (dict(args=["train_data.width=100"]), ["train_data.width", "multiple of 8"]),
+    "missing model": (dict(args=["pretrained_model_path={bad}/nowhere"]), ["nowhere", "download_models.sh"]),
+    "not a model": (dict(args=["pretrained_model_path={bad}/not-sd"]), ["not-sd", "not a Stable Diffusion"]),
+    "wrong shapes": (dict(args=["pretrained_model_path={bad}/wrong-shapes"]), ["wrong-shapes", "unet"]),
+    "empty prompt": (dict(prompt=""), ["train_data.prompt"]),
+    "unknown key": (dict(args=["train_data.n_sample_frame=4"]), ["n_sample_frame", "n_sample_frames"]),
+    "wrong type": (dict(args=["max_train_steps=many"]), ["max_train_steps"]),
+    "unknown option": (dict(args=["--frobnicate"]), ["unrecognized arguments: --frobnicate"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAINING_INPUT)
+def test_bad_training_input_is_a_one_line_error(case, bad, tmp_path, run_config, fresh_accelerate_state):
+    change, words = BAD_TRAINING_INPUT[case]
+    settings = {"video": bad / change["video"]} if "video" in change else {}
+    settings.update({k: v for k, v in change.items() if k == "prompt"})
+    args = [arg.format(bad=bad) for arg in change.get("args", [])]
+    config = run_config(tmp_path / "run", **settings)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_tuneavideo.main, "train_tuneavideo.py", [f"--config={config}", *args])
+    message = str(exit_info.value.code)
+    assert message.startswith("train_tuneavideo.py: error: ") and "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_an_earlier_run_is_neither_overwritten_nor_resumed_by_accident(tmp_path, run_config):
+    existing = tmp_path / "existing-run"
+    (existing / "unet").mkdir(parents=True)
+    (existing / "config.yaml").write_text("# an earlier run\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_tuneavideo.main, "train_tuneavideo.py", [f"--config={run_config(existing)}"])
+    message = str(exit_info.value.code)
+    assert all(word in message for word in ("existing-run", "resume_from_checkpoint=latest", "overwrite=true"))
+    assert (existing / "config.yaml").read_text() == "# an earlier run\n"
+
+
+@pytest.mark.e2e
+def test_the_process_prints_no_traceback_unless_asked(tmp_path, run_config):
+    config = run_config(tmp_path / "run", video=tmp_path / "missing.mp4")
+    command = [sys.executable, str(ROOT / "train_tuneavideo.py"), f"--config={config}"]
+    quiet = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert quiet.returncode != 0 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip().splitlines()[-1].startswith("train_tuneavideo.py: error: ")
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_diverging_run_stops_before_the_bad_step_reaches_a_checkpoint(tmp_path, run_config):
+    # a learning rate this large sends the weights to infinity in one step: the next loss is not finite
+    config = run_config(tmp_path / "run", max_train_steps=6, checkpointing_steps=1, validation_steps=100,
+                        learning_rate="1e30")
+    with pytest.raises(Exception) as error:
+        train_in_process(load_config(config))
+    message = str(error.value)
+    assert "the loss became" in message and "at step 2" in message and "bf16" in message
+    assert "checkpoint-1 is the last good checkpoint" in message
+    assert [p.name for p in Run(tmp_path / "run").checkpoints()] == ["checkpoint-1"]
+    assert not (tmp_path / "run" / TUNED).exists()
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert (progress["state"], progress["step"], progress["total"], progress["message"]) == ("failed", 1, 6, message)
+
+
+def _launch(config, *overrides):
+    command = [sys.executable, str(ROOT / "train_tuneavideo.py"), f"--config={config}", *overrides]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _weights(run: Path) -> dict:
+    return UNet3DConditionModel.from_pretrained(run, subfolder="unet").state_dict()
+
+
+def _kill_when(config, ready) -> None:
+    process = _launch(config)
+    deadline = time.time() + 120
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("case", [
+    "stopped at a checkpoint", "stopped at a checkpoint, random windows",
+    pytest.param("killed after a checkpoint", marks=pytest.mark.e2e),
+    pytest.param("killed while a checkpoint is written", marks=pytest.mark.e2e),
+])
+def test_an_interrupted_run_resumes_to_the_same_weights(case, tmp_path, run_config):
+    """A run stopped after a checkpoint, or killed (SIGKILL) after one or while one is written, resumed with
+    resume_from_checkpoint=latest, ends with the weights of a run that was never interrupted: one machine, one code
+    path, so bit for bit."""
+    killed = case.startswith("killed")
+    settings = dict(max_train_steps=4, checkpointing_steps=1 if killed else 2, validation_steps=100)
+    window = ["train_data.window=random"] if "random" in case else []
+    straight, run = tmp_path / "straight", tmp_path / "resumed"
+    config = run_config(run, "resumed.yaml", **settings)
+    if killed:  # each run a process of its own, as a user's
+        assert _launch(run_config(straight, "straight.yaml", **settings)).wait(timeout=300) == 0
+        if "after" in case:
+            _kill_when(config, lambda: (run / "checkpoint-1").exists())
+        else:
+            _kill_when(config, lambda: any(run.glob(".checkpoint-*.tmp")) and (run / "checkpoint-1").exists())
+        assert not (run / TUNED).exists()  # it really died mid-run
+        assert all((path / "optimizer.bin").exists() for path in Run(run).checkpoints())  # no half checkpoint listed
+        resumed = _launch(config, "resume_from_checkpoint=latest")
+        assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    else:
+        train_in_process(load_config(run_config(straight, "straight.yaml", **settings), window))
+        train_in_process(load_config(config, ["max_train_steps=2", *window]))
+        stopped = _weights(run)
+        train_in_process(load_config(config, ["resume_from_checkpoint=latest", *window]))
+        assert any(not torch.equal(v, stopped[k]) for k, v in _weights(straight).items())  # steps 3, 4 did something
+    expected, got = _weights(straight), _weights(run)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.e2e
+def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, run_config):
+    run = tmp_path / "run"
+    config = run_config(run, max_train_steps=200, checkpointing_steps=1000, validation_steps=1000)
+    process = _launch(config)
+    deadline, progress = time.time() + 120, None
+    while process.poll() is None and time.time() < deadline:  # a few steps in, as progress.json says
+        if (run / "progress.json").exists():
+            progress = json.loads((run / "progress.json").read_text())
+            if progress["step"] >= 3:
+                break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    # while it ran: the newest step, its loss and learning rate, the pace and what is left
+    assert (progress["state"], progress["total"], progress["learning_rate"]) == ("running", 200, 3e-5)
+    assert progress["loss"] > 0 and progress["sample"] is None and progress["message"] is None
+    assert progress["seconds_per_step"] > 0
+    assert progress["eta_seconds"] == pytest.approx(progress["seconds_per_step"] * (200 - progress["step"]))
+    assert process.returncode != 0 and "Traceback" not in stderr
+    saved = Run(run).checkpoints()
+    step = int(saved[0].name.split("-")[1])
+    assert len(saved) == 1 and progress["step"] <= step < 200
+    assert f"saved {saved[0].name}" in stderr and "resume_from_checkpoint=latest" in stderr
+    stopped = json.loads((run / "progress.json").read_text())
+    assert (stopped["state"], stopped["step"]) == ("stopped", step)
+    assert stopped["message"] == f"saved {saved[0].name}; continue with resume_from_checkpoint=latest"
+
+
+# Full disks ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_checkpoint_that_fills_the_disk_ends_in_one_line(tmp_path, run_config):
+    with small_disk(tmp_path / "disk", 1_200_000) as disk:  # room for the run's files and a few checkpoints
+        run = disk / "run"
+        config = run_config(run, max_train_steps=50, checkpointing_steps=1, validation_steps=1000)
+        result = subprocess.run([sys.executable, str(ROOT / "train_tuneavideo.py"), f"--config={config}"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        last_line = result.stderr.strip().splitlines()[-1]
+        complete = Run(run).checkpoints()
+        assert complete, "no checkpoint fitted: make the disk larger"
+        assert last_line.startswith("train_tuneavideo.py: error: no space left on the disk of ")
+        assert f"{complete[-1]} is the last complete checkpoint" in last_line
+        assert "resume_from_checkpoint=latest" in last_line
+        assert leftovers(run) == []
+        assert all(sorted(p.name for p in c.iterdir()) == sorted(p.name for p in complete[0].iterdir())
+                   for c in complete)  # every listed checkpoint is whole
+        assert not (run / TUNED).exists()
+
+
+def test_a_killed_final_save_leaves_nothing_behind_the_next_one(tmp_path, run_config):
+    run = tmp_path / "run"
+    (run / ".pipeline.tmp" / "unet").mkdir(parents=True)  # what a run killed while saving its model leaves
+    (run / ".pipeline.tmp" / "unet" / "stale.bin").write_bytes(b"stale")
+    train_in_process(load_config(run_config(run, max_train_steps=1, checkpointing_steps=1000, validation_steps=1000)))
+    assert leftovers(run) == [] and (run / "model_index.json").exists() and not (run / "unet" / "stale.bin").exists()
+
+
+def _size_on_tmpfs(path: Path) -> int:
+    """Bytes `path` takes on a tmpfs: whole pages per file."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in files)
+
+
+@pytest.mark.e2e
+def test_a_final_save_that_fills_the_disk_keeps_the_tuned_tensors(tmp_path, run_config, fresh_accelerate_state):
+    settings = dict(max_train_steps=1, checkpointing_steps=1000, validation_steps=1000)
+    reference = tmp_path / "reference"
+    train_in_process(load_config(run_config(reference, "reference.yaml", **settings)))
+    model_files = {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"}
+    before_model = sum(_size_on_tmpfs(p) for p in reference.iterdir() if p.name not in model_files)
+    model = sum(_size_on_tmpfs(reference / name) for name in model_files)
+    with small_disk(tmp_path / "disk", before_model + model // 2) as disk:
+        run = disk / "run"
+        config = run_config(run, "run.yaml", **settings)
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(train_tuneavideo.main, "train_tuneavideo.py", [f"--config={config}"])
+        message = str(exit_info.value.code)
+        assert message.startswith("train_tuneavideo.py: error: no space left on the disk of ") and "\n" not in message
+        assert f"the tuned tensors are safe in {run / TUNED}" in message
+        assert leftovers(run) == [] and not (run / "model_index.json").exists() and not (run / "unet").exists()
+        # the tuned tensors file is whole: it loads and equals the reference run's
+        saved, expected = load_file(run / TUNED), load_file(reference / TUNED)
+        assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)

@@ -252,7 +252,7 @@ def _table_row(name: str, scores: VideoScores, prompt: str) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = OneLineArgumentParser(prog="python -m tuneavideo.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("edits", nargs="+", metavar="EDIT", help="an edited video: MP4 (or other video), GIF, or "
                         "a folder of frame images (JPEG/PNG, sorted by name)")
     parser.add_argument("--prompt", action="append", required=True,

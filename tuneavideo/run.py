@@ -1,7 +1,8 @@
 """A run folder (a training `output_dir`): the one place that names its files.
 
     config.yaml                    the training config as resolved (every override applied), with the versions
-    progress.json                  how the training goes or ended (`Progress`), rewritten as it goes
+    progress.json                  how the training goes or ended (`Progress`, with the loss and learning rate
+                                   of every step), rewritten as it goes
     logs/                          TensorBoard events
     samples/sample-STEP/<prompt>.gif|.mp4, samples/sample-STEP.gif   validation samples (named prompts: a subfolder
                                    per name)
@@ -23,10 +24,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import diffusers
@@ -44,7 +46,9 @@ from .video.writers import prompt_file_name
 
 MODEL_INDEX = "model_index.json"  # diffusers' pipeline index: written last, so its presence means finished
 PROGRESS_INTERVAL = 1.0  # seconds between progress.json rewrites while training runs
+HISTORY_LIMIT = 1000  # most entries in progress.json's history: a longer run keeps one per so many steps
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_SAMPLE = re.compile(r"sample-(\d+)")
 
 
 class RunError(UserError):
@@ -75,6 +79,9 @@ class Progress:
     sample: str | None = None  # the newest validation sample's MP4 (the first prompt's)
     message: str | None = None  # failed: the one-line error; stopped: what was kept and how to go on
     updated: float = 0.0  # when it was written (time.time())
+    # [step, loss, learning rate] of every step, oldest first; past HISTORY_LIMIT steps, of every n-th step (the
+    # loss: the mean over the n steps up to it)
+    history: list[list[float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,15 @@ class Run:
         """A validation prompt's sample at `step` (a named prompt's in a subfolder of its name)."""
         folder = self.samples / f"sample-{step}" / (prompt_file_name(name) if name else "")
         return folder / f"{prompt_file_name(prompt)}{suffix}"
+
+    def sample_files(self) -> list[Path]:
+        """Every validation sample written (samples/sample-STEP*), the newest step's first, by name within a step."""
+        steps = {}
+        for path in self.samples.rglob("*"):
+            match = _SAMPLE.match(path.relative_to(self.samples).parts[0])
+            if match and path.is_file() and not path.name.startswith("."):  # not an atomic write's temporary
+                steps[path] = int(match[1])
+        return sorted(steps, key=lambda path: (-steps[path], path))
 
     def sample_grid(self, step: int) -> Path:
         """Every validation prompt's sample at `step`, side by side in one GIF."""
@@ -258,13 +274,17 @@ class ProgressWriter:
     """Keeps a run's progress.json up to date while it trains: the first step of this process, then at most every
     PROGRESS_INTERVAL seconds, and each sample at once; on leaving the `with` block, how it ended (finished, stopped
     by Ctrl-C, or failed with its one-line error). With `enabled` False (processes other than the main one) it
-    writes nothing. A resumed run keeps the newest sample of the run it continues."""
+    writes nothing. A resumed run keeps the newest sample and the history (up to the step it resumes from) of the
+    run it continues."""
 
     def __init__(self, run: Run, total: int, enabled: bool = True, resuming: bool = False) -> None:
         self.run, self.enabled = run, enabled
         self.progress = Progress("running", 0, total)
         earlier = run.progress() if resuming else None
-        self.progress.sample = earlier.sample if earlier else None
+        if earlier:
+            self.progress.sample, self.progress.history = earlier.sample, earlier.history
+        self._every = math.ceil(total / HISTORY_LIMIT)  # steps per history entry
+        self._losses: list[float] = []  # since the last history entry
         self._first_step = 0
         self._started = self._written = 0.0
 
@@ -274,6 +294,7 @@ class ProgressWriter:
     def begin(self, step: int) -> None:
         """The loop starts at `step` (a resumed run's checkpoint step, else 0)."""
         self.progress.step, self._first_step, self._started = step, step, time.monotonic()
+        self.progress.history = [entry for entry in self.progress.history if entry[0] <= step]
         self._write()
 
     def step(self, step: int, loss: float, learning_rate: float) -> None:
@@ -282,6 +303,10 @@ class ProgressWriter:
         self.progress.step, self.progress.loss, self.progress.learning_rate = step, loss, learning_rate
         self.progress.seconds_per_step = per_step
         self.progress.eta_seconds = per_step * (self.progress.total - step)
+        self._losses.append(loss)
+        if step % self._every == 0 or step == self.progress.total:
+            self.progress.history.append([step, sum(self._losses) / len(self._losses), learning_rate])
+            self._losses.clear()
         if now - self._written >= PROGRESS_INTERVAL or step == self._first_step + 1:
             self._write()
 

@@ -1,9 +1,10 @@
 """The local web app (Gradio): tune Stable Diffusion on a clip, then edit the clip from new prompts, in a browser.
 
 The page never runs a job itself. Its buttons put jobs on the `JobRunner`'s queue (one job at a time on the machine)
-and a one-second timer redraws what the runner and the job folders say: queue positions, training step, loss and
-ETA, the newest validation sample, the edited videos. So a page can be closed and opened again, by anyone, while a
-job runs, and a slow job never blocks the page.
+and a one-second timer redraws what the runner and the job folders say: queue positions, training step, the loss
+and learning rate curves and ETA, the newest validation sample and every sample, the edited videos; the Edit tab
+offers the newest finished run first. So a page can be closed and opened again, by anyone, while a job runs, and a
+slow job never blocks the page.
 
 Bad input (not a video, too long, too short, an unreadable run) is refused before a job is queued, with a one-line
 message in the page (`gr.Error`); a job that fails shows the tool's own one-line error.
@@ -17,13 +18,15 @@ import time
 from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
+from urllib.parse import quote
 
 import gradio as gr
+import pandas as pd
 
 from ..cli import read_tail
 from ..editing import EditOptions, EditResult
 from ..errors import UserError
-from ..run import Run
+from ..run import Progress, Run
 from .jobs import FINISHED, Job, JobRunner
 from .workspace import (
     PRESETS,
@@ -67,6 +70,24 @@ def duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
+def file_link(path: Path, folder: Path) -> str:
+    """A Markdown link to `path` (under the app's outputs root, which it serves), named relative to `folder`."""
+    return f"[{path.relative_to(folder)}](gradio_api/file={quote(str(path))})"
+
+
+def samples_markdown(run: Run) -> str:
+    """Links to every validation sample of `run`, the newest first ("" before the first)."""
+    links = [f"- {file_link(path, run.samples)}" for path in run.sample_files()]
+    return "**Samples** (the newest first)\n\n" + "\n".join(links) if links else ""
+
+
+def history_frame(progress: Progress | None) -> pd.DataFrame | None:
+    """progress.json's history as the plots' table (None, no plot, before the first step)."""
+    if progress is None or not progress.history:
+        return None
+    return pd.DataFrame(progress.history, columns=["step", "loss", "learning rate"])
+
+
 def outputs(result: EditResult | None) -> dict[str, list[str]]:
     """An edit's files by kind, as the API's `/job` reports them (empty lists before it is done)."""
     if result is None:
@@ -96,7 +117,7 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
             return f"{head}: starting (loading the model)…"
         text = f"{head}: step {progress.step} / {progress.total}"
         if progress.loss is not None:
-            text += f" · loss {progress.loss:.4g}"
+            text += f" · loss {progress.loss:.4g} · learning rate {progress.learning_rate:.3g}"
         if progress.eta_seconds is not None:
             text += f" · ETA {duration(progress.eta_seconds)}"
         return text + f" (elapsed {elapsed}){stopping}"
@@ -104,7 +125,12 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
     if job.status == "done":
         progress = job.progress()
         loss = f"; last loss {progress.loss:.4g}" if progress and progress.loss is not None else ""
-        return f"{head}: done{took}{loss}."
+        text = f"{head}: done{took}{loss}."
+        if job.kind == "tune":
+            text += f" Run folder: `{job.folder}`"
+            if progress and progress.sample:
+                text += f"; newest sample: {file_link(Path(progress.sample), Run(job.folder).samples)}"
+        return text
     if job.status == "stopped":
         return f"{head}: stopped{took}. `{job.message}`" + (" Press Resume to continue." if job.kind == "tune" else "")
     if job.status == "cancelled":
@@ -121,6 +147,8 @@ def job_info(runner: JobRunner, job: Job) -> dict:
     if job.kind == "tune":
         run = Run(job.folder)
         info["sample"] = progress.sample if progress else None
+        info["samples"] = [str(path) for path in run.sample_files()]
+        info["run_folder"] = str(run.folder)
         info["finished_run"] = run.finished
         info["checkpoints"] = [path.name for path in run.checkpoints()]
     else:
@@ -262,6 +290,10 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
             raise user_error(f"no job {job_id!r}")
         return job_info(runner, found)
 
+    def finished_runs() -> list[str]:
+        """The finished runs' names, the newest to finish first (for API clients; the Edit tab offers the first)."""
+        return list(workspace.runs())
+
     def refresh(tune_id: str | None, edit_id: str | None, run_name: str | None, shown: dict | None):
         """Redraw from the runner's state; outputs that did not change are skipped (a video is not reloaded)."""
         shown = dict(shown or {})
@@ -272,12 +304,15 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
             shown[key] = value
             return True
 
-        def dropdown(key: str, choices: list, current: str | None, default: str | None):
+        def dropdown(key: str, choices: list, current: str | None, default: str | None, follow_first: bool = False):
             """New choices when they changed; the value is only set when the page has none (to `default`), as
-            `current` may be older than a value another event just set."""
+            `current` may be older than a value another event just set, or, with `follow_first`, when a new first
+            choice came (a run that just finished)."""
+            before = shown.get(key)
             if not changed(key, choices):
                 return gr.skip()
-            if current in [value for _, value in choices]:
+            new_first = follow_first and before is not None and before[:1] != choices[:1]
+            if current in [value for _, value in choices] and not new_first:
                 return gr.update(choices=choices)
             return gr.update(choices=choices, value=default)
 
@@ -291,6 +326,10 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         tune_choices, edit_choices = job_choices("tune"), job_choices("edit")
         tune_progress = tune_job.progress() if tune_job else None
         sample = tune_progress.sample if tune_progress else None
+        history = tune_progress.history if tune_progress else []
+        history_key = (tune_job.id, len(history), history[-1] if history else None) if tune_job else None
+        plot = history_frame(tune_progress) if changed("history", history_key) else gr.skip()
+        samples = samples_markdown(Run(tune_job.folder)) if tune_job else ""
         tune_status, edit_status = status_markdown(runner, tune_job), status_markdown(runner, edit_job)
         log = log_tail(tune_job)
         edit_key = (edit_job.id, edit_job.status) if edit_job else None
@@ -301,11 +340,13 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
             dropdown("tune_choices", tune_choices, tune_id, tune_job.id if tune_job else None),
             tune_status if changed("tune_status", tune_status) else gr.skip(),
             sample if changed("sample", sample) else gr.skip(),
+            plot, plot,
+            samples if changed("samples", samples) else gr.skip(),
             log if changed("log", log) else gr.skip(),
             dropdown("edit_choices", edit_choices, edit_id, edit_job.id if edit_job else None),
             edit_status if changed("edit_status", edit_status) else gr.skip(),
             *media,
-            dropdown("runs", runs, run_name, runs[0][1] if runs else None),
+            dropdown("runs", runs, run_name, runs[0][1] if runs else None, follow_first=True),
             shown,
         )
 
@@ -365,8 +406,15 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                 with gr.Column():
                     tune_job = gr.Dropdown(label="Tuning job", allow_custom_value=True, elem_id="tune-job")
                     tune_status = gr.Markdown("No job yet.", elem_id="tune-status", elem_classes="status-box")
+                    with gr.Row():
+                        tune_loss = gr.LinePlot(x="step", y="loss", label="Loss", show_label=True, height=200,
+                                                x_axis_format="d", y_axis_format=".3~g", elem_id="tune-loss")
+                        tune_lr = gr.LinePlot(x="step", y="learning rate", label="Learning rate", show_label=True,
+                                              height=200, x_axis_format="d", y_axis_format=".2~e",
+                                              elem_id="tune-lr")
                     tune_sample = gr.Video(label="Newest validation sample", interactive=False,
                                            elem_id="tune-sample", loop=True, height=320)
+                    tune_samples = gr.Markdown(elem_id="tune-samples")
                     with gr.Accordion("Log", open=False):
                         tune_log = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False)
         with gr.Tab("Edit", id="edit"):
@@ -418,9 +466,11 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         edit_job.change(edit_result, edit_job, [edit_video, edit_side, edit_files, edit_figures],
                         api_name="edit_result")
         gr.api(job, api_name="job", concurrency_limit=None)
+        gr.api(finished_runs, api_name="runs", concurrency_limit=None)
         redraw = dict(fn=refresh, inputs=[tune_job, edit_job, run, shown],
-                      outputs=[queue_box, tune_job, tune_status, tune_sample, tune_log, edit_job, edit_status,
-                               edit_video, edit_side, edit_files, edit_figures, run, shown],
+                      outputs=[queue_box, tune_job, tune_status, tune_sample, tune_loss, tune_lr, tune_samples,
+                               tune_log, edit_job, edit_status, edit_video, edit_side, edit_files, edit_figures, run,
+                               shown],
                       api_visibility="private", show_progress="hidden", concurrency_limit=None)
         timer.tick(**redraw)
         demo.load(**redraw)

@@ -94,9 +94,10 @@ class Workspace:
         return True
 
     def runs(self) -> dict[str, Path]:
-        """Finished runs (folders of `root` holding a tuned model), newest first, by folder name."""
-        folders = [folder for folder in self.root.glob("*/") if Run(folder).finished]
-        return {folder.name: folder for folder in sorted(folders, key=lambda f: f.stat().st_mtime, reverse=True)}
+        """Finished runs (folders of `root` holding a tuned model) by folder name, the newest to finish first."""
+        finished = [run for run in map(Run, self.root.glob("*/")) if run.finished]
+        newest = sorted(finished, key=lambda run: run.model_index.stat().st_mtime, reverse=True)
+        return {run.folder.name: run.folder for run in newest}
 
     def new_folder(self, parent: Path | None = None, prefix: str = "") -> Path:
         """A fresh folder under `parent` (default `root`) named from the time and a random suffix."""

@@ -2,7 +2,7 @@
 
 A video file's frames are resized inside FFmpeg's filter graph, `scale=W:H:flags=bilinear` then `format=rgb24`,
 which is what the original's `decord.VideoReader(path, width=W, height=H)` ran, so tuning sees the original's pixels
-(tests/test_readers.py compares with decord). A folder of frames (the LOVEU-TGVE and Video-P2P layouts) is read in
+(tests/video/test_readers.py compares with decord). A folder of frames (the LOVEU-TGVE and Video-P2P layouts) is read in
 the order of the numbers in the file names (`1.jpg, 2.jpg, ..., 10.jpg`, as `ffmpeg -i clip.mp4 %d.jpg` writes them)
 and resized as Video-P2P resized its folders, by Pillow's bicubic `Image.resize`. Frames stream: a long clip is
 resized as it is decoded, never held at its native size.

@@ -1,6 +1,7 @@
 """The web app in a real browser (headless Chromium through Playwright), on the tiny random model.
 
-Upload the sample clip, tune it, close the page while the job runs and open it again, edit the run, and check that
+Upload the sample clip, tune it, close the page while the job runs and open it again, see the loss curve, the run
+folder and the samples, edit the run (which the Edit tab picks as it finishes, over an earlier one), and check that
 the page's <video> elements load and have a duration. Bad uploads must show a message, not a traceback.
 `UPDATE_SCREENSHOT=1 python -m pytest tests/test_browser.py` writes the README's screenshot, docs/app.png.
 """
@@ -8,6 +9,7 @@ the page's <video> elements load and have a duration. Bad uploads must show a me
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from test_app import MAX_UPLOAD_BYTES, SAMPLE_CLIP, serve_app
 from tuneavideo.app.workspace import REPO
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs {CHROMIUM} (apt-get install chromium)")
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs {CHROMIUM} (apt-get install chromium)")]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 JOB_TIMEOUT_MS = 120_000
@@ -83,15 +86,19 @@ def test_bad_uploads_show_a_message_not_a_traceback(app, page, tmp_path):
     assert sorted(root.iterdir()) == before  # nothing was written
 
 
-def test_tune_and_edit_in_the_browser(app, page, browser, tmp_path):
+def test_tune_and_edit_in_the_browser(app, page, browser, tmp_path, tuned_run):
     url, root = app
+    shutil.copytree(tuned_run, root / "earlier")  # a run that finished before: the Edit tab offers it, for now
+    page.get_by_role("tab", name="Edit").click()
+    expect(page.locator("#edit-run input")).to_have_value("earlier", timeout=10_000)
+    page.get_by_role("tab", name="Tune").click()
     expect(page.get_by_text("Random weights give noise, not pictures.").first).to_be_visible()
     page.locator("#tune-video input[type=file]").set_input_files(SAMPLE_CLIP)
     page.get_by_label("What the clip shows").fill("a ball is moving")
     page.locator("#tune-settings > button").first.click()  # open the Settings accordion
     for label, value in (("Steps", 1), ("Frames", 4), ("Stride", 3), ("number input for Size (long side, px)", 64),
                          ("Sample steps", 2), ("Sample every (steps)", 1)):
-        field = page.get_by_label(label, exact=True)
+        field = page.locator("#tune-settings").get_by_label(label, exact=True)  # the Edit tab has a Steps too
         field.fill(str(value))
         field.press("Tab")
     page.locator("#tune-button").click()
@@ -107,7 +114,14 @@ def test_tune_and_edit_in_the_browser(app, page, browser, tmp_path):
     status = page.locator("#tune-status")
     expect(status).to_contain_text(job_id)
     expect(status).to_contain_text("done", timeout=JOB_TIMEOUT_MS)
+    expect(status).to_contain_text(f"Run folder: {root / job_id}")
+    sample_link = status.get_by_role("link", name="sample-1/a ball is moving.mp4")
+    assert page.request.get(url + sample_link.get_attribute("href")).body() == (
+        root / job_id / "samples" / "sample-1" / "a ball is moving.mp4").read_bytes()
     assert video_duration(page, "#tune-sample") > 0
+    expect(page.locator("#tune-loss canvas, #tune-loss svg").first).to_be_visible()  # the curve of the one step
+    links = page.locator("#tune-samples a")
+    expect(links).to_have_text(["sample-1/a ball is moving.gif", "sample-1/a ball is moving.mp4", "sample-1.gif"])
 
     page.get_by_role("tab", name="Edit").click()
     expect(page.locator("#edit-run input")).to_have_value(f"{job_id} · a ball is moving", timeout=10_000)

@@ -24,6 +24,7 @@ from PIL import Image
 
 from tests.helpers import (
     FFMPEG,
+    PHONE_TIMES,
     SAMPLE_CLIP,
     ffmpeg,
     frame_indices,
@@ -466,7 +467,6 @@ def test_empty_folder(tmp_path):
                                       "video file or a folder of frames$")
 
 
-PHONE_TIMES = [i / 30 for i in range(16)] + [15 / 30 + (i + 1) / 15 for i in range(14)]  # 30 fps, then 15 fps
 
 
 def test_a_variable_frame_rate_file_gives_every_frame_its_presentation_time(tmp_path):

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,16 +27,27 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 import inference
-from tests.helpers import ROOT, SAMPLE_CLIP, frame_indices, index_frames, probe, train_in_process, write_vfr_clip
-from tests.test_readers import PHONE_TIMES
+from tests.helpers import (
+    PHONE_TIMES,
+    ROOT,
+    SAMPLE_CLIP,
+    ffmpeg,
+    frame_indices,
+    index_frames,
+    leftovers,
+    probe,
+    small_disk,
+    train_in_process,
+    write_vfr_clip,
+)
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
-from tuneavideo.video.frames import fit_size
-from tuneavideo.video.readers import Clip
 from tuneavideo.editing import EditError, EditOptions, EditResult, edit, plan_edit
 from tuneavideo.pipelines.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import SD_SCHEDULER_CONFIG
+from tuneavideo.video.frames import fit_size
+from tuneavideo.video.readers import Clip
 from tuneavideo.video.writers import write_mp4
 
 NTSC = Fraction(30000, 1001)
@@ -135,6 +147,7 @@ def sound_of(path: Path) -> np.ndarray:
     return np.concatenate(chunks)
 
 
+@pytest.mark.e2e
 def test_cli_edits_the_sample_clip_with_its_sound(runs):
     run = runs["square"]
     command = [sys.executable, str(ROOT / "inference.py"), "--model", str(run), "--prompt", "a red ball is moving",
@@ -260,6 +273,7 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a[:length], b[:length])[0, 1])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("span, stride, frames", [("all", 1, range(0, 45)), ("0.5:1.2", 2, range(15, 36, 2))])
 def test_a_span_of_a_30_fps_clip_is_edited_with_its_sound(runs, tmp_path, span, stride, frames):
     command = [sys.executable, str(ROOT / "inference.py"), "--model", str(runs["thirty"]), "--prompt", "a red ball",
@@ -351,10 +365,191 @@ def test_a_variable_frame_rate_clip_edited_whole_shows_every_frame_at_its_source
         source = max(i for i, t in enumerate(PHONE_TIMES) if t <= seconds + 1e-3)  # on screen in the source then
         assert frame_indices(frame[None, :, :64])[0] == source, f"at {seconds:.3f} s"
     assert probe(result.videos[0])["frames"] == 45
-    assert probe(result.videos[0])["audio_seconds"] == pytest.approx(1.5, abs=1 / 30)  # the sound: the same 1.5 s
+    # the sound: the same 1.5 s (AAC adds up to one 1024-sample frame at 16 kHz)
+    assert probe(result.videos[0])["audio_seconds"] == pytest.approx(1.5, abs=0.065)
     with Image.open(result.gifs[0]) as gif:  # the GIF's frames last as long as they are shown
         durations = []
         for index in range(gif.n_frames):
             gif.seek(index)
             durations.append(gif.info["duration"])
     assert sum(durations) == pytest.approx(1500, abs=20)
+
+
+# Bad options, damaged run folders, full disks, Ctrl-C ----------------------------------------------------------
+
+
+def edit_cli(run: Path, *args: str) -> tuple[int, str]:
+    """Run inference.py on `run` in-process through its CLI; returns (exit status, stderr's last line)."""
+    import inference
+
+    try:
+        run_cli(inference.main, "inference.py",
+                ["--model", str(run), "--num-inference-steps", "3", "--num-inv-steps", "3", *args])
+    except SystemExit as exit_info:
+        return 1, str(exit_info.code)
+    return 0, ""
+
+
+def test_an_edit_that_fills_the_disk_keeps_the_earlier_edits(tuned_run, tmp_path):
+    with small_disk(tmp_path / "disk", 2_000_000) as disk:
+        edits = disk / "edits"
+        assert edit_cli(tuned_run, "--prompt", "a red ball", "--output-dir", str(edits))[0] == 0
+        earlier = {p.name: p.read_bytes() for p in edits.iterdir()}
+        assert set(earlier) == {"a red ball.mp4", "a red ball.gif", "side-by-side.mp4", "result.json"}
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(bytes(free - 20_000))  # room for a few pages, not for an edit
+        status, message = edit_cli(tuned_run, "--prompt", "a green ball", "--prompt", "a blue ball",
+                                   "--output-dir", str(edits))
+        assert status == 1 and message.startswith("inference.py: error: no space left on the disk of ")
+        assert "\n" not in message and "free space and run again" in message
+        assert leftovers(edits) == []
+        for name, data in earlier.items():  # the earlier edit is whole, except the side-by-side it overwrote...
+            if name != "side-by-side.mp4":
+                assert (edits / name).read_bytes() == data
+        # ...which is the earlier one or a whole new one, never half of one; so is each new edit
+        for path in edits.glob("*.mp4"):
+            assert len(list(Clip(path).frames())) == 4
+
+
+# inference.py: bad options and bad run folders ------------------------------------------------------------------
+
+# arguments (`{run}`, `{tmp}` filled in) -> words the one-line message must contain
+BAD_EDIT_OPTIONS = {
+    "nan guidance": (["--guidance-scale", "nan"], ["--guidance-scale", "finite"]),
+    "infinite guidance": (["--guidance-scale", "inf"], ["--guidance-scale", "finite"]),
+    "negative eta": (["--eta", "-1"], ["--eta", ">= 0"]),
+    "nan eta": (["--eta", "nan"], ["--eta"]),
+    "zero steps": (["--num-inference-steps", "0"], ["--num-inference-steps", ">= 1"]),
+    "too many steps": (["--num-inv-steps", "1001"], ["--num-inv-steps 1001", "at most 1000"]),
+    "text for a number": (["--stride", "two"], ["--stride", "invalid int value: 'two'"]),
+    "zero stride": (["--stride", "0"], ["--stride", ">= 1"]),
+    "one-frame window": (["--window", "1"], ["--window", ">= 2"]),
+    "overlap as large as the window": (["--span", "all", "--window", "4", "--overlap", "3"], ["--overlap 3", "overlap"]),
+    "backwards span": (["--span", "2:1"], ["--span", "'2:1'", "before END"]),
+    "span of words": (["--span", "start:end"], ["--span", "START:END"]),
+    "span past the clip": (["--span", "10:"], ["--span holds no frame", "2.00 s"]),
+    "empty prompt": (["--prompt", " "], ["non-empty --prompt"]),
+    "prompts clash": (["--prompt", "a/b", "--prompt", "a_b"], ["overwrite each other"]),
+    "missing run": (["--model", "{tmp}/nowhere"], ["nowhere", "no such run folder"]),
+    "output dir is a file": (["--output-dir", "{tmp}/a-file"], ["a-file", "is a file"]),
+    "output dir cannot be created": (["--output-dir", "{tmp}/a-file/edits"], ["a-file/edits", "cannot be created"]),
+    "unknown option": (["--steps", "3"], ["unrecognized arguments: --steps"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_EDIT_OPTIONS)
+def test_bad_edit_options_are_a_one_line_error(case, tuned_run, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    args, words = BAD_EDIT_OPTIONS[case]
+    if "--prompt" not in args:
+        args = ["--prompt", "a cat", *args]
+    status, message = edit_cli(tuned_run, *(arg.format(run=tuned_run, tmp=tmp_path) for arg in args))
+    assert status == 1 and message.startswith("inference.py: error: ") and "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+    assert not (tuned_run / "edits").exists()  # refused before writing anything
+
+
+def damage(path: Path) -> None:
+    """Overwrite the middle of `path` with garbage, as a bad disk or an interrupted copy would."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data[: len(data) * 2 // 3]))
+
+
+# a file of the run folder -> words the one-line message must contain
+DAMAGED_RUN_FILES = {
+    "config.yaml": ["config.yaml", "re-run the training"],
+    "unet/diffusion_pytorch_model.safetensors": ["cannot be loaded", "re-run the training"],
+    "vae/diffusion_pytorch_model.safetensors": ["cannot be loaded", "re-run the training"],
+    "scheduler/scheduler_config.json": ["scheduler", "cannot be read"],
+    "model_index.json": ["cannot be loaded"],
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_RUN_FILES)
+def test_a_damaged_run_folder_is_a_one_line_error_and_keeps_earlier_edits(name, tuned_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tuned_run, run)
+    edits = run / "edits"
+    edits.mkdir()
+    (edits / "earlier.mp4").write_bytes(b"an earlier edit")
+    damage(run / name)
+    status, message = edit_cli(run, "--prompt", "a cat")
+    assert status == 1 and message.startswith("inference.py: error: ") and "\n" not in message
+    for word in DAMAGED_RUN_FILES[name]:
+        assert word in message, (word, message)
+    assert [p.name for p in edits.iterdir()] == ["earlier.mp4"] and (edits / "earlier.mp4").read_bytes() == b"an earlier edit"
+
+
+def test_a_missing_source_clip_names_the_config_key(tuned_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tuned_run, run)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace(str(SAMPLE_CLIP), str(tmp_path / "moved.mp4")))
+    status, message = edit_cli(run, "--prompt", "a cat")
+    assert status == 1 and "moved.mp4: no such video file" in message and "train_data.video_path" in message
+
+
+def _run_with_source(tuned_run: Path, folder: Path, clip: Path) -> Path:
+    """A copy of `tuned_run` in `folder` whose config names `clip` as its source, with an earlier edit in it."""
+    run = folder / "run"
+    shutil.copytree(tuned_run, run)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace(str(SAMPLE_CLIP), str(clip)))
+    (run / "edits").mkdir()
+    (run / "edits" / "earlier.mp4").write_bytes(b"an earlier edit")
+    return run
+
+
+def test_a_truncated_source_clip_is_a_one_line_error_and_keeps_earlier_edits(tuned_run, tmp_path):
+    whole = tmp_path / "index first.mp4"
+    ffmpeg("-i", SAMPLE_CLIP, "-c", "copy", "-movflags", "+faststart", whole)  # lists every frame before the data
+    clip = tmp_path / "truncated.mp4"
+    clip.write_bytes(whole.read_bytes()[: whole.stat().st_size * 9 // 10])  # the last frames' data is gone
+    run = _run_with_source(tuned_run, tmp_path, clip)
+    status, message = edit_cli(run, "--prompt", "a cat", "--span", "all", "--stride", "1")
+    assert status == 1 and message.startswith(f"inference.py: error: {clip}: the edit needs frame ")
+    assert "\n" not in message and "give a shorter --span" in message and "truncated or damaged" in message
+    assert message.count(" decode") == 1, message  # how many frames decode is said once
+    assert [p.name for p in (run / "edits").iterdir()] == ["earlier.mp4"]
+
+
+def test_damaged_sound_in_the_source_is_silence_in_the_edit(tuned_run, tmp_path, caplog):
+    clip = tmp_path / "damaged.mp4"
+    shutil.copyfile(SAMPLE_CLIP, clip)
+    damage(clip)  # its pictures still decode (the decoder conceals the damage); some sound packets do not
+    run = _run_with_source(tuned_run, tmp_path, clip)
+    with caplog.at_level("WARNING"):
+        status, _ = edit_cli(run, "--prompt", "a cat", "--span", "all")
+    assert status == 0 and "damaged sound packet(s) of" in caplog.text
+    assert probe(run / "edits" / "a cat.mp4")["audio_seconds"] > 0
+
+
+def test_a_damaged_cached_inversion_is_inverted_again(tuned_run, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(tuned_run, run)
+    (cached,) = (run / "inv_latents").glob("ddim_latent-*.pt")
+    damage(cached)
+    with caplog.at_level("WARNING"):
+        assert edit_cli(run, "--prompt", "a cat")[0] == 0
+    assert "cannot be read" in caplog.text and "inverting the clip again" in caplog.text
+    assert torch.load(cached).shape == (1, 4, 4, 8, 8)  # replaced by a good one
+
+
+@pytest.mark.e2e
+def test_ctrl_c_during_an_edit_leaves_no_file_behind(tuned_run, tmp_path):
+    # the whole sample clip, every frame: its 48 frames are decoded and streamed to the encoders for a while
+    out = tmp_path / "edits"
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(tuned_run), "--prompt", "a cat",
+               "--span", "all", "--stride", "1", "--window", "8", "--num-inference-steps", "1", "--num-inv-steps", "1",
+               "--output-dir", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not leftovers(out) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    assert leftovers(out), "the edit ended before it wrote anything: nothing to interrupt"
+    process.send_signal(signal.SIGINT)  # while the MP4s are being written
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and stderr.strip().splitlines()[-1] == "inference.py: interrupted"
+    assert leftovers(out) == [] and not list(out.glob("*.mp4")) and not list(out.glob("*.gif"))

@@ -1,5 +1,4 @@
-"""Which frames are tuned and edited, at what size (tuneavideo/video/frames.py), the clip layout the UNet gets
-(tuneavideo/models/layout.py), and the shipped sample clip.
+"""Which frames are tuned and edited, at what size (tuneavideo/video/frames.py), and the shipped sample clip.
 
 The test clip's frame i has its left half at grey level ``8 * i`` and its right half at ``255 - 8 * i``
 (`tests.helpers.index_frames`), so decoded pixels tell which source frame was sampled.
@@ -14,7 +13,6 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-import torch
 
 from tests.helpers import ROOT, SAMPLE_CLIP, frame_indices, write_index_clip
 from tuneavideo.video.frames import (
@@ -28,7 +26,6 @@ from tuneavideo.video.frames import (
     window_starts,
 )
 from tuneavideo.video.readers import Clip, FramesMissingError, VideoInfo
-from tuneavideo.models.layout import fold_frames, frames_to_video, unfold_frames
 
 NUM_FRAMES, FPS, WIDTH, HEIGHT = 30, 12, 64, 48
 
@@ -183,31 +180,6 @@ def test_decode_frames_past_the_end_of_an_intact_clip(clip):
         next(frames)
 
 
-# Clip layout -------------------------------------------------------------------------------------------------------
-
-
-def test_frames_to_video_is_x_over_127_5_minus_1(clip):
-    frames = clip.read(range(NUM_FRAMES))
-    video = frames_to_video(frames)
-    assert video.shape == (1, 3, NUM_FRAMES, HEIGHT, WIDTH) and video.dtype == torch.float32
-    expected = torch.from_numpy(frames.astype(np.float32)).permute(3, 0, 1, 2)[None] / 127.5 - 1.0
-    torch.testing.assert_close(video, expected, rtol=0, atol=0)
-    assert video[0, :, 0, :, : WIDTH // 2].max() == -1.0  # frame 0: the left half is black
-    assert video[0, :, 0, :, WIDTH // 2 :].min() == 1.0  # and the right half white
-    assert frames_to_video(np.array([[[[0, 255, 51]]]], np.uint8)).flatten().tolist() == torch.tensor(
-        [-1.0, 1.0, 51 / 127.5 - 1.0]).tolist()  # in float32
-
-
-def test_fold_frames_puts_frames_inner_and_unfolds_back():
-    hidden_states = torch.randn(2, 3, 4, 5, 6)
-    folded = fold_frames(hidden_states)
-    assert folded.shape == (8, 3, 5, 6)
-    for batch in range(2):
-        for frame in range(4):
-            assert torch.equal(folded[batch * 4 + frame], hidden_states[batch, :, frame])
-    assert torch.equal(unfold_frames(folded, 4), hidden_states)
-
-
 # Shipped sample clip -----------------------------------------------------------------------------------------------
 
 
@@ -225,6 +197,7 @@ def test_sample_clip_has_video_and_audio():
     assert np.abs(samples).max() > 0.1
 
 
+@pytest.mark.e2e
 def test_make_sample_clip_script(tmp_path):
     output = tmp_path / "clip.mp4"
     script = ROOT / "data" / "make_sample_clip.py"

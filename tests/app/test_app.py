@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
+import os
 import shutil
 import socket
 import sys
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import quote
 
 import httpx
 import huggingface_hub
@@ -35,6 +38,8 @@ from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
 from tuneavideo.app.jobs import FINISHED, Job, JobRunner
 from tuneavideo.video.writers import write_mp4
 from tuneavideo.app.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
+
+pytestmark = pytest.mark.e2e  # the app serves, and runs the tools as processes
 
 MAX_UPLOAD_BYTES = 1_000_000
 MAX_CLIP_SECONDS = 3.0
@@ -132,7 +137,22 @@ def test_tune_stop_resume_and_edit_with_sound(app):
     assert done["finished_run"] and (done["progress"]["step"], done["progress"]["total"]) == (6, 6)
     assert done["progress"]["state"] == "finished"
     assert f"resuming from {root / first / f'checkpoint-{saved_at}'}" in (root / first / "log.txt").read_text()
-    assert done["sample"] == str(root / first / "samples" / "sample-6" / "a ball is moving.mp4")
+    samples = root / first / "samples"
+    assert done["sample"] == str(samples / "sample-6" / "a ball is moving.mp4")
+    assert done["run_folder"] == str(root / first)
+    assert done["samples"] == [str(samples / name) for name in ("sample-6/a ball is moving.gif",
+                                                                "sample-6/a ball is moving.mp4", "sample-6.gif")]
+    # one [step, loss, learning rate] a step, those before the stop kept by the resumed run
+    history = done["progress"]["history"]
+    assert [entry[0] for entry in history] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(loss) and loss > 0 and lr == 3e-5 for _, loss, lr in history)
+    assert history[-1][1] == done["progress"]["loss"]
+    # the finished job's line names the run folder and links the newest sample, which the app serves
+    status = status_markdown(app.runner, app.runner.get(first))
+    link = f"gradio_api/file={quote(done['sample'])}"
+    assert f"Run folder: `{root / first}`; newest sample: [sample-6/a ball is moving.mp4]({link})" in status
+    assert httpx.get(f"{client.src}{link}").content == Path(done["sample"]).read_bytes()
+    assert client.predict(api_name="/runs") == [first]
     # the upload is stored under a generated name, in the run's generated folder
     assert (root / first / "source.mp4").read_bytes() == SAMPLE_CLIP.read_bytes()
 
@@ -160,6 +180,17 @@ def test_tune_stop_resume_and_edit_with_sound(app):
         assert found == {first: "done", second: "cancelled", edit_id: "done"}
     finally:
         reopened.shutdown()
+
+
+def test_runs_are_listed_the_newest_to_finish_first(tmp_path):
+    workspace = Workspace(root=tmp_path, checkpoints=tmp_path, data=tmp_path)
+    for name, finished in (("b-later", 2000), ("a-earlier", 1000), ("c-last", 3000)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").touch()
+        os.utime(tmp_path / name / "model_index.json", (finished, finished))
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "a-earlier" / "edits").mkdir()  # an edit since does not make a run newer
+    assert list(workspace.runs()) == ["c-last", "b-later", "a-earlier"]
 
 
 def test_a_failed_tuning_shows_the_training_s_own_error(app):

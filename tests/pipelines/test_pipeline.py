@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from PIL import Image
 
 from tests.helpers import ROOT
+from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.inversion import ddim_inversion
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 
@@ -170,11 +172,6 @@ def test_sampled_prompts_do_not_depend_on_each_other(pipe):
     assert (both[0] - both[1]).abs().max() > 1e-3
 
 
-def test_misspelt_arguments_are_not_swallowed(pipe):
-    with pytest.raises(TypeError, match="num_inference_step"):
-        pipe("a", video_length=2, num_inference_step=3)
-
-
 # What the README recipe says, replaced by what the tiny test model takes; each must occur exactly this often.
 RECIPE_SUBSTITUTIONS = {
     '"./checkpoints/stable-diffusion-v1-4"': ("{base!r}", 1),
@@ -196,8 +193,6 @@ def readme_recipe() -> str:
 
 
 def test_the_original_readme_recipe_runs(tiny_sd, unet3d, tmp_path):
-    from PIL import Image
-
     tuned = tmp_path / "man-skiing"
     unet3d.save_pretrained(tuned / "unet")
     (tuned / "inv_latents").mkdir()
@@ -209,3 +204,21 @@ def test_the_original_readme_recipe_runs(tiny_sd, unet3d, tmp_path):
     exec(code, {})
     with Image.open(tmp_path / "spider man is skiing.gif") as gif:
         assert gif.size == (64, 64) and gif.n_frames == 3
+
+
+# Bad input -----------------------------------------------------------------------------------------------------
+
+
+def test_a_long_prompt_warns_with_the_dropped_words(tiny_sd, caplog):
+    pipe = TuneAVideoPipeline.from_pretrained(tiny_sd, unet=UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet"))
+    words = "a man is skiing " + "zz " * 40 + "on the moon"  # 'zz ' is 3 tokens: past 77 in all
+    with caplog.at_level("WARNING"):
+        pipe.encode_prompt(words, "cpu", do_classifier_free_guidance=False)
+    assert "dropped" in caplog.text and "on the moon" in caplog.text
+
+
+def test_an_inverted_latent_of_the_wrong_shape_names_both_shapes(tiny_sd):
+    pipe = TuneAVideoPipeline.from_pretrained(tiny_sd, unet=UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet"))
+    with pytest.raises(ValueError) as error:
+        pipe("a cat", video_length=4, height=64, width=64, latents=torch.randn(1, 4, 3, 8, 8), num_inference_steps=2)
+    assert "(1, 4, 3, 8, 8)" in str(error.value) and "(1, 4, 4, 8, 8)" in str(error.value)

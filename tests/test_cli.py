@@ -9,6 +9,8 @@ import pytest
 
 from tests.helpers import ROOT, SAMPLE_CLIP
 
+pytestmark = pytest.mark.e2e  # the tools run as processes
+
 # A tqdm bar as it is redrawn (the text before "NN%|"), and the cursor moves of nested bars.
 BAR = re.compile(r"^(?P<desc>[^|]*?):\s+\d+%\|")
 CHATTER = ("Loading pipeline components", "Loading weights", "Writing model shards", "accelerate", "[RANK",
