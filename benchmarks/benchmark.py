@@ -76,11 +76,14 @@ def model_configs(model: str) -> dict:
 
 
 MODELS = ["sd1", "sd2", "tiny"]
-JOBS = ["train", "denoise", "invert", "vae", "edit"]
+JOBS = ["train", "denoise", "invert", "vae", "edit", "local", "local-null"]
+EDITS = ("edit", "local", "local-null")  # jobs that run a whole edit: a plain one, a local one (DDIM, null-text)
 ALLOCATORS = ["mallopt", "default"]
 UNET_GFLOP_PER_FRAME_512 = 677  # forward of the SD 1.x UNet on one 64x64 latent
 EDIT_PROMPT = "a jeep car is moving on the snow"
 EDIT_GUIDANCE = 12.5  # the edit default (tuneavideo.editing.EditOptions)
+# a local edit: the source prompt, the target and the blend word (Video-P2P's guidance, 7.5)
+LOCAL_SOURCE, LOCAL_TARGET, LOCAL_BLEND, LOCAL_GUIDANCE = "a car is moving on the snow", EDIT_PROMPT, ("car", "car"), 7.5
 
 
 def build_unet(model: str, attention: str, dtype):
@@ -154,15 +157,17 @@ class Clock:
 
 
 def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict]]:
-    """The `edit` job: a warm-up (each model once at the edit's shapes: first calls are slower) and the edit, which
-    returns its phases' seconds, every step's seconds and the size of the weights (`weights_gb`: the part of the
-    peak that does not depend on the clip)."""
+    """The `edit`, `local` and `local-null` jobs: a warm-up (each model once at the edit's shapes: first calls are
+    slower) and the edit, which returns its phases' seconds, every step's seconds and the size of the weights
+    (`weights_gb`: the part of the peak that does not depend on the clip). A local edit (`local`: DDIM inversion,
+    `local-null`: null-text inversion) samples the source and the target together under attention control with a
+    local blend; its inversion, null-text inversion and sampling are `local_s`, every step of them `local_step_s`."""
     import torch
 
     from tuneavideo.pipelines.edit import invert, sample
     from tuneavideo.pipelines.windows import plan_windows
 
-    frames, size = args.frames[0], args.sizes[0]
+    job, frames, size = args.jobs[0], args.frames[0], args.sizes[0]
     with tempfile.TemporaryDirectory(prefix="tav-bench-") as folder:
         pipe = build_pipeline(args.model, args.attention[0], dtype, folder).to(device)
     windows = plan_windows(frames, args.window)
@@ -171,10 +176,10 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
 
     def warmup() -> None:
         # every model once at the shapes the edit runs: one frame through the VAE, one window through the UNet
-        # unguided (inversion, batch 1) and guided (batch 2)
+        # unguided (inversion, batch 1) and guided (batch 2; a local edit's source and target, batch 4)
         latent = pipe.encode_video(random_frames(1, size)).mean
         pipe.decode_latents(latent)
-        for batch in (1, 2):
+        for batch in (1, 2) if job == "edit" else (1, 2, 4):
             sample = torch.randn(batch, 4, len(windows[0].frames), size // 8, size // 8, device=device, dtype=dtype)
             text = torch.randn(batch, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
             with torch.no_grad():
@@ -182,19 +187,31 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
 
     def run() -> dict:
         clock = Clock(device)
-        invert_steps, denoise_steps = [], []
         latent = pipe.encode_video(random_frames(frames, size)).mean
-        encode = clock.lap()
-        latent = invert(pipe, latent, args.steps, args.window, callback=lambda *_: invert_steps.append(clock.lap()))
-        clock.lap()
-        edited = sample(pipe, latent, [EDIT_PROMPT], args.steps, EDIT_GUIDANCE, args.steps, window_size=args.window,
-                        callback=lambda *_: denoise_steps.append(clock.lap()))
+        figures = dict(encode_s=clock.lap(), weights_gb=weights_gb)
+        if job == "edit":
+            invert_steps, denoise_steps = [], []
+            latent = invert(pipe, latent, args.steps, args.window,
+                            callback=lambda *_: invert_steps.append(clock.lap()))
+            clock.lap()
+            edited = sample(pipe, latent, [EDIT_PROMPT], args.steps, EDIT_GUIDANCE, args.steps,
+                            window_size=args.window, callback=lambda *_: denoise_steps.append(clock.lap()))
+            figures.update(invert_s=sum(invert_steps), denoise_s=sum(denoise_steps), invert_step_s=invert_steps,
+                           denoise_step_s=denoise_steps)
+        else:
+            from tuneavideo.local_editing import LocalEdit, invert_and_edit, plan_local  # needs omegaconf and PyAV
+
+            local = LocalEdit(blend=LOCAL_BLEND, inversion="null-text" if job == "local-null" else "ddim")
+            plan = plan_local(pipe.tokenizer, local, [LOCAL_TARGET], LOCAL_SOURCE, args.steps, args.steps)
+            steps = []
+            out = invert_and_edit(pipe, latent, plan, [LOCAL_TARGET], args.steps, args.steps, LOCAL_GUIDANCE,
+                                  args.window, None, lambda *_: steps.append(clock.lap()))
+            edited = torch.cat([out.source, out.targets])  # both branches are decoded: the edit and inversion.mp4
+            figures.update(local_s=sum(steps) + clock.lap(), local_step_s=steps)
         clock.lap()
         for _ in pipe.decode_chunks(edited):  # as the edit decodes: a few frames at a time
             pass
-        decode = clock.lap()
-        return dict(encode_s=encode, invert_s=sum(invert_steps), denoise_s=sum(denoise_steps), decode_s=decode,
-                    invert_step_s=invert_steps, denoise_step_s=denoise_steps, weights_gb=weights_gb)
+        return dict(figures, decode_s=clock.lap())
 
     return warmup, run
 
@@ -277,7 +294,7 @@ def run_job(args) -> dict:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     job = args.jobs[0]
     with device:  # weights are made (and randomly initialised) on the device: much faster on a GPU
-        if job == "edit":
+        if job in EDITS:
             warmup, step = edit_job(args, device, dtype)
         else:
             step = vae_job(args, device, dtype) if job == "vae" else unet_job(args, device, dtype)
@@ -288,7 +305,7 @@ def run_job(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     clock = Clock(device)
-    repeat = 1 if job == "edit" else args.repeat  # an edit's steps are its repeats
+    repeat = 1 if job in EDITS else args.repeat  # an edit's steps are its repeats
     details = [step() for _ in range(repeat)][-1]
     result = dict(seconds=clock.lap() / repeat, **(details or {}))
     if device.type == "cuda":
@@ -323,7 +340,7 @@ def measure(spec: dict, timeout: float | None = None) -> dict:
     """`spec` with the figures of its job (or `error`), measured in a fresh process; on the CPU `load` is the
     1-minute load average when it started; an edit's `windows` is its UNet calls per step."""
     row = dict(spec, load=round(os.getloadavg()[0], 2)) if spec["device"] == "cpu" else dict(spec)
-    if spec["job"] == "edit":
+    if spec["job"] in EDITS:
         from tuneavideo.pipelines.windows import plan_windows
 
         row["windows"] = len(plan_windows(spec["frames"], spec.get("window")))
@@ -349,8 +366,8 @@ def format_row(row: dict) -> str:
         return f"{start}   failed: {row['error']}"
     tflops = f"{row['tflops_per_s']:8.2f}" if "tflops_per_s" in row else f"{'-':>8}"
     line = f"{start} {row['seconds']:9.2f} {row['peak_gb']:8.2f} {tflops} {row.get('load', '-'):>5}"
-    if row["job"] == "edit":
-        phases = ("encode", "invert", "denoise", "decode")
+    if row["job"] in EDITS:
+        phases = ("encode", "invert", "denoise", "decode") if row["job"] == "edit" else ("encode", "local", "decode")
         line += "   " + ", ".join(f"{phase} {row[phase + '_s']:.1f}" for phase in phases)
     return line
 

@@ -16,6 +16,10 @@ SD 1.x at real size with random weights, fp16, 512x512, each job in a fresh proc
   if the estimate fits in what is left of the 8 minutes, the whole edit (`whole`); `estimated` says which figures
   `seconds` and `peak_gb` are.
 
+- `local_edit`, `local_null_edit`: a local edit (Video-P2P's attention control with a local blend) of the same 24
+  frames, 50 + 50 steps, with DDIM inversion (`--inversion ddim`, Video-P2P's `--fast`) and with null-text inversion
+  (its default), last, in what is left of the time.
+
 Peak memory is `torch.cuda.max_memory_allocated` (GiB) after the warm-up; `reserved_gb` is what PyTorch's caching
 allocator held. The JSON is rewritten after every job, so a run cut short keeps what it measured.
 """
@@ -145,6 +149,10 @@ class Check:
         self.save("long_clip", long_clip)
         self.save("max_frames_24gb", self.max_frames(train))
         self.save("long_clip", self.long_clip_whole(long_clip))
+        for job in ("local", "local-null"):  # last: a local edit, DDIM then null-text inversion, in what time is left
+            row = self.job(job, plan.frames, window=plan.frames, steps=plan.steps)
+            self.save(f"{job.replace('-', '_')}_edit", figures(row, "windows", "steps", "encode_s", "local_s",
+                                                                 "decode_s", "weights_gb"))
         return self.report
 
     def long_clip_estimate(self) -> dict:

@@ -113,6 +113,14 @@ def test_tiny_edit_runs_every_window_and_step(tiny_job):
     assert 0 < result["weights_gb"] < result["peak_gb"]
 
 
+@pytest.mark.parametrize("job, phases", [("local", 2), ("local-null", 3)])
+def test_tiny_local_edit_runs_inversion_null_text_and_sampling(tiny_job, job, phases):
+    row = tiny_job("--jobs", job, "--frames", "6", "--window", "4", "--steps", "2")
+    # one progress call per step of each phase: DDIM inversion, (null-text inversion,) controlled sampling
+    assert len(row["local_step_s"]) == phases * 2
+    assert row["local_s"] >= sum(row["local_step_s"]) > 0 and row["decode_s"] > 0 and row["encode_s"] > 0
+
+
 @pytest.mark.e2e
 def test_tiny_train_step_is_the_trainings_step(tiny_job):
     """The job runs `tuneavideo.training_step.TrainingStep` and reports its loss; the mixed precision is the
