@@ -129,8 +129,9 @@ def p2p(args: argparse.Namespace) -> None:
     """A Video-P2P edit config, with its fixed 50/50/7.5 steps and guidance unless given."""
     if args.prompt or args.control:
         raise UserError("--p2p-config gives the prompts and the control itself; leave out --prompt and --control")
-    result = edit_p2p(args.p2p_config, args.fast, args.num_inference_steps, args.num_inv_steps,
-                      args.guidance_scale if args.guidance_scale is not None else GUIDANCE_SCALE, args.spatial_attention)
+    guidance = args.guidance_scale if args.guidance_scale is not None else GUIDANCE_SCALE
+    result = edit_p2p(args.p2p_config, args.fast, args.num_inference_steps, args.num_inv_steps, guidance,
+                      args.spatial_attention)
     print(f"wrote the Video-P2P edit to {result.folder}:")
     for path in [*result.gifs, *result.videos, *([result.mask] if result.mask else [])]:
         print(f"  {path}")
