@@ -20,7 +20,7 @@ from pathlib import Path
 from tuneavideo.cli import OneLineArgumentParser, run_cli
 from tuneavideo.editing import EditError, EditOptions, Span, edit, parse_span, run_folder
 from tuneavideo.errors import UserError
-from tuneavideo.local_editing import INVERSIONS, LocalEdit, edit_p2p
+from tuneavideo.local_editing import GUIDANCE_SCALE, INVERSIONS, LocalEdit, edit_p2p
 from tuneavideo.models.unet import SPATIAL_ATTENTION
 from tuneavideo.pipelines.prompt_alignment import CONTROLS, PromptControlError, parse_blend, parse_reweight
 
@@ -129,8 +129,9 @@ def p2p(args: argparse.Namespace) -> None:
     """A Video-P2P edit config, with its fixed 50/50/7.5 steps and guidance unless given."""
     if args.prompt or args.control:
         raise UserError("--p2p-config gives the prompts and the control itself; leave out --prompt and --control")
-    result = edit_p2p(args.p2p_config, args.fast, args.num_inference_steps, args.num_inv_steps,
-                      args.guidance_scale if args.guidance_scale is not None else 7.5, args.spatial_attention)
+    guidance = args.guidance_scale if args.guidance_scale is not None else GUIDANCE_SCALE
+    result = edit_p2p(args.p2p_config, args.fast, args.num_inference_steps, args.num_inv_steps, guidance,
+                      args.spatial_attention)
     print(f"wrote the Video-P2P edit to {result.folder}:")
     for path in [*result.gifs, *result.videos, *([result.mask] if result.mask else [])]:
         print(f"  {path}")
