@@ -169,6 +169,10 @@ def fake_measure(spec: dict, timeout: float) -> dict:
         row.update(windows=windows, encode_s=0.1 * spec["frames"], decode_s=0.1 * spec["frames"], invert_step_s=steps,
                    denoise_step_s=steps, invert_s=sum(steps), denoise_s=sum(steps), weights_gb=0.1,
                    seconds=0.2 * spec["frames"] + 2 * sum(steps))
+    elif spec["job"] in ("local", "local-null"):  # inversion (null-text: twice), then source and target together
+        steps = [1.0] * spec["steps"] * (3 if spec["job"] == "local-null" else 2)
+        row.update(windows=1, encode_s=0.1 * spec["frames"], decode_s=0.2 * spec["frames"], local_step_s=steps,
+                   local_s=sum(steps), weights_gb=0.1, seconds=0.3 * spec["frames"] + sum(steps))
     return row
 
 
@@ -187,6 +191,9 @@ def test_gpu_check_report_from_its_jobs(tmp_path, monkeypatch):
     fit = report["max_frames_24gb"]
     assert [(done["frames"], done["fits"]) for done in fit["checked"]] == [(7, False), (5, True)]
     assert fit["largest_frames"] == 5
+    # last, a local edit of the check's frames with each inversion
+    assert (report["local_edit"]["local_s"], report["local_null_edit"]["local_s"]) == (2 * plan.steps, 3 * plan.steps)
+    assert list(report)[-3:] == ["local_edit", "local_null_edit", "elapsed_s"]
 
 
 @pytest.mark.e2e
@@ -197,7 +204,7 @@ def test_gpu_check_tiny_on_the_cpu_writes_every_figure(tmp_path):
     subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", str(path)], check=True, cwd=tmp_path,
                    env=dict(os.environ, PYTHON=sys.executable))
     report = json.loads(path.read_text())
-    figures = ("train_step", "denoise_step", "edit", "long_clip", "max_frames_24gb")
+    figures = ("train_step", "denoise_step", "edit", "long_clip", "max_frames_24gb", "local_edit", "local_null_edit")
     assert set(figures) <= set(report) and report["tiny"]
     assert not [key for key in figures if "error" in report[key]]
     assert {"seconds", "peak_gb", "estimate_500_steps_s", "meets_targets"} <= set(report["train_step"])
