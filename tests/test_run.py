@@ -135,12 +135,14 @@ def test_progress_is_written_at_the_first_step_then_at_most_once_a_second(tmp_pa
         assert run.progress() is None  # nothing until the loop begins
         writer.begin(4)  # resumed at step 4
         assert (read(run)["state"], read(run)["step"], read(run)["total"]) == ("running", 4, 10)
+        written = time.monotonic()
         writer.step(5, 0.5, 3e-5)
         first = run.progress()
         assert (first.step, first.loss, first.learning_rate) == (5, 0.5, 3e-5)
         assert first.eta_seconds == pytest.approx(first.seconds_per_step * 5) and first.seconds_per_step > 0
         writer.step(6, 0.25, 3e-5)
-        assert run.progress() == first  # too soon after the last write
+        if time.monotonic() - written < PROGRESS_INTERVAL:  # (on a machine too busy for that, the next check stands)
+            assert run.progress() == first  # too soon after the last write
         writer.sample(run.sample(6, "a cat"))  # a sample is written at once, with the newest step
         assert (run.progress().step, run.progress().sample) == (6, str(tmp_path / "samples/sample-6/a cat.mp4"))
         time.sleep(PROGRESS_INTERVAL)
