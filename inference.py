@@ -20,7 +20,8 @@ from pathlib import Path
 from tuneavideo.cli import OneLineArgumentParser, run_cli
 from tuneavideo.editing import EditError, EditOptions, Span, edit, parse_span, run_folder
 from tuneavideo.errors import UserError
-from tuneavideo.local_editing import GUIDANCE_SCALE, INVERSIONS, LocalEdit, edit_p2p
+from tuneavideo.local_editing import edit_p2p
+from tuneavideo.pipelines.local_edit import GUIDANCE_SCALE, INVERSIONS, LocalEdit
 from tuneavideo.models.unet import SPATIAL_ATTENTION
 from tuneavideo.pipelines.prompt_alignment import CONTROLS, PromptControlError, parse_blend, parse_reweight
 

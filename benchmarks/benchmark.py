@@ -83,7 +83,8 @@ UNET_GFLOP_PER_FRAME_512 = 677  # forward of the SD 1.x UNet on one 64x64 latent
 EDIT_PROMPT = "a jeep car is moving on the snow"
 EDIT_GUIDANCE = 12.5  # the edit default (tuneavideo.editing.EditOptions)
 # a local edit: the source prompt, the target and the blend word (Video-P2P's guidance, 7.5)
-LOCAL_SOURCE, LOCAL_TARGET, LOCAL_BLEND, LOCAL_GUIDANCE = "a car is moving on the snow", EDIT_PROMPT, ("car", "car"), 7.5
+LOCAL_SOURCE, LOCAL_TARGET, LOCAL_BLEND = "a car is moving on the snow", EDIT_PROMPT, ("car", "car")
+LOCAL_GUIDANCE = 7.5
 
 
 def build_unet(model: str, attention: str, dtype):
@@ -199,7 +200,7 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
             figures.update(invert_s=sum(invert_steps), denoise_s=sum(denoise_steps), invert_step_s=invert_steps,
                            denoise_step_s=denoise_steps)
         else:
-            from tuneavideo.local_editing import LocalEdit, invert_and_edit, plan_local  # needs omegaconf and PyAV
+            from tuneavideo.pipelines.local_edit import LocalEdit, invert_and_edit, plan_local
 
             local = LocalEdit(blend=LOCAL_BLEND, inversion="null-text" if job == "local-null" else "ddim")
             plan = plan_local(pipe.tokenizer, local, [LOCAL_TARGET], LOCAL_SOURCE, args.steps, args.steps)

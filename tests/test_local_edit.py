@@ -21,7 +21,8 @@ from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions, EditResult, _source_frames, edit, plan_edit
 from tuneavideo.evaluate import read_frames
-from tuneavideo.local_editing import LocalEdit, edit_p2p, mask_overlay, psnr_outside, upsampled
+from tuneavideo.local_editing import edit_p2p, mask_overlay, psnr_outside, upsampled
+from tuneavideo.pipelines.local_edit import LocalEdit
 
 CONFIGS = Path(__file__).parent / "p2p_configs"
 STEPS = dict(num_inference_steps=2, num_inv_steps=2)

@@ -17,7 +17,7 @@ from .cli import run_cli
 from .config import load_config
 from .editing import EditOptions, edit
 from .errors import UserError
-from .local_editing import LocalEdit
+from .pipelines.local_edit import LocalEdit
 from .run import Run
 from .tiny import make_tiny_sd
 from .training import train

@@ -4,9 +4,9 @@ A run folder (a training `output_dir`) holds everything an edit needs: `config.y
 and what size were tuned; `unet/`, `vae/`, ... is the tuned pipeline with its DDIM scheduler; `inv_latents/` holds
 DDIM inversions of the clip. An edit covers a span of the source (by default the tuned window; `span` picks any
 seconds of it, or all of it) at a stride of source frames; it inverts those frames (or reuses the cached inversion),
-samples every prompt from that latent in overlapping windows of the tuned length (`tuneavideo.pipelines.windows`), and writes,
-per prompt, an MP4 with the source's sound over the same span (and a GIF for short edits), plus one side-by-side
-MP4 of the source and every edit, all at source fps / stride, so picture and sound stay in sync. With
+samples every prompt from that latent in overlapping windows of the tuned length (`tuneavideo.pipelines.windows`),
+and writes, per prompt, an MP4 with the source's sound over the same span (and a GIF for short edits), plus one
+side-by-side MP4 of the source and every edit, all at source fps / stride, so picture and sound stay in sync. With
 `EditOptions.local`, every prompt is a local edit of the source prompt under attention control (Video-P2P,
 `tuneavideo.local_editing`), which also writes `inversion.mp4` and each prompt's `<prompt>.mask.mp4`.
 
@@ -42,9 +42,9 @@ from .video.frames import ClipTooShortError, clip_size, decode_frames, shown_at_
 from .video.readers import Clip, frames_text
 from .errors import UserError, first_line
 from .evaluate import Evaluator, read_frames
-from .local_editing import (GUIDANCE_SCALE, INVERSION, MASK_SUFFIX, LocalEdit, LocalPlan, invert_and_edit, plan_local,
-                            psnr_outside, upsampled, work, write_latent_video, write_masks)
+from .local_editing import INVERSION, MASK_SUFFIX, psnr_outside, upsampled, write_latent_video, write_masks
 from .pipelines.edit import invert, sample
+from .pipelines.local_edit import GUIDANCE_SCALE, LocalEdit, LocalPlan, invert_and_edit, plan_local, work
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .run import Run, metrics_file, result_file
 from .video.sound import extract_audio, source_span
@@ -407,7 +407,8 @@ def _write(pipe: TuneAVideoPipeline, latents: torch.Tensor, source, stems: list[
         frame_folder.mkdir(parents=True)
     videos = [folder / f"{stem}.mp4" for stem in stems]
     comparison = folder / f"{SIDE_BY_SIDE}.mp4"
-    gif_frames: list[list[np.ndarray]] | None = [[] for _ in stems] if gif and latents.shape[2] <= GIF_MAX_FRAMES else None
+    short = gif and latents.shape[2] <= GIF_MAX_FRAMES
+    gif_frames: list[list[np.ndarray]] | None = [[] for _ in stems] if short else None
     with ExitStack() as stack:
         writers = [stack.enter_context(Mp4Writer(path, fps, audio, num_frames)) for path in videos]
         side = stack.enter_context(Mp4Writer(comparison, fps, audio, num_frames))

@@ -35,7 +35,7 @@ from tuneavideo.app.page import launch, status_markdown
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
-from tuneavideo.local_editing import LocalEdit
+from tuneavideo.pipelines.local_edit import LocalEdit
 from tuneavideo.app.jobs import FINISHED, Job, JobRunner
 from tuneavideo.video.writers import write_mp4
 from tuneavideo.app.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown

@@ -26,7 +26,7 @@ import pandas as pd
 from ..cli import read_tail
 from ..editing import EditOptions, EditResult
 from ..errors import UserError
-from ..local_editing import GUIDANCE_SCALE, INVERSIONS, LocalEdit
+from ..pipelines.local_edit import GUIDANCE_SCALE, INVERSIONS, LocalEdit
 from ..pipelines.prompt_alignment import CONTROLS, parse_blend, parse_reweight
 from ..run import Progress, Run
 from .jobs import FINISHED, Job, JobRunner

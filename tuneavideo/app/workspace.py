@@ -36,7 +36,7 @@ from ..video.readers import IMAGE_SUFFIXES, Clip
 from ..editing import EditOptions, plan_edit
 from ..errors import UserError
 from ..evaluate import evaluation_models
-from ..local_editing import LocalEdit
+from ..pipelines.local_edit import LocalEdit
 from ..run import Run
 from ..tiny import make_tiny_sd, tiny_unet_config
 
