@@ -132,16 +132,18 @@ def test_tiny_train_step_is_the_trainings_step(tiny_job):
     assert half["loss"] == pytest.approx(full["loss"], rel=0.05) and half["loss"] != full["loss"]
 
 
+@pytest.mark.e2e
 def test_measure_runs_jobs_in_fresh_processes_without_video_or_config_packages(tmp_path, monkeypatch):
     """The GPU machine gets diffusers as a wheel but no PyAV, omegaconf or imageio-ffmpeg: the jobs need none."""
     blocked = "import sys; sys.modules.update(dict.fromkeys(['av', 'omegaconf', 'imageio_ffmpeg']))"
     (tmp_path / "sitecustomize.py").write_text(blocked)  # an import of any of them now raises ImportError
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(ROOT)]))
-    args = benchmark.parse_args(["--model", "tiny", "--jobs", "edit", "train", "--frames", "6", "--sizes", "64",
-                                 "--window", "4", "--allocator", "default"])
-    edit, train = [benchmark.measure(spec) for spec in benchmark.specs(args)]
-    assert "error" not in edit and "error" not in train, (edit.get("error"), train.get("error"))
+    args = benchmark.parse_args(["--model", "tiny", "--jobs", "edit", "train", "local", "--frames", "6", "--sizes",
+                                 "64", "--window", "4", "--allocator", "default", "--steps", "2"])
+    edit, train, local = [benchmark.measure(spec) for spec in benchmark.specs(args)]
+    assert not [row["error"] for row in (edit, train, local) if "error" in row]
     assert edit["windows"] == 2 and 0 < edit["weights_gb"] < edit["peak_gb"] and train["peak_gb"] > 0
+    assert local["windows"] == 2 and len(local["local_step_s"]) == 2 + 2  # 2 inversion steps, then 2 sampling steps
     assert benchmark.format_row(edit).split()[:6] == ["edit", "sdpa", "default", "6", "64", "2"]
 
 
