@@ -182,8 +182,8 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, plan: LocalPl
                     inversion_prompt: str | None = None) -> LocalLatents:
     """Invert the clean latent `clean` as Video-P2P does (DDIM conditioned on `inversion_prompt`, by default the
     source prompt, then, in null-text mode, one optimised unconditional embedding per step for `guidance_scale`),
-    then sample every prompt with the source branch. `progress()` is called once per step of each phase (per window
-    step of all windows)."""
+    then sample every prompt with the source branch. `progress()` is called once per step of each phase, when all
+    windows have taken it."""
     local = plan.local
     null_text = local.inversion == "null-text"
     inversion_prompt = inversion_prompt or plan.source_prompt
