@@ -51,6 +51,15 @@ def frame_indices(frames: np.ndarray) -> list[int]:
     return [round(float(f.mean()) / INDEX_STEP) for f in middle]
 
 
+def assert_same_pixels(ours: np.ndarray, reference: np.ndarray, levels: int = 2) -> None:
+    """The same uint8 frames as `reference`, decoded by another build of FFmpeg (decord's, or the ffmpeg binary's):
+    equal here, but its colour conversion and scaling may take other SIMD paths on another CPU, so up to `levels`
+    grey levels apart. A wrong filter, size, colour matrix or frame is tens of levels off."""
+    assert ours.shape == reference.shape and ours.dtype == reference.dtype == np.uint8
+    difference = np.abs(ours.astype(np.int16) - reference.astype(np.int16)).max()
+    assert difference <= levels, f"frames differ by up to {difference} grey levels"
+
+
 def write_frames_mp4(path: Path, frames: np.ndarray, fps: float | Fraction = 12, *extra: object) -> Path:
     """Encode uint8 RGB `frames` as H.264 yuv420p, crf 0 (lossless in YUV), with the ffmpeg binary itself,
     independent of the package's writers; `extra` output options go before the path."""

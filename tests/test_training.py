@@ -21,7 +21,16 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_tuneavideo
-from tests.helpers import ROOT, SAMPLE_CLIP, ffmpeg, index_frames, leftovers, small_disk, train_in_process
+from tests.helpers import (
+    ROOT,
+    SAMPLE_CLIP,
+    assert_same_pixels,
+    ffmpeg,
+    index_frames,
+    leftovers,
+    small_disk,
+    train_in_process,
+)
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions, edit
@@ -138,7 +147,7 @@ def test_a_run_tunes_on_the_original_frames(overrides, run_config, tmp_path):
     width, height = windows.size
     original = decord.VideoReader(str(clip.path), width=width, height=height).get_batch(list(windows.decoded))
     assert frames.shape == (4, height, width, 3)
-    assert np.array_equal(frames, original.asnumpy())
+    assert_same_pixels(frames, original.asnumpy())
 
 
 def test_random_windows_cover_every_start_and_follow_the_seed(run_config, tmp_path):
