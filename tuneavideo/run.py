@@ -74,6 +74,11 @@ def result_file(edit_folder: str | os.PathLike) -> Path:
     return Path(edit_folder) / "result.json"
 
 
+def request_file(edit_folder: str | os.PathLike) -> Path:
+    """Where the web app writes an edit job's `EditRequest` for `inference.py --request`."""
+    return Path(edit_folder) / "request.json"
+
+
 def metrics_file(edit_folder: str | os.PathLike) -> Path:
     """Where a scored edit writes its LOVEU-TGVE figures, beside its videos."""
     return Path(edit_folder) / "metrics.json"

@@ -27,8 +27,7 @@ from pathlib import Path
 
 from ..atomic import DiskFullError, atomic_path
 from ..cli import read_tail
-from ..editing import EditResult
-from ..run import Progress, Run, result_file
+from ..run import EditResult, Progress, Run, result_file
 
 JOB_FILE = "job.json"
 LOG_FILE = "log.txt"
