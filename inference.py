@@ -20,6 +20,7 @@ TUNEAVIDEO_VERBOSE=1) for the libraries' own logs, progress bars and warnings.
 import argparse
 import dataclasses
 import re
+import types
 import typing
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def add_fields(group, kind: type) -> None:
         if item.name in NOT_FLAGS:
             continue
         hint, help = hints[item.name], item.metadata["help"]
-        kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+        optional = isinstance(hint, types.UnionType)
+        kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)] if optional else [hint]
         if hint is bool:
             group.add_argument(flag(item.name), dest=item.name, action="store_const", const=not item.default,
                                help=f"not this: {help}" if item.default else help)
