@@ -43,7 +43,7 @@ from tests.helpers import (
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.editing import edit, plan_edit
-from tuneavideo.request import EditRequest, RequestError
+from tuneavideo.request import EditRequest, LocalEdit, RequestError
 from tuneavideo.run import EditResult
 from tuneavideo.pipelines.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
@@ -410,6 +410,46 @@ def test_an_edit_that_fills_the_disk_keeps_the_earlier_edits(tuned_run, tmp_path
         assert leftovers(edits) == [] and sorted(p.name for p in edits.iterdir()) == sorted(earlier)
         for name, data in earlier.items():  # the earlier edit is whole: nothing of the new one was moved in
             assert (edits / name).read_bytes() == data
+
+
+def test_edits_sharing_a_folder_keep_each_other_s_files(tuned_run, tmp_path):
+    out, steps = tmp_path / "edits", dict(num_inference_steps=1, num_inv_steps=1, audio=False)
+    local = EditRequest(["a red ball is moving"], local=LocalEdit(blend_words=("ball", "ball"), inversion="ddim"),
+                        output_dir=out, **steps)
+    first = edit(tuned_run, local)
+    kept = {path.name: path.read_bytes() for path in out.iterdir() if path.name != "result.json"}
+    assert {"a red ball is moving.inversion.mp4", "a red ball is moving.side-by-side.mp4"} <= set(kept)
+    # a plain edit whose prompt is "inversion": its own files, and the local edit's are untouched
+    second = edit(tuned_run, EditRequest(["inversion", "a cat"], output_dir=out, **steps))
+    assert second.side_by_side == out / "inversion+a cat.side-by-side.mp4" and (out / "inversion.mp4").is_file()
+    assert all((out / name).read_bytes() == data for name, data in kept.items())
+    assert EditResult.load_all(out) == [first, second] and EditResult.load(out) == second
+    again = edit(tuned_run, local)  # the same edit again replaces its own files and its entry
+    assert EditResult.load_all(out) == [second, again]
+
+
+@pytest.mark.e2e
+def test_a_killed_edit_leaves_the_earlier_edit_whole_and_the_next_one_sweeps_its_leftovers(tuned_run, tmp_path):
+    out = tmp_path / "edits"
+    assert edit_cli(tuned_run, "--prompt", "a cat", "--output-dir", str(out))[0] == 0
+    earlier = {path.name: path.read_bytes() for path in out.iterdir()}
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(tuned_run), "--prompt", "a dog",
+               "--span", "all", "--stride", "1", "--window", "8", "--num-inference-steps", "1", "--num-inv-steps", "1",
+               "--jpeg-frames", "--output-dir", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # its first frames are written (JPEGs, whole) while its MP4s are still being encoded: between files
+    while not list(out.glob(".edit-*.tmp/a dog/00005.jpg")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the edit ended before it could be killed between files"
+    assert list(out.glob(".edit-*.tmp/a dog/00000.jpg"))  # staged out of sight...
+    assert {path.name: path.read_bytes() for path in out.iterdir() if not path.name.startswith(".")} == earlier
+    assert EditResult.load_all(out)[0].videos == [out / "a cat.mp4"]  # ...and the index is the earlier one
+    assert edit_cli(tuned_run, "--prompt", "a cow", "--output-dir", str(out))[0] == 0
+    assert not [path for path in out.iterdir() if path.name.startswith(".")]  # the killed edit's leftovers are gone
+    assert all((out / name).read_bytes() == data for name, data in earlier.items() if name != "result.json")
+    assert [result.videos for result in EditResult.load_all(out)] == [[out / "a cat.mp4"], [out / "a cow.mp4"]]
 
 
 # inference.py: bad options and bad run folders ------------------------------------------------------------------

@@ -223,7 +223,7 @@ class Evaluator:
 
     def score_edit(self, source: list[np.ndarray], videos: list[Path], names: list[Path], prompts: list[str],
                    repeats: list[int], masks: list[torch.Tensor | None] | None = None) -> list[dict]:
-        """An edit's figures (its metrics.json): each video's (read back from its MP4, as `python -m
+        """An edit's figures (its `<prompts>.metrics.json`): each video's (read back from its MP4, as `python -m
         tuneavideo.evaluate` would) for its prompt and the `source` frames' over the same frames for the same
         prompt; for a local edit's video with a blend mask (latent size) also `psnr_outside_mask`, its PSNR against
         the source outside the mask (dB). Frame j of the source is shown `repeats[j]` times in the videos."""

@@ -126,7 +126,7 @@ class EditRequest:
     output_dir: str | None = setting(None, "where to write (default: <run>/edits)")  # a Path is taken too
     audio: bool = setting(True, "the MP4s carry the source's sound (default: yes)")
     evaluate: bool = setting(False, "score every edit and the source with the LOVEU-TGVE metrics into "
-                                    "metrics.json (needs ./download_models.sh --eval)")
+                                    "<prompts>.metrics.json (needs ./download_models.sh --eval)")
     # the LOVEU-TGVE submission format, scored without the MP4's or the GIF's compression in between
     jpeg_frames: bool = setting(False, "also every edited frame as a JPEG straight from the decoder, "
                                        "<output-dir>/<prompt>/00000.jpg, ...")

@@ -17,9 +17,9 @@
 
 An edit folder (`edits/` or any `inference.py --output-dir`) holds edits side by side (`EditFiles`): each video's
 `<prompt>.mp4` (and `.gif`, `<prompt>/` JPEG frames, a local edit's `<prompt>.mask.mp4`), each edit's own
-`<name>.side-by-side.mp4` (and a local edit's `<name>.inversion.mp4`, a scored edit's `<name>.metrics.json`), where
-the name is its prompts' file names joined by `+`, and `result.json`: every edit written there (`EditResult`), the
-newest last.
+`<name>.side-by-side.mp4` (and a local edit's `<name>.inversion.mp4`, a scored edit's `<name>.metrics.json`),
+where the name is its prompts' file names joined by `+`, and `result.json`: every edit written there
+(`EditResult`), the newest last; the web app's edit folders also hold the job's `request.json`.
 """
 
 from __future__ import annotations
@@ -77,11 +77,6 @@ def result_file(edit_folder: str | os.PathLike) -> Path:
 def request_file(edit_folder: str | os.PathLike) -> Path:
     """Where the web app writes an edit job's `EditRequest` for `inference.py --request`."""
     return Path(edit_folder) / "request.json"
-
-
-def metrics_file(edit_folder: str | os.PathLike) -> Path:
-    """Where a scored edit writes its LOVEU-TGVE figures, beside its videos."""
-    return Path(edit_folder) / "metrics.json"
 
 
 @dataclass(frozen=True)
