@@ -15,7 +15,7 @@ import math
 import os
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
@@ -209,18 +209,13 @@ def _build(kind: type, values: object, source: str):
         raise RequestError(f"{source}: unknown field {unknown[0]!r}; a request has {', '.join(known)}")
     built = {}
     for name, value in values.items():
-        hint = hints[name]
-        if name == "span":
-            built[name] = None if value is None else parse_span(value) if isinstance(value, str) else _bad(source, name, value)
-        elif name == "local":
-            built[name] = None if value is None else _build(LocalEdit, value, f"{source}: local")
+        if name == "span":  # written as `parse_span` reads it
+            built[name] = parse_span(value) if isinstance(value, str) else _typed(type(None), value, source, name)
+        elif name == "local" and value is not None:
+            built[name] = _build(LocalEdit, value, f"{source}: local")
         else:
-            built[name] = _typed(hint, value, source, name)
-    missing = [name for name, item in known.items() if name not in built and item.default is MISSING
-               and item.default_factory is MISSING]
-    if missing:
-        raise RequestError(f"{source}: missing {missing[0]!r}")
-    return kind(**built)
+            built[name] = _typed(hints[name], value, source, name)
+    return kind(**built)  # every field has a default
 
 
 def _typed(hint, value, source: str, name: str):
@@ -234,14 +229,13 @@ def _typed(hint, value, source: str, name: str):
         return _typed(hint, value, source, name)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, str, bool) and type(value) is hint:
+    if hint in (int, str, bool, type(None)) and type(value) is hint:
         return value
-    if typing.get_origin(hint) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+    if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
-    if typing.get_origin(hint) is tuple and isinstance(value, list) and len(value) == 2 \
-            and all(isinstance(v, str) for v in value):
+    if origin is tuple and isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
         return tuple(value)
-    if typing.get_origin(hint) is dict and isinstance(value, dict) \
+    if origin is dict and isinstance(value, dict) \
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
         return {key: float(v) for key, v in value.items()}
     return _bad(source, name, value)
