@@ -405,7 +405,7 @@ def test_an_edit_that_fills_the_disk_keeps_the_earlier_edits(tuned_run, tmp_path
         (disk / "filler").write_bytes(bytes(free - 20_000))  # room for a few pages, not for an edit
         status, message = edit_cli(tuned_run, "--prompt", "a green ball", "--prompt", "a blue ball",
                                    "--output-dir", str(edits))
-        assert status == 1 and message.startswith("inference.py: error: no space left on the disk of ")
+        assert status == 1 and message.startswith(f"inference.py: error: no space left on the disk of {edits} while")
         assert "\n" not in message and "free space and run again" in message
         assert leftovers(edits) == [] and sorted(p.name for p in edits.iterdir()) == sorted(earlier)
         for name, data in earlier.items():  # the earlier edit is whole: nothing of the new one was moved in

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..atomic import remove, staged
+from ..atomic import DiskFullError, remove, staged
 from .writers import Mp4Writer, grid_frames, side_by_side, write_gif
 
 GIF_MAX_FRAMES = 128  # longer edits get no GIF: a GIF is held whole in memory and grows to hundreds of MB
@@ -88,17 +88,24 @@ class EditWriter:
         self.staging.mkdir()
         self.scratch.mkdir()
         self._stack = ExitStack()
-        message = (f"no space left on the disk of {self.folder} while writing an edit; free space and run again "
-                   "(files written before are kept)")
-        self._stack.enter_context(staged(self.staging, message))
+        self._stack.enter_context(staged(self.staging, self._disk_full))
         return self
 
-    def __exit__(self, *error) -> bool | None:
+    def __exit__(self, kind, error, traceback) -> bool | None:
         try:
-            return self._stack.__exit__(*error)
+            return self._stack.__exit__(kind, error, traceback)
+        except DiskFullError as full:  # a file's own message names the staging folder: name the edit's
+            if full.args[0] == self._disk_full:
+                raise
+            raise DiskFullError(self._disk_full) from error
         finally:
             remove(self.staging)
             remove(self.scratch)
+
+    @property
+    def _disk_full(self) -> str:
+        return (f"no space left on the disk of {self.folder} while writing an edit; free space and run again (files "
+                "written before are kept)")
 
     def path(self, final: Path) -> Path:
         """Where to write the file or folder that becomes `final` on `commit`."""
