@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, SchedulerMixin
 
-from .windows import blend, plan_windows
+from .windows import fuse_windows, plan_windows
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def ddim_inversion(
                 progress_bar.update()
                 return noise_pred
 
-            latent = inverse.step(blend(predict, latent, windows), t, latent).prev_sample
+            latent = inverse.step(fuse_windows(predict, latent, windows), t, latent).prev_sample
             if keep_all:
                 latents.append(latent)
             else:
