@@ -103,5 +103,5 @@ def sampling_scheduler(scheduler: DDIMScheduler, num_inference_steps: int, num_i
         return DDIMScheduler.from_config(scheduler.config, steps_offset=offset)
     logger.warning(f"note: sampling in {num_inference_steps} steps starts at timestep {first}, but the latent "
                    f"inverted in {num_inv_steps} steps is at {target}; the edit may follow the source less closely "
-                   "(use --num-inference-steps <= --num-inv-steps)")
+                   "(use num_inference_steps <= num_inv_steps)")
     return sampler

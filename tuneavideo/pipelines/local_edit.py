@@ -1,4 +1,4 @@
-"""Local edits (Video-P2P): the options and their checks (`LocalEdit`, `plan_local`), the inversion (DDIM, then
+"""Local edits (Video-P2P): the settings and their checks (`LocalEdit`, `plan_local`), the inversion (DDIM, then
 null-text unless in Video-P2P's fast mode, `inversion="ddim"`) and the source and target prompts sampled together
 from one inverted latent by the pipeline under attention control, with local blend, window by window over a clip of
 any length (`invert_and_edit`)."""
@@ -18,7 +18,7 @@ from .pipeline_tuneavideo import TuneAVideoPipeline
 from .prompt_alignment import CONTROLS, PromptControlError, PromptEdit, check_fraction, prompt_edit
 from .windows import plan_windows
 
-INVERSIONS = ("null-text", "ddim")  # ddim: Video-P2P's fast mode (its --fast)
+INVERSIONS = ("null-text", "ddim")  # ddim: Video-P2P's fast mode
 GUIDANCE_SCALE = 7.5  # Video-P2P's, the default with attention control
 
 
