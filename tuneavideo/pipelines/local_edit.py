@@ -57,7 +57,7 @@ def plan_local(tokenizer: CLIPTokenizer, local: LocalEdit, prompts: list[str], t
     if local.inversion == "null-text" and num_inference_steps != num_inv_steps:
         raise PromptControlError(f"null-text inversion gives one embedding per inversion step: num_inference_steps "
                                  f"must equal num_inv_steps ({num_inference_steps} != {num_inv_steps}), or use "
-                                 "inversion ddim")
+                                 "inversion='ddim'")
     for field_name in ("cross_replace_steps", "self_replace_steps", "blend_start"):
         check_fraction(getattr(local, field_name), field_name)
     check_fraction(local.mask_threshold, "mask_threshold", exclusive=True)

@@ -252,6 +252,8 @@ class TuneAVideoPipeline(DiffusionPipeline):
         scales = _per_prompt(guidance_scale, len(prompts), "guidance_scale")
         do_classifier_free_guidance = max(scales) > 1.0
         per_step = negative_prompt_embeds is not None and not torch.is_tensor(negative_prompt_embeds)
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("give `negative_prompt` or `negative_prompt_embeds`, not both")
         if per_step and len(negative_prompt_embeds) != num_inference_steps:
             raise ValueError(f"{len(negative_prompt_embeds)} `negative_prompt_embeds` for {num_inference_steps} "
                              "steps: give one per step, or one tensor for all")
@@ -282,9 +284,14 @@ class TuneAVideoPipeline(DiffusionPipeline):
         latents = self.prepare_latents(shape, latents_dtype or text_embeddings.dtype, device, generator, latents,
                                        scheduler)
         step_kwargs = _step_kwargs(scheduler, generator, eta)
-        # one guidance scale per row of the batch, (rows, 1, 1, 1, 1)
-        row_scales = torch.tensor(scales, dtype=latents.dtype, device=device)
-        row_scales = row_scales.repeat_interleave(num_videos_per_prompt).view(-1, 1, 1, 1, 1)
+
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:  # (rows, 1, 1, 1, 1)
+            rows = torch.tensor(values, dtype=dtype, device=device).repeat_interleave(num_videos_per_prompt)
+            return rows.view(-1, 1, 1, 1, 1)
+
+        # one scale for every row multiplies as a Python number (a half-precision tensor would round it)
+        scale = scales[0] if len(set(scales)) == 1 else per_row(scales, latents.dtype)
+        unguided = per_row([value <= 1.0 for value in scales], torch.bool)
 
         # 3. denoising loop with classifier-free guidance, window by window
         with self.progress_bar(total=len(scheduler.timesteps) * len(windows)) as progress_bar:
@@ -301,8 +308,8 @@ class TuneAVideoPipeline(DiffusionPipeline):
                     if not do_classifier_free_guidance:
                         return noise_pred
                     noise_uncond, noise_text = noise_pred.chunk(2)
-                    guided = noise_uncond + row_scales * (noise_text - noise_uncond)
-                    return torch.where(row_scales > 1.0, guided, noise_text)
+                    guided = noise_uncond + scale * (noise_text - noise_uncond)
+                    return torch.where(unguided, noise_text, guided)
 
                 noise_pred = fuse_windows(predict, latents, windows)
                 latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
