@@ -199,13 +199,11 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
             figures.update(invert_s=sum(invert_steps), denoise_s=sum(denoise_steps), invert_step_s=invert_steps,
                            denoise_step_s=denoise_steps)
         else:
-            from tuneavideo.pipelines.local_edit import invert_and_edit
-
             local = LocalEdit(blend_words=LOCAL_BLEND, inversion="null-text" if job == "local-null" else "ddim")
-            plan = local.plan(pipe.tokenizer, [LOCAL_TARGET], LOCAL_SOURCE, args.steps, args.steps)
+            plan = local.plan(pipe.tokenizer, [LOCAL_TARGET], LOCAL_SOURCE)
             steps = []
             guidance = EditRequest([LOCAL_TARGET], local=local).guidance
-            out = invert_and_edit(pipe, latent, plan, [LOCAL_TARGET], args.steps, args.steps, guidance,
+            out = plan.invert_and_edit(pipe, latent, [LOCAL_TARGET], args.steps, args.steps, guidance,
                                   args.window, None, lambda *_: steps.append(clock.lap()))
             edited = torch.cat([out.source, out.targets])  # both branches are decoded: the edit and inversion.mp4
             figures.update(local_s=sum(steps) + clock.lap(), local_step_s=steps)

@@ -33,10 +33,9 @@ from transformers import CLIPTokenizer
 from .atomic import atomic_path
 from .config import TrainConfig
 from .evaluate import Evaluator
-from .pipelines.edit import invert, sample
-from .pipelines.local_edit import LocalPlan, invert_and_edit, work
+from .pipelines.edit import invert, progress_steps, sample
 from .pipelines.windows import Window, plan_windows
-from .request import EditRequest, RequestError, Span
+from .request import EditRequest, LocalPlan, RequestError, Span
 from .run import EditFiles, EditResult, Run
 from .video.edit_writer import EditWriter
 from .video.frames import ClipTooShortError, clip_size, decode_frames, shown_at_constant_rate, tuned_window
@@ -103,8 +102,7 @@ def plan_edit(run: str | os.PathLike, request: EditRequest) -> EditPlan:
     control = None
     if request.local is not None:  # its words checked with the run's tokenizer, before any model loads
         tokenizer = CLIPTokenizer.from_pretrained(run.folder, subfolder="tokenizer")
-        control = request.local.plan(tokenizer, request.prompts, data.prompt, request.num_inference_steps,
-                                     request.num_inv_steps)
+        control = request.local.plan(tokenizer, request.prompts, data.prompt)
     folder = output_folder(Path(request.output_dir) if request.output_dir is not None else run.edits)
     files = EditFiles.of(folder, [prompt_file_name(prompt) for prompt in request.prompts], stems)
     size = clip_size(clip.info.width, clip.info.height, data.width, data.height)
@@ -137,10 +135,8 @@ def edit(run: str | os.PathLike, request: EditRequest) -> EditResult:
     latent = None if plan.control else plan.run.read_inversion(
         plan.cache, (1, pipe.unet.config.in_channels, len(plan.frames), height // scale, width // scale))
     reused = latent is not None
-    if plan.control:
-        total = work(windows, steps, inv_steps, len(prompts), plan.control.local)
-    else:
-        total = windows * (steps * len(prompts) + (not reused) * inv_steps)
+    inversion = plan.control.settings.inversion if plan.control else None
+    total = windows * progress_steps(len(prompts), steps, 0 if reused else inv_steps, inversion)
     seed = request.seed if request.seed is not None else plan.cfg.seed if plan.cfg.seed is not None else 0
     if request.num_videos_per_prompt > 1 and request.eta == 0:
         logger.warning("note: with eta 0 DDIM is deterministic, so the videos of a prompt are alike; "
@@ -152,8 +148,8 @@ def edit(run: str | os.PathLike, request: EditRequest) -> EditResult:
             bar.update(windows)
 
         if plan.control:
-            local = invert_and_edit(pipe, pipe.encode_video(plan.source_frames()).mean, plan.control, prompts,
-                                    steps, inv_steps, request.guidance, plan.window, request.overlap, progress)
+            local = plan.control.invert_and_edit(pipe, pipe.encode_video(plan.source_frames()).mean, prompts, steps,
+                                                 inv_steps, request.guidance, plan.window, request.overlap, progress)
         elif reused:
             logger.info(f"using the run's inverted latent {plan.cache}")
         else:

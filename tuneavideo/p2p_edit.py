@@ -16,7 +16,6 @@ from transformers import CLIPTokenizer
 
 from .errors import UserError
 from .p2p_config import load_p2p_config, read_p2p_frames
-from .pipelines.local_edit import invert_and_edit
 from .request import LOCAL_GUIDANCE_SCALE, LocalEdit
 from .run import INVERSION, MASK, Run
 from .video.edit_writer import EditWriter
@@ -53,7 +52,7 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
     local = cfg.local_edit(fast, null_text_iterations)
     local.check(num_inference_steps, num_inv_steps)
     tokenizer = CLIPTokenizer.from_pretrained(run.folder, subfolder="tokenizer")
-    plan = local.plan(tokenizer, [cfg.target_prompt], cfg.source_prompt, num_inference_steps, num_inv_steps)
+    plan = local.plan(tokenizer, [cfg.target_prompt], cfg.source_prompt)
     frames = read_p2p_frames(cfg.image_path, cfg.video_len, size or P2P_SIZE)
     cuda = torch.cuda.is_available()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32) if cuda \
@@ -64,8 +63,8 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
         pipe.unet.set_spatial_attention(spatial_attention)
     clean = pipe.encode_video(frames).mean
     # Video-P2P inverts with its `prompt` (its configs repeat prompts[0]); the source branch samples prompts[0]
-    latents = invert_and_edit(pipe, clean, plan, [cfg.target_prompt], num_inference_steps, num_inv_steps,
-                              guidance_scale, None, None, lambda *_: None, cfg.inversion_prompt)
+    latents = plan.invert_and_edit(pipe, clean, [cfg.target_prompt], num_inference_steps, num_inv_steps,
+                                   guidance_scale, None, None, lambda *_: None, cfg.inversion_prompt)
     folder = run.p2p_results
     folder.mkdir(parents=True, exist_ok=True)
     suffix = "_fast" if fast else ""

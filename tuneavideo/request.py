@@ -15,21 +15,24 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from .errors import UserError
-from .pipelines import local_edit as attention
-from .pipelines.local_edit import INVERSIONS, LocalPlan
-from .pipelines.prompt_alignment import CONTROLS
+from .pipelines.local_edit import LocalLatents, invert_and_edit
+from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
+from .pipelines.prompt_alignment import CONTROLS, PromptEdit, prompt_edit
 from .run import SHARED_KINDS
 from .video.writers import prompt_file_name
 
 GUIDANCE_SCALE = 12.5  # Tune-A-Video's: its configs' and notebook's edits
 LOCAL_GUIDANCE_SCALE = 7.5  # Video-P2P's: its null-text inversion is optimised for it
+INVERSIONS = ("null-text", "ddim")  # ddim: Video-P2P's fast mode (its --fast), DDIM inversion only
 
 Span = tuple[Fraction | None, Fraction | None]  # seconds [start, end) of the source; None: its start / its end
 
@@ -70,13 +73,13 @@ class LocalEdit:
     null_text_iterations: int = setting(10, "most optimiser iterations per step of null-text inversion "
                                             "(default: 10, Video-P2P's)")
 
-    def plan(self, tokenizer: PreTrainedTokenizerBase, prompts: list[str], tuned_prompt: str,
-             num_inference_steps: int, num_inv_steps: int) -> LocalPlan:
-        """The attention control of every prompt, its words checked against the prompts with `tokenizer`."""
-        settings = attention.LocalEdit(self.control, self.source_prompt, self.blend_words, self.reweights,
-                                       self.cross_replace_steps, self.self_replace_steps, self.blend_start,
-                                       self.mask_threshold, self.inversion, self.null_text_iterations)
-        return attention.plan_local(tokenizer, settings, prompts, tuned_prompt, num_inference_steps, num_inv_steps)
+    def plan(self, tokenizer: PreTrainedTokenizerBase, prompts: list[str], tuned_prompt: str) -> LocalPlan:
+        """The attention control of every prompt (`check`ed settings), its words checked against the prompts with
+        `tokenizer` (one-line `PromptControlError`s)."""
+        source = self.source_prompt or tuned_prompt
+        edits = [prompt_edit(tokenizer, source, prompt, self.control, self.reweights, self.blend_words)
+                 for prompt in prompts]
+        return LocalPlan(self, source, edits)
 
     def check(self, num_inference_steps: int, num_inv_steps: int) -> None:
         """Reject settings that cannot work, whatever the prompts (their words are checked by the plan)."""
@@ -97,6 +100,28 @@ class LocalEdit:
                 raise RequestError(f"`reweights` {word}={factor}: the factor must be a finite number")
         if self.null_text_iterations < 1:
             raise RequestError(f"`null_text_iterations` must be >= 1, got {self.null_text_iterations}")
+
+
+@dataclass
+class LocalPlan:
+    """A checked local edit: its settings, the source prompt and each prompt's `PromptEdit`."""
+
+    settings: LocalEdit
+    source_prompt: str
+    edits: list[PromptEdit]
+
+    def invert_and_edit(self, pipe: TuneAVideoPipeline, clean: torch.Tensor, prompts: list[str],
+                        num_inference_steps: int, num_inv_steps: int, guidance_scale: float, window: int | None,
+                        overlap: int | None, progress: Callable[..., None],
+                        inversion_prompt: str | None = None) -> LocalLatents:
+        """`pipelines.local_edit.invert_and_edit` of the clean latent `clean` with these settings."""
+        settings = self.settings
+        null_text = settings.null_text_iterations if settings.inversion == "null-text" else None
+        return invert_and_edit(pipe, clean, self.source_prompt, prompts, self.edits, num_inference_steps,
+                               num_inv_steps, guidance_scale, window, overlap, progress, null_text_iterations=null_text,
+                               cross_replace_steps=settings.cross_replace_steps,
+                               self_replace_steps=settings.self_replace_steps, blend_start=settings.blend_start,
+                               mask_threshold=settings.mask_threshold, inversion_prompt=inversion_prompt)
 
 
 @dataclass
@@ -167,6 +192,8 @@ class EditRequest:
                     raise RequestError(f"`{name}` does not apply to a local edit (`control`: one deterministic "
                                        "video per prompt); leave it out")
             self.local.check(self.num_inference_steps, self.num_inv_steps)
+            if self.guidance <= 1:  # its source branch is guided against the null-text embeddings
+                raise RequestError(f"`guidance_scale` must be above 1 in a local edit, got {self.guidance}")
         names = [prompt_file_name(prompt) for prompt in self.prompts]
         if self.num_videos_per_prompt > 1:
             names = [f"{name}-{index}" for name in names for index in range(self.num_videos_per_prompt)]
