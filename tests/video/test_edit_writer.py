@@ -73,9 +73,9 @@ def test_an_edit_that_fails_between_files_leaves_the_earlier_files_as_they_were(
 def test_the_next_edit_sweeps_what_killed_edits_left_and_nothing_of_a_running_one(tmp_path):
     gone = subprocess.Popen(["true"])
     gone.wait()  # a process that has ended: its staging folders are left over
-    left = [tmp_path / f".edit-{gone.pid}-0123456789ab.tmp", tmp_path / f".edit-{gone.pid}-0123456789ab.scratch"]
+    left = [tmp_path / f".edit-{gone.pid}-0123456789ab.tmp", Path(tempfile.mkdtemp(prefix=f"tav-edit-{gone.pid}-"))]
     for folder in left:
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
         (folder / "a.mp4").write_bytes(b"half")
     running = tmp_path / f".edit-{os.getpid()}-00000000000a.tmp"  # this process's: an edit still being written
     running.mkdir()

@@ -5,8 +5,8 @@ the source and every video, a local edit's source branch and blend masks, at one
 Everything is written into a hidden staging folder of the edit folder (`.edit-<pid>-<hex>.tmp`) and moved in
 together by `commit`, so a crash, Ctrl-C, SIGKILL or full disk leaves the earlier files as they were; the caller
 writes the edit's index (result.json) after that, last. A new writer first sweeps what killed edits left there:
-staging folders of processes that are gone, and the hidden per-file temporaries (`.<name>.<hex>.tmp.mp4|gif`) and
-`$TMPDIR/tav-edit-*` folders of earlier versions.
+staging folders and `$TMPDIR/tav-edit-<pid>-*` scratch folders of processes that are gone, and the hidden
+per-file temporaries (`.<name>.<hex>.tmp.mp4|gif`) and day-old `$TMPDIR/tav-edit-*` folders of earlier versions.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from .writers import Mp4Writer, grid_frames, side_by_side, write_gif
 GIF_MAX_FRAMES = 128  # longer edits get no GIF: a GIF is held whole in memory and grows to hundreds of MB
 JPEG_QUALITY = 95  # of the JPEG frames; Pillow's default, 75, visibly blurs fine texture
 MASK_TINT = np.array([255, 0, 0], dtype=np.float32)  # red, half over the masked pixels
-STAGING = re.compile(r"\.edit-(\d+)-[0-9a-f]+\.(tmp|scratch)")  # an edit being written by process <pid>
+STAGING = re.compile(r"\.edit-(\d+)-[0-9a-f]+\.tmp")  # an edit being written by process <pid>
+SCRATCH = re.compile(r"tav-edit-(\d+)-.+")  # $TMPDIR/tav-edit-<pid>-*: the sound of an edit of process <pid>
 OLD_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp\.(mp4|gif)")  # an earlier version's per-file temporary
 OLD_AUDIO_AGE = 24 * 3600  # seconds after which an earlier version's $TMPDIR/tav-edit-* is taken to be left over
 
@@ -67,15 +68,16 @@ def sweep(folder: Path) -> None:
         if (staging and not alive(int(staging[1]))) or OLD_TEMPORARY.fullmatch(path.name):
             remove(path)
     for path in Path(tempfile.gettempdir()).glob("tav-edit-*"):
+        scratch = SCRATCH.fullmatch(path.name)
         with contextlib.suppress(OSError):
-            if time.time() - path.stat().st_mtime > OLD_AUDIO_AGE:
+            if (not alive(int(scratch[1])) if scratch else time.time() - path.stat().st_mtime > OLD_AUDIO_AGE):
                 remove(path)
 
 
 class EditWriter:
     """One edit's files, staged and moved in together (see the module docstring). Use as a context manager: the
     staging folder is removed on leaving it, whatever happened; `commit` moves the files in first. `scratch` is a
-    folder for what is not an output (the span's sound), removed with it."""
+    folder for what is not an output (the span's sound), in the temporary folder, removed with it."""
 
     def __init__(self, folder: Path, fps: Fraction, repeats: list[int]) -> None:
         self.folder, self.fps, self.repeats = folder, fps, repeats
@@ -83,10 +85,9 @@ class EditWriter:
 
     def __enter__(self) -> EditWriter:
         sweep(self.folder)
-        name = f".edit-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self.staging, self.scratch = self.folder / f"{name}.tmp", self.folder / f"{name}.scratch"
+        self.staging = self.folder / f".edit-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
         self.staging.mkdir()
-        self.scratch.mkdir()
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"tav-edit-{os.getpid()}-"))
         self._stack = ExitStack()
         self._stack.enter_context(staged(self.staging, self._disk_full))
         return self
