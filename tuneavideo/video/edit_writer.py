@@ -92,16 +92,14 @@ class EditWriter:
         self._stack.enter_context(staged(self.staging, self._disk_full))
         return self
 
-    def __exit__(self, kind, error, traceback) -> bool | None:
+    def __exit__(self, kind, error, traceback) -> None:
         try:
-            return self._stack.__exit__(kind, error, traceback)
-        except DiskFullError as full:  # a file's own message names the staging folder: name the edit's
-            if full.args[0] == self._disk_full:
-                raise
-            raise DiskFullError(self._disk_full) from error
+            self._stack.__exit__(kind, error, traceback)
         finally:
             remove(self.staging)
             remove(self.scratch)
+        if isinstance(error, DiskFullError):  # a file's own message names the staging folder: name the edit's
+            raise DiskFullError(self._disk_full) from error
 
     @property
     def _disk_full(self) -> str:
