@@ -44,6 +44,7 @@ from .errors import UserError, first_line
 from .evaluate import Evaluator, read_frames
 from .local_editing import INVERSION, MASK_SUFFIX, psnr_outside, upsampled, write_latent_video, write_masks
 from .pipelines.edit import invert, sample
+from .pipelines.loading import load_tuned_pipeline
 from .pipelines.local_edit import GUIDANCE_SCALE, LocalEdit, LocalPlan, invert_and_edit, plan_local, work
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .run import Run, metrics_file, result_file
@@ -456,7 +457,7 @@ def _scheduler_config(run: Path) -> dict:
 
 def _load_pipeline(run: Path, dtype: torch.dtype) -> TuneAVideoPipeline:
     try:
-        return TuneAVideoPipeline.from_pretrained(run, dtype=dtype)
+        return load_tuned_pipeline(run, dtype)
     except Exception as err:  # damaged weights surface as OSError, ValueError, RuntimeError or SafetensorError
         raise EditError(f"{run}: its tuned model cannot be loaded ({first_line(err)}); re-run the training (or "
                         "resume it from its last checkpoint with resume_from_checkpoint=latest)") from err
