@@ -22,6 +22,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote
 
+import gradio
+import gradio_client
 import httpx
 import huggingface_hub
 import numpy as np
@@ -31,9 +33,10 @@ from gradio_client.exceptions import AppError
 
 import inference
 from tests.helpers import SAMPLE_CLIP, probe, small_disk  # the sample clip: 48 frames at 24 fps, 256x256, with sound
-from tuneavideo.app.page import launch, status_markdown
+from tuneavideo.app.page import launch, status_markdown, uploaded_clip
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
+from tuneavideo.errors import UserError
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
 from tuneavideo.pipelines.local_edit import LocalEdit
 from tuneavideo.app.jobs import FINISHED, Job, JobRunner
@@ -421,3 +424,59 @@ def test_a_folder_of_frames_in_data_is_a_clip_to_tune(tmp_path, tiny_sd):
     assert Path(config.train_data.video_path) == (run / "source").resolve()
     assert sorted(p.name for p in (run / "source").iterdir()) == sorted(p.name for p in frames.iterdir())
     assert command[-1] == f"--config={run / 'tune.yaml'}"
+
+
+def test_tune_reads_only_uploads_and_the_data_folder_s_clips(app, tmp_path, monkeypatch):
+    client, root = app.client, app.root
+    before = sorted(root.iterdir())
+    outside = shutil.copy(SAMPLE_CLIP, tmp_path / "home-video.mp4")  # a video elsewhere on the machine
+    (tmp_path / "notes.txt").write_text("not a video")
+    refused = [outside, tmp_path / "missing.mp4", tmp_path / "notes.txt", tmp_path, f"{root}/../{outside.name}",
+               REPO / "data" / ".." / "README.md", "/etc/hostname"]
+    # a client that names a file of the server's machine instead of uploading one
+    monkeypatch.setattr(gradio_client.client.Endpoint, "_upload_file", lambda self, data, data_index: data)
+
+    def messages() -> set[str]:
+        found = set()
+        for path in refused:
+            with pytest.raises(AppError) as raised:
+                tune(client, video={"path": str(path), "meta": {"_type": "gradio.FileData"}}, steps=1,
+                     sample_every=1)
+            found.add(str(raised.value))
+        return found
+
+    assert len(messages()) == 1  # Gradio 6.31 refuses them itself, alike
+    # the app does not rely on that: with Gradio's check off and the path handed over as named, it refuses every
+    # path with one message, so no caller learns which files exist
+    monkeypatch.setattr(gradio.processing_utils, "_check_allowed", lambda path, check_in_upload_folder: None)
+
+    async def as_named(self, path):
+        return str(path)
+
+    monkeypatch.setattr(gradio.blocks.Block, "async_move_resource_to_block_cache", as_named)
+    found = messages()
+    assert len(found) == 1 and "the clip was not uploaded through this page" in found.pop()
+    assert sorted(root.iterdir()) == before
+
+
+def test_a_clip_of_the_data_folder_named_by_its_path_is_one_of_the_workspace_s(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    clip = shutil.copy(SAMPLE_CLIP, data / "sample.mp4")
+    workspace = Workspace(root=tmp_path / "outputs", checkpoints=tmp_path, data=data)
+    assert uploaded_clip(str(data / ".." / "data" / "sample.mp4"), workspace) == clip
+    with pytest.raises(UserError, match="not uploaded through this page"):
+        uploaded_clip(str(tmp_path / "other.mp4"), workspace)
+
+
+def test_a_run_tuned_by_the_original_code_is_edited_in_the_app(app, tuned_run):
+    from tests.helpers import write_as_diffusers_0_11
+
+    run = write_as_diffusers_0_11(tuned_run, app.root / "original-run")
+    edit_id, _ = app.client.predict(run=run.name, prompts="a red ball is moving", steps=2, inv_steps=2,
+                                    guidance_scale=7.5, seed=None, span="tuned window", span_start=0, span_end=0,
+                                    stride=None, api_name="/edit")
+    done = wait_for(app.client, edit_id, lambda info: info["status"] == "done", timeout=120)
+    video = done["outputs"]["videos"][0]
+    assert Path(video).name == "a red ball is moving.mp4"
+    assert (probe(Path(video))["frames"], probe(Path(video))["size"]) == (4, (64, 64))

@@ -12,6 +12,7 @@ message in the page (`gr.Error`); a job that fails shows the tool's own one-line
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from urllib.parse import quote
 
 import gradio as gr
 import pandas as pd
+from gradio.utils import get_upload_folder
 
 from ..cli import read_tail
 from ..editing import EditOptions, EditResult
@@ -64,6 +66,18 @@ def whole_number(value: float | None, name: str, minimum: int = 1) -> int:
     if value is None or value != int(value) or value < minimum:
         raise UserError(f"{name} must be a whole number >= {minimum}")
     return int(value)
+
+
+def uploaded_clip(path: str, workspace: Workspace) -> Path:
+    """The clip a request's video names: a file Gradio received (in its upload folder) or one of the workspace's
+    own clips, never another file of the machine, whatever Gradio let through. Every other path gets the same
+    message, before the file is looked at, so a caller learns nothing about which files exist."""
+    real = Path(os.path.realpath(path))
+    uploads = Path(os.path.realpath(get_upload_folder()))
+    if (real.is_relative_to(uploads) and real != uploads and real.is_file()) or real in {
+            Path(os.path.realpath(clip)) for clip in workspace.clips().values()}:
+        return real
+    raise UserError("the clip was not uploaded through this page: upload it, or pick a clip from the list")
 
 
 def given(value: float | None, name: str) -> float:
@@ -222,7 +236,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         """Check everything, write the run folder and queue the job; returns its id and status line at once."""
         try:
             if video:
-                source = Path(video)  # gradio's copy of the upload; its name is the user's, so it is only read
+                source = uploaded_clip(video, workspace)  # its name is the user's, so it is only read
             elif clip:
                 source = workspace.clips().get(clip)
                 if source is None:
