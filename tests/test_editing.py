@@ -464,8 +464,8 @@ DAMAGED_RUN_FILES = {
     "unet/diffusion_pytorch_model.safetensors": ["cannot be loaded", "re-run the training"],
     "vae/diffusion_pytorch_model.safetensors": ["cannot be loaded", "re-run the training"],
     "scheduler/scheduler_config.json": ["scheduler", "cannot be read"],
-    "model_index.json": ["cannot be loaded"],
-}
+    "tokenizer/tokenizer.json": ["cannot be loaded", "re-run the training"],
+}  # model_index.json only marks a run finished: the pipeline loads by class (`pipelines.loading`)
 
 
 @pytest.mark.parametrize("name", DAMAGED_RUN_FILES)
@@ -554,3 +554,23 @@ def test_ctrl_c_during_an_edit_leaves_no_file_behind(tuned_run, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0 and stderr.strip().splitlines()[-1] == "inference.py: interrupted"
     assert leftovers(out) == [] and not list(out.glob("*.mp4")) and not list(out.glob("*.gif"))
+
+
+def test_prompts_longer_than_a_file_name_are_cut_by_utf8_bytes_before_the_model_loads(tuned_run, tmp_path):
+    edits = tmp_path / "edits"
+    cjk, emoji = "一只红色的球在草地上滚动" * 8, "🔴⚽" * 40  # 96 characters, 288 bytes; 80 characters, 280 bytes
+    status, message = edit_cli(tuned_run, "--prompt", cjk, "--prompt", emoji, "--output-dir", str(edits), "--no-audio")
+    assert (status, message) == (0, "")
+    names = sorted(path.name for path in edits.iterdir())
+    assert all(len(name.encode()) <= 255 for name in names) and not leftovers(edits)
+    result = EditResult.load(edits)
+    for video, prompt in zip(result.videos, (cjk, emoji)):
+        stem = video.stem
+        assert prompt.startswith(stem) and 195 <= len(stem.encode()) <= 200, stem  # whole characters only
+        assert probe(video)["frames"] == 4 and video.with_suffix(".gif").is_file()
+    earlier = {name: (edits / name).read_bytes() for name in names}
+    # two prompts alike in their first 200 bytes would share files: refused before the model loads
+    status, message = edit_cli(tuned_run, "--prompt", cjk + "，晚上", "--prompt", cjk + "，早上", "--output-dir",
+                               str(edits))
+    assert status == 1 and "prompts would overwrite each other's files" in message and "\n" not in message
+    assert {path.name: path.read_bytes() for path in edits.iterdir()} == earlier

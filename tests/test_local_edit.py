@@ -173,3 +173,17 @@ def test_bad_p2p_configs_are_one_line(tmp_path, text, message):
     with pytest.raises(SystemExit) as exit:
         run_cli(inference.main, "inference.py", ["--p2p-config", str(path)])
     assert message in str(exit.value.code) and "\n" not in str(exit.value.code)
+
+
+def test_a_videop2p_config_naming_a_base_model_is_one_line_before_any_model_loads(tiny_sd, tmp_path):
+    write_rabbit(tmp_path / "rabbit")
+    config = tmp_path / "p2p.yaml"
+    config.write_text(f"pretrained_model_path: {tiny_sd}\nimage_path: {tmp_path / 'rabbit'}\n"
+                      "prompts: [a rabbit is jumping, a origami rabbit is jumping]\n")
+    before = sorted(tiny_sd.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(inference.main, "inference.py", ["--p2p-config", str(config), "--fast"])
+    message = str(exit_info.value.code)
+    assert message == (f"inference.py: error: {config}: pretrained_model_path {tiny_sd} is a base model, not a tuned "
+                       "run; tune it on the clip first (train_tuneavideo.py) and give the run's output_dir")
+    assert sorted(tiny_sd.rglob("*")) == before  # no results/ written into it

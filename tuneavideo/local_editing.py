@@ -23,6 +23,7 @@ from transformers import CLIPTokenizer
 
 from .errors import UserError
 from .p2p_config import load_p2p_config, read_p2p_frames
+from .pipelines.loading import is_base_model
 from .pipelines.local_edit import GUIDANCE_SCALE, LocalEdit, invert_and_edit, plan_local
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .run import Run
@@ -114,6 +115,9 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
     if not run.finished:
         raise UserError(f"{config}: pretrained_model_path {run.folder} holds no tuned model "
                         "(model_index.json); tune first")
+    if is_base_model(run.folder):
+        raise UserError(f"{config}: pretrained_model_path {run.folder} is a base model, not a tuned run; tune it on "
+                        "the clip first (train_tuneavideo.py) and give the run's output_dir")
     local = LocalEdit(cfg.control, cfg.source_prompt, cfg.blend_words, cfg.reweights, cfg.cross_replace_steps,
                       cfg.self_replace_steps, inversion="ddim" if fast else "null-text",
                       null_text_iterations=null_text_iterations)

@@ -28,7 +28,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import diffusers
@@ -251,17 +251,36 @@ class Run:
     # --- progress --------------------------------------------------------------------------------------------------
 
     def progress(self, since: float = 0.0) -> Progress | None:
-        """What progress.json says, or None before a training wrote it (or when it was written before `since`, a
-        time.time(): a reader that started a training ignores what an earlier one left)."""
+        """What progress.json says, or None when that is unknown: before a training wrote it, when it was written
+        before `since` (a time.time(): a reader that started a training ignores what an earlier one left), or when
+        it cannot be read (truncated, not JSON, a value of the wrong type). Keys it does not know (a newer
+        version's) are ignored."""
         try:
-            progress = Progress(**json.loads(self.progress_file.read_text()))
-        except FileNotFoundError:
+            values = json.loads(self.progress_file.read_text())
+            known = {f.name for f in fields(Progress)}
+            progress = Progress(**{key: value for key, value in values.items() if key in known})
+        except (OSError, ValueError, TypeError, AttributeError):  # JSON and UTF-8 errors are ValueErrors
             return None
-        return progress if progress.updated >= since else None
+        return progress if _well_formed(progress) and progress.updated >= since else None
 
     def write_progress(self, progress: Progress) -> None:
         with atomic_path(self.progress_file) as path:
             path.write_text(json.dumps(asdict(progress), indent=1))
+
+
+def _well_formed(progress: Progress) -> bool:
+    """Whether every value of a `Progress` read from a file has its field's type (readers format them)."""
+    def number(value, optional: bool = True) -> bool:
+        return (value is None and optional) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    return (isinstance(progress.state, str) and isinstance(progress.step, int) and isinstance(progress.total, int)
+            and all(number(value) for value in (progress.loss, progress.learning_rate, progress.seconds_per_step,
+                                                progress.eta_seconds))
+            and number(progress.updated, optional=False)
+            and all(isinstance(text, str) for text in (progress.sample, progress.message) if text is not None)
+            and isinstance(progress.history, list)
+            and all(isinstance(entry, list) and len(entry) == 3 and all(map(number, entry))
+                    for entry in progress.history))
 
 
 def checkpoint_step(path: Path) -> int | None:

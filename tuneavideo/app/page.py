@@ -26,6 +26,7 @@ import pandas as pd
 from gradio.utils import get_upload_folder
 
 from ..cli import read_tail
+from ..config import MAX_SEED
 from ..editing import EditOptions, EditResult
 from ..errors import UserError
 from ..pipelines.local_edit import GUIDANCE_SCALE, INVERSIONS, LocalEdit
@@ -61,10 +62,10 @@ def user_error(err: Exception) -> gr.Error:
     return gr.Error(" ".join(str(err).split()), print_exception=False)
 
 
-def whole_number(value: float | None, name: str, minimum: int = 1) -> int:
+def whole_number(value: float | None, name: str, minimum: int = 1, maximum: int | None = None) -> int:
     """`value` from a number field as an int; an empty field or a fraction is a message, not a crash."""
-    if value is None or value != int(value) or value < minimum:
-        raise UserError(f"{name} must be a whole number >= {minimum}")
+    if value is None or value != int(value) or value < minimum or (maximum is not None and value > maximum):
+        raise UserError(f"{name} must be a whole number >= {minimum}" + (f" and <= {maximum}" if maximum else ""))
     return int(value)
 
 
@@ -250,7 +251,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                 prompt=prompt or "", max_train_steps=whole_number(steps, "steps"),
                 n_sample_frames=whole_number(frames, "frames"), sample_frame_rate=whole_number(stride, "stride"),
                 sample_start_idx=whole_number(start, "start frame", minimum=0), size=whole_number(size, "size"),
-                learning_rate=float(learning_rate or 0), seed=whole_number(seed, "seed", minimum=0),
+                learning_rate=float(learning_rate or 0), seed=whole_number(seed, "seed", minimum=0, maximum=MAX_SEED),
                 sample_prompt=sample_prompt or "", sample_steps=whole_number(sample_steps, "sample steps"),
                 validation_steps=whole_number(sample_every, "sample every"),
             )
@@ -309,7 +310,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                 prompts=(prompts or "").splitlines(), num_inference_steps=whole_number(steps, "steps"),
                 num_inv_steps=whole_number(inv_steps, "inversion steps"),
                 guidance_scale=None if guidance_scale is None else float(guidance_scale),  # None: the edit's default
-                seed=None if seed is None else whole_number(seed, "seed", minimum=0),
+                seed=None if seed is None else whole_number(seed, "seed", minimum=0, maximum=MAX_SEED),
                 span={"whole clip": (None, None), "from / to": tuple(seconds)}.get(span),
                 stride=whole_number(stride, "stride") if stride else None,  # None, 0: the run's
                 local=local_edit(local, control, source_prompt, blend, reweight, inversion, cross_replace_steps,
@@ -455,7 +456,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                         with gr.Row():
                             size = gr.Slider(64, 1024, quick["size"], step=64, label="Size (long side, px)")
                             learning_rate = gr.Number(quick["learning_rate"], label="Learning rate")
-                            seed = gr.Number(quick["seed"], label="Seed", precision=0, minimum=0)
+                            seed = gr.Number(quick["seed"], label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                         with gr.Row():
                             sample_prompt = gr.Textbox(label="Sample prompt", placeholder="(the clip's prompt)")
                             sample_steps = gr.Number(quick["sample_steps"], label="Sample steps", precision=0,
@@ -491,7 +492,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                         edit_steps = gr.Number(50, label="Steps", precision=0, minimum=1)
                         inv_steps = gr.Number(50, label="Inversion steps", precision=0, minimum=1)
                         guidance = gr.Number(12.5, label="Guidance scale", info="7.5 (Video-P2P's) with a local edit")
-                        edit_seed = gr.Number(None, label="Seed", precision=0, minimum=0)
+                        edit_seed = gr.Number(None, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                     span = gr.Radio(list(SPAN_MODES), value=SPAN_MODES[0], label="Span of the clip")
                     with gr.Row():
                         span_start = gr.Number(0, label="from (s)", minimum=0)

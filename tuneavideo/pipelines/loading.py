@@ -11,7 +11,9 @@ config; inversion and sampling are DDIM, built from that config as the original'
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
@@ -31,3 +33,13 @@ def load_tuned_pipeline(folder: str | os.PathLike, dtype: torch.dtype = torch.fl
         unet=UNet3DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
         scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
     )
+
+
+def is_base_model(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds an image model's UNet (a base Stable Diffusion folder) rather than a tuned run's. An
+    unreadable UNet config is not judged here: loading names it."""
+    try:
+        config = json.loads((Path(folder) / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("_class_name") == "UNet2DConditionModel"
