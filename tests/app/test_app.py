@@ -485,19 +485,20 @@ def test_a_run_tuned_by_the_original_code_is_edited_in_the_app(app, tuned_run):
 def test_a_truncated_or_newer_progress_file_stops_no_reader_and_not_the_queue(app):
     client, runner = app.client, app.runner
 
-    def tuning(name: str, progress: str, exit_code: int) -> str:
-        """A tuning job whose process writes `progress` as its progress.json, then exits with `exit_code`."""
+    def tuning(name: str, progress: str, exit_code: int | str) -> str:
+        """A tuning job whose process writes `progress` as its progress.json, then exits with `exit_code` (a
+        message: printed, exit status 1)."""
         folder = app.root / name
         folder.mkdir()
         code = (f"import pathlib, sys, time\npathlib.Path({str(folder / 'progress.json')!r}).write_text("
-                f"{progress!r}.replace('NOW', str(time.time())))\nsys.exit({exit_code})")
+                f"{progress!r}.replace('NOW', str(time.time())))\nsys.exit({exit_code!r})")
         runner.submit(Job(id=name, kind="tune", folder=folder, command=[sys.executable, "-c", code], run=name))
         return name
 
-    truncated = tuning("truncated-progress", '{"state": "failed", "step": 1, "tot', 1)
+    truncated = tuning("truncated-progress", '{"state": "failed", "step": 1, "tot', "it broke")
     failed = wait_for(client, truncated, lambda info: info["status"] == "failed")  # /job reads it every call
-    assert failed["progress"] is None and failed["message"] == "exit status 1"
-    assert status_markdown(runner, runner.get(truncated)).endswith("`exit status 1`")
+    assert failed["progress"] is None and failed["message"] == "it broke"  # the log's last line, as without one
+    assert status_markdown(runner, runner.get(truncated)).endswith("`it broke`")
     newer = tuning("newer-progress", json.dumps({"state": "finished", "step": 2, "total": 2, "loss": 0.5,
                                                  "updated": "NOW", "history": [[1, 0.7, 1e-4], [2, 0.5, 1e-4]],
                                                  "gpu_memory_gb": 3.5}).replace('"NOW"', "NOW"), 0)
