@@ -505,3 +505,17 @@ def test_a_truncated_or_newer_progress_file_stops_no_reader_and_not_the_queue(ap
     done = wait_for(client, newer, lambda info: info["status"] == "done")  # the worker went on
     assert (done["progress"]["step"], done["progress"]["loss"]) == (2, 0.5)
     assert "gpu_memory_gb" not in done["progress"] and "last loss 0.5" in status_markdown(runner, runner.get(newer))
+
+
+def test_a_truncated_result_file_of_an_edit_fails_no_reader(app):
+    client, runner = app.client, app.runner
+    folder = app.root / "truncated-result" / "edits" / "edit-1"
+    folder.mkdir(parents=True)
+    code = f"import pathlib\npathlib.Path({str(folder / 'result.json')!r}).write_text('{{\"folder\": \"/x\", \"vid')"
+    runner.submit(Job(id="edit-1", kind="edit", folder=folder, command=[sys.executable, "-c", code],
+                      run="truncated-result"))
+    done = wait_for(client, "edit-1", lambda info: info["status"] == "done")  # /job reads result.json
+    assert done["outputs"] == {"videos": [], "gifs": [], "side_by_side": [], "masks": [], "inversion": []}
+    assert client.predict("edit-1", api_name="/edit_result")[:5] == (None, None, None, None, None)
+    assert status_markdown(runner, runner.get("edit-1")).startswith("**edit `edit-1`**: done")
+    assert (folder / "result.json").read_text() == '{"folder": "/x", "vid'  # read, never rewritten
