@@ -89,6 +89,8 @@ def test_guidance_defaults_to_videop2p_with_control_and_stays_12_5_without(tuned
     (["--control", "refine", "--prompt", TARGET, "--eta", "0.5"], "--eta does not apply with --control"),
     (["--control", "refine", "--prompt", "inversion"], "would overwrite"),
     (["--blend", "ball", "--prompt", TARGET], "need --control"),
+    (["--control", "refine", "--prompt", TARGET, "--reweight", "red=nan"], "--reweight red=nan: the factor must be"),
+    (["--control", "refine", "--prompt", TARGET, "--reweight", "red=-inf"], "--reweight red=-inf: the factor must"),
 ])
 def test_bad_local_edit_input_is_one_line_before_any_model_loads(tuned_run, tmp_path, capsys, monkeypatch, args,
                                                                 message):
@@ -187,3 +189,24 @@ def test_a_videop2p_config_naming_a_base_model_is_one_line_before_any_model_load
     assert message == (f"inference.py: error: {config}: pretrained_model_path {tiny_sd} is a base model, not a tuned "
                        "run; tune it on the clip first (train_tuneavideo.py) and give the run's output_dir")
     assert sorted(tiny_sd.rglob("*")) == before  # no results/ written into it
+
+
+def test_a_videop2p_config_s_nan_reweight_is_one_line_and_a_negative_one_is_taken(tuned_run, tmp_path, monkeypatch):
+    from tuneavideo import editing
+
+    def no_model(*_):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(editing, "_load_pipeline", no_model)
+    config = tmp_path / "p2p.yaml"
+    config.write_text(f"pretrained_model_path: {tuned_run}\nimage_path: {tmp_path}\n"
+                      "prompts: [a ball is moving, a red ball is moving]\neq_params: {words: [red], values: [.nan]}\n")
+    with pytest.raises(SystemExit) as exit:
+        run_cli(inference.main, "inference.py", ["--p2p-config", str(config), "--fast"])
+    assert str(exit.value.code).startswith("inference.py: error: ") and "red=nan: the factor must be a finite" in \
+        str(exit.value.code) and "\n" not in str(exit.value.code)
+    assert not (tuned_run / "results").exists()
+    # a negative factor is meant (Prompt-to-Prompt's examples weaken a word with -1): it passes every check
+    plan = plan_edit(tuned_run, EditOptions([TARGET], **STEPS, output_dir=tmp_path / "out",
+                                            local=LocalEdit("refine", reweight={"red": -1.0}, inversion="ddim")))
+    assert plan.local is not None

@@ -12,6 +12,7 @@ tokens' maps make the local-blend mask.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -163,7 +164,7 @@ def prompt_edit(
 
     Raises:
         PromptControlError: replace with different word counts, a blend or reweight word not in its prompt, a
-            prompt too long.
+            reweight factor that is not finite, a prompt too long.
     """
     if control == "replace":
         mapping = replace_mapping(tokenizer, source, target)
@@ -174,6 +175,10 @@ def prompt_edit(
         raise PromptControlError(f"--control must be one of {', '.join(CONTROLS)}, got {control!r}")
     factors = torch.ones(tokenizer.model_max_length)
     for word, factor in (reweight or {}).items():
+        # any finite factor: > 1 strengthens the word, below 1 weakens it, a negative one turns the pixels that
+        # attend to it away from it (Prompt-to-Prompt's own examples reweight with -1)
+        if not math.isfinite(factor):
+            raise PromptControlError(f"--reweight {word}={factor}: the factor must be a finite number, e.g. 2")
         factors[word_positions(tokenizer, target, word, "--reweight word")] = factor
     words = None
     if blend is not None:
