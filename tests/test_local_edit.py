@@ -168,13 +168,17 @@ def test_videop2p_rabbit_jump_configs_tune_and_edit_unchanged_but_for_paths_and_
     ('prompts: ["a rabbit", "a origami rabbit"]\npretrained_model_path: run\n', "missing image_path"),
     ('image_path: f\nprompts: ["a rabbit"]\npretrained_model_path: run\n', "[source, target]"),
     ('image_path: f\nprompts: ["a", "b"]\nsteps: 3\n', "unknown key 'steps'"),
+    ('image_path: f\nprompts: ["a", "b"]\npretrained_model_path: run\nsave_name: ../../elsewhere/x\n',
+     "save_name='../../elsewhere/x' must be a plain file name"),
 ])
 def test_bad_p2p_configs_are_one_line(tmp_path, text, message):
-    path = tmp_path / "bad-p2p.yaml"
+    path = tmp_path / "configs" / "bad-p2p.yaml"
+    path.parent.mkdir()
     path.write_text(text)
     with pytest.raises(SystemExit) as exit:
         run_cli(inference.main, "inference.py", ["--p2p-config", str(path)])
     assert message in str(exit.value.code) and "\n" not in str(exit.value.code)
+    assert [p.name for p in tmp_path.rglob("*")] == ["configs", "bad-p2p.yaml"]  # nothing written anywhere
 
 
 def test_a_videop2p_config_naming_a_base_model_is_one_line_before_any_model_loads(tiny_sd, tmp_path):
