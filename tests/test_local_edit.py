@@ -214,3 +214,24 @@ def test_a_videop2p_config_s_nan_reweight_is_one_line_and_a_negative_one_is_take
     plan = plan_edit(tuned_run, EditOptions([TARGET], **STEPS, output_dir=tmp_path / "out",
                                             local=LocalEdit("refine", reweight={"red": -1.0}, inversion="ddim")))
     assert plan.local is not None
+
+
+def test_a_damaged_tokenizer_ends_a_local_edit_in_one_line_before_any_model_loads(tuned_run, tmp_path, monkeypatch):
+    from tuneavideo import editing
+
+    monkeypatch.setattr(editing, "_load_pipeline", lambda *_: pytest.fail("the model was loaded"))
+    run = shutil.copytree(tuned_run, tmp_path / "run", ignore=shutil.ignore_patterns("edits"))
+    tokenizer = run / "tokenizer" / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[: tokenizer.stat().st_size // 2])  # truncated
+    write_rabbit(tmp_path / "rabbit")
+    config = tmp_path / "p2p.yaml"
+    config.write_text(f"pretrained_model_path: {run}\nimage_path: {tmp_path / 'rabbit'}\n"
+                      "prompts: [a ball is moving, a red ball is moving]\n")
+    for args in (["--model", str(run), "--control", "refine", "--prompt", TARGET, "--inversion", "ddim"],
+                 ["--p2p-config", str(config), "--fast"]):
+        with pytest.raises(SystemExit) as exit:
+            run_cli(inference.main, "inference.py", args)
+        message = str(exit.value.code)
+        assert message.startswith(f"inference.py: error: {run / 'tokenizer'}: the run's tokenizer cannot be loaded (")
+        assert message.endswith("re-run the training to save the model again") and "\n" not in message
+    assert not (run / "edits").exists() and not (run / "results").exists()

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from .atomic import atomic_path
-from .config import TrainConfig, load_config
+from .config import MAX_SEED, TrainConfig, load_config
 from .video.frames import ClipTooShortError, clip_size, decode_frames, shown_at_constant_rate, tuned_window
 from .video.readers import Clip, frames_text
 from .errors import UserError, first_line
@@ -221,8 +221,8 @@ def plan_edit(run: str | os.PathLike, options: EditOptions) -> EditPlan:
             raise EditError(f"{name} {steps}: at most {timesteps} (the model's timesteps)")
     local = None
     if options.local is not None:  # its words checked with the run's tokenizer, before any model loads
-        local = plan_local(CLIPTokenizer.from_pretrained(run, subfolder="tokenizer"), options.local, options.prompts,
-                           data.prompt, options.num_inference_steps, options.num_inv_steps)
+        local = plan_local(_tokenizer(run), options.local, options.prompts, data.prompt, options.num_inference_steps,
+                           options.num_inv_steps)
     guidance = options.guidance_scale if options.guidance_scale is not None else GUIDANCE_SCALE if local else 12.5
     folder = _output_folder(Path(options.output_dir) if options.output_dir is not None else Run(run).edits)
     size = clip_size(clip.info.width, clip.info.height, data.width, data.height)
@@ -375,6 +375,14 @@ def check_options(options: EditOptions) -> list[str]:
         if (start is not None and start < 0) or (start is not None and end is not None and end <= start):
             given = ":".join("" if value is None else f"{float(value):g}" for value in options.span)
             raise EditError(f"--span {given!r}: START must be >= 0 and before END")
+    texts = [("--prompt", prompt) for prompt in options.prompts] + [("--negative-prompt", options.negative_prompt)]
+    if options.local is not None:
+        texts.append(("--source-prompt", options.local.source_prompt))
+    for option, text in texts:
+        if text is not None and not _is_utf8(text):
+            raise EditError(f"{option} '{_shown(text)}': is not UTF-8 text; give it in UTF-8")
+    if options.seed is not None and not 0 <= options.seed <= MAX_SEED:
+        raise EditError(f"--seed must be a whole number from 0 to {MAX_SEED} (2**32 - 1), got {options.seed}")
     if options.guidance_scale is not None and not math.isfinite(options.guidance_scale):
         raise EditError(f"--guidance-scale must be a finite number, got {options.guidance_scale}")
     if not (math.isfinite(options.eta) and options.eta >= 0):
@@ -447,12 +455,35 @@ def _source_frames(plan: EditPlan) -> Iterator[np.ndarray]:
     return decode_frames(plan.clip, plan.frames, plan.size, check)
 
 
+def _is_utf8(text: str) -> bool:
+    """Whether `text` is UTF-8 text: Python keeps bytes of the command line that are not as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(text: str) -> str:
+    """`text` with the bytes that are not UTF-8 shown as escapes (\\xff)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _scheduler_config(run: Path) -> dict:
     try:
         return DDIMScheduler.load_config(run, subfolder="scheduler")
     except (OSError, ValueError) as err:
         raise EditError(f"{run / 'scheduler'}: the run's scheduler config cannot be read ({first_line(err)}); "
                         "re-run the training to save the model again") from err
+
+
+def _tokenizer(run: Path) -> CLIPTokenizer:
+    """The run's tokenizer, read before any model loads (a local edit's words are checked with it)."""
+    try:
+        return CLIPTokenizer.from_pretrained(run, subfolder="tokenizer")
+    except Exception as err:  # a damaged file surfaces as OSError, ValueError (JSON) or the tokenizers' Exception
+        raise EditError(f"{run / 'tokenizer'}: the run's tokenizer cannot be loaded ({first_line(err)}); re-run the "
+                        "training to save the model again") from err
 
 
 def _load_pipeline(run: Path, dtype: torch.dtype) -> TuneAVideoPipeline:
@@ -487,6 +518,9 @@ def _cached_latent(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
         return None
     if not isinstance(latent, torch.Tensor) or tuple(latent.shape) != shape:
         logger.info(f"{path} is not a latent of shape {shape}; inverting the clip again")
+        return None
+    if not torch.isfinite(latent).all():  # an edit from it would be black
+        logger.warning(f"note: {path} holds values that are not finite (NaN or infinite); inverting the clip again")
         return None
     return latent.float()
 

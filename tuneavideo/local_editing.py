@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPTokenizer
 
 from .errors import UserError
 from .p2p_config import load_p2p_config, read_p2p_frames
@@ -106,7 +105,7 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
     50 inversion steps and 7.5 guidance can be changed; `spatial_attention` sets the UNet's frame rule for folders
     tuned by Video-P2P's own code (whose UNet config cannot say), e.g. "first_frame". `size` (None:
     `P2P_SIZE`) and `null_text_iterations` are Video-P2P's fixed 512 and 10 unless given (for quick checks)."""
-    from .editing import _load_pipeline  # editing imports this module
+    from .editing import _load_pipeline, _tokenizer  # editing imports this module
 
     cfg = load_p2p_config(config)
     if cfg.pretrained_model_path is None:
@@ -121,7 +120,7 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
     local = LocalEdit(cfg.control, cfg.source_prompt, cfg.blend_words, cfg.reweights, cfg.cross_replace_steps,
                       cfg.self_replace_steps, inversion="ddim" if fast else "null-text",
                       null_text_iterations=null_text_iterations)
-    tokenizer = CLIPTokenizer.from_pretrained(run.folder, subfolder="tokenizer")
+    tokenizer = _tokenizer(run.folder)
     plan = plan_local(tokenizer, local, [cfg.target_prompt], cfg.source_prompt, num_inference_steps, num_inv_steps)
     frames = read_p2p_frames(cfg.image_path, cfg.video_len, size or P2P_SIZE)
     cuda = torch.cuda.is_available()

@@ -519,3 +519,24 @@ def test_a_truncated_result_file_of_an_edit_fails_no_reader(app):
     assert client.predict("edit-1", api_name="/edit_result")[:5] == (None, None, None, None, None)
     assert status_markdown(runner, runner.get("edit-1")).startswith("**edit `edit-1`**: done")
     assert (folder / "result.json").read_text() == '{"folder": "/x", "vid'  # read, never rewritten
+
+
+def test_a_local_edit_of_a_run_with_a_damaged_tokenizer_is_one_line_and_leaves_no_folder(app, tuned_run):
+    run = app.root / "damaged-tokenizer"
+    shutil.copytree(tuned_run, run, ignore=shutil.ignore_patterns("edits"))
+    tokenizer = run / "tokenizer" / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[: tokenizer.stat().st_size // 2])
+    with pytest.raises(AppError) as raised:
+        app.client.predict(run=run.name, prompts="a red ball is moving", steps=2, inv_steps=2, guidance_scale=None,
+                           seed=None, span="tuned window", span_start=0, span_end=0, stride=None, local=True,
+                           blend="ball", api_name="/edit")
+    assert "the run's tokenizer cannot be loaded" in str(raised.value) and "\n" not in str(raised.value)
+    assert not (run / "edits").exists()  # no empty edits/edit-* folder left
+
+
+def test_the_seed_fields_take_at_most_2_32_minus_1(app):
+    with pytest.raises(AppError, match="4294967295"):
+        tune(app.client, clip="sample.mp4", steps=1, sample_every=1, seed=2**32)
+    with pytest.raises(AppError, match="4294967295"):
+        app.client.predict(run="any", prompts="a cat", steps=2, inv_steps=2, guidance_scale=7.5, seed=2**40,
+                           span="tuned window", span_start=0, span_end=0, stride=None, api_name="/edit")
