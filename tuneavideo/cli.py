@@ -43,17 +43,6 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def text(value: str) -> str:
-    """An argparse `type` for free text (a prompt): the bytes the shell passed must be UTF-8. Python keeps other
-    bytes as lone surrogates, which no tokenizer or file name takes."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        raise argparse.ArgumentTypeError(f"{shown!r} is not UTF-8 text; give it in UTF-8") from None
-    return value
-
-
 def release_freed_memory() -> None:
     """Make glibc serve allocations of 1 MiB and more with mmap, so freed activation buffers go back to the system
     at once instead of staying in the heap: the same as `MALLOC_MMAP_THRESHOLD_=1048576` (a 4x512 training step on
