@@ -33,7 +33,8 @@ from tests.helpers import (
 )
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
-from tuneavideo.editing import EditOptions, edit
+from tuneavideo.editing import edit
+from tuneavideo.request import EditRequest
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.inversion import sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
@@ -210,7 +211,7 @@ def test_bf16_on_the_cpu_trains_resumes_and_edits(tmp_path, run_config):
     # the same noise and timesteps (same seed): the losses differ by bf16 rounding only
     assert losses == pytest.approx(reference, rel=0.05)
     assert losses != reference  # bf16 did run
-    result = edit(half, EditOptions(["a red ball"], num_inference_steps=3, num_inv_steps=3, audio=False))
+    result = edit(half, EditRequest(["a red ball"], num_inference_steps=3, num_inv_steps=3, audio=False))
     assert len(Clip(result.videos[0]).read(range(4))) == 4
 
 

@@ -182,7 +182,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
                 progress.set_postfix(**logs)
                 accelerator.log(logs, step=global_step)
                 report.step(global_step, logs["loss"], logs["lr"])
-                interrupted = ctrl_c.agreed(accelerator)
+                interrupted = ctrl_c.any_process_interrupted(accelerator)
                 if global_step % cfg.checkpointing_steps == 0 or interrupted:
                     save_checkpoint(accelerator, run, global_step, cfg.checkpoints_total_limit)
                 if interrupted:
@@ -266,7 +266,7 @@ class CtrlC:
         self.requested = True
         logger.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to stop now)")
 
-    def agreed(self, accelerator: Accelerator) -> bool:
+    def any_process_interrupted(self, accelerator: Accelerator) -> bool:
         """Whether any process was interrupted; all processes must agree, or they would wait for each other."""
         if accelerator.num_processes == 1:
             return self.requested

@@ -35,10 +35,9 @@ import inference
 from tests.helpers import SAMPLE_CLIP, probe, small_disk  # the sample clip: 48 frames at 24 fps, 256x256, with sound
 from tuneavideo.app.page import launch, status_markdown, uploaded_clip
 from tuneavideo.config import load_config
-from tuneavideo.editing import EditOptions
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
-from tuneavideo.pipelines.local_edit import LocalEdit
+from tuneavideo.request import EditRequest, LocalEdit
 from tuneavideo.app.jobs import FINISHED, Job, JobRunner
 from tuneavideo.video.writers import write_mp4
 from tuneavideo.app.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
@@ -170,7 +169,7 @@ def test_tune_stop_resume_and_edit_with_sound(app):
     assert (mask, inversion) == (None, None)  # a plain edit has neither
     assert sorted(Path(path).name for path in downloads) == sorted(
         ["a red ball is moving.mp4", "a cat, cartoon style.mp4", "a red ball is moving.gif",
-         "a cat, cartoon style.gif", "side-by-side.mp4"])
+         "a cat, cartoon style.gif", "a red ball is moving+a cat, cartoon style.side-by-side.mp4"])
     fps = Fraction(24, 3)
     for path, width in ((video, 64), (side_by_side, 3 * 64)):  # the side-by-side: the source, then each edit
         assert not Path(path).is_relative_to(root)  # downloaded through the app, not read from its folder
@@ -197,7 +196,7 @@ def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
     # the edit's own checks, before anything is written or a model loads
     for settings, message in ((dict(blend="cat"), "blend source word 'cat' is not a word of the prompt"),
                               (dict(control="replace"), "the source prompt has 4 words and the target 5"),
-                              (dict(reweight="red"), "reweight 'red': give WORD=FACTOR"),
+                              (dict(reweight="red"), "`reweights` 'red': give WORD=FACTOR"),
                               (dict(local=False), "blend and reweight are for a local edit: tick Local edit")):
         with pytest.raises(AppError) as raised:
             client.predict(**{**edit, **settings})
@@ -207,9 +206,9 @@ def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
     edit_id, _ = client.predict(**edit)
     done = wait_for(client, edit_id, lambda info: info["status"] == "done", timeout=120)
     assert [Path(path).name for path in done["outputs"]["masks"]] == ["a red ball is moving.mask.mp4"]
-    assert [Path(path).name for path in done["outputs"]["inversion"]] == ["inversion.mp4"]
+    assert [Path(path).name for path in done["outputs"]["inversion"]] == ["a red ball is moving.inversion.mp4"]
     video, mask, _, inversion, downloads, _ = client.predict(edit_id, api_name="/edit_result")
-    assert {"a red ball is moving.mask.mp4", "inversion.mp4"} <= {Path(path).name for path in downloads}
+    assert {"a red ball is moving.mask.mp4", "a red ball is moving.inversion.mp4"} <= {Path(p).name for p in downloads}
     for path in (video, mask, inversion):  # downloaded through the app; 4 frames of 64x64 at 8 fps
         info = probe(Path(path))
         assert (info["frames"], info["size"], info["fps"], info["codec"]) == (4, (64, 64), Fraction(8), "h264")
@@ -338,44 +337,38 @@ def test_bad_input_gives_one_line_messages_and_writes_nothing(app, tmp_path):
     assert not (broken / "edits").exists()
 
 
-def test_edit_command_is_what_inference_reads(tmp_path):
+def test_the_edit_job_reads_the_whole_request_from_a_file(tmp_path):
+    """The app hands its request to inference.py as a file, never as flags: every field arrives as it was set."""
     workspace = Workspace(root=tmp_path, checkpoints=tmp_path, data=tmp_path)
-    run, out = tmp_path / "run", tmp_path / "run" / "edits" / "e"
-
-    def command(**settings) -> list[str]:
-        return edit_command(workspace, run, EditOptions(prompts=["-a cat"], num_inference_steps=3, num_inv_steps=5,
-                                                        guidance_scale=7.5, output_dir=out, **settings))
-
-    default = command()
-    assert default[1:] == [str(REPO / "inference.py"), f"--model={run}", f"--output-dir={out}",
-                           "--num-inference-steps=3", "--num-inv-steps=5", "--guidance-scale=7.5", "--prompt=-a cat"]
-    assert command(span=(None, None), stride=2)[-2:] == ["--span=all", "--stride=2"]
-    assert command(span=(Fraction(3, 2), None), seed=4)[-2:] == ["--seed=4", "--span=3/2:"]
-    assert command(span=(None, Fraction(9, 4)))[-1] == "--span=:9/4"
-    # what the command passes is what inference.py reads back
+    run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").touch()
     (run / "model_index.json").touch()
-    options = EditOptions(prompts=["-a cat"], num_inference_steps=3, num_inv_steps=5, guidance_scale=7.5, seed=4,
-                          span=(Fraction(3, 2), Fraction(9, 4)), stride=2, output_dir=str(out))
-    assert inference.parse_args(edit_command(workspace, run, options)[2:]) == (run, options)
-    exact = dataclasses.replace(options, guidance_scale=7.123456789)  # more digits than %g keeps
-    assert inference.parse_args(edit_command(workspace, run, exact)[2:]) == (run, exact)
-    local = LocalEdit("replace", source_prompt="-a dog", blend=("dog", "cat"), reweight={"cat": 2.0, "-a": 0.5},
+    local = LocalEdit("replace", source_prompt="-a dog", blend_words=("dog", "cat"), reweights={"cat": 2.0, "-a": 0.5},
                       cross_replace_steps=0.1, self_replace_steps=0.25, blend_start=0.3, mask_threshold=0.45,
-                      inversion="ddim")
-    local_options = dataclasses.replace(options, guidance_scale=None, local=local)  # None: the edit's default
-    assert not any(flag.startswith("--guidance-scale") for flag in edit_command(workspace, run, local_options))
-    for edit in (local_options, dataclasses.replace(options, local=LocalEdit())):  # no source prompt, blend, reweight
-        assert inference.parse_args(edit_command(workspace, run, edit)[2:]) == (run, edit)
+                      inversion="ddim", null_text_iterations=3)
+    plain = EditRequest(prompts=["-a cat", "a dog"], negative_prompt="blur", seed=4, num_inference_steps=3,
+                        guidance_scale=7.123456789, num_inv_steps=5, num_videos_per_prompt=2, eta=0.5,
+                        span=(Fraction(3, 2), Fraction(9, 4)), stride=2, window=3, overlap=1,
+                        output_dir=str(tmp_path / "out"), audio=False, evaluate=True, jpeg_frames=True, gif=False)
+    requests = [plain, dataclasses.replace(plain, span=(None, None), local=local),
+                dataclasses.replace(plain, span=(None, Fraction(1, 3)), local=LocalEdit())]
+    for index, request in enumerate(requests):
+        command = edit_command(workspace, run, request.save(tmp_path / f"request-{index}.json"))
+        assert command[2:] == [f"--model={run}", f"--request={tmp_path / f'request-{index}.json'}"]
+        assert inference.parse_args(command[2:]) == (run, request)
+    (tmp_path / "bad.json").write_text('{"prompts": ["a cat"], "steps": 3}')
+    with pytest.raises(UserError, match=r"bad.json: unknown field 'steps'; a request has prompts, "):
+        inference.parse_args([f"--model={run}", f"--request={tmp_path / 'bad.json'}"])
+    with pytest.raises(UserError, match="^--request holds every edit setting; leave out --seed$"):
+        inference.parse_args([f"--model={run}", f"--request={tmp_path / 'request-0.json'}", "--seed=3"])
 
 
 def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path, monkeypatch):
     hub = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # this machine's cache left out
     workspace = Workspace(root=tmp_path, checkpoints=tmp_path, data=tmp_path, repo=tmp_path)
-    options = EditOptions(prompts=["a cat"], output_dir=tmp_path / "out")
-    assert "--evaluate" not in edit_command(workspace, tmp_path, options)
+    assert not workspace.can_evaluate()
     # in the Hugging Face cache (where the edit job's hub ids find them)
     for hub_id, file in ((CLIP_MODEL, "config.json"), (PICKSCORE_MODEL, "config.json"),
                          (PICKSCORE_PROCESSOR, "preprocessor_config.json")):
@@ -384,11 +377,11 @@ def test_edits_are_scored_when_the_scoring_models_are_there(tmp_path, monkeypatc
         (cached / "snapshots" / "0" / file).write_text("{}")
         (cached / "refs").mkdir()
         (cached / "refs" / "main").write_text("0")
-    assert edit_command(workspace, tmp_path, options)[-1] == "--evaluate"
+    assert workspace.can_evaluate()  # prepare_edit then asks for the figures (EditRequest.evaluate)
     shutil.rmtree(hub)
     for name in ("clip-vit-large-patch14", "PickScore_v1", "CLIP-ViT-H-14-laion2B-s32B-b79K"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
-    assert edit_command(workspace, tmp_path, options)[-1] == "--evaluate"
+    assert workspace.can_evaluate()
     figures = dict(num_frames=4, frame_consistency=91.5, frame_consistency_neighbours=95.0, text_alignment=27.25,
                    pickscore=20.125)
     (tmp_path / "metrics.json").write_text(json.dumps(

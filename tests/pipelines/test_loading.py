@@ -15,7 +15,7 @@ from PIL import Image
 
 import inference
 from tests.helpers import write_as_diffusers_0_11
-from tuneavideo import local_editing
+from tuneavideo import p2p_edit
 from tuneavideo.cli import run_cli
 from tuneavideo.evaluate import read_frames
 from tuneavideo.pipelines.loading import load_tuned_pipeline
@@ -75,7 +75,7 @@ def test_a_videop2p_config_opens_it(original_run, tmp_path, monkeypatch, capsys)
     config.write_text(f"pretrained_model_path: {run}\nimage_path: {frames}\nprompt: a ball is moving\n"
                       "prompts: [a ball is moving, a red ball is moving]\nblend_word: [ball, ball]\n"
                       "save_name: red\nvideo_len: 4\n")
-    monkeypatch.setattr(local_editing, "P2P_SIZE", 64)  # Video-P2P's 512x512 takes minutes on the CPU
+    monkeypatch.setattr(p2p_edit, "P2P_SIZE", 64)  # Video-P2P's 512x512 takes minutes on the CPU
     run_cli(inference.main, "inference.py", ["--p2p-config", str(config), "--fast", *STEPS,
                                              "--spatial-attention", "first_frame"])
     assert "red_fast.gif" in capsys.readouterr().out

@@ -27,8 +27,7 @@ from pathlib import Path
 
 from ..atomic import DiskFullError, atomic_path
 from ..cli import read_tail
-from ..editing import EditResult
-from ..run import Progress, Run
+from ..run import EditResult, Progress, Run
 
 JOB_FILE = "job.json"
 LOG_FILE = "log.txt"
@@ -64,10 +63,10 @@ class Job:
 
     def result(self) -> EditResult | None:
         """A finished edit's result.json (None before it is written, for a tuning job, and when it cannot be read:
-        truncated, not JSON, or missing a key)."""
+        truncated, not JSON, empty, or missing a key)."""
         try:
             return EditResult.load(self.folder)
-        except (OSError, ValueError, KeyError, TypeError):  # JSON and UTF-8 errors are ValueErrors
+        except (OSError, ValueError, KeyError, TypeError, IndexError):  # JSON and UTF-8 errors are ValueErrors
             return None
 
     def save(self) -> None:

@@ -27,11 +27,18 @@ from gradio.utils import get_upload_folder
 
 from ..cli import read_tail
 from ..config import MAX_SEED
-from ..editing import EditOptions, EditResult
 from ..errors import UserError
-from ..pipelines.local_edit import GUIDANCE_SCALE, INVERSIONS, LocalEdit
-from ..pipelines.prompt_alignment import CONTROLS, parse_blend, parse_reweight
-from ..run import Progress, Run
+from ..request import (
+    CONTROLS,
+    GUIDANCE_SCALE,
+    INVERSIONS,
+    LOCAL_GUIDANCE_SCALE,
+    EditRequest,
+    LocalEdit,
+    parse_blend_words,
+    parse_reweights,
+)
+from ..run import EditResult, Progress, Run
 from .jobs import FINISHED, Job, JobRunner
 from .workspace import (
     PRESETS,
@@ -91,7 +98,7 @@ def given(value: float | None, name: str) -> float:
 def local_edit(on: bool, control: str, source_prompt: str | None, blend: str | None, reweight: str | None,
                inversion: str, cross_replace_steps: float | None, self_replace_steps: float | None,
                blend_start: float | None, mask_threshold: float | None) -> LocalEdit | None:
-    """The Local edit fields as `EditOptions.local` (None when off): blend `WORD` or `SOURCE:TARGET`, reweight
+    """The Local edit fields as `EditRequest.local` (None when off): blend `WORD` or `SOURCE:TARGET`, reweight
     `WORD=FACTOR` lines, an empty source prompt the run's tuned one. The edit's own checks come later."""
     blend = (blend or "").strip()
     if not on:
@@ -100,8 +107,8 @@ def local_edit(on: bool, control: str, source_prompt: str | None, blend: str | N
         return None
     return LocalEdit(
         control=control, source_prompt=(source_prompt or "").strip() or None,
-        blend=parse_blend(blend) if blend else None,
-        reweight=parse_reweight([line.strip() for line in (reweight or "").splitlines() if line.strip()]),
+        blend_words=parse_blend_words(blend) if blend else None,
+        reweights=parse_reweights([line.strip() for line in (reweight or "").splitlines() if line.strip()]),
         cross_replace_steps=given(cross_replace_steps, "cross-replace steps"),
         self_replace_steps=given(self_replace_steps, "self-replace steps"),
         blend_start=given(blend_start, "blend start"), mask_threshold=given(mask_threshold, "mask threshold"),
@@ -306,7 +313,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         parameters after it are the Local edit fields (see `local_edit`); the text ones may be left out (None)."""
         try:
             seconds = [Fraction(str(value)) if value else None for value in (span_start, span_end)]  # 0: open
-            options = EditOptions(
+            request = EditRequest(
                 prompts=(prompts or "").splitlines(), num_inference_steps=whole_number(steps, "steps"),
                 num_inv_steps=whole_number(inv_steps, "inversion steps"),
                 guidance_scale=None if guidance_scale is None else float(guidance_scale),  # None: the edit's default
@@ -316,7 +323,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                 local=local_edit(local, control, source_prompt, blend, reweight, inversion, cross_replace_steps,
                                  self_replace_steps, blend_start, mask_threshold),
             )
-            edit_folder, command = prepare_edit(workspace, run or "", options)
+            edit_folder, command = prepare_edit(workspace, run or "", request)
         except UserError as err:
             raise user_error(err) from None
         title = " | ".join(line.strip() for line in prompts.splitlines() if line.strip())
@@ -489,9 +496,10 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                     prompts = gr.Textbox(label="New prompts, one per line", lines=3, elem_id="edit-prompts",
                                          placeholder="spider man is skiing on the beach, cartoon style")
                     with gr.Row():
-                        edit_steps = gr.Number(50, label="Steps", precision=0, minimum=1)
-                        inv_steps = gr.Number(50, label="Inversion steps", precision=0, minimum=1)
-                        guidance = gr.Number(12.5, label="Guidance scale", info="7.5 (Video-P2P's) with a local edit")
+                        edit_steps = gr.Number(EditRequest.num_inference_steps, label="Steps", precision=0, minimum=1)
+                        inv_steps = gr.Number(EditRequest.num_inv_steps, label="Inversion steps", precision=0, minimum=1)
+                        guidance = gr.Number(GUIDANCE_SCALE, label="Guidance scale",
+                                             info=f"{LOCAL_GUIDANCE_SCALE:g} (Video-P2P's) with a local edit")
                         edit_seed = gr.Number(None, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                     span = gr.Radio(list(SPAN_MODES), value=SPAN_MODES[0], label="Span of the clip")
                     with gr.Row():
@@ -557,7 +565,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                           [tune_job, tune_status], api_name="tune")
         tune_stop.click(stop, tune_job, tune_status, api_name="stop")
         tune_resume.click(resume, tune_job, [tune_job, tune_status], api_name="resume")
-        local_on.change(lambda on: GUIDANCE_SCALE if on else 12.5, local_on, guidance, api_visibility="private")
+        local_on.change(lambda on: LOCAL_GUIDANCE_SCALE if on else GUIDANCE_SCALE, local_on, guidance,
+                        api_visibility="private")
         run.change(run_settings, run, [edit_steps, inv_steps, edit_seed, edit_stride, source_prompt, edit_note],
                    api_visibility="private")
         edit_button.click(submit_edit, [run, prompts, edit_steps, inv_steps, guidance, edit_seed, span, span_start,
