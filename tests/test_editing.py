@@ -43,8 +43,9 @@ from tests.helpers import (
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
 from tuneavideo.editing import edit, plan_edit
+from tuneavideo.evaluate import read_frames
 from tuneavideo.request import EditRequest, LocalEdit, RequestError
-from tuneavideo.run import EditResult
+from tuneavideo.run import EditResult, Run
 from tuneavideo.pipelines.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import SD_SCHEDULER_CONFIG
@@ -504,8 +505,8 @@ DAMAGED_RUN_FILES = {
     "unet/diffusion_pytorch_model.safetensors": ["cannot be loaded", "re-run the training"],
     "vae/diffusion_pytorch_model.safetensors": ["cannot be loaded", "re-run the training"],
     "scheduler/scheduler_config.json": ["scheduler", "cannot be read"],
-    "model_index.json": ["cannot be loaded"],
-}
+    "tokenizer/tokenizer.json": ["cannot be loaded", "re-run the training"],
+}  # model_index.json only marks a run finished: the pipeline loads by class (`pipelines.loading`)
 
 
 @pytest.mark.parametrize("name", DAMAGED_RUN_FILES)
@@ -594,3 +595,67 @@ def test_ctrl_c_during_an_edit_leaves_no_file_behind(tuned_run, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0 and stderr.strip().splitlines()[-1] == "inference.py: interrupted"
     assert leftovers(out) == [] and not list(out.glob("*.mp4")) and not list(out.glob("*.gif"))
+
+
+def test_prompts_longer_than_a_file_name_are_cut_by_utf8_bytes_before_the_model_loads(tuned_run, tmp_path):
+    edits = tmp_path / "edits"
+    cjk, emoji = "一只红色的球在草地上滚动" * 8, "🔴⚽" * 40  # 96 characters, 288 bytes; 80 characters, 280 bytes
+    status, message = edit_cli(tuned_run, "--prompt", cjk, "--prompt", emoji, "--output-dir", str(edits), "--no-audio")
+    assert (status, message) == (0, "")
+    names = sorted(path.name for path in edits.iterdir())
+    assert all(len(name.encode()) <= 255 for name in names) and not leftovers(edits)
+    result = EditResult.load(edits)
+    for video, prompt in zip(result.videos, (cjk, emoji)):
+        stem = video.stem
+        assert prompt.startswith(stem) and 195 <= len(stem.encode()) <= 200, stem  # whole characters only
+        assert probe(video)["frames"] == 4 and video.with_suffix(".gif").is_file()
+    earlier = {name: (edits / name).read_bytes() for name in names}
+    # two prompts alike in their first 200 bytes would share files: refused before the model loads
+    status, message = edit_cli(tuned_run, "--prompt", cjk + "，晚上", "--prompt", cjk + "，早上", "--output-dir",
+                               str(edits))
+    assert status == 1 and "would overwrite each other's files" in message and "\n" not in message
+    assert {path.name: path.read_bytes() for path in edits.iterdir()} == earlier
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_cached_inversion_that_is_not_finite_is_inverted_again(value, tuned_run, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(tuned_run, run)
+    (cached,) = (run / "inv_latents").glob("ddim_latent-*.pt")
+    good = torch.load(cached)
+    bad = good.clone()
+    bad[0, 0, 1, 2, 3] = value  # the right shape, one value off: the whole edit would be black
+    torch.save(bad, cached)
+    with caplog.at_level("WARNING"):
+        assert edit_cli(run, "--prompt", "a cat", "--no-audio") == (0, "")
+    assert f"note: {cached} holds values that are not finite" in caplog.text
+    assert "inverting the clip again" in caplog.text
+    replaced = torch.load(cached)
+    assert replaced.shape == good.shape and torch.isfinite(replaced).all()
+    torch.testing.assert_close(replaced, good, rtol=1e-4, atol=1e-4)  # this run inverted the clip as it did
+    assert EditResult.load(run / "edits").cached_latent is None
+    assert np.stack(read_frames(run / "edits" / "a cat.mp4")).std() > 1  # not a black (or flat) edit
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--prompt", os.fsdecode(b"a \xff\xfe ball")], "--prompt 'a \\xff\\xfe ball'"),
+    (["--prompt", "a cat", "--negative-prompt", os.fsdecode(b"blur\xe9")], "--negative-prompt 'blur\\xe9'"),
+    (["--prompt", "a red ball is moving", "--control", "refine", "--source-prompt", os.fsdecode(b"a \xff ball")],
+     "--source-prompt 'a \\xff ball'"),
+], ids=["prompt", "negative-prompt", "source-prompt"])
+def test_prompt_bytes_that_are_not_utf8_are_one_line_before_any_model_loads(args, option, tuned_run, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setattr(Run, "load_pipeline", lambda *_: pytest.fail("the model was loaded"))
+    status, message = edit_cli(tuned_run, *args, "--output-dir", str(tmp_path / "edits"))
+    assert status == 1 and message == f"inference.py: error: {option}: is not UTF-8 text; give it in UTF-8"
+    assert not (tmp_path / "edits").exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**80])
+def test_a_seed_out_of_range_is_one_line_before_any_model_loads(seed, tuned_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(Run, "load_pipeline", lambda *_: pytest.fail("the model was loaded"))
+    status, message = edit_cli(tuned_run, "--prompt", "a cat", "--seed", str(seed), "--output-dir",
+                               str(tmp_path / "edits"))
+    assert status == 1 and "\n" not in message
+    assert message == f"inference.py: error: --seed must be a whole number from 0 to 4294967295 (2**32 - 1), got {seed}"
+    assert not (tmp_path / "edits").exists()

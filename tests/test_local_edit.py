@@ -90,6 +90,8 @@ def test_guidance_defaults_to_videop2p_with_control_and_stays_12_5_without(tuned
     (["--control", "refine", "--prompt", TARGET, "--reweight", "red=nan"], "--reweight red=nan: the factor must be"),
     (["--control", "refine", "--prompt", "a.inversion"], "would overwrite"),
     (["--blend", "ball", "--prompt", TARGET], "need --control"),
+    (["--control", "refine", "--prompt", TARGET, "--reweight", "red=nan"], "reweight red=nan: the factor must be"),
+    (["--control", "refine", "--prompt", TARGET, "--reweight", "red=-inf"], "reweight red=-inf: the factor must"),
 ])
 def test_bad_local_edit_input_is_one_line_before_any_model_loads(tuned_run, tmp_path, capsys, monkeypatch, args,
                                                                 message):
@@ -148,10 +150,63 @@ def test_videop2p_rabbit_jump_configs_tune_and_edit_unchanged_but_for_paths_and_
     ('prompts: ["a rabbit", "a origami rabbit"]\npretrained_model_path: run\n', "missing image_path"),
     ('image_path: f\nprompts: ["a rabbit"]\npretrained_model_path: run\n', "[source, target]"),
     ('image_path: f\nprompts: ["a", "b"]\nsteps: 3\n', "unknown key 'steps'"),
+    ('image_path: f\nprompts: ["a", "b"]\npretrained_model_path: run\nsave_name: ../../elsewhere/x\n',
+     "save_name='../../elsewhere/x' must be a plain file name"),
 ])
 def test_bad_p2p_configs_are_one_line(tmp_path, text, message):
-    path = tmp_path / "bad-p2p.yaml"
+    path = tmp_path / "configs" / "bad-p2p.yaml"
+    path.parent.mkdir()
     path.write_text(text)
     with pytest.raises(SystemExit) as exit:
         run_cli(inference.main, "inference.py", ["--p2p-config", str(path)])
     assert message in str(exit.value.code) and "\n" not in str(exit.value.code)
+    assert [p.name for p in tmp_path.rglob("*")] == ["configs", "bad-p2p.yaml"]  # nothing written anywhere
+
+
+def test_a_videop2p_config_naming_a_base_model_is_one_line_before_any_model_loads(tiny_sd, tmp_path):
+    write_rabbit(tmp_path / "rabbit")
+    config = tmp_path / "p2p.yaml"
+    config.write_text(f"pretrained_model_path: {tiny_sd}\nimage_path: {tmp_path / 'rabbit'}\n"
+                      "prompts: [a rabbit is jumping, a origami rabbit is jumping]\n")
+    before = sorted(tiny_sd.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(inference.main, "inference.py", ["--p2p-config", str(config), "--fast"])
+    message = str(exit_info.value.code)
+    assert message == (f"inference.py: error: {config}: pretrained_model_path {tiny_sd} is a base model, not a tuned "
+                       "run; tune it on the clip first (train_tuneavideo.py) and give the run's output_dir")
+    assert sorted(tiny_sd.rglob("*")) == before  # no results/ written into it
+
+
+def test_a_videop2p_config_s_nan_reweight_is_one_line_and_a_negative_one_is_taken(tuned_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(Run, "load_pipeline", lambda *_: pytest.fail("the model was loaded"))
+    config = tmp_path / "p2p.yaml"
+    config.write_text(f"pretrained_model_path: {tuned_run}\nimage_path: {tmp_path}\n"
+                      "prompts: [a ball is moving, a red ball is moving]\neq_params: {words: [red], values: [.nan]}\n")
+    with pytest.raises(SystemExit) as exit:
+        run_cli(inference.main, "inference.py", ["--p2p-config", str(config), "--fast"])
+    assert str(exit.value.code).startswith("inference.py: error: ") and "red=nan: the factor must be a finite" in \
+        str(exit.value.code) and "\n" not in str(exit.value.code)
+    assert not (tuned_run / "results").exists()
+    # a negative factor is meant (Prompt-to-Prompt's examples weaken a word with -1): it passes every check
+    plan = plan_edit(tuned_run, EditRequest([TARGET], **STEPS, output_dir=tmp_path / "out",
+                                            local=LocalEdit("refine", reweights={"red": -1.0}, inversion="ddim")))
+    assert plan.control is not None
+
+
+def test_a_damaged_tokenizer_ends_a_local_edit_in_one_line_before_any_model_loads(tuned_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(Run, "load_pipeline", lambda *_: pytest.fail("the model was loaded"))
+    run = shutil.copytree(tuned_run, tmp_path / "run", ignore=shutil.ignore_patterns("edits"))
+    tokenizer = run / "tokenizer" / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[: tokenizer.stat().st_size // 2])  # truncated
+    write_rabbit(tmp_path / "rabbit")
+    config = tmp_path / "p2p.yaml"
+    config.write_text(f"pretrained_model_path: {run}\nimage_path: {tmp_path / 'rabbit'}\n"
+                      "prompts: [a ball is moving, a red ball is moving]\n")
+    for args in (["--model", str(run), "--control", "refine", "--prompt", TARGET, "--inversion", "ddim"],
+                 ["--p2p-config", str(config), "--fast"]):
+        with pytest.raises(SystemExit) as exit:
+            run_cli(inference.main, "inference.py", args)
+        message = str(exit.value.code)
+        assert message.startswith(f"inference.py: error: {run / 'tokenizer'}: the run's tokenizer cannot be loaded (")
+        assert message.endswith("re-run the training to save the model again") and "\n" not in message
+    assert not (run / "edits").exists() and not (run / "results").exists()

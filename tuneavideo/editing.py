@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import CLIPTokenizer
 
 from .atomic import atomic_path
 from .config import TrainConfig
@@ -101,7 +100,7 @@ def plan_edit(run: str | os.PathLike, request: EditRequest) -> EditPlan:
             raise RequestError(f"`{name}` {getattr(request, name)}: at most {timesteps} (the model's timesteps)")
     control = None
     if request.local is not None:  # its words checked with the run's tokenizer, before any model loads
-        tokenizer = CLIPTokenizer.from_pretrained(run.folder, subfolder="tokenizer")
+        tokenizer = run.load_tokenizer()
         control = request.local.plan(tokenizer, request.prompts, data.prompt)
     folder = output_folder(Path(request.output_dir) if request.output_dir is not None else run.edits)
     files = EditFiles.of(folder, [prompt_file_name(prompt) for prompt in request.prompts], stems)

@@ -19,7 +19,9 @@ from PIL import Image
 from .config import ConfigError
 from .errors import first_line
 from .request import LocalEdit
+from .run import INVERSION
 from .video.readers import VideoReadError, frames_text, image_files, load_image
+from .video.writers import PROMPT_NAME_BYTES, prompt_file_name
 
 # every key of Video-P2P's main(), besides its --fast flag
 P2P_KEYS = ("pretrained_model_path", "image_path", "prompt", "prompts", "blend_word", "eq_params", "save_name",
@@ -126,6 +128,14 @@ def load_p2p_config(path: str | os.PathLike) -> P2PConfig:
     for key in ("image_path", "prompt", "save_name", "pretrained_model_path"):
         if key in values and not isinstance(values[key], str):
             raise fail(key, "must be a string")
+    # a config comes from anyone: its save_name names files in <run>/results/, never a path, and not the inversion's
+    save_name = values.get("save_name", "edit")
+    if save_name != prompt_file_name(save_name):
+        raise fail("save_name", f"must be a plain file name (no folders, no control characters, not . or .., at most "
+                   f"{PROMPT_NAME_BYTES} bytes)")
+    if save_name in (INVERSION, f"{INVERSION}_fast"):
+        raise fail("save_name", f"would overwrite the inversion's own files ({INVERSION}[_fast].gif); choose "
+                   "another name")
 
     return P2PConfig(
         image_path=values["image_path"],
@@ -136,7 +146,7 @@ def load_p2p_config(path: str | os.PathLike) -> P2PConfig:
         blend_words=blend_words,
         reweights={word: float(factor) for word, factor in zip(words, factors)},
         video_len=video_len,
-        save_name=values.get("save_name", "edit"),
+        save_name=save_name,
         pretrained_model_path=values.get("pretrained_model_path"),
         mixed_precision=mixed_precision,
         **numbers,

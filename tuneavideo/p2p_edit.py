@@ -12,10 +12,10 @@ from fractions import Fraction
 from pathlib import Path
 
 import torch
-from transformers import CLIPTokenizer
 
 from .errors import UserError
 from .p2p_config import load_p2p_config, read_p2p_frames
+from .pipelines.loading import is_base_model
 from .request import LOCAL_GUIDANCE_SCALE, LocalEdit
 from .run import INVERSION, MASK, Run
 from .video.edit_writer import EditWriter
@@ -49,9 +49,12 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
     if not run.finished:
         raise UserError(f"{config}: pretrained_model_path {run.folder} holds no tuned model "
                         "(model_index.json); tune first")
+    if is_base_model(run.folder):
+        raise UserError(f"{config}: pretrained_model_path {run.folder} is a base model, not a tuned run; tune it on "
+                        "the clip first (train_tuneavideo.py) and give the run's output_dir")
     local = cfg.local_edit(fast, null_text_iterations)
     local.check(num_inference_steps, num_inv_steps)
-    tokenizer = CLIPTokenizer.from_pretrained(run.folder, subfolder="tokenizer")
+    tokenizer = run.load_tokenizer()
     plan = local.plan(tokenizer, [cfg.target_prompt], cfg.source_prompt)
     frames = read_p2p_frames(cfg.image_path, cfg.video_len, size or P2P_SIZE)
     cuda = torch.cuda.is_available()

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .config import MAX_SEED
 from .errors import UserError
 from .pipelines.local_edit import LocalLatents, invert_and_edit
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
@@ -95,6 +96,7 @@ class LocalEdit:
             inside = 0 < value < 1 if exclusive else 0 <= value <= 1
             if not inside:
                 raise RequestError(f"`{name}` must be in {'(0, 1)' if exclusive else '[0, 1]'}, got {value}")
+        # any finite factor; a negative one is meant: it turns away from the word (Prompt-to-Prompt's examples use -1)
         for word, factor in self.reweights.items():
             if not math.isfinite(factor):
                 raise RequestError(f"`reweights` {word}={factor}: the factor must be a finite number")
@@ -122,6 +124,15 @@ class LocalPlan:
                                cross_replace_steps=settings.cross_replace_steps,
                                self_replace_steps=settings.self_replace_steps, blend_start=settings.blend_start,
                                mask_threshold=settings.mask_threshold, inversion_prompt=inversion_prompt)
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (a tokenizer's and a file name's text)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -181,6 +192,15 @@ class EditRequest:
             if (start is not None and start < 0) or (start is not None and end is not None and end <= start):
                 given = ":".join("" if value is None else f"{float(value):g}" for value in self.span)
                 raise RequestError(f"`span` {given!r}: START must be >= 0 and before END")
+        texts = [("prompts", prompt) for prompt in self.prompts] + [("negative_prompt", self.negative_prompt)]
+        if self.local is not None:
+            texts.append(("source_prompt", self.local.source_prompt))
+        for name, text in texts:  # Python keeps command-line bytes that are not UTF-8 as lone surrogates
+            if text is not None and not is_utf8(text):
+                shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise RequestError(f"`{name}` '{shown}': is not UTF-8 text; give it in UTF-8")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise RequestError(f"`seed` must be a whole number from 0 to {MAX_SEED} (2**32 - 1), got {self.seed}")
         if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
             raise RequestError(f"`guidance_scale` must be a finite number, got {self.guidance_scale}")
         if not (math.isfinite(self.eta) and self.eta >= 0):

@@ -41,10 +41,12 @@ import diffusers
 import torch
 import transformers
 from omegaconf import OmegaConf
+from transformers import CLIPTokenizer
 
 from .atomic import DiskFullError, atomic_path
 from .config import ConfigError, TrainConfig, load_config
 from .errors import UserError, first_line
+from .pipelines.loading import load_tuned_pipeline
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .pipelines.windows import Window
 from .video.frames import tuned_window
@@ -332,12 +334,21 @@ class Run:
         return self
 
     def load_pipeline(self, dtype: torch.dtype) -> TuneAVideoPipeline:
-        """The tuned pipeline, on the CPU in `dtype`."""
+        """The tuned pipeline, on the CPU in `dtype`, loaded by class whatever model_index.json names (the original
+        code's runs name a module diffusers cannot import: `pipelines.loading`)."""
         try:
-            return TuneAVideoPipeline.from_pretrained(self.folder, dtype=dtype)
+            return load_tuned_pipeline(self.folder, dtype)
         except Exception as err:  # damaged weights surface as OSError, ValueError, RuntimeError or SafetensorError
             raise RunError(f"{self.folder}: its tuned model cannot be loaded ({first_line(err)}); re-run the training "
                            "(or resume it from its last checkpoint with resume_from_checkpoint=latest)") from err
+
+    def load_tokenizer(self) -> CLIPTokenizer:
+        """The run's tokenizer alone: a local edit's words are checked with it before any model loads."""
+        try:
+            return CLIPTokenizer.from_pretrained(self.folder, subfolder="tokenizer")
+        except Exception as err:  # a damaged file surfaces as OSError, ValueError (JSON) or the tokenizers' Exception
+            raise RunError(f"{self.folder / 'tokenizer'}: the run's tokenizer cannot be loaded ({first_line(err)}); "
+                           "re-run the training to save the model again") from err
 
     def num_train_timesteps(self) -> int:
         """The tuned scheduler's timesteps: the most steps an edit or an inversion can take."""
@@ -404,22 +415,45 @@ class Run:
         if not isinstance(latent, torch.Tensor) or tuple(latent.shape) != shape:
             logger.info(f"{path} is not a latent of shape {shape}; inverting the clip again")
             return None
+        if not torch.isfinite(latent).all():  # an edit from it would be black
+            logger.warning(f"note: {path} holds values that are not finite (NaN or infinite); inverting the clip "
+                           "again")
+            return None
         return latent.float()
 
     # --- progress --------------------------------------------------------------------------------------------------
 
     def progress(self, since: float = 0.0) -> Progress | None:
-        """What progress.json says, or None before a training wrote it (or when it was written before `since`, a
-        time.time(): a reader that started a training ignores what an earlier one left)."""
+        """What progress.json says, or None when that is unknown: before a training wrote it, when it was written
+        before `since` (a time.time(): a reader that started a training ignores what an earlier one left), or when
+        it cannot be read (truncated, not JSON, a value of the wrong type). Keys it does not know (a newer
+        version's) are ignored."""
         try:
-            progress = Progress(**json.loads(self.progress_file.read_text()))
-        except FileNotFoundError:
+            values = json.loads(self.progress_file.read_text())
+            known = {f.name for f in fields(Progress)}
+            progress = Progress(**{key: value for key, value in values.items() if key in known})
+        except (OSError, ValueError, TypeError, AttributeError):  # JSON and UTF-8 errors are ValueErrors
             return None
-        return progress if progress.updated >= since else None
+        return progress if _well_formed(progress) and progress.updated >= since else None
 
     def write_progress(self, progress: Progress) -> None:
         with atomic_path(self.progress_file) as path:
             path.write_text(json.dumps(asdict(progress), indent=1))
+
+
+def _well_formed(progress: Progress) -> bool:
+    """Whether every value of a `Progress` read from a file has its field's type (readers format them)."""
+    def number(value, optional: bool = True) -> bool:
+        return (value is None and optional) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    return (isinstance(progress.state, str) and isinstance(progress.step, int) and isinstance(progress.total, int)
+            and all(number(value) for value in (progress.loss, progress.learning_rate, progress.seconds_per_step,
+                                                progress.eta_seconds))
+            and number(progress.updated, optional=False)
+            and all(isinstance(text, str) for text in (progress.sample, progress.message) if text is not None)
+            and isinstance(progress.history, list)
+            and all(isinstance(entry, list) and len(entry) == 3 and all(map(number, entry))
+                    for entry in progress.history))
 
 
 def checkpoint_step(path: Path) -> int | None:

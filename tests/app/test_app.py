@@ -22,6 +22,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote
 
+import gradio
+import gradio_client
 import httpx
 import huggingface_hub
 import numpy as np
@@ -31,7 +33,7 @@ from gradio_client.exceptions import AppError
 
 import inference
 from tests.helpers import SAMPLE_CLIP, probe, small_disk  # the sample clip: 48 frames at 24 fps, 256x256, with sound
-from tuneavideo.app.page import launch, status_markdown
+from tuneavideo.app.page import launch, status_markdown, uploaded_clip
 from tuneavideo.config import load_config
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
@@ -415,3 +417,119 @@ def test_a_folder_of_frames_in_data_is_a_clip_to_tune(tmp_path, tiny_sd):
     assert Path(config.train_data.video_path) == (run / "source").resolve()
     assert sorted(p.name for p in (run / "source").iterdir()) == sorted(p.name for p in frames.iterdir())
     assert command[-1] == f"--config={run / 'tune.yaml'}"
+
+
+def test_tune_reads_only_uploads_and_the_data_folder_s_clips(app, tmp_path, monkeypatch):
+    client, root = app.client, app.root
+    before = sorted(root.iterdir())
+    outside = shutil.copy(SAMPLE_CLIP, tmp_path / "home-video.mp4")  # a video elsewhere on the machine
+    (tmp_path / "notes.txt").write_text("not a video")
+    refused = [outside, tmp_path / "missing.mp4", tmp_path / "notes.txt", tmp_path, f"{root}/../{outside.name}",
+               REPO / "data" / ".." / "README.md", "/etc/hostname"]
+    # a client that names a file of the server's machine instead of uploading one
+    monkeypatch.setattr(gradio_client.client.Endpoint, "_upload_file", lambda self, data, data_index: data)
+
+    def messages() -> set[str]:
+        found = set()
+        for path in refused:
+            with pytest.raises(AppError) as raised:
+                tune(client, video={"path": str(path), "meta": {"_type": "gradio.FileData"}}, steps=1,
+                     sample_every=1)
+            found.add(str(raised.value))
+        return found
+
+    assert len(messages()) == 1  # Gradio 6.31 refuses them itself, alike
+    # the app does not rely on that: with Gradio's check off and the path handed over as named, it refuses every
+    # path with one message, so no caller learns which files exist
+    monkeypatch.setattr(gradio.processing_utils, "_check_allowed", lambda path, check_in_upload_folder: None)
+
+    async def as_named(self, path):
+        return str(path)
+
+    monkeypatch.setattr(gradio.blocks.Block, "async_move_resource_to_block_cache", as_named)
+    found = messages()
+    assert len(found) == 1 and "the clip was not uploaded through this page" in found.pop()
+    assert sorted(root.iterdir()) == before
+
+
+def test_a_clip_of_the_data_folder_named_by_its_path_is_one_of_the_workspace_s(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    clip = shutil.copy(SAMPLE_CLIP, data / "sample.mp4")
+    workspace = Workspace(root=tmp_path / "outputs", checkpoints=tmp_path, data=data)
+    assert uploaded_clip(str(data / ".." / "data" / "sample.mp4"), workspace) == clip
+    with pytest.raises(UserError, match="not uploaded through this page"):
+        uploaded_clip(str(tmp_path / "other.mp4"), workspace)
+
+
+def test_a_run_tuned_by_the_original_code_is_edited_in_the_app(app, tuned_run):
+    from tests.helpers import write_as_diffusers_0_11
+
+    run = write_as_diffusers_0_11(tuned_run, app.root / "original-run")
+    edit_id, _ = app.client.predict(run=run.name, prompts="a red ball is moving", steps=2, inv_steps=2,
+                                    guidance_scale=7.5, seed=None, span="tuned window", span_start=0, span_end=0,
+                                    stride=None, api_name="/edit")
+    done = wait_for(app.client, edit_id, lambda info: info["status"] == "done", timeout=120)
+    video = done["outputs"]["videos"][0]
+    assert Path(video).name == "a red ball is moving.mp4"
+    assert (probe(Path(video))["frames"], probe(Path(video))["size"]) == (4, (64, 64))
+
+
+def test_a_truncated_or_newer_progress_file_stops_no_reader_and_not_the_queue(app):
+    client, runner = app.client, app.runner
+
+    def tuning(name: str, progress: str, exit_code: int | str) -> str:
+        """A tuning job whose process writes `progress` as its progress.json, then exits with `exit_code` (a
+        message: printed, exit status 1)."""
+        folder = app.root / name
+        folder.mkdir()
+        code = (f"import pathlib, sys, time\npathlib.Path({str(folder / 'progress.json')!r}).write_text("
+                f"{progress!r}.replace('NOW', str(time.time())))\nsys.exit({exit_code!r})")
+        runner.submit(Job(id=name, kind="tune", folder=folder, command=[sys.executable, "-c", code], run=name))
+        return name
+
+    truncated = tuning("truncated-progress", '{"state": "failed", "step": 1, "tot', "it broke")
+    failed = wait_for(client, truncated, lambda info: info["status"] == "failed")  # /job reads it every call
+    assert failed["progress"] is None and failed["message"] == "it broke"  # the log's last line, as without one
+    assert status_markdown(runner, runner.get(truncated)).endswith("`it broke`")
+    newer = tuning("newer-progress", json.dumps({"state": "finished", "step": 2, "total": 2, "loss": 0.5,
+                                                 "updated": "NOW", "history": [[1, 0.7, 1e-4], [2, 0.5, 1e-4]],
+                                                 "gpu_memory_gb": 3.5}).replace('"NOW"', "NOW"), 0)
+    done = wait_for(client, newer, lambda info: info["status"] == "done")  # the worker went on
+    assert (done["progress"]["step"], done["progress"]["loss"]) == (2, 0.5)
+    assert "gpu_memory_gb" not in done["progress"] and "last loss 0.5" in status_markdown(runner, runner.get(newer))
+
+
+def test_a_truncated_result_file_of_an_edit_fails_no_reader(app):
+    client, runner = app.client, app.runner
+    folder = app.root / "truncated-result" / "edits" / "edit-1"
+    folder.mkdir(parents=True)
+    code = f"import pathlib\npathlib.Path({str(folder / 'result.json')!r}).write_text('{{\"folder\": \"/x\", \"vid')"
+    runner.submit(Job(id="edit-1", kind="edit", folder=folder, command=[sys.executable, "-c", code],
+                      run="truncated-result"))
+    done = wait_for(client, "edit-1", lambda info: info["status"] == "done")  # /job reads result.json
+    assert done["outputs"] == {"videos": [], "gifs": [], "side_by_side": [], "masks": [], "inversion": []}
+    assert client.predict("edit-1", api_name="/edit_result")[:5] == (None, None, None, None, None)
+    assert status_markdown(runner, runner.get("edit-1")).startswith("**edit `edit-1`**: done")
+    assert (folder / "result.json").read_text() == '{"folder": "/x", "vid'  # read, never rewritten
+
+
+def test_a_local_edit_of_a_run_with_a_damaged_tokenizer_is_one_line_and_leaves_no_folder(app, tuned_run):
+    run = app.root / "damaged-tokenizer"
+    shutil.copytree(tuned_run, run, ignore=shutil.ignore_patterns("edits"))
+    tokenizer = run / "tokenizer" / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[: tokenizer.stat().st_size // 2])
+    with pytest.raises(AppError) as raised:
+        app.client.predict(run=run.name, prompts="a red ball is moving", steps=2, inv_steps=2, guidance_scale=None,
+                           seed=None, span="tuned window", span_start=0, span_end=0, stride=None, local=True,
+                           blend="ball", api_name="/edit")
+    assert "the run's tokenizer cannot be loaded" in str(raised.value) and "\n" not in str(raised.value)
+    assert not (run / "edits").exists()  # no empty edits/edit-* folder left
+
+
+def test_the_seed_fields_take_at_most_2_32_minus_1(app):
+    with pytest.raises(AppError, match="4294967295"):
+        tune(app.client, clip="sample.mp4", steps=1, sample_every=1, seed=2**32)
+    with pytest.raises(AppError, match="4294967295"):
+        app.client.predict(run="any", prompts="a cat", steps=2, inv_steps=2, guidance_scale=7.5, seed=2**40,
+                           span="tuned window", span_start=0, span_end=0, stride=None, api_name="/edit")
