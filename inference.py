@@ -94,8 +94,8 @@ def parser() -> argparse.ArgumentParser:
                             "(Video-P2P's --fast)")
     local.add_argument("--fast", action="store_true", help="with --p2p-config: DDIM inversion only (Video-P2P's)")
     local.add_argument("--spatial-attention", choices=SPATIAL_ATTENTION, default=None,
-                       help="with --p2p-config: the tuned UNet's frame rule, for folders tuned by Video-P2P's own "
-                            "code (first_frame), whose config cannot say")
+                       help="with --p2p-config: the tuned UNet's frame rule (default: the one its config records, "
+                            "else first_frame, as Video-P2P's editing uses)")
     return parser
 
 

@@ -9,6 +9,7 @@ Video-P2P's own edit configs run through `edit_p2p`: its frames (`read_p2p_frame
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable
@@ -23,7 +24,7 @@ from transformers import CLIPTokenizer
 
 from .errors import UserError
 from .p2p_config import load_p2p_config, read_p2p_frames
-from .pipelines.local_edit import GUIDANCE_SCALE, LocalEdit, invert_and_edit, plan_local
+from .pipelines.local_edit import GUIDANCE_SCALE, LocalEdit, LocalLatents, invert_and_edit, plan_local
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .run import Run
 from .video.writers import Mp4Writer, grid_frames, write_gif, write_mp4
@@ -32,6 +33,8 @@ INVERSION = "inversion"  # file stem of the source branch's video
 MASK_SUFFIX = ".mask"  # <prompt>.mask.mp4: the blend mask over the source
 P2P_FPS = 4  # Video-P2P's GIFs: 250 ms a frame
 P2P_SIZE = 512  # Video-P2P's frames: the centre square at 512x512
+# Video-P2P's editing builds its own UNet, whose spatial attention is its FrameAttention, whatever folder it loads
+P2P_SPATIAL_ATTENTION = "first_frame"
 MASK_TINT = np.array([255, 0, 0], dtype=np.float32)  # red, half over the masked pixels
 
 
@@ -95,6 +98,16 @@ class P2PResult:
     gifs: list[Path]  # inversion[_fast].gif, <save_name>[_fast].gif: Video-P2P's own outputs
     videos: list[Path]  # the same as MP4s
     mask: Path | None  # <save_name>[_fast].mask.mp4 with a blend word
+    latents: LocalLatents  # the final latents of the source branch and the edit, and the edit's last mask
+    frames: list[np.ndarray]  # each GIF's frames `(frames, H, W, 3)` uint8, as they went into it
+
+
+def p2p_spatial_attention(run: str | os.PathLike) -> str:
+    """The frame rule a Video-P2P config edits the tuned `run` with: the one its UNet config records (runs tuned
+    here record theirs), else Video-P2P's own, first-frame attention (a folder tuned by Tune-A-Video's or Video-P2P's
+    code records none; Video-P2P's editing uses first-frame attention on any folder)."""
+    config = json.loads((Path(run) / "unet" / "config.json").read_text())
+    return config.get("spatial_attention", P2P_SPATIAL_ATTENTION)
 
 
 def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps: int = 50, num_inv_steps: int = 50,
@@ -102,8 +115,8 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
              size: int | None = None, null_text_iterations: int = 10) -> P2PResult:
     """Run a Video-P2P edit config as its `run_videop2p.py --config CONFIG [--fast]` does: its frames, its
     attention control, null-text inversion unless `fast`, and its outputs (plus MP4s). Its fixed 50 sampling and
-    50 inversion steps and 7.5 guidance can be changed; `spatial_attention` sets the UNet's frame rule for folders
-    tuned by Video-P2P's own code (whose UNet config cannot say), e.g. "first_frame". `size` (None:
+    50 inversion steps and 7.5 guidance can be changed; `spatial_attention` sets the UNet's frame rule (None:
+    `p2p_spatial_attention`, first-frame attention for folders tuned by the original code). `size` (None:
     `P2P_SIZE`) and `null_text_iterations` are Video-P2P's fixed 512 and 10 unless given (for quick checks)."""
     from .editing import _load_pipeline  # editing imports this module
 
@@ -125,8 +138,7 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
         else torch.float32
     pipe = _load_pipeline(run.folder, dtype).to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
-    if spatial_attention is not None:
-        pipe.unet.set_spatial_attention(spatial_attention)
+    pipe.unet.set_spatial_attention(spatial_attention or p2p_spatial_attention(run.folder))
     clean = pipe.encode_video(frames).mean
     # Video-P2P inverts with its `prompt` (its configs repeat prompts[0]); the source branch samples prompts[0]
     latents = invert_and_edit(pipe, clean, plan, [cfg.target_prompt], num_inference_steps, num_inv_steps,
@@ -136,12 +148,14 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
     suffix = "_fast" if fast else ""
     stems = [f"{INVERSION}{suffix}", f"{cfg.save_name}{suffix}"]
     gifs, videos = [folder / f"{stem}.gif" for stem in stems], [folder / f"{stem}.mp4" for stem in stems]
+    written = []
     for latent, gif, video in zip((latents.source, latents.targets), gifs, videos):
         decoded = grid_frames(torch.from_numpy(pipe.decode_latents(latent)))
         write_gif(decoded, gif, P2P_FPS)
         write_mp4(decoded, video, P2P_FPS)
+        written.append(decoded)
     mask = None
     if latents.masks[0] is not None:
         mask = folder / f"{stems[1]}{MASK_SUFFIX}.mp4"
         write_masks(frames, latents.masks, [mask], P2P_FPS, [1] * len(frames))
-    return P2PResult(folder, gifs, videos, mask)
+    return P2PResult(folder, gifs, videos, mask, latents, written)
