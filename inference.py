@@ -101,8 +101,8 @@ def parser() -> argparse.ArgumentParser:
     p2p = parser.add_argument_group("Video-P2P's edit configs")
     p2p.add_argument("--fast", action="store_true", help="with --p2p-config: DDIM inversion only (Video-P2P's)")
     p2p.add_argument("--spatial-attention", choices=SPATIAL_ATTENTION, default=None,
-                     help="with --p2p-config: the tuned UNet's frame rule, for folders tuned by Video-P2P's own code "
-                          "(first_frame), whose config cannot say")
+                     help="with --p2p-config: the tuned UNet's frame rule (default: the one its config records, "
+                          "else first_frame, as Video-P2P's editing uses)")
     return parser
 
 

@@ -6,22 +6,28 @@ source branch) and `<save_name>[_fast].gif` at its 250 ms a frame, with MP4s and
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import UserError
 from .p2p_config import load_p2p_config, read_p2p_frames
+from .pipelines.local_edit import LocalLatents
 from .pipelines.loading import is_base_model
 from .request import LOCAL_GUIDANCE_SCALE, LocalEdit
 from .run import INVERSION, MASK, Run
 from .video.edit_writer import EditWriter
+from .video.writers import grid_frames
 
 P2P_FPS = Fraction(4)  # Video-P2P's GIFs: 250 ms a frame
 P2P_SIZE = 512  # Video-P2P's frames: the centre square at 512x512
+# Video-P2P's editing builds its own UNet, whose spatial attention is its FrameAttention, whatever folder it loads
+P2P_SPATIAL_ATTENTION = "first_frame"
 
 
 @dataclass
@@ -32,6 +38,16 @@ class P2PResult:
     gifs: list[Path]  # inversion[_fast].gif, <save_name>[_fast].gif: Video-P2P's own outputs
     videos: list[Path]  # the same as MP4s
     mask: Path | None  # <save_name>[_fast].mask.mp4 with a blend word
+    latents: LocalLatents  # the final latents of the source branch and the edit, and the edit's last mask
+    frames: list[np.ndarray]  # each GIF's frames `(frames, H, W, 3)` uint8, as they went into it
+
+
+def p2p_spatial_attention(run: str | os.PathLike) -> str:
+    """The frame rule a Video-P2P config edits the tuned `run` with: the one its UNet config records (runs tuned
+    here record theirs), else Video-P2P's own, first-frame attention (a folder tuned by Tune-A-Video's or Video-P2P's
+    code records none; Video-P2P's editing uses first-frame attention on any folder)."""
+    config = json.loads((Path(run) / "unet" / "config.json").read_text())
+    return config.get("spatial_attention", P2P_SPATIAL_ATTENTION)
 
 
 def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps: int = 50, num_inv_steps: int = 50,
@@ -39,8 +55,8 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
              size: int | None = None, null_text_iterations: int = LocalEdit.null_text_iterations) -> P2PResult:
     """Run a Video-P2P edit config as its `run_videop2p.py --config CONFIG [--fast]` does: its frames, its
     attention control, null-text inversion unless `fast`, and its outputs (plus MP4s). Its fixed 50 sampling and
-    50 inversion steps and 7.5 guidance can be changed; `spatial_attention` sets the UNet's frame rule for folders
-    tuned by Video-P2P's own code (whose UNet config cannot say), e.g. "first_frame". `size` (None:
+    50 inversion steps and 7.5 guidance can be changed; `spatial_attention` sets the UNet's frame rule (None:
+    `p2p_spatial_attention`, first-frame attention for folders tuned by the original code). `size` (None:
     `P2P_SIZE`) and `null_text_iterations` are Video-P2P's fixed 512 and 10 unless given (for quick checks)."""
     cfg = load_p2p_config(config)
     if cfg.pretrained_model_path is None:
@@ -62,8 +78,7 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
         else torch.float32
     pipe = run.load_pipeline(dtype).to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
-    if spatial_attention is not None:
-        pipe.unet.set_spatial_attention(spatial_attention)
+    pipe.unet.set_spatial_attention(spatial_attention or p2p_spatial_attention(run.folder))
     clean = pipe.encode_video(frames).mean
     # Video-P2P inverts with its `prompt` (its configs repeat prompts[0]); the source branch samples prompts[0]
     latents = plan.invert_and_edit(pipe, clean, [cfg.target_prompt], num_inference_steps, num_inv_steps,
@@ -75,9 +90,10 @@ def edit_p2p(config: str | os.PathLike, fast: bool = False, num_inference_steps:
     videos = [folder / f"{stem}.mp4" for stem in stems]
     mask = folder / f"{stems[1]}.{MASK}.mp4" if latents.masks[0] is not None else None
     with EditWriter(folder, P2P_FPS, [1] * len(frames)) as writer:
-        gifs = [gif for latent, video in zip((latents.source, latents.targets), videos)
-                for gif in writer.write_videos([pipe.decode_latents(latent)], iter(()), [video], None, None, True, [])]
+        decoded = [pipe.decode_latents(latent) for latent in (latents.source, latents.targets)]
+        gifs = [gif for video, chunk in zip(videos, decoded)
+                for gif in writer.write_videos([chunk], iter(()), [video], None, None, True, [])]
         if mask is not None:
             writer.write_masks(frames, latents.masks, [mask])
         writer.commit()
-    return P2PResult(folder, gifs, videos, mask)
+    return P2PResult(folder, gifs, videos, mask, latents, [grid_frames(torch.from_numpy(chunk)) for chunk in decoded])
