@@ -17,6 +17,7 @@ TUNEAVIDEO_VERBOSE=1) for the libraries' own logs, progress bars and warnings.
 import argparse
 from pathlib import Path
 
+from tuneavideo.base_model import parse_lora
 from tuneavideo.cli import OneLineArgumentParser, run_cli
 from tuneavideo.editing import EditError, EditOptions, Span, edit, parse_span, run_folder
 from tuneavideo.errors import UserError
@@ -67,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
                         help="frames per UNet call over a long span (default: the tuned n_sample_frames)")
     parser.add_argument("--overlap", type=int, default=None,
                         help="frames shared by neighbouring windows (default: a quarter window)")
+    parser.add_argument("--lora", action="append", type=parse_lora, default=[], metavar="FILE[:SCALE]",
+                        help="a LoRA (kohya / A1111 or diffusers .safetensors) fused on top of the run's model, times "
+                             "SCALE (default 1; repeatable)")
     parser.add_argument("--output-dir", default=None, help="where to write (default: <run>/edits)")
     parser.add_argument("--no-audio", action="store_true", help="write silent MP4s")
     parser.add_argument("--evaluate", action="store_true",
@@ -121,7 +125,7 @@ def edit_options(args: argparse.Namespace) -> tuple[Path, EditOptions]:
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         num_inv_steps=args.num_inv_steps, num_videos_per_prompt=args.num_videos_per_prompt, eta=args.eta,
         span=args.span, stride=args.stride, window=args.window, overlap=args.overlap, output_dir=args.output_dir,
-        audio=not args.no_audio, evaluate=args.evaluate, local=local,
+        audio=not args.no_audio, evaluate=args.evaluate, local=local, loras=args.lora,
     )
     return run_folder(args.model, args.config), options
 

@@ -13,13 +13,13 @@ the image UNet's names.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -29,6 +29,9 @@ from .config import LoraFile
 from .errors import UserError, first_line
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # the architecture of a single file, by the family diffusers reads from its keys: the folders
@@ -76,11 +79,20 @@ def file_hash(path: str | os.PathLike) -> str:
 
 
 def check_loras(loras: Sequence[LoraFile], option: str = "loras") -> None:
-    """Every LoRA file exists and is a `.safetensors` (or a diffusers LoRA folder's `.bin`) file."""
+    """Every LoRA file exists; `option` names them in an error: "loras" (the tune config's), or "--lora"."""
     for index, lora in enumerate(loras):
-        path = Path(lora.path)
-        if not path.is_file():
-            raise BaseModelError(f"{option}[{index}].path {path}: no such file; give a LoRA .safetensors file")
+        if not Path(lora.path).is_file():
+            where = f"{option}[{index}].path" if option == "loras" else option
+            raise BaseModelError(f"{where} {lora.path}: no such file; give a LoRA .safetensors file")
+
+
+def parse_lora(text: str) -> LoraFile:
+    """`FILE` or `FILE:SCALE` (the scale a number; 1 when left out)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return LoraFile(path, float(scale)) if path else LoraFile(text)
+    except ValueError:
+        return LoraFile(text)
 
 
 @dataclass(frozen=True)
@@ -117,6 +129,9 @@ class BaseModel:
 
     def image_pipeline(self) -> StableDiffusionPipeline:
         """The image model, LoRAs fused, with a DDIM scheduler; float32, on the CPU."""
+        # imported here: importing it makes transformers print a note (no torchvision) before the CLI quiets it
+        from diffusers import StableDiffusionPipeline
+
         if self.path.is_dir():
             pipeline = StableDiffusionPipeline(
                 vae=_load(AutoencoderKL.from_pretrained, self.path, "vae"),
@@ -152,14 +167,6 @@ class BaseModel:
         scale (the hash tells a resumed run that a file changed)."""
         return {"pretrained_model_path": str(self.path), "pretrained_model_config": str(self.config),
                 "loras": [{**asdict(lora), "sha256": file_hash(lora.path)} for lora in self.loras]}
-
-    def check_record(self, recorded: str) -> None:
-        """A resumed run must fuse the same base model and LoRA files as the run it continues (`recorded`: its
-        `record()` as JSON)."""
-        before = json.loads(recorded)
-        if before != self.record():
-            raise BaseModelError(f"the base model or a LoRA file changed since this run started (recorded: "
-                                 f"{json.dumps(before)}); restore them, or start the run again with overwrite=true")
 
 
 def fuse_loras(pipeline: StableDiffusionPipeline | TuneAVideoPipeline, loras: Sequence[LoraFile]) -> None:

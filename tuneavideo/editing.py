@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from .atomic import atomic_path
-from .config import TrainConfig, load_config
+from .base_model import check_loras, fuse_loras
+from .config import LoraFile, TrainConfig, load_config
 from .video.frames import ClipTooShortError, clip_size, decode_frames, shown_at_constant_rate, tuned_window
 from .video.readers import Clip, frames_text
 from .errors import UserError, first_line
@@ -91,6 +92,8 @@ class EditOptions:
     jpeg_frames: bool = False
     gif: bool = True  # False: no GIF (Pillow takes seconds per hundred 480x480 frames to quantise one)
     local: LocalEdit | None = None  # attention control (Video-P2P local edits); None: plain Tune-A-Video edits
+    # LoRAs fused, each times its scale, into the tuned UNet (by name) and text encoder, on top of the run's own
+    loras: list[LoraFile] = field(default_factory=list)
 
 
 @dataclass
@@ -244,14 +247,17 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
     evaluator = Evaluator() if options.evaluate else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     logger.info(f"loading the tuned model {plan.run}")
-    pipe = _load_pipeline(plan.run, torch.float16 if device.type == "cuda" else torch.float32).to(device)
+    pipe = _load_pipeline(plan.run, torch.float16 if device.type == "cuda" else torch.float32)
+    fuse_loras(pipe, options.loras)
+    pipe.to(device)
     pipe.vae.enable_slicing()  # one frame at a time through the VAE: the whole clip at once is a memory spike
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole edit instead
     width, height = plan.size
     cache = plan.cache
     scale = pipe.vae_scale_factor
-    # a local edit inverts with its source prompt (as Video-P2P): the plain edit's cache does not hold that
-    latent = None if plan.local else _cached_latent(
+    # a local edit inverts with its source prompt (as Video-P2P), an edit with LoRAs with their weights: the plain
+    # edit's cache holds neither
+    latent = None if plan.local or options.loras else _cached_latent(
         cache, (1, pipe.unet.config.in_channels, len(plan.frames), height // scale, width // scale))
     reused = latent is not None
     windows = len(plan.windows)
@@ -279,8 +285,9 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
         else:
             latent = invert(pipe, pipe.encode_video(_source_frames(plan)).mean, options.num_inv_steps,
                             plan.window, options.overlap, progress)
-            with atomic_path(cache) as path:
-                torch.save(latent.cpu(), path)
+            if not options.loras:
+                with atomic_path(cache) as path:
+                    torch.save(latent.cpu(), path)
         edited = local.targets if local else sample(
             pipe, latent, options.prompts, options.num_inference_steps, plan.guidance_scale, options.num_inv_steps,
             options.negative_prompt, options.num_videos_per_prompt, options.eta, seed, plan.window, options.overlap,
@@ -378,6 +385,10 @@ def check_options(options: EditOptions) -> list[str]:
         raise EditError(f"--guidance-scale must be a finite number, got {options.guidance_scale}")
     if not (math.isfinite(options.eta) and options.eta >= 0):
         raise EditError(f"--eta must be a finite number >= 0, got {options.eta}")
+    check_loras(options.loras, "--lora")
+    for lora in options.loras:
+        if not math.isfinite(lora.scale):
+            raise EditError(f"--lora {lora.path}:{lora.scale}: the scale must be a finite number")
     if options.local is not None:
         for option, off in (("--negative-prompt", options.negative_prompt is None), ("--eta", options.eta == 0),
                             ("--num-videos-per-prompt", options.num_videos_per_prompt == 1)):

@@ -1,6 +1,8 @@
 """A run folder (a training `output_dir`): the one place that names its files.
 
     config.yaml                    the training config as resolved (every override applied), with the versions
+    base_model.json                what it was tuned from: the base model, its config folder, and each LoRA's path,
+                                   SHA-256 and scale (`tuneavideo.base_model.BaseModel.record`)
     progress.json                  how the training goes or ended (`Progress`, with the loss and learning rate
                                    of every step), rewritten as it goes
     logs/                          TensorBoard events
@@ -98,6 +100,10 @@ class Run:
     @property
     def config_file(self) -> Path:
         return self.folder / "config.yaml"
+
+    @property
+    def base_model_file(self) -> Path:
+        return self.folder / "base_model.json"
 
     @property
     def model_index(self) -> Path:
@@ -218,6 +224,18 @@ class Run:
         header = "".join(f"# {name} {version}\n" for name, version in versions.items())
         with atomic_path(self.config_file) as path:
             path.write_text(header + OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+    def write_base_model(self, record: dict, resuming: bool = False) -> None:
+        """base_model.json: what the run is tuned from (`record`). A resumed run must be tuned from the same files,
+        or its weights would be a mix of two bases."""
+        if resuming and self.base_model_file.is_file():
+            before = json.loads(self.base_model_file.read_text())
+            if before != record:
+                raise RunError(f"{self.base_model_file}: the base model or a LoRA file changed since this run started "
+                               f"(was {json.dumps(before)}); restore them, or start again with overwrite=true")
+            return
+        with atomic_path(self.base_model_file) as path:
+            path.write_text(json.dumps(record, indent=1))
 
     def clip(self, cfg: TrainConfig) -> Clip:
         """The clip the run was tuned on (`cfg` is the run's config)."""
