@@ -22,8 +22,9 @@ from transformers import CLIPTextModel
 
 import inference
 import train_tuneavideo
-from tests.helpers import ROOT, train_in_process
+from tests.helpers import ROOT, SAMPLE_CLIP, train_in_process
 from tests.original_layout import write_original_checkpoint
+from tuneavideo.app.workspace import TuneSettings, Workspace, edit_command, write_tune_config
 from tuneavideo.base_model import BaseModel, BaseModelError, fuse_loras, parse_lora
 from tuneavideo.cli import run_cli
 from tuneavideo.config import ConfigError, LoraFile, load_config
@@ -340,3 +341,31 @@ def test_edit_loras_are_parsed_and_checked_before_any_model_loads(files, tuned_r
         edit(tuned_run, EditOptions(["a cat"], output_dir=tmp_path / "edit", loras=[LoraFile(str(files["notes"]))],
                                     **EDIT))
     assert "\n" not in str(error.value) and not (tmp_path / "edit" / "a cat.mp4").exists()
+
+
+# The web app ------------------------------------------------------------------------------------------------------
+
+
+def test_the_app_offers_model_files_and_loras_by_name_and_passes_them_on(files, tiny_sd, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(tiny_sd, checkpoints / "tiny-sd")
+    shutil.copy(files["checkpoint"], checkpoints / "community.safetensors")
+    (checkpoints / "loras").mkdir()
+    shutil.copy(files["kohya"], checkpoints / "loras" / "style.safetensors")
+    (checkpoints / "notes.txt").write_text("not a model")
+    shutil.copytree(files["root"] / "checkpoints" / "configs", checkpoints / "configs")  # configs only: no model
+    workspace = Workspace(root=tmp_path / "runs", checkpoints=checkpoints, data=tmp_path)
+    assert list(workspace.base_models()) == ["community.safetensors", "tiny-sd"]
+    assert workspace.loras() == {"style.safetensors": checkpoints / "loras" / "style.safetensors"}
+    settings = TuneSettings("a ball", 1, 4, 3, 0, 64, 3e-5, 33, "", 2, 1,
+                            loras=(workspace.loras()["style.safetensors"],), lora_scale=0.7)
+    (tmp_path / "run").mkdir()
+    cfg = load_config(write_tune_config(tmp_path / "run", workspace.base_models()["community.safetensors"],
+                                        SAMPLE_CLIP, settings))
+    assert cfg.pretrained_model_path == str((checkpoints / "community.safetensors").resolve())
+    assert cfg.loras == [LoraFile(str((checkpoints / "loras" / "style.safetensors").resolve()), 0.7)]
+    # an edit's LoRAs reach inference.py as the same options
+    run = tmp_path / "run"
+    (run / "model_index.json").touch()
+    options = EditOptions(["a cat"], output_dir=str(tmp_path / "out"), loras=[LoraFile(str(files["lora"]), 0.35)])
+    assert inference.parse_args(edit_command(workspace, run, options)[2:]) == (run, options)

@@ -225,15 +225,15 @@ class Run:
         with atomic_path(self.config_file) as path:
             path.write_text(header + OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
-    def write_base_model(self, record: dict, resuming: bool = False) -> None:
-        """base_model.json: what the run is tuned from (`record`). A resumed run must be tuned from the same files,
-        or its weights would be a mix of two bases."""
-        if resuming and self.base_model_file.is_file():
-            before = json.loads(self.base_model_file.read_text())
-            if before != record:
-                raise RunError(f"{self.base_model_file}: the base model or a LoRA file changed since this run started "
-                               f"(was {json.dumps(before)}); restore them, or start again with overwrite=true")
-            return
+    def check_base_model(self, record: dict) -> None:
+        """A resumed run must be tuned from the files its base_model.json names (`record`: what it is tuned from
+        now), or its weights would be a mix of two bases."""
+        if self.base_model_file.is_file() and json.loads(self.base_model_file.read_text()) != record:
+            raise RunError(f"{self.base_model_file}: the base model or a LoRA file changed since this run started; "
+                           "restore them, or start again with overwrite=true")
+
+    def write_base_model(self, record: dict) -> None:
+        """base_model.json: what the run is tuned from (`tuneavideo.base_model.BaseModel.record`)."""
         with atomic_path(self.base_model_file) as path:
             path.write_text(json.dumps(record, indent=1))
 

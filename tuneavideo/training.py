@@ -62,6 +62,8 @@ def train(cfg: TrainConfig) -> Path:
     # bad paths fail here, in seconds, before any model is loaded (the clip's in `_tune`, as soon)
     base = BaseModel.resolve(cfg.pretrained_model_path, cfg.pretrained_model_config, cfg.loras)
     run.check_output_dir(resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite)
+    if cfg.resume_from_checkpoint:
+        run.check_base_model(base.record())
     mixed_precision = _usable_mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(
         # several processes without CUDA (`accelerate launch --multi_gpu` on a CPU machine): CPU workers over gloo
@@ -95,7 +97,7 @@ def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator,
         if cfg.overwrite and not cfg.resume_from_checkpoint:
             remove_checkpoints(run)  # a fresh run must not resume from the replaced run's state later
         run.write_config(cfg)
-        run.write_base_model(base.record(), resuming=bool(cfg.resume_from_checkpoint))
+        run.write_base_model(base.record())
 
     # models: everything frozen but the trainable UNet modules (or, with tuning: lora, their LoRA adapters)
     logger.info(f"loading the base model {base.path}" + "".join(f"; LoRA {lora.path} x {lora.scale:g}"
