@@ -11,7 +11,8 @@ Jobs: `train` (one step of the training's own `TrainingStep`: default trainable 
 diffusion loss, accelerate's mixed precision, AdamW step; with `tuned_mb`, the size of the tensors
 `tuned_parameters.safetensors` holds), `lora-tune` (the same step with `tuning: lora`: LoRA adapters of
 `--lora-rank` on the same modules' pretrained layers, the temporal layers trained fully), `denoise` (one
-classifier-free-guided UNet call, batch 2), `invert` (one inversion UNet call, batch 1), `vae` (encode + decode the clip frame by frame), `edit` (what
+classifier-free-guided UNet call, batch 2), `invert` (one inversion UNet call, batch 1), `vae` (encode + decode the
+clip frame by frame), `edit` (what
 `tuneavideo.editing` does with a clip of `--frames` frames in windows of `--window` frames: VAE-encode the frames as
 they stream in, `--steps` DDIM inversion steps and `--steps` guided sampling steps over every window, decode the
 result a few frames at a time; run once, its phases and steps timed one by one; a warm-up runs each model once at

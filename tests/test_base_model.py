@@ -25,9 +25,9 @@ import train_tuneavideo
 from tests.helpers import ROOT, SAMPLE_CLIP, train_in_process
 from tests.original_layout import write_original_checkpoint
 from tuneavideo.app.workspace import TuneSettings, Workspace, edit_command, write_tune_config
-from tuneavideo.base_model import BaseModel, BaseModelError, fuse_loras, parse_lora
+from tuneavideo.base_model import BaseModel, fuse_loras, parse_lora
 from tuneavideo.cli import run_cli
-from tuneavideo.config import ConfigError, LoraFile, load_config
+from tuneavideo.config import LoraFile, load_config
 from tuneavideo.editing import EditOptions, edit
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import read_frames
@@ -121,8 +121,10 @@ def test_a_single_file_checkpoint_tunes_to_the_weights_of_its_folder(files, tiny
     folder_run = train_in_process(load_config(run_config(tmp_path / "folder", "folder.yaml", **QUICK)))
     file_run = train_in_process(load_config(run_config(tmp_path / "file", "file.yaml", **QUICK),
                                             [f"pretrained_model_path={files['checkpoint']}"]))
-    assert_same(load_file(file_run / "tuned_parameters.safetensors"), load_file(folder_run / "tuned_parameters.safetensors"))
-    folder_pipe, file_pipe = TuneAVideoPipeline.from_pretrained(folder_run), TuneAVideoPipeline.from_pretrained(file_run)
+    tuned = "tuned_parameters.safetensors"
+    assert_same(load_file(file_run / tuned), load_file(folder_run / tuned))
+    folder_pipe = TuneAVideoPipeline.from_pretrained(folder_run)
+    file_pipe = TuneAVideoPipeline.from_pretrained(file_run)
     for component in ("unet", "vae", "text_encoder"):
         assert_same(state(getattr(file_pipe, component)), state(getattr(folder_pipe, component)))
     recorded = json.loads((file_run / "base_model.json").read_text())
@@ -258,27 +260,39 @@ def _unet(run: Path) -> dict[str, torch.Tensor]:
     return UNet3DConditionModel.from_pretrained(run, subfolder="unet").state_dict()
 
 
+def _launch(config: Path, *overrides: str) -> subprocess.Popen:
+    """`accelerate launch train_tuneavideo.py` on one CPU process, as a user runs it."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
+               str(ROOT / "train_tuneavideo.py"), f"--config={config}", *LORA_TUNING, *overrides]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.parametrize("case", ["stopped", pytest.param("killed", marks=pytest.mark.e2e)])
 def test_lora_tuning_resumes_to_the_same_weights_and_the_run_edits(case, tmp_path, run_config):
-    """Stopped after its checkpoint at step 2 (or killed with SIGKILL after checkpoint 1, in a process of its own),
-    then resumed: the same weights as a run that was never interrupted, bit for bit (one machine, one code path)."""
+    """Stopped after its checkpoint at step 2 (or killed with SIGKILL after checkpoint 1, each run a process of its
+    own), then resumed: the same weights as a run that was never interrupted, bit for bit (one machine, one code
+    path)."""
     settings = dict(max_train_steps=4, checkpointing_steps=2 if case == "stopped" else 1, validation_steps=100)
     straight, run = tmp_path / "straight", tmp_path / "resumed"
-    train_in_process(load_config(run_config(straight, "straight.yaml", **settings), LORA_TUNING))
     config = run_config(run, "resumed.yaml", **settings)
     if case == "stopped":
+        train_in_process(load_config(run_config(straight, "straight.yaml", **settings), LORA_TUNING))
         train_in_process(load_config(config, [*LORA_TUNING, "max_train_steps=2"]))
+        train_in_process(load_config(config, [*LORA_TUNING, "resume_from_checkpoint=latest"]))
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision",
-                   "no", str(ROOT / "train_tuneavideo.py"), f"--config={config}", *LORA_TUNING]
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
+        uninterrupted = _launch(run_config(straight, "straight.yaml", **settings))
+        _, errors = uninterrupted.communicate(timeout=600)
+        assert uninterrupted.returncode == 0, errors[-3000:]
+        process = _launch(config)
+        deadline = time.time() + 300
         while not (run / "checkpoint-1").exists() and process.poll() is None and time.time() < deadline:
             time.sleep(0.005)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
         assert not (run / "tuned_parameters.safetensors").exists()  # it died mid-run
-    train_in_process(load_config(config, [*LORA_TUNING, "resume_from_checkpoint=latest"]))
+        resumed = _launch(config, "resume_from_checkpoint=latest")
+        _, errors = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, errors[-3000:]
     assert_same(load_file(run / "tuned_parameters.safetensors"), load_file(straight / "tuned_parameters.safetensors"))
     assert_same(_unet(run), _unet(straight))
     checkpoint = load_file(run / "checkpoint-4" / "model.safetensors")

@@ -58,10 +58,12 @@ def checkpoint_family(path: Path) -> str:
         checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
         family = infer_diffusers_model_type(checkpoint)
     except Exception as err:  # safetensors, pickle and torch each raise their own types for a damaged file
-        raise BaseModelError(f"pretrained_model_path {path}: cannot be read as a checkpoint ({first_line(err)})") from err
+        raise BaseModelError(f"pretrained_model_path {path}: cannot be read as a checkpoint ({first_line(err)})"
+                             ) from err
     if family not in FAMILY_NAMES:
-        raise BaseModelError(f"pretrained_model_path {path}: a {family} checkpoint, which Tune-A-Video cannot inflate; "
-                             "give a Stable Diffusion 1.x or 2.x one (SDXL, SD3 and inpainting models are not supported)")
+        raise BaseModelError(f"pretrained_model_path {path}: a {family} checkpoint, which Tune-A-Video cannot "
+                             "inflate; give a Stable Diffusion 1.x or 2.x one (SDXL, SD3 and inpainting models are "
+                             "not supported)")
     if not all(any(key.startswith(prefix) for key in checkpoint) for prefix in SD_PREFIXES):
         raise BaseModelError(f"pretrained_model_path {path}: not a Stable Diffusion checkpoint (it lacks the UNet, VAE "
                              "or text encoder of the original layout: model.diffusion_model.*, first_stage_model.*, "
@@ -128,7 +130,7 @@ class BaseModel:
         return cls(source, folder, tuple(loras))
 
     def image_pipeline(self) -> StableDiffusionPipeline:
-        """The image model, LoRAs fused, with a DDIM scheduler; float32, on the CPU."""
+        """The image model, LoRAs fused, with a DDIM scheduler, on the CPU."""
         # imported here: importing it makes transformers print a note (no torchvision) before the CLI quiets it
         from diffusers import StableDiffusionPipeline
 

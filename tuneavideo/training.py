@@ -38,7 +38,7 @@ from .base_model import BaseModel
 from .config import TrainConfig, validation_prompts
 from .video.frames import clip_size, decode_frames, tuned_window, window_starts
 from .video.readers import Clip
-from .errors import UserError, first_line
+from .errors import UserError
 from .pipelines.edit import invert, sample
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline, truncated_text
