@@ -381,5 +381,6 @@ def test_the_app_offers_model_files_and_loras_by_name_and_passes_them_on(files, 
     # an edit's LoRAs reach inference.py as the same options
     run = tmp_path / "run"
     (run / "model_index.json").touch()
+    (run / "config.yaml").touch()
     options = EditOptions(["a cat"], output_dir=str(tmp_path / "out"), loras=[LoraFile(str(files["lora"]), 0.35)])
     assert inference.parse_args(edit_command(workspace, run, options)[2:]) == (run, options)

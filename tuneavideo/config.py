@@ -214,7 +214,7 @@ def _error(err: Exception, where: str) -> ConfigError:
         text = f"invalid YAML: {' '.join(str(err).split())}"
     if isinstance(err, ConfigKeyError) and "Did you mean" not in text and dataclasses.is_dataclass(err.object_type):
         text += f"; valid keys here: {', '.join(item.name for item in dataclasses.fields(err.object_type))}"
-    if isinstance(err, TypeError):  # OmegaConf names no key; these two are the schema's only lists
-        text = ("a list and a mapping cannot replace each other: trainable_modules is a list, and "
+    if isinstance(err, TypeError):  # OmegaConf names no key; these three are the schema's only lists
+        text = ("a list and a mapping cannot replace each other: trainable_modules and loras are lists, and "
                 "validation_data.prompts keeps the shape the file gives it")
     return ConfigError(f"{where}: {key!r}: {text}" if key else f"{where}: {text}")
