@@ -28,11 +28,12 @@ from tuneavideo.app.workspace import TuneSettings, Workspace, edit_command, writ
 from tuneavideo.base_model import BaseModel, fuse_loras, parse_lora
 from tuneavideo.cli import run_cli
 from tuneavideo.config import LoraFile, load_config
-from tuneavideo.editing import EditOptions, edit
+from tuneavideo.editing import edit
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import read_frames
 from tuneavideo.models.unet import TEMPORAL_KEY, UNet3DConditionModel
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
+from tuneavideo.request import EditRequest
 from tuneavideo.tiny import tiny_unet_config
 from tuneavideo.tuned_parameters import apply_tuned_parameters
 from tuneavideo.video.readers import Clip
@@ -184,7 +185,7 @@ def test_an_edit_with_a_lora_equals_an_edit_of_the_run_with_it_fused_before_infl
     image.text_encoder.save_pretrained(fused / "text_encoder")
 
     def frames(run: Path, name: str, loras: list[LoraFile]) -> np.ndarray:
-        result = edit(run, EditOptions(["a red ball"], output_dir=tmp_path / name, loras=loras, **EDIT))
+        result = edit(run, EditRequest(["a red ball"], output_dir=tmp_path / name, loras=loras, **EDIT))
         return np.stack(read_frames(result.videos[0])).astype(float)
 
     with_lora = frames(tuned_run, "with-lora", [LoraFile(str(files["lora"]), 0.8)])
@@ -298,7 +299,7 @@ def test_lora_tuning_resumes_to_the_same_weights_and_the_run_edits(case, tmp_pat
     checkpoint = load_file(run / "checkpoint-4" / "model.safetensors")
     assert checkpoint and all(".lora_" in name or TEMPORAL_KEY in name for name in checkpoint)
 
-    result = edit(run, EditOptions(["a red ball"], output_dir=tmp_path / "edit", **EDIT))
+    result = edit(run, EditRequest(["a red ball"], output_dir=tmp_path / "edit", **EDIT))
     assert len(read_frames(result.videos[0])) == 4
 
 
@@ -352,7 +353,7 @@ def test_edit_loras_are_parsed_and_checked_before_any_model_loads(files, tuned_r
     message = str(exit_info.value.code)
     assert "--lora" in message and "missing.safetensors" in message and "\n" not in message
     with pytest.raises(UserError, match="notes.ckpt: not a LoRA") as error:
-        edit(tuned_run, EditOptions(["a cat"], output_dir=tmp_path / "edit", loras=[LoraFile(str(files["notes"]))],
+        edit(tuned_run, EditRequest(["a cat"], output_dir=tmp_path / "edit", loras=[LoraFile(str(files["notes"]))],
                                     **EDIT))
     assert "\n" not in str(error.value) and not (tmp_path / "edit" / "a cat.mp4").exists()
 
@@ -378,9 +379,10 @@ def test_the_app_offers_model_files_and_loras_by_name_and_passes_them_on(files, 
                                         SAMPLE_CLIP, settings))
     assert cfg.pretrained_model_path == str((checkpoints / "community.safetensors").resolve())
     assert cfg.loras == [LoraFile(str((checkpoints / "loras" / "style.safetensors").resolve()), 0.7)]
-    # an edit's LoRAs reach inference.py as the same options
+    # an edit's LoRAs reach inference.py in its request file, as the same request
     run = tmp_path / "run"
     (run / "model_index.json").touch()
     (run / "config.yaml").touch()
-    options = EditOptions(["a cat"], output_dir=str(tmp_path / "out"), loras=[LoraFile(str(files["lora"]), 0.35)])
-    assert inference.parse_args(edit_command(workspace, run, options)[2:]) == (run, options)
+    request = EditRequest(["a cat"], output_dir=str(tmp_path / "out"), loras=[LoraFile(str(files["lora"]), 0.35)])
+    command = edit_command(workspace, run, request.save(tmp_path / "request.json"))
+    assert inference.parse_args(command[2:]) == (run, request)

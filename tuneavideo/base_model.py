@@ -81,7 +81,7 @@ def file_hash(path: str | os.PathLike) -> str:
 
 
 def check_loras(loras: Sequence[LoraFile], option: str = "loras") -> None:
-    """Every LoRA file exists; `option` names them in an error: "loras" (the tune config's), or "--lora"."""
+    """Every LoRA file exists; `option` names them in an error: "loras" (the tune config's), or "`loras`" (an edit request's)."""
     for index, lora in enumerate(loras):
         if not Path(lora.path).is_file():
             where = f"{option}[{index}].path" if option == "loras" else option

@@ -32,10 +32,11 @@ from .checkpointing import (
     remove_checkpoints,
     resume,
     resume_advice,
+    resume_point,
     save_checkpoint,
 )
 from .base_model import BaseModel
-from .config import TrainConfig, validation_prompts
+from .config import MAX_SEED, TrainConfig, validation_prompts
 from .video.frames import clip_size, decode_frames, tuned_window, window_starts
 from .video.readers import Clip
 from .errors import UserError
@@ -62,6 +63,7 @@ def train(cfg: TrainConfig) -> Path:
     # bad paths fail here, in seconds, before any model is loaded (the clip's in `_tune`, as soon)
     base = BaseModel.resolve(cfg.pretrained_model_path, cfg.pretrained_model_config, cfg.loras)
     run.check_output_dir(resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite)
+    checkpoint = resume_point(cfg.resume_from_checkpoint, run)  # a damaged one is refused before a file is touched
     if cfg.resume_from_checkpoint:
         run.check_base_model(base.record())
     mixed_precision = _usable_mixed_precision(cfg.mixed_precision)
@@ -75,12 +77,12 @@ def train(cfg: TrainConfig) -> Path:
     )
     with ProgressWriter(run, cfg.max_train_steps, enabled=accelerator.is_main_process,
                         resuming=bool(cfg.resume_from_checkpoint)) as report:
-        _tune(cfg, base, run, accelerator, mixed_precision, report)
+        _tune(cfg, base, run, accelerator, mixed_precision, report, checkpoint)
     return run.folder
 
 
 def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator, mixed_precision: str,
-          report: ProgressWriter) -> None:
+          report: ProgressWriter, checkpoint: Path | None) -> None:
     data = cfg.train_data
     clip = Clip(data.video_path, data.fps)
     windows = TrainingWindows.plan(clip, cfg)
@@ -146,7 +148,7 @@ def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator,
     if cfg.seed is not None and accelerator.num_processes > 1:
         # the model was initialised alike everywhere (DDP also broadcasts rank 0's weights); each process now
         # draws its own noise, timesteps and windows, or they would all compute the same gradient
-        set_seed(cfg.seed + accelerator.process_index)
+        set_seed((cfg.seed + accelerator.process_index) % (MAX_SEED + 1))
     keep_only_trainable_in_checkpoints(accelerator, trainable)
 
     vae.to(accelerator.device, dtype=weight_dtype(accelerator))
@@ -159,7 +161,7 @@ def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator,
         encoder_hidden_states = pipeline.encode_prompt(data.prompt, accelerator.device,
                                                        do_classifier_free_guidance=False)
 
-    global_step = resume(accelerator, cfg.resume_from_checkpoint, run)
+    global_step = resume(accelerator, checkpoint)
     if accelerator.is_main_process:
         accelerator.init_trackers("tuneavideo", config=_scalar_hparams(cfg))
     progress = tqdm(
@@ -181,7 +183,7 @@ def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator,
                 progress.set_postfix(**logs)
                 accelerator.log(logs, step=global_step)
                 report.step(global_step, logs["loss"], logs["lr"])
-                interrupted = ctrl_c.agreed(accelerator)
+                interrupted = ctrl_c.any_process_interrupted(accelerator)
                 if global_step % cfg.checkpointing_steps == 0 or interrupted:
                     save_checkpoint(accelerator, run, global_step, cfg.checkpoints_total_limit)
                 if interrupted:
@@ -265,7 +267,7 @@ class CtrlC:
         self.requested = True
         logger.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to stop now)")
 
-    def agreed(self, accelerator: Accelerator) -> bool:
+    def any_process_interrupted(self, accelerator: Accelerator) -> bool:
         """Whether any process was interrupted; all processes must agree, or they would wait for each other."""
         if accelerator.num_processes == 1:
             return self.requested
