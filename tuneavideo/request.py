@@ -255,7 +255,7 @@ class EditRequest:
 
 
 def _build(kind: type, values: object, source: str):
-    """A `kind` (EditRequest or LocalEdit) from the JSON mapping `values`, with every key known and typed."""
+    """A `kind` (EditRequest, LocalEdit or LoraFile) from the JSON mapping `values`, with every key known and typed."""
     if not isinstance(values, dict):
         raise RequestError(f"{source}: must be a mapping of {kind.__name__}'s fields")
     hints = typing.get_type_hints(kind)
