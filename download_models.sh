@@ -7,6 +7,10 @@
 #   ./download_models.sh v2-1            # stabilityai/stable-diffusion-2-1 (768px, v-prediction)
 #   ./download_models.sh <hub id>        # any diffusers SD 1.x/2.x repository, e.g. nitrosocke/mo-di-diffusion
 #   ./download_models.sh --clips         # also fetch car-turn, man-skiing, man-surfing, rabbit-watermelon into ./data
+#   ./download_models.sh --configs       # only the configs and tokenizers (no weights, under 2 MB) of SD 1.5 and 2.1
+#                                        # into ./checkpoints/configs/: the architectures of single-file checkpoints
+#                                        # (pretrained_model_path: a .safetensors/.ckpt), read offline; also fetched
+#                                        # with every Stable Diffusion download
 #   ./download_models.sh --eval          # only the models of `python -m tuneavideo.evaluate` (several GB):
 #                                        # openai/clip-vit-large-patch14, yuvalkirstain/PickScore_v1 and the processor
 #                                        # files (no weights) of laion/CLIP-ViT-H-14-laion2B-s32B-b79K; name a model
@@ -18,16 +22,19 @@ set -euo pipefail
 model=""
 clips=0
 eval_models=0
+configs=0
 for arg in "$@"; do
   case "$arg" in
     --clips) clips=1 ;;
     --eval) eval_models=1 ;;
+    --configs) configs=1 ;;
     -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) model="$arg" ;;
   esac
 done
-# Stable Diffusion unless only the evaluation models were asked for
-if [ -z "$model" ] && [ "$eval_models" -eq 0 ]; then model="v1-4"; fi
+# Stable Diffusion unless only the evaluation models or the configs were asked for
+if [ -z "$model" ] && [ "$eval_models" -eq 0 ] && [ "$configs" -eq 0 ]; then model="v1-4"; fi
+if [ -n "$model" ]; then configs=1; fi
 
 case "$model" in
   "") repo="" ;;
@@ -75,6 +82,18 @@ if [ -n "$repo" ]; then
   require_files "$target" model_index.json unet/config.json unet/diffusion_pytorch_model.safetensors vae/config.json \
     vae/diffusion_pytorch_model.safetensors text_encoder/config.json text_encoder/model.safetensors \
     tokenizer/vocab.json tokenizer/merges.txt scheduler/scheduler_config.json
+fi
+
+if [ "$configs" -eq 1 ]; then
+  # what tuneavideo/base_model.py's DEFAULT_CONFIGS names: diffusers' config folders of the two families
+  for config_repo in stable-diffusion-v1-5/stable-diffusion-v1-5 stabilityai/stable-diffusion-2-1; do
+    target="./checkpoints/configs/$(basename "$config_repo")"
+    echo "downloading the configs of $config_repo into $target"
+    hf download "$config_repo" --local-dir "$target" --include "model_index.json" --include "*/*.json" \
+      --include "*/*.txt"
+    require_files "$target" model_index.json unet/config.json vae/config.json text_encoder/config.json \
+      tokenizer/vocab.json tokenizer/merges.txt scheduler/scheduler_config.json
+  done
 fi
 
 if [ "$eval_models" -eq 1 ]; then

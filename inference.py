@@ -24,6 +24,7 @@ import types
 import typing
 from pathlib import Path
 
+from tuneavideo.base_model import parse_lora
 from tuneavideo.cli import OneLineArgumentParser, run_cli
 from tuneavideo.config import load_config
 from tuneavideo.editing import edit
@@ -35,9 +36,10 @@ from tuneavideo.run import Run
 
 # the request's fields whose flags are not their names: the one place the command line names them
 FLAGS = {"prompts": "--prompt", "blend_words": "--blend", "reweights": "--reweight", "audio": "--no-audio",
-         "gif": "--no-gif"}
-PARSERS = {"span": parse_span, "blend_words": parse_blend_words}  # text -> value, of fields that are not numbers
-METAVARS = {"prompts": "PROMPT", "reweights": "WORD=FACTOR", "blend_words": "WORD"}
+         "gif": "--no-gif", "loras": "--lora"}
+# text -> value, of fields that are not numbers (of a list field: of each item)
+PARSERS = {"span": parse_span, "blend_words": parse_blend_words, "loras": parse_lora}
+METAVARS = {"prompts": "PROMPT", "reweights": "WORD=FACTOR", "blend_words": "WORD", "loras": "FILE[:SCALE]"}
 NOT_FLAGS = ("local",)  # the local edit's settings are flags of their own
 
 
@@ -80,6 +82,7 @@ def add_fields(group, kind: type) -> None:
                                help=f"not this: {help}" if item.default else help)
         elif typing.get_origin(kinds[0]) in (list, dict):
             group.add_argument(flag(item.name), dest=item.name, action="append", help=help,
+                               type=argument(PARSERS.get(item.name, str)),
                                metavar=METAVARS.get(item.name, item.name.upper()))
         else:
             parse = PARSERS.get(item.name, kinds[0] if kinds[0] in (int, float) else str)

@@ -4,11 +4,15 @@
     python -m benchmarks.benchmark --jobs train --frames 4 24 --sizes 512 --attention sdpa plain
     python -m benchmarks.benchmark --jobs train --frames 4 --sizes 512 --allocator mallopt default
     python -m benchmarks.benchmark --jobs edit --frames 4 10 --window 4 --sizes 256
+    python -m benchmarks.benchmark --jobs train lora-tune --frames 4 --sizes 512    # full vs LoRA tuning
     python -m benchmarks.benchmark --model sd2 --device cuda --dtype fp16 --json results.json
 
 Jobs: `train` (one step of the training's own `TrainingStep`: default trainable modules, gradient checkpointing, the
-diffusion loss, accelerate's mixed precision, AdamW step), `denoise` (one classifier-free-guided UNet call, batch
-2), `invert` (one inversion UNet call, batch 1), `vae` (encode + decode the clip frame by frame), `edit` (what
+diffusion loss, accelerate's mixed precision, AdamW step; with `tuned_mb`, the size of the tensors
+`tuned_parameters.safetensors` holds), `lora-tune` (the same step with `tuning: lora`: LoRA adapters of
+`--lora-rank` on the same modules' pretrained layers, the temporal layers trained fully), `denoise` (one
+classifier-free-guided UNet call, batch 2), `invert` (one inversion UNet call, batch 1), `vae` (encode + decode the
+clip frame by frame), `edit` (what
 `tuneavideo.editing` does with a clip of `--frames` frames in windows of `--window` frames: VAE-encode the frames as
 they stream in, `--steps` DDIM inversion steps and `--steps` guided sampling steps over every window, decode the
 result a few frames at a time; run once, its phases and steps timed one by one; a warm-up runs each model once at
@@ -76,7 +80,8 @@ def model_configs(model: str) -> dict:
 
 
 MODELS = ["sd1", "sd2", "tiny"]
-JOBS = ["train", "denoise", "invert", "vae", "edit", "local", "local-null"]
+JOBS = ["train", "lora-tune", "denoise", "invert", "vae", "edit", "local", "local-null"]
+TRAINING = ("train", "lora-tune")
 EDITS = ("edit", "local", "local-null")  # jobs that run a whole edit: a plain one, a local one (DDIM, null-text)
 ALLOCATORS = ["mallopt", "default"]
 UNET_GFLOP_PER_FRAME_512 = 677  # forward of the SD 1.x UNet on one 64x64 latent
@@ -222,13 +227,14 @@ def unet_job(args, device, dtype) -> Callable[[], dict | None]:
 
     frames, size, job = args.frames[0], args.sizes[0], args.jobs[0]
     latent = size // 8
-    unet = build_unet(args.model, args.attention[0], torch.float32 if job == "train" else dtype).to(device)
+    unet = build_unet(args.model, args.attention[0], torch.float32 if job in TRAINING else dtype).to(device)
     if args.compile:
         unet.forward = torch.compile(unet.forward)
     text = torch.randn(1, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     sample = torch.randn(1, 4, frames, latent, latent, device=device, dtype=dtype)
-    if job == "train":
-        return train_step(unet, device, dtype, sample.float(), text.float())
+    if job in TRAINING:
+        rank = args.lora_rank if job == "lora-tune" else None
+        return train_step(unet, device, dtype, sample.float(), text.float(), rank)
     unet.eval()
     batch = 2 if job == "denoise" else 1
     sample, text = sample.expand(batch, -1, -1, -1, -1), text.expand(batch, -1, -1)
@@ -240,9 +246,11 @@ def unet_job(args, device, dtype) -> Callable[[], dict | None]:
     return step
 
 
-def train_step(unet, device, dtype, latents, text) -> Callable[[], dict]:
-    """The training's own step on `unet` (float32): the default trainable modules, gradient checkpointing, SD's
-    noise schedule, AdamW at the default learning rate, `dtype` as accelerate's mixed precision."""
+def train_step(unet, device, dtype, latents, text, lora_rank: int | None = None) -> Callable[[], dict]:
+    """The training's own step on `unet` (float32): the default trainable modules (LoRA adapters of `lora_rank` on
+    their pretrained layers, when given), gradient checkpointing, SD's noise schedule, AdamW at the default learning
+    rate, `dtype` as accelerate's mixed precision. Reports the loss and `tuned_mb`, the float32 size of what
+    `tuned_parameters.safetensors` holds (the trained tensors and the temporal layers)."""
     import torch
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
@@ -250,10 +258,14 @@ def train_step(unet, device, dtype, latents, text) -> Callable[[], dict]:
 
     from tuneavideo.tiny import SD_SCHEDULER_CONFIG
     from tuneavideo.training_step import TrainingStep, make_optimizer
-    from tuneavideo.tuned_parameters import trainable_parameter_names
+    from tuneavideo.models.unet import TEMPORAL_KEY
+    from tuneavideo.tuned_parameters import add_lora_adapters, trainable_parameter_names
 
     unet.requires_grad_(False)
-    names = set(trainable_parameter_names(unet, ["attn1.to_q", "attn2.to_q", "attn_temp"]))
+    modules = ["attn1.to_q", "attn2.to_q", "attn_temp"]
+    if lora_rank is not None:
+        add_lora_adapters(unet, modules, lora_rank)
+    names = set(trainable_parameter_names(unet, modules))
     for name, parameter in unet.named_parameters():
         parameter.requires_grad_(name in names)
     unet.enable_gradient_checkpointing()
@@ -262,7 +274,8 @@ def train_step(unet, device, dtype, latents, text) -> Callable[[], dict]:
     optimizer = make_optimizer([p for p in unet.parameters() if p.requires_grad], learning_rate=3e-5)
     step = TrainingStep.prepare(accelerator, unet, DDPMScheduler.from_config(SD_SCHEDULER_CONFIG), optimizer,
                                 get_scheduler("constant", optimizer), max_grad_norm=1.0)
-    return lambda: dict(loss=step(latents, text).mean().item())
+    saved = sum(p.numel() for n, p in unet.named_parameters() if n in names or TEMPORAL_KEY in n)
+    return lambda: dict(loss=step(latents, text).mean().item(), tuned_mb=saved * 4 / 2**20)
 
 
 def vae_job(args, device, dtype) -> Callable[[], None]:
@@ -298,7 +311,7 @@ def run_job(args) -> dict:
         else:
             step = vae_job(args, device, dtype) if job == "vae" else unet_job(args, device, dtype)
             warmup = step
-    compiled = args.compile and job in ("train", "denoise", "invert")
+    compiled = args.compile and job in (*TRAINING, "denoise", "invert")
     for _ in range(max(args.warmup, 1) if compiled else args.warmup):  # a compiled UNet's first call compiles
         warmup()
     if device.type == "cuda":
@@ -312,7 +325,8 @@ def run_job(args) -> dict:
         result["reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
     else:
         result["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    flop_factor = {"train": 4, "denoise": 2, "invert": 1}.get(job)  # forward, recompute, 2x backward
+    # forward, recompute, 2x backward (a LoRA's rank-r products add well under 1 %)
+    flop_factor = {"train": 4, "lora-tune": 4, "denoise": 2, "invert": 1}.get(job)
     if flop_factor and args.model == "sd1":
         tflop = flop_factor * args.frames[0] * UNET_GFLOP_PER_FRAME_512 * (args.sizes[0] / 512) ** 2 / 1000
         result["tflops_per_s"] = tflop / result["seconds"]
@@ -323,8 +337,8 @@ def child_command(spec: dict) -> list[str]:
     """The command measuring `spec` (one value per option: job, frames, size, ...) in a fresh process."""
     command = [sys.executable, "-m", "benchmarks.benchmark", "--child", "--jobs", spec["job"]]
     command += ["--frames", str(spec["frames"]), "--sizes", str(spec["size"]), "--steps", str(spec["steps"])]
-    for option in ("model", "attention", "allocator", "device", "dtype", "warmup", "repeat"):
-        command += [f"--{option}", str(spec[option])]
+    for option in ("model", "attention", "allocator", "device", "dtype", "warmup", "repeat", "lora_rank"):
+        command += [f"--{option.replace('_', '-')}", str(spec[option])]
     command += ["--window", str(spec["window"])] if spec.get("window") else []
     return command + (["--compile"] if spec.get("compile") else [])
 
@@ -365,6 +379,8 @@ def format_row(row: dict) -> str:
         return f"{start}   failed: {row['error']}"
     tflops = f"{row['tflops_per_s']:8.2f}" if "tflops_per_s" in row else f"{'-':>8}"
     line = f"{start} {row['seconds']:9.2f} {row['peak_gb']:8.2f} {tflops} {row.get('load', '-'):>5}"
+    if "tuned_mb" in row:
+        line += f"   tuned tensors {row['tuned_mb']:.1f} MB"
     if row["job"] in EDITS:
         phases = ("encode", "invert", "denoise", "decode") if row["job"] == "edit" else ("encode", "local", "decode")
         line += "   " + ", ".join(f"{phase} {row[phase + '_s']:.1f}" for phase in phases)
@@ -385,6 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=None,
                         help="edit: frames per UNet call (default: the whole clip in one window)")
     parser.add_argument("--steps", type=int, default=1, help="edit: DDIM inversion steps, and as many sampling steps")
+    parser.add_argument("--lora-rank", type=int, default=4, help="lora-tune: the adapters' rank (default 4, the "
+                        "tune config's lora_rank)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="default fp32 on CPU, fp16 on GPU")
@@ -395,10 +413,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default="benchmark-results.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("frames", "sizes", "steps", "window"):
+    for name in ("frames", "sizes", "steps", "window", "lora_rank"):
         values = getattr(args, name)
         if any(value is not None and value < 1 for value in (values if isinstance(values, list) else [values])):
-            parser.error(f"--{name} must be positive")
+            parser.error(f"--{name.replace('_', '-')} must be positive")
     if any(size % 8 for size in args.sizes):
         parser.error("--sizes must be multiples of 8")
 
@@ -414,7 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def specs(args: argparse.Namespace) -> Iterator[dict]:
     """Every measurement the options ask for: jobs x attentions x allocators x frames x sizes."""
     common = dict(model=args.model, device=args.device, dtype=args.dtype, warmup=args.warmup, repeat=args.repeat,
-                  window=args.window, steps=args.steps, compile=args.compile)
+                  window=args.window, steps=args.steps, compile=args.compile, lora_rank=args.lora_rank)
     for job in args.jobs:
         attentions = args.attention if job != "vae" else ["sdpa"]
         for attention, allocator, frames, size in itertools.product(attentions, args.allocator, args.frames,

@@ -219,3 +219,16 @@ def test_gpu_check_tiny_on_the_cpu_writes_every_figure(tmp_path):
     assert not long_clip["estimated"] and long_clip["seconds"] == whole["seconds"]
     assert {"seconds", "peak_gb", "invert_s", "denoise_s"} <= set(whole) and "meets_targets" in long_clip
     assert report["max_frames_24gb"]["largest_frames"] == gpu_check.TINY.max_frames_cap
+
+
+def test_tiny_lora_tune_step_trains_adapters_and_reports_the_smaller_artefact(tiny_job):
+    """lora-tune is the training's step with `tuning: lora`, with fewer tuned tensors to save than full tuning (the
+    query weights become rank-2 adapters; the temporal layers are saved whole by both)."""
+    full = tiny_job("--jobs", "train", "--frames", "3")
+    lora = tiny_job("--jobs", "lora-tune", "--frames", "3", "--lora-rank", "2")
+    assert math.isfinite(lora["loss"]) and lora["loss"] > 0 and lora["seconds"] > 0 and lora["peak_gb"] > 0
+    assert 0 < lora["tuned_mb"] < full["tuned_mb"]
+    spec, = benchmark.specs(benchmark.parse_args(["--jobs", "lora-tune", "--frames", "3", "--sizes", "64",
+                                                  "--lora-rank", "2"]))
+    child = benchmark.parse_args(benchmark.child_command(spec)[3:])
+    assert (child.jobs, child.lora_rank) == (["lora-tune"], 2)

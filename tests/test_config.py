@@ -137,7 +137,8 @@ def test_shipped_configs_load_with_original_hyperparameters(name, prompt, rate, 
 
 def test_schema_has_the_original_keys_plus_the_new_ones():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert names == ORIGINAL_KEYS | {"overwrite", "checkpoints_total_limit", "spatial_attention"}
+    assert names == ORIGINAL_KEYS | {"overwrite", "checkpoints_total_limit", "spatial_attention",
+                                     "pretrained_model_config", "loras", "tuning", "lora_rank", "lora_alpha"}
 
 
 def test_original_config_text_loads_unchanged(tmp_path):
@@ -249,13 +250,14 @@ def test_wrong_type_in_override():
 
 def test_a_value_of_the_wrong_shape_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"^override 'trainable_modules=\{a: b\}': a list and a mapping cannot "
-                                          r"replace each other: trainable_modules is a list"):
+                                          r"replace each other: trainable_modules and loras are lists"):
         load_config(CONFIGS / "car-turn.yaml", ["trainable_modules={a: b}"])
     # validation_data.prompts may be either shape, but an override cannot turn one into the other
     with pytest.raises(ConfigError, match=r"^override 'validation_data.prompts=\{style: a\}': a list and a mapping "
                                           r"cannot replace each other"):
         load_config(CONFIGS / "car-turn.yaml", ["validation_data.prompts={style: a}"])
-    assert "trainable_modules is a list" in expect_error(write(tmp_path, MINIMAL + "trainable_modules: {a: b}\n"))
+    wrong_shape = write(tmp_path, MINIMAL + "trainable_modules: {a: b}\n")
+    assert "trainable_modules and loras are lists" in expect_error(wrong_shape)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from fractions import Fraction
 import pytest
 
 import inference
+from tuneavideo.config import LoraFile
 from tuneavideo.errors import UserError
 from tuneavideo.request import (
     GUIDANCE_SCALE,
@@ -105,3 +106,24 @@ def test_the_command_line_s_flags_are_the_request_s_fields(tmp_path):
         with pytest.raises(UserError) as raised:
             inference.parse_args(["--model", str(run), "--prompt", "a", *args])
         assert message in str(raised.value) and "`" not in str(raised.value), str(raised.value)
+
+
+def test_loras_are_a_field_kept_by_the_request_file_and_flagged_as_lora(tmp_path):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")  # only its being there is checked before a model loads
+    request = EditRequest(["a cat"], loras=[LoraFile(str(lora), 0.35), LoraFile(str(lora))])
+    request.check()
+    assert EditRequest.load(request.save(tmp_path / "request.json")) == request
+    assert json.loads((tmp_path / "request.json").read_text())["loras"] == [
+        {"path": str(lora), "scale": 0.35}, {"path": str(lora), "scale": 1.0}]
+    args = inference.parser().parse_args(["--model=run", "--prompt=a cat", f"--lora={lora}:0.35", f"--lora={lora}"])
+    assert args.loras == request.loras
+    for bad, message in (([{"scale": 1.0}], "`path` is missing"), ([{"path": 3}], "`path` cannot be 3"),
+                         ([{"path": str(lora), "weight": 1}], "unknown field 'weight'")):
+        (tmp_path / "bad.json").write_text(json.dumps({"prompts": ["a cat"], "loras": bad}))
+        with pytest.raises(RequestError, match=message):
+            EditRequest.load(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="`loras` .*missing.safetensors: no such file"):
+        EditRequest(["a cat"], loras=[LoraFile(str(tmp_path / "missing.safetensors"))]).check()
+    with pytest.raises(RequestError, match="the scale must be a finite number"):
+        EditRequest(["a cat"], loras=[LoraFile(str(lora), float("inf"))]).check()

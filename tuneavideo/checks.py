@@ -19,7 +19,8 @@ def check_sd_folder(path: str | Path) -> Path:
             "(or point pretrained_model_path at a diffusers Stable Diffusion folder)"
         )
     if not folder.is_dir():
-        raise UserError(f"pretrained_model_path {folder}: is a file, not a Stable Diffusion model folder")
+        raise UserError(f"pretrained_model_path {folder}: is a file, neither a Stable Diffusion model folder nor a "
+                        ".safetensors / .ckpt checkpoint")
     missing = [name for name in SD_COMPONENTS if not (folder / name).is_dir()]
     if missing:
         raise UserError(

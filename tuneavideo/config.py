@@ -84,18 +84,36 @@ class ValidationDataConfig:
 
 
 @dataclass
+class LoraFile:
+    """A LoRA fused into the base model before inflation (kohya / A1111 or diffusers format, `.safetensors`)."""
+
+    path: str
+    scale: float = checked(1.0, math.isfinite, "must be a finite number")  # 1: the LoRA as trained
+
+
+@dataclass
 class TrainConfig:
     """All keys of the original project's configs (same names, same defaults as its ``main()``), plus a few new ones."""
 
     # what to tune and where to write
-    pretrained_model_path: str  # a Stable Diffusion folder in diffusers' layout
+    pretrained_model_path: str  # a Stable Diffusion folder in diffusers' layout, or one SD 1.x/2.x .safetensors/.ckpt
     output_dir: str
     train_data: TrainDataConfig
     validation_data: ValidationDataConfig
     overwrite: bool = False  # new: allow writing into a non-empty output_dir
+    # new: with a single-file model, the diffusers folder whose configs (and tokenizer) describe its architecture;
+    # None: ./checkpoints/configs/stable-diffusion-v1-5 or -2-1 by the file's keys (./download_models.sh --configs)
+    pretrained_model_config: str | None = None
+    loras: list[LoraFile] = field(default_factory=list)  # new: LoRAs fused into the base model, in order
     # the model: what trains, and which frames a frame's self-attention sees
     trainable_modules: list[str] = checked(MISSING, bool, "must name at least one module, e.g. ['attn1.to_q']",
                                            default_factory=lambda: ["attn1.to_q", "attn2.to_q", "attn_temp"])
+    # new: full (Tune-A-Video's: the trainable modules' weights), or lora: PEFT LoRA adapters on the pretrained
+    # modules among them, while new temporal layers (attn_temp) still train fully (they have no pretrained weights)
+    tuning: str = one_of("full", "lora")
+    lora_rank: int = at_least(4)  # 4: diffusers' train_text_to_image_lora.py default
+    lora_alpha: float | None = checked(None, lambda a: a is None or a > 0 and math.isfinite(a),
+                                       "must be > 0, or null")  # None: lora_rank (a scale of 1)
     # new: sparse_causal, frames 0 and i-1 (Tune-A-Video); first_frame, frame 0 only (Video-P2P); saved with the UNet
     spatial_attention: str = one_of("sparse_causal", "first_frame")
     # AdamW
@@ -152,7 +170,9 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
         raise _error(err, source) from err
     td, vd = cfg.train_data, cfg.validation_data
     vd.video_length = td.n_sample_frames if vd.video_length is None else vd.video_length
-    for prefix, section in ("", cfg), ("train_data.", td), ("validation_data.", vd):
+    sections = [("", cfg), ("train_data.", td), ("validation_data.", vd)]
+    sections += [(f"loras[{index}].", lora) for index, lora in enumerate(cfg.loras)]
+    for prefix, section in sections:
         for item in dataclasses.fields(section):
             test, rule = item.metadata.get("check", (lambda _: True, ""))
             if not test(value := getattr(section, item.name)):
@@ -196,7 +216,7 @@ def _error(err: Exception, where: str) -> ConfigError:
         text = f"invalid YAML: {' '.join(str(err).split())}"
     if isinstance(err, ConfigKeyError) and "Did you mean" not in text and dataclasses.is_dataclass(err.object_type):
         text += f"; valid keys here: {', '.join(item.name for item in dataclasses.fields(err.object_type))}"
-    if isinstance(err, TypeError):  # OmegaConf names no key; these two are the schema's only lists
-        text = ("a list and a mapping cannot replace each other: trainable_modules is a list, and "
+    if isinstance(err, TypeError):  # OmegaConf names no key; these three are the schema's only lists
+        text = ("a list and a mapping cannot replace each other: trainable_modules and loras are lists, and "
                 "validation_data.prompts keeps the shape the file gives it")
     return ConfigError(f"{where}: {key!r}: {text}" if key else f"{where}: {text}")

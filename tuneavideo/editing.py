@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
+from .base_model import fuse_loras
 from .config import TrainConfig
 from .evaluate import Evaluator
 from .pipelines.edit import invert, progress_steps, sample
@@ -124,14 +125,17 @@ def edit(run: str | os.PathLike, request: EditRequest) -> EditResult:
     evaluator = Evaluator() if request.evaluate else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     logger.info(f"loading the tuned model {plan.run.folder}")
-    pipe = plan.run.load_pipeline(torch.float16 if device.type == "cuda" else torch.float32).to(device)
+    pipe = plan.run.load_pipeline(torch.float16 if device.type == "cuda" else torch.float32)
+    fuse_loras(pipe, request.loras)
+    pipe.to(device)
     pipe.vae.enable_slicing()  # one frame at a time through the VAE: the whole clip at once is a memory spike
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole edit instead
     width, height = plan.size
     scale, windows, prompts = pipe.vae_scale_factor, len(plan.windows), request.prompts
     steps, inv_steps = request.num_inference_steps, request.num_inv_steps
-    # a local edit inverts with its source prompt (as Video-P2P): the plain edit's cache does not hold that
-    latent = None if plan.control else plan.run.read_inversion(
+    # a local edit inverts with its source prompt (as Video-P2P), an edit with LoRAs with their weights: the plain
+    # edit's cache holds neither
+    latent = None if plan.control or request.loras else plan.run.read_inversion(
         plan.cache, (1, pipe.unet.config.in_channels, len(plan.frames), height // scale, width // scale))
     reused = latent is not None
     inversion = plan.control.settings.inversion if plan.control else None
@@ -154,8 +158,9 @@ def edit(run: str | os.PathLike, request: EditRequest) -> EditResult:
         else:
             latent = invert(pipe, pipe.encode_video(plan.source_frames()).mean, inv_steps, plan.window,
                             request.overlap, progress)
-            with atomic_path(plan.cache) as path:
-                torch.save(latent.cpu(), path)
+            if not request.loras:
+                with atomic_path(plan.cache) as path:
+                    torch.save(latent.cpu(), path)
         edited = local.targets if local else sample(
             pipe, latent, prompts, steps, request.guidance, inv_steps, request.negative_prompt,
             request.num_videos_per_prompt, request.eta, seed, plan.window, request.overlap, progress)

@@ -16,14 +16,15 @@ import os
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .config import MAX_SEED
+from .base_model import check_loras
+from .config import MAX_SEED, LoraFile
 from .errors import UserError
 from .pipelines.local_edit import LocalLatents, invert_and_edit
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
@@ -169,6 +170,10 @@ class EditRequest:
     # a GIF costs Pillow seconds per hundred 480x480 frames to quantise
     gif: bool = setting(True, "a GIF of every video of at most 128 frames, too (default: yes)")
     local: LocalEdit | None = setting(None, "attention control (a local edit); None: a plain Tune-A-Video edit")
+    # fused by name into the tuned UNet (which keeps the image UNet's layer names) and the text encoder; the clip is
+    # then inverted with their weights, not taken from the run's cache
+    loras: list[LoraFile] = setting([], "a LoRA (kohya / A1111 or diffusers .safetensors) fused on top of the "
+                                        "run's model, times SCALE (default 1; repeatable)")
 
     @property
     def guidance(self) -> float:
@@ -205,6 +210,10 @@ class EditRequest:
             raise RequestError(f"`guidance_scale` must be a finite number, got {self.guidance_scale}")
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise RequestError(f"`eta` must be a finite number >= 0, got {self.eta}")
+        check_loras(self.loras, "`loras`")
+        for lora in self.loras:
+            if not math.isfinite(lora.scale):
+                raise RequestError(f"`loras` {lora.path}:{lora.scale}: the scale must be a finite number")
         if self.local is not None:
             for name, off in (("negative_prompt", self.negative_prompt is None), ("eta", self.eta == 0),
                               ("num_videos_per_prompt", self.num_videos_per_prompt == 1)):
@@ -246,7 +255,7 @@ class EditRequest:
 
 
 def _build(kind: type, values: object, source: str):
-    """A `kind` (EditRequest or LocalEdit) from the JSON mapping `values`, with every key known and typed."""
+    """A `kind` (EditRequest, LocalEdit or LoraFile) from the JSON mapping `values`, with every key known and typed."""
     if not isinstance(values, dict):
         raise RequestError(f"{source}: must be a mapping of {kind.__name__}'s fields")
     hints = typing.get_type_hints(kind)
@@ -254,6 +263,10 @@ def _build(kind: type, values: object, source: str):
     unknown = [key for key in values if key not in known]
     if unknown:
         raise RequestError(f"{source}: unknown field {unknown[0]!r}; a request has {', '.join(known)}")
+    missing = [name for name, item in known.items()
+               if name not in values and item.default is MISSING and item.default_factory is MISSING]
+    if missing:
+        raise RequestError(f"{source}: `{missing[0]}` is missing")
     built = {}
     for name, value in values.items():
         if name == "span":  # written as `parse_span` reads it
@@ -262,12 +275,12 @@ def _build(kind: type, values: object, source: str):
             built[name] = _build(LocalEdit, value, f"{source}: local")
         else:
             built[name] = _typed(hints[name], value, source, name)
-    return kind(**built)  # every field has a default
+    return kind(**built)
 
 
 def _typed(hint, value, source: str, name: str):
-    """`value` as the type `hint` says (int, float, str, bool, optional, list[str], dict[str, float],
-    tuple[str, str]), else a RequestError naming the field."""
+    """`value` as the type `hint` says (int, float, str, bool, optional, list[str], list[LoraFile],
+    dict[str, float], tuple[str, str]), else a RequestError naming the field."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -278,6 +291,8 @@ def _typed(hint, value, source: str, name: str):
         return float(value)
     if hint in (int, str, bool, type(None)) and type(value) is hint:
         return value
+    if origin is list and isinstance(value, list) and args == (LoraFile,):
+        return [_build(LoraFile, item, f"{source}: {name}[{index}]") for index, item in enumerate(value)]
     if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
     if origin is tuple and isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):

@@ -1,6 +1,8 @@
 """A run folder (a training `output_dir`): the one place that names its files.
 
     config.yaml                    the training config as resolved (every override applied), with the versions
+    base_model.json                what it was tuned from: the base model, its config folder, and each LoRA's path,
+                                   SHA-256 and scale (`tuneavideo.base_model.BaseModel.record`)
     progress.json                  how the training goes or ended (`Progress`, with the loss and learning rate
                                    of every step), rewritten as it goes
     logs/                          TensorBoard events
@@ -229,6 +231,10 @@ class Run:
         return self.folder / "config.yaml"
 
     @property
+    def base_model_file(self) -> Path:
+        return self.folder / "base_model.json"
+
+    @property
     def model_index(self) -> Path:
         return self.folder / MODEL_INDEX
 
@@ -372,6 +378,18 @@ class Run:
         header = "".join(f"# {name} {version}\n" for name, version in versions.items())
         with atomic_path(self.config_file) as path:
             path.write_text(header + OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+    def check_base_model(self, record: dict) -> None:
+        """A resumed run must be tuned from the files its base_model.json names (`record`: what it is tuned from
+        now), or its weights would be a mix of two bases."""
+        if self.base_model_file.is_file() and json.loads(self.base_model_file.read_text()) != record:
+            raise RunError(f"{self.base_model_file}: the base model or a LoRA file changed since this run started; "
+                           "restore them, or start again with overwrite=true")
+
+    def write_base_model(self, record: dict) -> None:
+        """base_model.json: what the run is tuned from (`tuneavideo.base_model.BaseModel.record`)."""
+        with atomic_path(self.base_model_file) as path:
+            path.write_text(json.dumps(record, indent=1))
 
     def clip(self, cfg: TrainConfig) -> Clip:
         """The clip the run was tuned on (`cfg` is the run's config)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from functools import partial
 from pathlib import Path
 
 import diffusers
@@ -20,13 +19,12 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from .atomic import atomic_path, remove, staged
 from .checkpointing import (
@@ -37,17 +35,22 @@ from .checkpointing import (
     resume_point,
     save_checkpoint,
 )
-from .checks import check_sd_folder
+from .base_model import BaseModel
 from .config import MAX_SEED, TrainConfig, validation_prompts
 from .video.frames import clip_size, decode_frames, tuned_window, window_starts
 from .video.readers import Clip
-from .errors import UserError, first_line
+from .errors import UserError
 from .pipelines.edit import invert, sample
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline, truncated_text
 from .run import ProgressWriter, Run
 from .training_step import NonFiniteLoss, TrainingStep, make_optimizer, weight_dtype
-from .tuned_parameters import apply_tuned_parameters, save_tuned_parameters, trainable_parameter_names
+from .tuned_parameters import (
+    add_lora_adapters,
+    apply_tuned_parameters,
+    save_tuned_parameters,
+    trainable_parameter_names,
+)
 from .video.writers import save_videos_grid
 
 logger = logging.getLogger(__name__)
@@ -58,9 +61,11 @@ def train(cfg: TrainConfig) -> Path:
     keeps the run's progress.json up to date, to the end, however it ends (`ProgressWriter`)."""
     run = Run(cfg.output_dir)
     # bad paths fail here, in seconds, before any model is loaded (the clip's in `_tune`, as soon)
-    check_sd_folder(cfg.pretrained_model_path)
+    base = BaseModel.resolve(cfg.pretrained_model_path, cfg.pretrained_model_config, cfg.loras)
     run.check_output_dir(resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite)
     checkpoint = resume_point(cfg.resume_from_checkpoint, run)  # a damaged one is refused before a file is touched
+    if cfg.resume_from_checkpoint:
+        run.check_base_model(base.record())
     mixed_precision = _usable_mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(
         # several processes without CUDA (`accelerate launch --multi_gpu` on a CPU machine): CPU workers over gloo
@@ -72,12 +77,12 @@ def train(cfg: TrainConfig) -> Path:
     )
     with ProgressWriter(run, cfg.max_train_steps, enabled=accelerator.is_main_process,
                         resuming=bool(cfg.resume_from_checkpoint)) as report:
-        _tune(cfg, run, accelerator, mixed_precision, report, checkpoint)
+        _tune(cfg, base, run, accelerator, mixed_precision, report, checkpoint)
     return run.folder
 
 
-def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision: str, report: ProgressWriter,
-          checkpoint: Path | None) -> None:
+def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator, mixed_precision: str,
+          report: ProgressWriter, checkpoint: Path | None) -> None:
     data = cfg.train_data
     clip = Clip(data.video_path, data.fps)
     windows = TrainingWindows.plan(clip, cfg)
@@ -94,20 +99,14 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
         if cfg.overwrite and not cfg.resume_from_checkpoint:
             remove_checkpoints(run)  # a fresh run must not resume from the replaced run's state later
         run.write_config(cfg)
+        run.write_base_model(base.record())
 
-    # models: everything frozen but the trainable UNet modules
-    base = cfg.pretrained_model_path
-    logger.info(f"loading the base model {base}")
-    pipeline = TuneAVideoPipeline(
-        vae=_load(AutoencoderKL.from_pretrained, base, "vae"),
-        text_encoder=_load(CLIPTextModel.from_pretrained, base, "text_encoder"),
-        tokenizer=_load(CLIPTokenizer.from_pretrained, base, "tokenizer"),
-        unet=_load(partial(UNet3DConditionModel.from_pretrained_2d, spatial_attention=cfg.spatial_attention), base,
-                   "unet"),
-        scheduler=_load(DDIMScheduler.from_pretrained, base, "scheduler"),
-    )
+    # models: everything frozen but the trainable UNet modules (or, with tuning: lora, their LoRA adapters)
+    logger.info(f"loading the base model {base.path}" + "".join(f"; LoRA {lora.path} x {lora.scale:g}"
+                                                                for lora in base.loras))
+    pipeline = base.video_pipeline(cfg.spatial_attention)
     pipeline.set_progress_bar_config(disable=True)
-    noise_scheduler = _load(DDPMScheduler.from_pretrained, base, "scheduler")
+    noise_scheduler = base.scheduler(DDPMScheduler)
     unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
     dropped = truncated_text(pipeline.tokenizer, data.prompt)
     if dropped:
@@ -116,6 +115,8 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.requires_grad_(False)
+    if cfg.tuning == "lora":
+        add_lora_adapters(unet, cfg.trainable_modules, cfg.lora_rank, cfg.lora_alpha)
     trainable = trainable_parameter_names(unet, cfg.trainable_modules)
     if not trainable:
         raise UserError(f"trainable_modules {cfg.trainable_modules} match no module of the UNet (e.g. attn1.to_q)")
@@ -199,7 +200,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(cfg, unet, run)
+        _save_final(cfg, base, unet, run)
     accelerator.end_training()
 
 
@@ -280,17 +281,6 @@ class CtrlC:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def _load(loader, base: str, subfolder: str):
-    """Load one component of the base model; a broken or mismatched file becomes a one-line error."""
-    try:
-        return loader(base, subfolder=subfolder)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(
-            f"{Path(base) / subfolder}: cannot load it as a Stable Diffusion {subfolder} ({first_line(err)}); "
-            "download the model again with ./download_models.sh"
-        ) from err
-
-
 def _stop_diverged(losses: torch.Tensor, step: int, run: Run) -> None:
     """Stop on a NaN or infinite loss, before it reaches the weights or a checkpoint."""
     last = run.checkpoints()
@@ -362,20 +352,16 @@ def _scalar_hparams(cfg: TrainConfig) -> dict:
     return result
 
 
-def _save_final(cfg: TrainConfig, unet: UNet3DConditionModel, run: Run) -> None:
+def _save_final(cfg: TrainConfig, base: BaseModel, unet: UNet3DConditionModel, run: Run) -> None:
     """The tuned tensors, then the tuned pipeline (float32 VAE and text encoder from the base, a DDIM scheduler).
 
     The saved UNet is the base model plus the tuned-parameters file, so it is float32 even when the frozen weights
     were held in half precision during training, and equals what `apply_tuned_parameters` rebuilds. The pipeline is
     written to a temporary folder and moved in, `model_index.json` last: a full disk leaves no half-written model.
     """
-    base = cfg.pretrained_model_path
     tuned_file = save_tuned_parameters(unet, run.tuned_parameters, cfg.trainable_modules)
-    unet = UNet3DConditionModel.from_pretrained_2d(base, subfolder="unet", spatial_attention=cfg.spatial_attention)
-    unet = apply_tuned_parameters(unet, tuned_file)
-    pipeline = TuneAVideoPipeline.from_pretrained(
-        base, unet=unet, scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler")
-    )
+    pipeline = base.video_pipeline(cfg.spatial_attention)
+    apply_tuned_parameters(pipeline.unet, tuned_file)
     staging = run.pipeline_staging
     remove(staging)  # left by a killed run
     with staged(staging, f"no space left on the disk of {run.folder} while saving the tuned model; the tuned tensors "

@@ -310,6 +310,7 @@ def test_bad_input_gives_one_line_messages_and_writes_nothing(app, tmp_path):
         (dict(video=handle_file(make_clip(tmp_path / "long.mp4", 4))), "the clip is 4.0 s long; the limit is 3 s"),
         (dict(video=handle_file(SAMPLE_CLIP), frames=40), "the clip: has 48 frames but n_sample_frames=40"),
         (dict(clip="../../etc/passwd"), "there is no clip '../../etc/passwd'"),
+        (dict(video=handle_file(SAMPLE_CLIP), loras=["../../etc/passwd"]), "there is no LoRA '../../etc/passwd'"),
         (dict(video=handle_file(SAMPLE_CLIP), prompt="  "), "describe the clip in the prompt"),
         (dict(video=handle_file(SAMPLE_CLIP), steps=0), "Value 0 is less than minimum value 1"),  # gr.Number's check
     ]

@@ -240,7 +240,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
 
     def submit_tune(video: str | None, clip: str | None, base_model: str | None, prompt: str, steps: float,
                     frames: float, stride: float, start: float, size: float, learning_rate: float, seed: float,
-                    sample_prompt: str, sample_steps: float, sample_every: float):
+                    sample_prompt: str, sample_steps: float, sample_every: float, loras: list[str] | None = None,
+                    lora_scale: float = 1.0):
         """Check everything, write the run folder and queue the job; returns its id and status line at once."""
         try:
             if video:
@@ -254,6 +255,10 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
             base = workspace.base_models().get(base_model or "")
             if base is None:
                 raise UserError("pick a base model from the list")
+            offered = workspace.loras()  # names only: a path from the page never reaches the config
+            unknown = [name for name in loras or [] if name not in offered]
+            if unknown:
+                raise UserError(f"there is no LoRA {unknown[0]!r} in checkpoints/loras/; pick them from the list")
             settings = TuneSettings(
                 prompt=prompt or "", max_train_steps=whole_number(steps, "steps"),
                 n_sample_frames=whole_number(frames, "frames"), sample_frame_rate=whole_number(stride, "stride"),
@@ -261,6 +266,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                 learning_rate=float(learning_rate or 0), seed=whole_number(seed, "seed", minimum=0, maximum=MAX_SEED),
                 sample_prompt=sample_prompt or "", sample_steps=whole_number(sample_steps, "sample steps"),
                 validation_steps=whole_number(sample_every, "sample every"),
+                loras=tuple(offered[name] for name in loras or []), lora_scale=float(lora_scale),
             )
             folder, command = prepare_tune(workspace, base, source, settings)
         except UserError as err:
@@ -447,8 +453,14 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                     clip = gr.Dropdown(choices=clips, value=None, label="… or a clip from the data folder",
                                        allow_custom_value=True)
                     base_model = gr.Dropdown(choices=base_models, value=base_models[0] if base_models else None,
-                                             label="Base model (checkpoints/)", allow_custom_value=True)
+                                             label="Base model (checkpoints/: a folder or a .safetensors / .ckpt file)",
+                                             allow_custom_value=True)
                     tune_note = gr.Markdown(NOISE_NOTE, visible=False, elem_id="tune-noise-note")
+                    with gr.Row():
+                        loras = gr.Dropdown(choices=list(workspace.loras()), value=[], multiselect=True,
+                                            label="LoRAs (checkpoints/loras/)", elem_id="tune-loras",
+                                            allow_custom_value=True)  # unknown names get our one-line message
+                        lora_scale = gr.Slider(0, 2, 1.0, step=0.05, label="LoRA scale")
                     prompt = gr.Textbox(label="What the clip shows", placeholder="a man is skiing", elem_id="prompt")
                     preset = gr.Radio(list(PRESETS), value="quick", label="Preset",
                                       info="quick: a short look; paper: the original's 24 frames, 500 steps")
@@ -561,7 +573,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         preset.change(apply_preset, preset, [steps, frames, stride, start, size, learning_rate, seed, sample_steps,
                                              sample_every], api_visibility="private")
         tune_button.click(submit_tune, [video, clip, base_model, prompt, steps, frames, stride, start, size,
-                                        learning_rate, seed, sample_prompt, sample_steps, sample_every],
+                                        learning_rate, seed, sample_prompt, sample_steps, sample_every, loras,
+                                        lora_scale],
                           [tune_job, tune_status], api_name="tune")
         tune_stop.click(stop, tune_job, tune_status, api_name="stop")
         tune_resume.click(resume, tune_job, [tune_job, tune_status], api_name="resume")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ..base_model import SINGLE_FILE_SUFFIXES
 from ..checks import check_sd_folder
 from ..config import load_config
 from ..video.frames import tuned_window
@@ -59,15 +60,23 @@ class Workspace:
     python: str = sys.executable
 
     def base_models(self) -> dict[str, Path]:
-        """Stable Diffusion folders under `checkpoints`, by folder name; anything else there is left out."""
+        """Stable Diffusion folders under `checkpoints`, and single-file checkpoints (`.safetensors`, `.ckpt`) there,
+        by name; anything else there is left out (a file's keys are read when a run starts)."""
         found = {}
-        for folder in sorted(self.checkpoints.glob("*/")):
-            try:
-                check_sd_folder(folder)
-            except UserError:
+        for path in sorted(self.checkpoints.glob("*")):
+            if path.is_dir():
+                try:
+                    check_sd_folder(path)
+                except UserError:
+                    continue
+            elif path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
                 continue
-            found[folder.name] = folder
+            found[path.name] = path
         return found
+
+    def loras(self) -> dict[str, Path]:
+        """LoRA files in `checkpoints/loras/` (A1111's `models/Lora`), by name: a fixed list the page offers."""
+        return {path.name: path for path in sorted(self.checkpoints.glob("loras/*.safetensors"))}
 
     def ensure_base_model(self) -> Path | None:
         """With no Stable Diffusion folder under `checkpoints`, write the tiny random one (as the demo does).
@@ -140,6 +149,8 @@ class TuneSettings:
     sample_prompt: str  # the validation prompt; empty: the tuning prompt (a reconstruction)
     sample_steps: int  # DDIM steps of the validation samples and of their inversion
     validation_steps: int  # a validation sample (and a checkpoint) every this many steps, and at the end
+    loras: tuple[Path, ...] = ()  # LoRA files fused into the base model (from `Workspace.loras`)
+    lora_scale: float = 1.0  # of every one of them
 
 
 # Values for the preset buttons (the prompt and sample prompt stay the user's), in the order of the Tune tab's fields.
@@ -194,6 +205,7 @@ def write_tune_config(folder: Path, base_model: Path, clip: Path, settings: Tune
         # a checkpoint with every sample, only the newest kept: a crashed or killed run resumes from there
         "checkpointing_steps": settings.validation_steps,
         "checkpoints_total_limit": 1,
+        "loras": [{"path": str(path.resolve()), "scale": settings.lora_scale} for path in settings.loras],
     }
     path = folder / TUNE_CONFIG
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -34,7 +35,7 @@ class UNet3DConditionOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
+class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
     """The inflated SD UNet on latent clips `(batch, 4, frames, height/8, width/8)`.
 
     Its constructor takes the original project's config keys (those of diffusers 0.11's 2D UNet, with 3D block
@@ -236,14 +237,20 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
         `UNet2DConditionModel.from_pretrained` (`variant`, `torch_dtype`, ...).
         """
         unet_2d = UNet2DConditionModel.from_pretrained(pretrained_model_path, subfolder=subfolder, **kwargs)
+        return cls.from_2d(unet_2d, spatial_attention, name=str(pretrained_model_path))
+
+    @classmethod
+    def from_2d(cls, unet_2d: UNet2DConditionModel, spatial_attention: str = "sparse_causal",
+                name: str = "the image UNet") -> "UNet3DConditionModel":
+        """Inflate a loaded Stable Diffusion 1.x/2.x `UNet2DConditionModel` (see `from_pretrained_2d`); `name` is
+        what an error calls it."""
         model = cls.from_config({**cls.config_from_2d(unet_2d.config), "spatial_attention": spatial_attention})
         state_dict = unet_2d.state_dict()
-        del unet_2d
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         bad_missing = [key for key in missing if TEMPORAL_KEY not in key]
         if unexpected or bad_missing:
             raise ValueError(
-                f"{pretrained_model_path}: not a 4-level Stable Diffusion UNet (unexpected keys {unexpected[:3]}, "
+                f"{name}: not a 4-level Stable Diffusion UNet (unexpected keys {unexpected[:3]}, "
                 f"missing keys {bad_missing[:3]})"
             )
         dtype = next(iter(state_dict.values())).dtype

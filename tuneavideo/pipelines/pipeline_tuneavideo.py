@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, deprecate, logging
@@ -38,12 +39,13 @@ def truncated_text(tokenizer: CLIPTokenizer, prompt: str) -> str:
     return tokenizer.decode(ids[kept:-1]).strip() if len(ids) > tokenizer.model_max_length else ""
 
 
-class TuneAVideoPipeline(DiffusionPipeline):
+class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Sample clips from prompts with Stable Diffusion's VAE and text encoder and a tuned `UNet3DConditionModel`.
 
     For edits, pass `latents=` the DDIM-inverted latent of the source clip and a DDIM scheduler whose grid starts at
     its noise level: `tuneavideo.pipelines.edit` does both (`invert`, then `sample`). One inverted latent of batch 1
-    serves every prompt and every `num_videos_per_prompt`.
+    serves every prompt and every `num_videos_per_prompt`. LoRAs load by name into the UNet (which keeps the image
+    UNet's names) and the text encoder with diffusers' `load_lora_weights` (`tuneavideo.base_model.fuse_loras`).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
