@@ -1,0 +1,179 @@
+"""Structure guidance (tuneavideo/pipelines/controlnet.py): diffusers' 2-D ControlNets on a window's frames folded into
+the batch give, frame for frame, what the ControlNet gives for that frame alone; settings as diffusers defines them;
+a ControlNet that does not fit, and every bad setting, is one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from PIL import Image
+
+from tuneavideo.pipelines.controlnet import ControlError, StructureGuidance, check_fits, load_controlnet
+
+HINT_CHANNELS = (4, 8, 8, 8)  # the hint encoder's widths: 3 stride-2 convolutions, image size / 8 as the VAE
+
+
+def tiny_controlnet(tiny_sd, seed: int | None = None) -> ControlNetModel:
+    """`ControlNetModel.from_unet` of the tiny SD UNet: zero output convolutions (residuals exactly zero), or with
+    `seed` those and the hint encoder's last convolution made random, so the residuals are not."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT_CHANNELS).eval()
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        zero = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                controlnet.controlnet_cond_embedding.conv_out]
+        with torch.no_grad():
+            for module in zero:
+                for parameter in module.parameters():
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return controlnet
+
+
+def condition_frames(count, size=64, seed=0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def window_inputs(frames=3, batch=2, size=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, frames, size, size, generator=generator)
+    text = torch.randn(batch, 7, 16, generator=generator)
+    return sample, text
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+
+
+def test_folded_frames_give_what_the_controlnet_gives_each_frame_alone(tiny_sd):
+    controlnet = tiny_controlnet(tiny_sd, seed=0)
+    conditions = condition_frames(5)
+    guidance = StructureGuidance.create(controlnet, conditions, 5, 64, 64, controlnet_conditioning_scale=0.7)
+    sample, text = window_inputs(frames=3)
+    frames = [0, 3, 4]  # a window with the anchor frame 0 in front
+    with torch.no_grad():
+        found = guidance.residuals(sample, 500, text, frames, step=0, num_steps=10, guided=True)
+        for position, frame in enumerate(frames):
+            image = to_tensor(conditions[frame]).expand(2, -1, -1, -1)
+            down, mid = controlnet(sample[:, :, position], 500, text, controlnet_cond=image, conditioning_scale=0.7,
+                                   return_dict=False)
+            for ours, theirs in zip(found["down_block_additional_residuals"], down, strict=True):
+                assert ours.shape[2] == 3
+                torch.testing.assert_close(ours[:, :, position], theirs, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(found["mid_block_additional_residual"][:, :, position], mid, rtol=1e-4,
+                                       atol=1e-5)
+    assert found["mid_block_additional_residual"].abs().max() > 1e-2
+
+
+def test_a_zero_controlnet_gives_zero_residuals_and_an_inactive_step_none(tiny_sd):
+    guidance = StructureGuidance.create(tiny_controlnet(tiny_sd), condition_frames(3), 3, 64, 64)
+    sample, text = window_inputs()
+    with torch.no_grad():
+        found = guidance.residuals(sample, 10, text, [0, 1, 2], step=0, num_steps=4, guided=True)
+    assert all(torch.count_nonzero(r) == 0 for r in found["down_block_additional_residuals"])
+    assert torch.count_nonzero(found["mid_block_additional_residual"]) == 0
+    late = StructureGuidance.create(tiny_controlnet(tiny_sd, 0), condition_frames(3), 3, 64, 64,
+                                    control_guidance_start=0.5)
+    assert late.residuals(sample, 10, text, [0, 1, 2], step=1, num_steps=4, guided=True) == {}
+
+
+def test_step_scales_follow_diffusers_control_guidance_start_and_end(tiny_sd):
+    controlnet = tiny_controlnet(tiny_sd)
+    guidance = StructureGuidance.create([controlnet, controlnet], [condition_frames(2)] * 2, 2, 64, 64,
+                                        controlnet_conditioning_scale=[0.5, 2.0], control_guidance_start=[0.2, 0.0],
+                                        control_guidance_end=[0.7, 1.0])
+    # by hand: on while start <= i / 10 and (i + 1) / 10 <= end
+    assert [guidance.step_scales(i, 10)[0] for i in range(10)] == [0, 0, 0.5, 0.5, 0.5, 0.5, 0.5, 0, 0, 0]
+    assert [guidance.step_scales(i, 10)[1] for i in range(10)] == [2.0] * 10
+
+
+def test_guess_mode_runs_on_the_conditional_half_with_zeros_for_the_unconditional(tiny_sd):
+    controlnet = tiny_controlnet(tiny_sd, seed=1)
+    conditions = condition_frames(2)
+    guidance = StructureGuidance.create(controlnet, conditions, 2, 64, 64, guess_mode=True)
+    sample, text = window_inputs(frames=2, batch=2)
+    sample[1] = sample[0]  # classifier-free guidance: the same latents twice
+    with torch.no_grad():
+        found = guidance.residuals(sample, 300, text, [0, 1], step=0, num_steps=1, guided=True)
+        for position in range(2):
+            down, mid = controlnet(sample[1:, :, position], 300, text[1:], controlnet_cond=to_tensor(conditions[position]),
+                                   guess_mode=True, return_dict=False)
+            for ours, theirs in zip(found["down_block_additional_residuals"], down, strict=True):
+                assert torch.count_nonzero(ours[:1]) == 0
+                torch.testing.assert_close(ours[1:, :, position], theirs, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(found["mid_block_additional_residual"][1:, :, position], mid, rtol=1e-4,
+                                       atol=1e-5)
+
+
+def test_two_controlnets_sum_their_scaled_residuals(tiny_sd):
+    first, second = tiny_controlnet(tiny_sd, seed=2), tiny_controlnet(tiny_sd, seed=3)
+    conditions = [condition_frames(3, seed=4), condition_frames(3, seed=5)]
+    sample, text = window_inputs()
+    both = StructureGuidance.create([first, second], conditions, 3, 64, 64, controlnet_conditioning_scale=[0.4, 1.3])
+    one = StructureGuidance.create(first, conditions[0], 3, 64, 64, controlnet_conditioning_scale=0.4)
+    two = StructureGuidance.create(second, conditions[1], 3, 64, 64, controlnet_conditioning_scale=1.3)
+    with torch.no_grad():
+        found, a, b = (g.residuals(sample, 700, text, [0, 1, 2], 0, 1, True) for g in (both, one, two))
+    for key in found:
+        pairs = zip(found[key], a[key], b[key]) if key.startswith("down") else [(found[key], a[key], b[key])]
+        for total, x, y in pairs:
+            torch.testing.assert_close(total, x + y, rtol=1e-5, atol=1e-6)
+
+
+def test_uint8_frames_and_pil_images_prepare_alike_resized_to_the_output(tiny_sd):
+    images = condition_frames(2, size=48)
+    arrays = [np.asarray(image) for image in images]
+    controlnet = tiny_controlnet(tiny_sd)
+    from_pil = StructureGuidance.create(controlnet, images, 2, 64, 32).prepare([1, 0])
+    from_arrays = StructureGuidance.create(controlnet, np.stack(arrays), 2, 64, 32).prepare([1, 0])
+    assert from_pil[0].shape == (2, 3, 64, 32)
+    assert torch.equal(from_pil[0], from_arrays[0])
+    assert 0 <= from_pil[0].min() and from_pil[0].max() <= 1
+
+
+def test_a_controlnet_for_another_base_is_one_line(tiny_sd):
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    controlnet = tiny_controlnet(tiny_sd)
+    check_fits(controlnet, unet.config)
+    wider = ControlNetModel.from_config({**controlnet.config, "cross_attention_dim": 1024})
+    sd1 = {**unet.config, "cross_attention_dim": 768}
+    with pytest.raises(ControlError, match=r"^canny is made for SD 2\.x but this model is SD 1\.x \(cross-attention "
+                                           r"width 1024, not 768\); use a ControlNet for SD 1\.x$"):
+        check_fits(wider, type("Config", (), sd1), name="canny")
+    narrower = ControlNetModel.from_config({**controlnet.config, "block_out_channels": (8, 8, 16, 16)})
+    with pytest.raises(ControlError, match=r"has UNet widths \(8, 8, 16, 16\), this model \(8, 16, 16, 16\)"):
+        check_fits(narrower, unet.config)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(controlnet_conditioning_scale=-0.5), "-0.5 is negative"),
+    (dict(controlnet_conditioning_scale="strong"), "'strong' is not a number"),
+    (dict(controlnet_conditioning_scale=float("nan")), "nan is not a number"),
+    (dict(control_guidance_start=0.6, control_guidance_end=0.6), "need 0 <= start < end <= 1"),
+    (dict(control_guidance_end=1.5), "need 0 <= start < end <= 1"),
+    (dict(controlnet_conditioning_scale=[1.0, 0.5]), "2 values for 1 ControlNets"),
+    (dict(num_frames=4), "condition 1 has 3 frames for a clip of 4"),
+])
+def test_bad_settings_are_one_line(tiny_sd, settings, message):
+    arguments = {"num_frames": 3, "height": 64, "width": 64, **settings}
+    with pytest.raises(ControlError, match=message) as err:
+        StructureGuidance.create(tiny_controlnet(tiny_sd), condition_frames(3), **arguments)
+    assert "\n" not in str(err.value)
+
+
+def test_load_controlnet_from_a_folder_and_bad_sources_in_one_line(tiny_sd, tmp_path):
+    controlnet = tiny_controlnet(tiny_sd, seed=6)
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    loaded = load_controlnet(tmp_path / "controlnet")
+    assert all(torch.equal(v, controlnet.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ControlError, match=r"cannot load a ControlNet .*; download one with \./download_models\.sh "
+                                           r"--controlnet canny\|depth\|<hub id>$"):
+        load_controlnet(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ControlError, match=r"a ControlNet file must end in \.safetensors, \.ckpt, \.pth, \.bin"):
+        load_controlnet(tmp_path / "notes.txt")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ControlError, match="broken.safetensors: cannot load a ControlNet .*put its original .yaml"):
+        load_controlnet(tmp_path / "broken.safetensors")
