@@ -4,12 +4,15 @@ a ControlNet that does not fit, and every bad setting, is one line."""
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image
 
+from tests.helpers import ROOT, fake_hf
 from tuneavideo.pipelines.controlnet import ControlError, StructureGuidance, check_fits, load_controlnet
 
 HINT_CHANNELS = (4, 8, 8, 8)  # the hint encoder's widths: 3 stride-2 convolutions, image size / 8 as the VAE
@@ -98,8 +101,9 @@ def test_guess_mode_runs_on_the_conditional_half_with_zeros_for_the_unconditiona
     with torch.no_grad():
         found = guidance.residuals(sample, 300, text, [0, 1], step=0, num_steps=1, guided=True)
         for position in range(2):
-            down, mid = controlnet(sample[1:, :, position], 300, text[1:], controlnet_cond=to_tensor(conditions[position]),
-                                   guess_mode=True, return_dict=False)
+            image = to_tensor(conditions[position])
+            down, mid = controlnet(sample[1:, :, position], 300, text[1:], controlnet_cond=image, guess_mode=True,
+                                   return_dict=False)
             for ours, theirs in zip(found["down_block_additional_residuals"], down, strict=True):
                 assert torch.count_nonzero(ours[:1]) == 0
                 torch.testing.assert_close(ours[1:, :, position], theirs, rtol=1e-4, atol=1e-5)
@@ -177,3 +181,25 @@ def test_load_controlnet_from_a_folder_and_bad_sources_in_one_line(tiny_sd, tmp_
     (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ControlError, match="broken.safetensors: cannot load a ControlNet .*put its original .yaml"):
         load_controlnet(tmp_path / "broken.safetensors")
+
+
+def test_download_script_controlnet_fetches_the_controlnets_and_the_depth_estimator(tmp_path):
+    script = ROOT / "download_models.sh"
+    env = fake_hf(tmp_path)
+    run = subprocess.run(["bash", str(script), "--controlnet", "canny", "--controlnet=depth", "--controlnet",
+                          "someone/sd21-pose"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    calls = [call.split() for call in (tmp_path / "calls").read_text().splitlines()]
+    # no Stable Diffusion when only ControlNets are asked for; full-precision diffusers weights
+    assert [call[1] for call in calls] == ["lllyasviel/control_v11p_sd15_canny", "lllyasviel/control_v11f1p_sd15_depth",
+                                           "someone/sd21-pose", "Intel/dpt-large"]
+    assert calls[0][4:] == ["--include", "config.json", "--include", "diffusion_pytorch_model.safetensors"]
+    for name in ("control_v11p_sd15_canny", "control_v11f1p_sd15_depth", "sd21-pose"):
+        assert (tmp_path / "checkpoints" / name / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "dpt-large" / "preprocessor_config.json").is_file()
+    for args, message in ((["--controlnet"], "--controlnet needs a value"),
+                          (["--controlnet", "--eval"], "--controlnet needs a value"),
+                          (["--controlnet", "pose"], "unknown ControlNet 'pose': use canny, depth or a hub id")):
+        bad = subprocess.run(["bash", str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1

@@ -55,7 +55,8 @@ def tiny_depth(tmp_path_factory):
     """A tiny random DPT depth estimator folder, as `download_models.sh --controlnet depth` writes a real one."""
     folder = tmp_path_factory.mktemp("checkpoints") / "dpt-large"
     config = DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
-                       image_size=32, patch_size=8, neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, backbone_out_indices=[0, 1, 2, 3])
+                       image_size=32, patch_size=8, neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8,
+                       backbone_out_indices=[0, 1, 2, 3])
     DPTForDepthEstimation(config).save_pretrained(folder)
     DPTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder

@@ -218,7 +218,9 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin):
             skips += block_skips
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
-                raise ValueError(f"expected {len(skips)} down block residuals, got {len(down_block_additional_residuals)}")
+                raise ValueError(
+                    f"expected {len(skips)} down block residuals, got {len(down_block_additional_residuals)}"
+                )
             skips = tuple(skip + residual for skip, residual in zip(skips, down_block_additional_residuals))
 
         sample = self.mid_block(sample, emb, encoder_hidden_states)

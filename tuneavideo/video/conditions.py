@@ -29,7 +29,8 @@ from .readers import Clip
 
 CONDITIONS = ("canny", "depth")  # made from the source clip; anything else names a condition video or folder
 CANNY_THRESHOLDS = (100, 200)  # ControlNet's canny annotator's (and ControlVideo's) low and high thresholds
-DEPTH_ESTIMATOR = "Intel/dpt-large"  # what ControlNet 1.1's depth model card runs; ./checkpoints/dpt-large once downloaded
+# what ControlNet 1.1's depth model card runs; ./checkpoints/dpt-large once downloaded
+DEPTH_ESTIMATOR = "Intel/dpt-large"
 DEPTH_DOWNLOAD = "./download_models.sh --controlnet depth"
 
 
