@@ -203,3 +203,18 @@ def test_download_script_controlnet_fetches_the_controlnets_and_the_depth_estima
         bad = subprocess.run(["bash", str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_rows_of_a_tuning_batch_take_their_own_frames_and_timesteps(tiny_sd):
+    controlnet = tiny_controlnet(tiny_sd, seed=7)
+    guidance = StructureGuidance.create(controlnet, condition_frames(6), 6, 64, 64)
+    sample, text = window_inputs(frames=2, batch=2)
+    timesteps = torch.tensor([50, 900])
+    with torch.no_grad():
+        both = guidance.residuals(sample, timesteps, text, [[0, 1], [4, 5]], step=0, num_steps=1, guided=False)
+        for row, frames in enumerate(([0, 1], [4, 5])):
+            alone = guidance.residuals(sample[row : row + 1], timesteps[row], text[row : row + 1], frames, 0, 1, False)
+            torch.testing.assert_close(both["mid_block_additional_residual"][row : row + 1],
+                                       alone["mid_block_additional_residual"], rtol=1e-4, atol=1e-5)
+            for ours, theirs in zip(both["down_block_additional_residuals"], alone["down_block_additional_residuals"]):
+                torch.testing.assert_close(ours[row : row + 1], theirs, rtol=1e-4, atol=1e-5)

@@ -191,24 +191,29 @@ class StructureGuidance:
         model_input: torch.Tensor,
         timestep: torch.Tensor | int,
         embeddings: torch.Tensor,
-        frames: Sequence[int],
+        frames: Sequence[int] | Sequence[Sequence[int]],
         step: int,
         num_steps: int,
         guided: bool,
     ) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
         """The UNet's extra keyword arguments for one call on `model_input` `(batch, 4, frames, h, w)` (the clip
-        frames `frames`, already scaled by the scheduler), with `embeddings` `(batch, tokens, dim)` ordered
+        frames `frames`, or one list of frames per row of the batch as tuning draws them; already scaled by the
+        scheduler) at `timestep` (one, or one per row), with `embeddings` `(batch, tokens, dim)` ordered
         [unconditional, conditional] when `guided` (classifier-free guidance): `down_block_additional_residuals`
         and `mid_block_additional_residual`, 5-D; none at a step where every ControlNet is off."""
         scales = self.step_scales(step, num_steps)
         if not any(scales):
             return {}
-        num_frames = len(frames)
         if self.guess_mode and guided:  # the conditional half only; the unconditional half gets zeros
             model_input, embeddings = model_input.chunk(2)[1], embeddings.chunk(2)[1]
-        batch = model_input.shape[0]
+        batch, num_frames = model_input.shape[0], model_input.shape[2]
+        rows = frames if isinstance(frames[0], Sequence) else [frames] * batch
         net = self.nets[0]
-        images = [image.repeat(batch, 1, 1, 1) for image in self.prepare(frames)]  # batch outer, frames inner
+        prepared = [self.prepare(row) for row in rows]
+        images = [torch.cat([row[k] for row in prepared]) for k in range(len(self.nets))]  # batch outer, frames inner
+        timestep = torch.as_tensor(timestep, device=model_input.device)
+        if timestep.ndim == 1 and len(timestep) == batch:  # one per clip: one per frame
+            timestep = timestep.repeat_interleave(num_frames)
         multi = isinstance(self.controlnet, MultiControlNetModel)
         down, mid = self.controlnet(
             fold_frames(model_input).to(net.dtype),
