@@ -137,7 +137,21 @@ def test_shipped_configs_load_with_original_hyperparameters(name, prompt, rate, 
 
 def test_schema_has_the_original_keys_plus_the_new_ones():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert names == ORIGINAL_KEYS | {"overwrite", "checkpoints_total_limit", "spatial_attention"}
+    assert names == ORIGINAL_KEYS | {"overwrite", "checkpoints_total_limit", "spatial_attention", "controlnet"}
+
+
+def test_controlnet_is_off_by_default_and_checked_when_given(tmp_path):
+    config = write(tmp_path, ORIGINAL_MAN_SKIING, "man-skiing.yaml")
+    assert load_config(config).controlnet is None
+    cfg = load_config(config, ["controlnet.model=checkpoints/control_v11p_sd15_canny"])
+    assert (cfg.controlnet.condition, cfg.controlnet.scale) == ("canny", 1.0)  # ControlNet's own defaults
+    for override, words in ((["controlnet.condition=depth"], "'controlnet.model'"),
+                            (["controlnet.model=x", "controlnet.scale=-0.5"], "controlnet.scale=-0.5 must be"),
+                            (["controlnet.model=x", "controlnet.condition=pose"], "controlnet.condition='pose' must be "
+                                                                               "canny or depth, or an existing"),
+                            (["controlnet.modle=x"], "Did you mean: 'model'")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(config, override)
 
 
 def test_original_config_text_loads_unchanged(tmp_path):

@@ -37,7 +37,9 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .checks import check_sd_folder
-from .config import TrainConfig, validation_prompts
+from .config import ControlNetConfig, TrainConfig, validation_prompts
+from .pipelines.controlnet import StructureGuidance, check_fits, load_controlnet
+from .video.conditions import depth_estimator, hold, make_condition
 from .video.frames import clip_size, decode_frames, tuned_window, window_starts
 from .video.readers import Clip
 from .errors import UserError, first_line
@@ -107,6 +109,12 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
     pipeline.set_progress_bar_config(disable=True)
     noise_scheduler = _load(DDPMScheduler.from_pretrained, base, "scheduler")
     unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+    guidance = None
+    if cfg.controlnet is not None:  # before anything long runs: a ControlNet or condition that does not fit is one line
+        controlnet = load_controlnet(cfg.controlnet.model, option="controlnet.model")
+        check_fits(controlnet, unet.config, f"controlnet.model {cfg.controlnet.model}")
+        controlnet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype(accelerator))
+        guidance = tuning_guidance(controlnet, cfg.controlnet, windows, clip, accelerator.device)
     dropped = truncated_text(pipeline.tokenizer, data.prompt)
     if dropped:
         logger.warning(f"train_data.prompt is longer than the text encoder's {pipeline.tokenizer.model_max_length} "
@@ -169,7 +177,10 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
     with CtrlC() as ctrl_c:
         while global_step < cfg.max_train_steps:
             try:
-                losses = step(windows.sample(posterior, cfg.train_batch_size), encoder_hidden_states)
+                latents, positions = windows.sample(posterior, cfg.train_batch_size)
+                control = None if guidance is None else partial(guidance.residuals, frames=positions, step=0,
+                                                                num_steps=1, guided=False)
+                losses = step(latents, encoder_hidden_states, control)
             except NonFiniteLoss as err:
                 _stop_diverged(err.losses, global_step + 1, run)
 
@@ -240,15 +251,30 @@ class TrainingWindows:
         """The window at `sample_start_idx`: the one validation inverts and edits default to."""
         return self._window(posterior, 0)
 
-    def sample(self, posterior: DiagonalGaussianDistribution, batch_size: int) -> torch.Tensor:
+    def sample(self, posterior: DiagonalGaussianDistribution,
+               batch_size: int) -> tuple[torch.Tensor, list[list[int]]]:
         """`batch_size` latent clips `(batch, 4, frames, h, w)`: each a fresh posterior sample (the original's
-        `latent_dist.sample()`) of its own window. Starts come from torch's global generator, which checkpoints
-        save, so a resumed run draws the same windows."""
-        samples = []
+        `latent_dist.sample()`) of its own window; and each clip's frames, as positions within `decoded`. Starts
+        come from torch's global generator, which checkpoints save, so a resumed run draws the same windows."""
+        samples, positions = [], []
         for _ in range(batch_size):
             start = int(torch.randint(len(self.starts), ())) if len(self.starts) > 1 else 0
             samples.append(self._window(posterior, start).sample())
-        return torch.cat(samples)
+            positions.append(list(range(start, start + self.length * self.stride, self.stride)))
+        return torch.cat(samples), positions
+
+
+def tuning_guidance(controlnet, settings: ControlNetConfig, windows: TrainingWindows, clip: Clip,
+                    device: torch.device) -> StructureGuidance:
+    """The ControlNet with the conditions of every frame the run tunes on (indexed by position within
+    `windows.decoded`, held in a memory-mapped file), at `settings.scale`, acting at every step."""
+    size = windows.size
+    frames = make_condition(settings.condition, lambda: windows.decode(clip), windows.decoded,
+                            (clip.info.width, clip.info.height), size,
+                            estimator=lambda: depth_estimator(device=device))
+    held = hold(frames, len(windows.decoded), size)
+    return StructureGuidance.create(controlnet, held, len(held), size[1], size[0],
+                                    controlnet_conditioning_scale=settings.scale)
 
 
 class CtrlC:

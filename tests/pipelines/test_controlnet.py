@@ -14,25 +14,7 @@ from PIL import Image
 
 from tests.helpers import ROOT, fake_hf
 from tuneavideo.pipelines.controlnet import ControlError, StructureGuidance, check_fits, load_controlnet
-
-HINT_CHANNELS = (4, 8, 8, 8)  # the hint encoder's widths: 3 stride-2 convolutions, image size / 8 as the VAE
-
-
-def tiny_controlnet(tiny_sd, seed: int | None = None) -> ControlNetModel:
-    """`ControlNetModel.from_unet` of the tiny SD UNet: zero output convolutions (residuals exactly zero), or with
-    `seed` those and the hint encoder's last convolution made random, so the residuals are not."""
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT_CHANNELS).eval()
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-        zero = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                controlnet.controlnet_cond_embedding.conv_out]
-        with torch.no_grad():
-            for module in zero:
-                for parameter in module.parameters():
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return controlnet
-
+from tuneavideo.tiny import tiny_controlnet
 
 def condition_frames(count, size=64, seed=0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)

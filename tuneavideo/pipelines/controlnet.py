@@ -37,20 +37,21 @@ class ControlError(UserError):
     """A ControlNet, a condition or a control setting that cannot be used; one line naming it and what to do."""
 
 
-def load_controlnet(source: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> ControlNetModel:
+def load_controlnet(source: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                    option: str = "--controlnet") -> ControlNetModel:
     """A ControlNet from a diffusers folder or hub id (`from_pretrained`) or one file in the original format
     (`from_single_file`; offline it needs the original's `.yaml` config beside it, as ControlNet 1.1 ships them:
     `control_v11p_sd15_canny.pth` with `control_v11p_sd15_canny.yaml`).
 
     Raises:
-        ControlError: the source is missing or is not a ControlNet.
+        ControlError: the source is missing or is not a ControlNet; the message names it as `option`.
     """
     source = os.fspath(source)
     path = Path(source)
     try:
         if path.is_file():
             if path.suffix not in SINGLE_FILE_SUFFIXES:
-                raise ControlError(f"--controlnet {source}: a ControlNet file must end in "
+                raise ControlError(f"{option} {source}: a ControlNet file must end in "
                                    f"{', '.join(SINGLE_FILE_SUFFIXES)}; or give a diffusers folder or hub id")
             config = path.with_suffix(".yaml")
             extra = {"original_config": str(config)} if config.is_file() else {}
@@ -61,7 +62,7 @@ def load_controlnet(source: str | os.PathLike, torch_dtype: torch.dtype | None =
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         hint = ("put its original .yaml config beside it, or convert it to a diffusers folder" if path.is_file()
                 else "download one with ./download_models.sh --controlnet canny|depth|<hub id>")
-        raise ControlError(f"--controlnet {source}: cannot load a ControlNet ({first_line(err)}); {hint}") from err
+        raise ControlError(f"{option} {source}: cannot load a ControlNet ({first_line(err)}); {hint}") from err
 
 
 def check_fits(controlnet: ControlNetModel, unet_config, name: str = "the ControlNet") -> None:

@@ -20,7 +20,6 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -51,6 +50,8 @@ def check_canny_thresholds(low: float, high: float) -> None:
 def canny(frames: Iterable[np.ndarray], low: float = CANNY_THRESHOLDS[0],
           high: float = CANNY_THRESHOLDS[1]) -> Iterator[np.ndarray]:
     """Edge maps `(H, W, 3)` uint8 (0 or 255, the same in every channel) of RGB frames `(H, W, 3)` uint8."""
+    import cv2  # OpenCV loads only when canny is asked for
+
     check_canny_thresholds(low, high)
     for frame in frames:
         edges = cv2.Canny(np.ascontiguousarray(frame), low, high)
