@@ -192,9 +192,9 @@ def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
                 span="tuned window", span_start=0, span_end=0, stride=None, local=True, blend="ball",
                 api_name="/edit")  # inversion: ddim, the app's default
     # the edit's own checks, before anything is written or a model loads
-    for settings, message in ((dict(blend="cat"), "--blend source word 'cat' is not a word of the prompt"),
+    for settings, message in ((dict(blend="cat"), "blend source word 'cat' is not a word of the prompt"),
                               (dict(control="replace"), "the source prompt has 4 words and the target 5"),
-                              (dict(reweight="red"), "--reweight 'red': give WORD=FACTOR"),
+                              (dict(reweight="red"), "reweight 'red': give WORD=FACTOR"),
                               (dict(local=False), "blend and reweight are for a local edit: tick Local edit")):
         with pytest.raises(AppError) as raised:
             client.predict(**{**edit, **settings})
