@@ -9,12 +9,23 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import (
+    ControlNetModel,
+    DDIMScheduler,
+    MultiControlNetModel,
+    StableDiffusionControlNetPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 
-from tests.helpers import ROOT, fake_hf
+from tests.helpers import ROOT, SAMPLE_CLIP, fake_hf
+from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.controlnet import ControlError, StructureGuidance, check_fits, load_controlnet
+from tuneavideo.pipelines.edit import invert, sample
+from tuneavideo.pipelines.local_edit import LocalEdit, invert_and_edit, plan_local
+from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import tiny_controlnet
+from tuneavideo.video.readers import Clip
 
 def condition_frames(count, size=64, seed=0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
@@ -200,3 +211,121 @@ def test_rows_of_a_tuning_batch_take_their_own_frames_and_timesteps(tiny_sd):
                                        alone["mid_block_additional_residual"], rtol=1e-4, atol=1e-5)
             for ours, theirs in zip(both["down_block_additional_residuals"], alone["down_block_additional_residuals"]):
                 torch.testing.assert_close(ours[row : row + 1], theirs, rtol=1e-4, atol=1e-5)
+
+
+# --- in the pipeline: the one sampling loop, the inversions and local edits under control -------------------------
+
+
+@pytest.fixture
+def untuned(tiny_sd):
+    """The tiny pipeline with the just-inflated UNet (zero temporal output: on identical frames, the image model),
+    a DDIM scheduler and no progress bars; ControlNets are set per test."""
+    unet = UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet").eval()
+    pipe = TuneAVideoPipeline.from_pretrained(tiny_sd, unet=unet, scheduler=DDIMScheduler.from_pretrained(
+        tiny_sd, subfolder="scheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image_pipeline(tiny_sd, controlnet) -> StableDiffusionControlNetPipeline:
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_sd, controlnet=controlnet, scheduler=DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SETTINGS = dict(num_inference_steps=5, guidance_scale=7.5, control_guidance_start=0.2, control_guidance_end=0.8,
+                height=64, width=64)
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_on_identical_frames_every_frame_is_what_diffusers_controlnet_pipeline_gives(tiny_sd, untuned, guess_mode):
+    controlnet = tiny_controlnet(tiny_sd, seed=8)
+    untuned.controlnet = controlnet
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    image = condition_frames(1, size=48)[0]  # resized to 64x64 by both
+    expected = image_pipeline(tiny_sd, controlnet)(
+        "a red ball", image=image, latents=latent, controlnet_conditioning_scale=0.6, guess_mode=guess_mode,
+        output_type="latent", **SETTINGS).images
+    ours = untuned("a red ball", latents=latent[:, :, None].expand(-1, -1, 3, -1, -1), conditioning_frames=[image] * 3,
+                   controlnet_conditioning_scale=0.6, guess_mode=guess_mode, output_type="latent", **SETTINGS).videos
+    plain = untuned("a red ball", latents=latent[:, :, None].expand(-1, -1, 3, -1, -1), output_type="latent",
+                    **{k: v for k, v in SETTINGS.items() if not k.startswith("control")}).videos
+    assert (ours - plain).abs().max() > 1e-2  # the control acts
+    for frame in range(3):
+        torch.testing.assert_close(ours[:, :, frame], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_two_controlnets_equal_diffusers_multicontrolnet(tiny_sd, untuned):
+    nets = [tiny_controlnet(tiny_sd, seed=9), tiny_controlnet(tiny_sd, seed=10)]
+    untuned.controlnet = MultiControlNetModel(nets)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    images = [condition_frames(1, seed=11)[0], condition_frames(1, seed=12)[0]]
+    scales = dict(controlnet_conditioning_scale=[0.5, 0.9], control_guidance_start=[0.0, 0.2],
+                  control_guidance_end=[0.6, 1.0])
+    settings = {k: v for k, v in SETTINGS.items() if not k.startswith("control")}
+    expected = image_pipeline(tiny_sd, nets)("a cat", image=images, latents=latent, output_type="latent",
+                                             **settings, **scales).images
+    ours = untuned("a cat", latents=latent[:, :, None].expand(-1, -1, 2, -1, -1), output_type="latent",
+                   conditioning_frames=[[images[0]] * 2, [images[1]] * 2], **settings, **scales).videos
+    for frame in range(2):
+        torch.testing.assert_close(ours[:, :, frame], expected, rtol=1e-4, atol=1e-4)
+
+
+def index_conditions(count: int, size: int = 64) -> list[np.ndarray]:
+    """Condition frames whose grey level is 20 * their index, so a ControlNet input shows which frames it was."""
+    return [np.full((size, size, 3), 20 * index, np.uint8) for index in range(count)]
+
+
+def test_a_zero_controlnet_gives_exactly_the_uncontrolled_edit_inversion_included(tiny_sd, pipe):
+    source = pipe.encode_video(Clip(SAMPLE_CLIP).frames((64, 64), 0, 4)).mean
+    plain = sample(pipe, invert(pipe, source, 3), ["a red ball"], 3, 7.5, 3)
+    pipe.controlnet = tiny_controlnet(tiny_sd)
+    control = dict(conditioning_frames=index_conditions(4))
+    controlled = sample(pipe, invert(pipe, source, 3, control=control), ["a red ball"], 3, 7.5, 3, control=control)
+    assert torch.equal(controlled, plain)
+    pipe.controlnet = tiny_controlnet(tiny_sd, seed=13)
+    assert not torch.allclose(invert(pipe, source, 3, control=control), invert(pipe, source, 3), atol=1e-3)
+
+
+def test_each_window_and_the_anchor_get_their_own_conditions_and_one_window_is_unwindowed(tiny_sd, pipe):
+    pipe.controlnet = tiny_controlnet(tiny_sd, seed=14)
+    seen = []
+    hook = pipe.controlnet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(sorted({round(float(v) * 255 / 20) for v in
+                                                          kwargs["controlnet_cond"].flatten(1).mean(1)})),
+        with_kwargs=True)
+    latent = torch.randn(1, 4, 6, 8, 8, generator=torch.Generator().manual_seed(2))
+    control = dict(conditioning_frames=index_conditions(6))
+    pipe("a ball", latents=latent, num_inference_steps=1, window_size=3, window_overlap=1, **control)
+    hook.remove()
+    assert seen == [[0, 1, 2], [0, 2, 3], [0, 3, 4], [0, 4, 5]]  # each window's frames, and the anchor frame 0
+    one = pipe("a ball", latents=latent, num_inference_steps=2, window_size=6, output_type="latent", **control).videos
+    unwindowed = pipe("a ball", latents=latent, num_inference_steps=2, output_type="latent", **control).videos
+    assert torch.equal(one, unwindowed)
+
+
+@pytest.mark.parametrize("inversion", ["ddim", "null-text"])
+def test_local_edits_under_a_zero_controlnet_are_the_uncontrolled_ones(tiny_sd, pipe, inversion):
+    source = pipe.encode_video(Clip(SAMPLE_CLIP).frames((64, 64), 0, 2)).mean
+    plan = plan_local(pipe.tokenizer, LocalEdit("refine", blend=("ball", "ball"), inversion=inversion,
+                                                null_text_iterations=1), ["a red ball"], "a ball", 2, 2)
+
+    def run(control):
+        return invert_and_edit(pipe, source, plan, ["a red ball"], 2, 2, 7.5, None, None, lambda *_: None,
+                               control=control)
+
+    plain = run(None)
+    pipe.controlnet = tiny_controlnet(tiny_sd)
+    control = dict(conditioning_frames=index_conditions(2))
+    zero = run(control)
+    if inversion == "ddim":
+        assert torch.equal(zero.source, plain.source) and torch.equal(zero.targets, plain.targets)
+    else:  # null-text's gradients also flow through the ControlNet (exactly zero there), which reorders their sums
+        torch.testing.assert_close(zero.source, plain.source, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(zero.targets, plain.targets, rtol=1e-4, atol=1e-4)
+    pipe.controlnet = tiny_controlnet(tiny_sd, seed=15)
+    controlled = run(control)
+    assert (controlled.source - plain.source).abs().max() > 1e-3  # both branches are guided
+    assert (controlled.targets - plain.targets).abs().max() > 1e-3

@@ -12,6 +12,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from .attention_control import AttentionControl, LocalBlend, attention_control, mask_map_size
+from .edit import Control, control_of
 from .inversion import ddim_inversion
 from .null_text import null_text_inversion
 from .pipeline_tuneavideo import TuneAVideoPipeline
@@ -79,7 +80,7 @@ class LocalLatents:
 def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, plan: LocalPlan, prompts: list[str],
                     num_inference_steps: int, num_inv_steps: int, guidance_scale: float, window: int | None,
                     overlap: int | None, progress: Callable[..., None],
-                    inversion_prompt: str | None = None) -> LocalLatents:
+                    inversion_prompt: str | None = None, control: Control | None = None) -> LocalLatents:
     """Invert the clean latent `clean` `(1, 4, frames, h, w)` as Video-P2P does (DDIM conditioned on
     `inversion_prompt`, by default the source prompt, then, in null-text mode, one optimised unconditional embedding
     per step for `guidance_scale`), then sample every prompt with the source branch, in windows of `window` frames
@@ -90,7 +91,7 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, plan: LocalPl
     `PromptEdit` (`attention_control`, which is also the step-end hook that applies the local blend). Guidance is
     decoupled: the target is guided by `guidance_scale` against the empty prompt; the source against the null-text
     embedding of each step, or, after a plain DDIM inversion, not at all (its conditional prediction, Video-P2P's
-    fast mode).
+    fast mode). `control` (the pipeline's structure guidance arguments) guides the inversions and both branches.
 
     Raises:
         PromptControlError: `guidance_scale` at most 1 (the controlled batch needs its unconditional half).
@@ -100,8 +101,10 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, plan: LocalPl
     local = plan.local
     null_text = local.inversion == "null-text"
     inversion_prompt = inversion_prompt or plan.source_prompt
+    guidance = control_of(pipe, clean, control)
     latents = ddim_inversion(pipe, pipe.scheduler, clean, num_inv_steps, prompt=inversion_prompt,
-                             window_size=window, window_overlap=overlap, callback=progress, keep_all=null_text)
+                             window_size=window, window_overlap=overlap, callback=progress, keep_all=null_text,
+                             control=guidance)
     negative = None  # unguided source: guidance 1 for its row
     if null_text:
         steps_done = []
@@ -113,7 +116,7 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, plan: LocalPl
 
         text = pipe.encode_prompt([inversion_prompt], clean.device, do_classifier_free_guidance=False)
         uncond = null_text_inversion(pipe, latents, text, guidance_scale, local.null_text_iterations,
-                                     window_size=window, window_overlap=overlap, callback=step)
+                                     window_size=window, window_overlap=overlap, callback=step, control=guidance)
         # the target row's unconditional embedding is the empty prompt's, encoded in a batch of two as the
         # pipeline encodes the two rows' negative prompts
         empty = pipe.encode_prompt(["", ""], clean.device, do_classifier_free_guidance=False)[1:]
@@ -125,14 +128,14 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, plan: LocalPl
         blend = None
         if edit.blend is not None:
             blend = LocalBlend(windows, int(local.blend_start * num_inference_steps), local.mask_threshold)
-        control = AttentionControl(edit, num_inference_steps, mask_map_size(height, width), local.cross_replace_steps,
-                                   local.self_replace_steps, blend)
-        with attention_control(pipe.unet, control):
+        attention = AttentionControl(edit, num_inference_steps, mask_map_size(height, width),
+                                     local.cross_replace_steps, local.self_replace_steps, blend)
+        with attention_control(pipe.unet, attention):
             sampled = pipe([plan.source_prompt, prompt], latents=latents[-1], num_inference_steps=num_inference_steps,
                            guidance_scale=[guidance_scale if null_text else 1.0, guidance_scale],
                            negative_prompt_embeds=negative, num_inv_steps=num_inv_steps, latents_dtype=torch.float32,
                            window_size=window, window_overlap=overlap, output_type="latent", callback=progress,
-                           callback_on_step_end=control).videos
+                           callback_on_step_end=attention, **(control or {})).videos
         sources.append(sampled[:1])
         targets.append(sampled[1:])
         masks.append(blend.mask if blend is not None else None)
