@@ -344,6 +344,19 @@ def test_a_run_tuned_under_a_controlnet_keeps_it_in_its_config(tmp_path, run_con
     tuned, tuned_plain = load_file(controlled / TUNED), load_file(plain / TUNED)
     assert tuned.keys() == tuned_plain.keys()
     assert any(not torch.equal(tuned[key], tuned_plain[key]) for key in tuned)  # same seed, other gradients
+    # the validation inverted the tuned window under the ControlNet, with the clip's canny edges
+    from tuneavideo.pipelines.edit import invert
+    from tuneavideo.video.conditions import canny
+
+    controlnet = ControlNetModel.from_pretrained(tiny_controlnet_path)
+    pipe = TuneAVideoPipeline.from_pretrained(controlled, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    frames = list(Clip(SAMPLE_CLIP).frames((64, 64), 0, 10, 3))
+    clean = pipe.encode_video(frames).mean
+    control = dict(conditioning_frames=list(canny(frames)), controlnet_conditioning_scale=0.5)
+    saved = torch.load(Run(controlled).validation_latent(2))
+    torch.testing.assert_close(saved, invert(pipe, clean, 3, control=control), rtol=1e-4, atol=1e-4)
+    assert (saved - invert(pipe, clean, 3)).abs().max() > 1e-3
 
 
 @pytest.mark.skipif(bool(__import__("importlib").util.find_spec("bitsandbytes")), reason="bitsandbytes is installed")

@@ -115,6 +115,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
         check_fits(controlnet, unet.config, f"controlnet.model {cfg.controlnet.model}")
         controlnet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype(accelerator))
         guidance = tuning_guidance(controlnet, cfg.controlnet, windows, clip, accelerator.device)
+        pipeline.controlnet = controlnet  # for the validation samples
     dropped = truncated_text(pipeline.tokenizer, data.prompt)
     if dropped:
         logger.warning(f"train_data.prompt is longer than the text encoder's {pipeline.tokenizer.model_max_length} "
@@ -201,7 +202,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
                     if accelerator.is_main_process:
                         with accelerator.autocast():
                             validate(pipeline, windows.first(posterior).mean, cfg, global_step,
-                                     clip.info.fps / data.sample_frame_rate)
+                                     clip.info.fps / data.sample_frame_rate, windows.first_control(guidance))
                         name, prompt = validation_prompts(cfg.validation_data)[0]
                         report.sample(run.sample(global_step, prompt, name))
                     accelerator.wait_for_everyone()
@@ -250,6 +251,13 @@ class TrainingWindows:
     def first(self, posterior: DiagonalGaussianDistribution) -> DiagonalGaussianDistribution:
         """The window at `sample_start_idx`: the one validation inverts and edits default to."""
         return self._window(posterior, 0)
+
+    def first_control(self, guidance: StructureGuidance | None) -> dict | None:
+        """The pipeline's structure guidance arguments for the `first` window under the tuning's `guidance`."""
+        if guidance is None:
+            return None
+        frames = [guidance.conditions[0][position] for position in range(0, self.length * self.stride, self.stride)]
+        return dict(conditioning_frames=frames, controlnet_conditioning_scale=guidance.scales[0])
 
     def sample(self, posterior: DiagonalGaussianDistribution,
                batch_size: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -339,9 +347,10 @@ def _enable_xformers(unet: UNet3DConditionModel) -> None:
 
 @torch.no_grad()
 def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: TrainConfig, step: int,
-             fps: float) -> torch.Tensor:
+             fps: float, control: dict | None = None) -> torch.Tensor:
     """Invert the tuned window (`clean_latents`, the VAE posterior mean) with the current UNet, save that latent,
-    then sample every validation prompt from it; returns the samples, one video per prompt.
+    then sample every validation prompt from it; returns the samples, one video per prompt. A run tuned under a
+    ControlNet inverts and samples under it (`control`: the pipeline's structure guidance arguments).
 
     Samples have the tuned frames' size, which keeps the source's aspect ratio, rather than
     `validation_data.width/height` (an inverted latent of another size could not be sampled anyway).
@@ -356,12 +365,14 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
     work = validation.num_inference_steps * len(prompts) + validation.use_inv_latent * validation.num_inv_steps
     with tqdm(total=work, desc=f"Validation at step {step}", leave=False) as bar:
         if validation.use_inv_latent:
-            latents = invert(pipeline, clean_latents, validation.num_inv_steps, callback=lambda *_: bar.update())
+            latents = invert(pipeline, clean_latents, validation.num_inv_steps, callback=lambda *_: bar.update(),
+                             control=control)
             with atomic_path(run.validation_latent(step)) as path:
                 torch.save(latents.cpu(), path)
         samples = sample(pipeline, latents, [prompt for _, prompt in prompts], validation.num_inference_steps,
                          validation.guidance_scale, validation.num_inv_steps, validation.negative_prompt,
                          seed=cfg.seed if cfg.seed is not None else 0, callback=lambda *_: bar.update(),
+                         control=control,
                          video_length=validation.video_length,
                          height=clean_latents.shape[3] * pipeline.vae_scale_factor,
                          width=clean_latents.shape[4] * pipeline.vae_scale_factor)
