@@ -50,10 +50,8 @@ class Structure:
                     controlnet_conditioning_scale=scales[0] if single else scales)
 
     def key(self) -> list:
-        """What an inversion under this guidance depends on, for a cache key: each ControlNet's weights, its
-        condition (a condition file's size and time) and scale, and the canny thresholds."""
-        return [[_identity(setting.model), _identity(setting.condition) if setting.condition not in CONDITIONS
-                 else setting.condition, setting.scale] for setting in self.settings] + [list(self.canny_thresholds)]
+        """`structure_key` of this guidance."""
+        return structure_key(self.settings, self.canny_thresholds)
 
     def condition_video(self) -> Iterator[np.ndarray]:
         """Frames showing every condition of each edited frame, side by side (`<name>.condition.mp4`)."""
@@ -106,6 +104,13 @@ def prepare_structure(
                               estimator=lambda: depth_estimator(checkpoints=checkpoints, device=device))
         conditions.append(hold(made, len(frames), size))
     return Structure(list(settings), controlnets, conditions, tuple(canny_thresholds))
+
+
+def structure_key(settings: list[ControlNetConfig], canny_thresholds: tuple[float, float] = CANNY_THRESHOLDS) -> list:
+    """What an inversion under `settings` depends on, for a cache key, known before any model loads: each
+    ControlNet's weights (path, size, time), its condition (a condition file's too) and scale, the canny thresholds."""
+    return [[_identity(setting.model), _identity(setting.condition) if setting.condition not in CONDITIONS
+             else setting.condition, setting.scale] for setting in settings] + [list(canny_thresholds)]
 
 
 def _identity(path: str) -> list:
