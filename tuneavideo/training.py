@@ -34,10 +34,11 @@ from .checkpointing import (
     remove_checkpoints,
     resume,
     resume_advice,
+    resume_point,
     save_checkpoint,
 )
 from .checks import check_sd_folder
-from .config import ControlNetConfig, TrainConfig, validation_prompts
+from .config import MAX_SEED, ControlNetConfig, TrainConfig, validation_prompts
 from .pipelines.controlnet import StructureGuidance, check_fits, load_controlnet
 from .video.conditions import depth_estimator, hold, make_condition
 from .video.frames import clip_size, decode_frames, tuned_window, window_starts
@@ -61,6 +62,7 @@ def train(cfg: TrainConfig) -> Path:
     # bad paths fail here, in seconds, before any model is loaded (the clip's in `_tune`, as soon)
     check_sd_folder(cfg.pretrained_model_path)
     run.check_output_dir(resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite)
+    checkpoint = resume_point(cfg.resume_from_checkpoint, run)  # a damaged one is refused before a file is touched
     mixed_precision = _usable_mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(
         # several processes without CUDA (`accelerate launch --multi_gpu` on a CPU machine): CPU workers over gloo
@@ -72,12 +74,12 @@ def train(cfg: TrainConfig) -> Path:
     )
     with ProgressWriter(run, cfg.max_train_steps, enabled=accelerator.is_main_process,
                         resuming=bool(cfg.resume_from_checkpoint)) as report:
-        _tune(cfg, run, accelerator, mixed_precision, report)
+        _tune(cfg, run, accelerator, mixed_precision, report, checkpoint)
     return run.folder
 
 
-def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision: str,
-          report: ProgressWriter) -> None:
+def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision: str, report: ProgressWriter,
+          checkpoint: Path | None) -> None:
     data = cfg.train_data
     clip = Clip(data.video_path, data.fps)
     windows = TrainingWindows.plan(clip, cfg)
@@ -154,7 +156,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
     if cfg.seed is not None and accelerator.num_processes > 1:
         # the model was initialised alike everywhere (DDP also broadcasts rank 0's weights); each process now
         # draws its own noise, timesteps and windows, or they would all compute the same gradient
-        set_seed(cfg.seed + accelerator.process_index)
+        set_seed((cfg.seed + accelerator.process_index) % (MAX_SEED + 1))
     keep_only_trainable_in_checkpoints(accelerator, trainable)
 
     vae.to(accelerator.device, dtype=weight_dtype(accelerator))
@@ -167,7 +169,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
         encoder_hidden_states = pipeline.encode_prompt(data.prompt, accelerator.device,
                                                        do_classifier_free_guidance=False)
 
-    global_step = resume(accelerator, cfg.resume_from_checkpoint, run)
+    global_step = resume(accelerator, checkpoint)
     if accelerator.is_main_process:
         accelerator.init_trackers("tuneavideo", config=_scalar_hparams(cfg))
     progress = tqdm(
@@ -192,7 +194,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
                 progress.set_postfix(**logs)
                 accelerator.log(logs, step=global_step)
                 report.step(global_step, logs["loss"], logs["lr"])
-                interrupted = ctrl_c.agreed(accelerator)
+                interrupted = ctrl_c.any_process_interrupted(accelerator)
                 if global_step % cfg.checkpointing_steps == 0 or interrupted:
                     save_checkpoint(accelerator, run, global_step, cfg.checkpoints_total_limit)
                 if interrupted:
@@ -298,7 +300,7 @@ class CtrlC:
         self.requested = True
         logger.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to stop now)")
 
-    def agreed(self, accelerator: Accelerator) -> bool:
+    def any_process_interrupted(self, accelerator: Accelerator) -> bool:
         """Whether any process was interrupted; all processes must agree, or they would wait for each other."""
         if accelerator.num_processes == 1:
             return self.requested

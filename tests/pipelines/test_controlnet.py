@@ -22,8 +22,8 @@ from tests.helpers import ROOT, SAMPLE_CLIP, fake_hf
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.controlnet import ControlError, StructureGuidance, check_fits, load_controlnet
 from tuneavideo.pipelines.edit import invert, sample
-from tuneavideo.pipelines.local_edit import LocalEdit, invert_and_edit, plan_local
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
+from tuneavideo.request import LocalEdit
 from tuneavideo.tiny import tiny_controlnet
 from tuneavideo.video.readers import Clip
 
@@ -309,12 +309,12 @@ def test_each_window_and_the_anchor_get_their_own_conditions_and_one_window_is_u
 @pytest.mark.parametrize("inversion", ["ddim", "null-text"])
 def test_local_edits_under_a_zero_controlnet_are_the_uncontrolled_ones(tiny_sd, pipe, inversion):
     source = pipe.encode_video(Clip(SAMPLE_CLIP).frames((64, 64), 0, 2)).mean
-    plan = plan_local(pipe.tokenizer, LocalEdit("refine", blend=("ball", "ball"), inversion=inversion,
-                                                null_text_iterations=1), ["a red ball"], "a ball", 2, 2)
+    plan = LocalEdit("refine", blend_words=("ball", "ball"), inversion=inversion, null_text_iterations=1).plan(
+        pipe.tokenizer, ["a red ball"], "a ball", 2, 2)
 
     def run(control):
-        return invert_and_edit(pipe, source, plan, ["a red ball"], 2, 2, 7.5, None, None, lambda *_: None,
-                               control=control)
+        return plan.invert_and_edit(pipe, source, ["a red ball"], 2, 2, 7.5, None, None, lambda *_: None,
+                                    control=control)
 
     plain = run(None)
     pipe.controlnet = tiny_controlnet(tiny_sd)
