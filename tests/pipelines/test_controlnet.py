@@ -310,7 +310,7 @@ def test_each_window_and_the_anchor_get_their_own_conditions_and_one_window_is_u
 def test_local_edits_under_a_zero_controlnet_are_the_uncontrolled_ones(tiny_sd, pipe, inversion):
     source = pipe.encode_video(Clip(SAMPLE_CLIP).frames((64, 64), 0, 2)).mean
     plan = LocalEdit("refine", blend_words=("ball", "ball"), inversion=inversion, null_text_iterations=1).plan(
-        pipe.tokenizer, ["a red ball"], "a ball", 2, 2)
+        pipe.tokenizer, ["a red ball"], "a ball")
 
     def run(control):
         return plan.invert_and_edit(pipe, source, ["a red ball"], 2, 2, 7.5, None, None, lambda *_: None,
