@@ -15,6 +15,11 @@
 #                                        # openai/clip-vit-large-patch14, yuvalkirstain/PickScore_v1 and the processor
 #                                        # files (no weights) of laion/CLIP-ViT-H-14-laion2B-s32B-b79K; name a model
 #                                        # too (./download_models.sh v1-4 --eval) to fetch Stable Diffusion as well
+#   ./download_models.sh --controlnet canny   # only SD 1.5's ControlNet 1.1 canny (lllyasviel/control_v11p_sd15_canny)
+#   ./download_models.sh --controlnet depth   # SD 1.5's ControlNet 1.1 depth (lllyasviel/control_v11f1p_sd15_depth)
+#                                        # and its depth estimator, Intel/dpt-large -> ./checkpoints/dpt-large
+#   ./download_models.sh --controlnet <hub id> # any diffusers ControlNet (it must fit the base model: see README)
+#                                        # (repeatable; name a model too to fetch Stable Diffusion as well)
 #
 # Needs the `hf` command of huggingface_hub (installed by requirements.txt). Gated repositories need `hf auth login`.
 set -euo pipefail
@@ -23,18 +28,40 @@ model=""
 clips=0
 eval_models=0
 configs=0
-for arg in "$@"; do
-  case "$arg" in
+controlnets=()
+while [ $# -gt 0 ]; do
+  case "$1" in
     --clips) clips=1 ;;
     --eval) eval_models=1 ;;
     --configs) configs=1 ;;
+    --controlnet)
+      if [ $# -lt 2 ] || [ -z "$2" ] || [ "${2#-}" != "$2" ]; then
+        echo "error: --controlnet needs a value: canny, depth or a hub id like owner/name" >&2; exit 2
+      fi
+      controlnets+=("$2"); shift ;;
+    --controlnet=*) controlnets+=("${1#--controlnet=}") ;;
     -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
-    *) model="$arg" ;;
+    *) model="$1" ;;
+  esac
+  shift
+done
+# Stable Diffusion unless only the evaluation models, the configs or ControlNets were asked for
+if [ -z "$model" ] && [ "$eval_models" -eq 0 ] && [ "$configs" -eq 0 ] && [ ${#controlnets[@]} -eq 0 ]; then
+  model="v1-4"
+fi
+if [ -n "$model" ]; then configs=1; fi
+
+# each --controlnet as a hub id; depth also needs its depth estimator
+controlnet_repos=()
+depth_estimator=0
+for name in ${controlnets[@]+"${controlnets[@]}"}; do
+  case "$name" in
+    canny) controlnet_repos+=("lllyasviel/control_v11p_sd15_canny") ;;
+    depth) controlnet_repos+=("lllyasviel/control_v11f1p_sd15_depth"); depth_estimator=1 ;;
+    */*) controlnet_repos+=("$name") ;;
+    *) echo "error: unknown ControlNet '$name': use canny, depth or a hub id like owner/name" >&2; exit 2 ;;
   esac
 done
-# Stable Diffusion unless only the evaluation models or the configs were asked for
-if [ -z "$model" ] && [ "$eval_models" -eq 0 ] && [ "$configs" -eq 0 ]; then model="v1-4"; fi
-if [ -n "$model" ]; then configs=1; fi
 
 case "$model" in
   "") repo="" ;;
@@ -119,6 +146,30 @@ if [ "$eval_models" -eq 1 ]; then
   echo "downloading the processor files of $eval_repo into $target"
   hf download "$eval_repo" --local-dir "$target" --include "*.json" --include "*.txt"
   require_files "$target" preprocessor_config.json "tokenizer.json|vocab.json"
+fi
+
+for controlnet_repo in ${controlnet_repos[@]+"${controlnet_repos[@]}"}; do
+  target="./checkpoints/$(basename "$controlnet_repo")"
+  echo "downloading $controlnet_repo into $target (resumable; re-run if it stops)"
+  # the diffusers ControlNet in full precision: safetensors, else the .bin (not the fp16 or original-format copies)
+  hf download "$controlnet_repo" --local-dir "$target" --include "config.json" \
+    --include "diffusion_pytorch_model.safetensors"
+  if [ ! -s "$target/diffusion_pytorch_model.safetensors" ]; then
+    hf download "$controlnet_repo" --local-dir "$target" --include "diffusion_pytorch_model.bin"
+  fi
+  require_files "$target" config.json "diffusion_pytorch_model.safetensors|diffusion_pytorch_model.bin"
+done
+
+if [ "$depth_estimator" -eq 1 ]; then
+  # the depth condition's estimator (tuneavideo/video/conditions.py's DEPTH_ESTIMATOR), run by transformers'
+  # depth-estimation pipeline
+  target="./checkpoints/dpt-large"
+  echo "downloading Intel/dpt-large into $target (resumable; re-run if it stops)"
+  hf download Intel/dpt-large --local-dir "$target" --include "*.json" --include "model.safetensors"
+  if [ ! -s "$target/model.safetensors" ]; then
+    hf download Intel/dpt-large --local-dir "$target" --include "pytorch_model.bin"
+  fi
+  require_files "$target" config.json preprocessor_config.json "model.safetensors|pytorch_model.bin"
 fi
 
 if [ "$clips" -eq 1 ]; then

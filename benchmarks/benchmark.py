@@ -5,6 +5,7 @@
     python -m benchmarks.benchmark --jobs train --frames 4 --sizes 512 --allocator mallopt default
     python -m benchmarks.benchmark --jobs edit --frames 4 10 --window 4 --sizes 256
     python -m benchmarks.benchmark --jobs train lora-tune --frames 4 --sizes 512    # full vs LoRA tuning
+    python -m benchmarks.benchmark --jobs edit --frames 8 --sizes 512 --steps 2 --controlnets 0 1   # structure guidance
     python -m benchmarks.benchmark --model sd2 --device cuda --dtype fp16 --json results.json
 
 Jobs: `train` (one step of the training's own `TrainingStep`: default trainable modules, gradient checkpointing, the
@@ -21,7 +22,8 @@ for frames 0 and 1). `--attention plain` swaps every attention to plain maths (s
 sparse-causal keys duplicated for frames 0 and 1): the original's computation without xformers, so both are compared
 in one run. `--allocator mallopt` runs a job after `tuneavideo.cli.release_freed_memory()`, as the CLIs do on the
 CPU; `default` leaves glibc's allocator as it is. `--model tiny` is the tests' tiny SD (for quick checks of this
-script, not for figures).
+script, not for figures). `--controlnets N` guides an edit job by N ControlNets of the model's size at random weights
+(one condition frame per frame; the inversion under the same control), as `inference.py --controlnet` does.
 
 Each job runs in a fresh process, so its peak memory (RSS on CPU, `torch.cuda.max_memory_allocated` on GPU, in GiB)
 is its own. Prints a table and writes JSON.
@@ -175,8 +177,17 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
     job, frames, size = args.jobs[0], args.frames[0], args.sizes[0]
     with tempfile.TemporaryDirectory(prefix="tav-bench-") as folder:
         pipe = build_pipeline(args.model, args.attention[0], dtype, folder).to(device)
+    control, count = None, args.controlnets[0]
+    if count:
+        from diffusers import ControlNetModel, MultiControlNetModel
+
+        nets = [ControlNetModel.from_config(model_configs(args.model)["unet"]).to(device, dtype).eval()
+                for _ in range(count)]
+        pipe.controlnet = nets[0] if count == 1 else MultiControlNetModel(nets)
+        conditions = [list(random_frames(frames, size)) for _ in range(count)]
+        control = dict(conditioning_frames=conditions[0] if count == 1 else conditions)
     windows = plan_windows(frames, args.window)
-    models = (pipe.unet, pipe.vae, pipe.text_encoder)
+    models = (pipe.unet, pipe.vae, pipe.text_encoder) + ((pipe.controlnet,) if control else ())
     weights_gb = sum(p.numel() * p.element_size() for model in models for p in model.parameters()) / 2**30
 
     def warmup() -> None:
@@ -188,7 +199,10 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
             sample = torch.randn(batch, 4, len(windows[0].frames), size // 8, size // 8, device=device, dtype=dtype)
             text = torch.randn(batch, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
             with torch.no_grad():
-                pipe.unet(sample, torch.tensor([500], device=device), text)
+                residuals = {} if control is None else pipe.structure_guidance(
+                    video_length=frames, height=size, width=size, **control).residuals(
+                    sample, 500, text, windows[0].frames, 0, 1, guided=batch == 2)
+                pipe.unet(sample, torch.tensor([500], device=device), text, **residuals)
 
     def run() -> dict:
         clock = Clock(device)
@@ -197,10 +211,11 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
         if job == "edit":
             invert_steps, denoise_steps = [], []
             latent = invert(pipe, latent, args.steps, args.window,
-                            callback=lambda *_: invert_steps.append(clock.lap()))
+                            callback=lambda *_: invert_steps.append(clock.lap()), control=control)
             clock.lap()
             edited = sample(pipe, latent, [EDIT_PROMPT], args.steps, EditRequest().guidance, args.steps,
-                            window_size=args.window, callback=lambda *_: denoise_steps.append(clock.lap()))
+                            window_size=args.window, callback=lambda *_: denoise_steps.append(clock.lap()),
+                            control=control)
             figures.update(invert_s=sum(invert_steps), denoise_s=sum(denoise_steps), invert_step_s=invert_steps,
                            denoise_step_s=denoise_steps)
         else:
@@ -209,7 +224,7 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
             steps = []
             guidance = EditRequest([LOCAL_TARGET], local=local).guidance
             out = plan.invert_and_edit(pipe, latent, [LOCAL_TARGET], args.steps, args.steps, guidance,
-                                  args.window, None, lambda *_: steps.append(clock.lap()))
+                                  args.window, None, lambda *_: steps.append(clock.lap()), control=control)
             edited = torch.cat([out.source, out.targets])  # both branches are decoded: the edit and inversion.mp4
             figures.update(local_s=sum(steps) + clock.lap(), local_step_s=steps)
         clock.lap()
@@ -340,6 +355,7 @@ def child_command(spec: dict) -> list[str]:
     for option in ("model", "attention", "allocator", "device", "dtype", "warmup", "repeat", "lora_rank"):
         command += [f"--{option.replace('_', '-')}", str(spec[option])]
     command += ["--window", str(spec["window"])] if spec.get("window") else []
+    command += ["--controlnets", str(spec["controlnets"])] if spec.get("controlnets") else []
     return command + (["--compile"] if spec.get("compile") else [])
 
 
@@ -384,6 +400,7 @@ def format_row(row: dict) -> str:
     if row["job"] in EDITS:
         phases = ("encode", "invert", "denoise", "decode") if row["job"] == "edit" else ("encode", "local", "decode")
         line += "   " + ", ".join(f"{phase} {row[phase + '_s']:.1f}" for phase in phases)
+        line += f", {row['controlnets']} ControlNet(s)" if row.get("controlnets") else ""
     return line
 
 
@@ -403,6 +420,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1, help="edit: DDIM inversion steps, and as many sampling steps")
     parser.add_argument("--lora-rank", type=int, default=4, help="lora-tune: the adapters' rank (default 4, the "
                         "tune config's lora_rank)")
+    parser.add_argument("--controlnets", nargs="+", type=int, default=[0],
+                        help="edit jobs: guided by this many ControlNets (random weights; 0: none)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="default fp32 on CPU, fp16 on GPU")
@@ -417,6 +436,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         values = getattr(args, name)
         if any(value is not None and value < 1 for value in (values if isinstance(values, list) else [values])):
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if any(count < 0 for count in args.controlnets):
+        parser.error("--controlnets must be 0 or more")
     if any(size % 8 for size in args.sizes):
         parser.error("--sizes must be multiples of 8")
 
@@ -430,14 +451,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def specs(args: argparse.Namespace) -> Iterator[dict]:
-    """Every measurement the options ask for: jobs x attentions x allocators x frames x sizes."""
+    """Every measurement the options ask for: jobs x attentions x allocators x frames x sizes (x ControlNet counts,
+    for edit jobs)."""
     common = dict(model=args.model, device=args.device, dtype=args.dtype, warmup=args.warmup, repeat=args.repeat,
                   window=args.window, steps=args.steps, compile=args.compile, lora_rank=args.lora_rank)
     for job in args.jobs:
         attentions = args.attention if job != "vae" else ["sdpa"]
-        for attention, allocator, frames, size in itertools.product(attentions, args.allocator, args.frames,
-                                                                     args.sizes):
-            yield dict(job=job, attention=attention, allocator=allocator, frames=frames, size=size, **common)
+        counts = args.controlnets if job in EDITS else [0]
+        for attention, allocator, frames, size, controlnets in itertools.product(
+                attentions, args.allocator, args.frames, args.sizes, counts):
+            yield dict(job=job, attention=attention, allocator=allocator, frames=frames, size=size,
+                       controlnets=controlnets, **common)
 
 
 def header(args: argparse.Namespace) -> str:

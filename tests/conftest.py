@@ -15,7 +15,7 @@ from tests.helpers import SAMPLE_CLIP, train_in_process
 from tuneavideo.config import load_config
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
-from tuneavideo.tiny import make_tiny_sd
+from tuneavideo.tiny import make_tiny_sd, tiny_controlnet
 
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
@@ -24,6 +24,14 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 def tiny_sd(tmp_path_factory):
     """Path of a tiny random SD 1.x-layout folder (unet, vae, text_encoder, tokenizer, scheduler)."""
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_path(tiny_sd, tmp_path_factory):
+    """Path of a tiny ControlNet folder for the tiny SD, with random (non-zero) output convolutions."""
+    path = tmp_path_factory.mktemp("controlnet") / "tiny-controlnet"
+    tiny_controlnet(tiny_sd, seed=0).save_pretrained(path)
+    return path
 
 
 @pytest.fixture

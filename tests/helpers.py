@@ -7,6 +7,7 @@ pyproject.toml).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 from fractions import Fraction
@@ -161,6 +162,30 @@ def write_vfr_clip(path: Path, frames: np.ndarray, times: list[float], audio_rat
 def leftovers(folder: Path) -> list[str]:
     """Temporary files and folders left anywhere under `folder`."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp" in p.name)
+
+
+# a stand-in for the `hf` command (no network here): records each call in $CALLS and writes the files it names
+FAKE_HF = """#!/usr/bin/env bash
+# hf download REPO --local-dir DIR [--include PATTERN]...
+echo "$*" >> "$CALLS"
+dir="$4"; mkdir -p "$dir"; shift 4
+while [ $# -gt 0 ]; do
+  case "$2" in
+    "*.json") for name in config.json preprocessor_config.json tokenizer.json; do echo '{}' > "$dir/$name"; done ;;
+    "*.txt") echo x > "$dir/merges.txt" ;;
+    *) echo weights > "$dir/$2" ;;
+  esac
+  shift 2
+done
+"""
+
+
+def fake_hf(folder: Path) -> dict[str, str]:
+    """An environment whose `hf` is `FAKE_HF` (in `folder/bin`), recording its calls in `folder/calls`."""
+    (folder / "bin").mkdir()
+    (folder / "bin" / "hf").write_text(FAKE_HF)
+    (folder / "bin" / "hf").chmod(0o755)
+    return {**os.environ, "PATH": f"{folder / 'bin'}:{os.environ['PATH']}", "CALLS": str(folder / "calls")}
 
 
 def write_as_diffusers_0_11(run: Path, to: Path) -> Path:

@@ -196,6 +196,9 @@ def test_gpu_check_report_from_its_jobs(tmp_path, monkeypatch):
     # last, a local edit of the check's frames with each inversion
     assert (report["local_edit"]["local_s"], report["local_null_edit"]["local_s"]) == (2 * plan.steps, 3 * plan.steps)
     assert list(report)[-3:] == ["local_edit", "local_null_edit", "elapsed_s"]
+    # after the plain edit, the same edit under one ControlNet
+    assert report["controlled_edit"]["controlnets"] == 1 and list(report).index("controlled_edit") == list(
+        report).index("edit") + 1
 
 
 @pytest.mark.e2e
@@ -206,7 +209,8 @@ def test_gpu_check_tiny_on_the_cpu_writes_every_figure(tmp_path):
     subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", str(path)], check=True, cwd=tmp_path,
                    env=dict(os.environ, PYTHON=sys.executable))
     report = json.loads(path.read_text())
-    figures = ("train_step", "denoise_step", "edit", "long_clip", "max_frames_24gb", "local_edit", "local_null_edit")
+    figures = ("train_step", "denoise_step", "edit", "controlled_edit", "long_clip", "max_frames_24gb", "local_edit",
+               "local_null_edit")
     assert set(figures) <= set(report) and report["tiny"]
     assert not [key for key in figures if "error" in report[key]]
     assert {"seconds", "peak_gb", "estimate_500_steps_s", "meets_targets"} <= set(report["train_step"])
@@ -232,3 +236,15 @@ def test_tiny_lora_tune_step_trains_adapters_and_reports_the_smaller_artefact(ti
                                                   "--lora-rank", "2"]))
     child = benchmark.parse_args(benchmark.child_command(spec)[3:])
     assert (child.jobs, child.lora_rank) == (["lora-tune"], 2)
+
+
+@pytest.mark.e2e
+def test_tiny_edit_under_a_controlnet_runs_inversion_and_sampling_under_it(tiny_job):
+    args = benchmark.parse_args(["--jobs", "edit", "vae", "--controlnets", "0", "1", "--frames", "4", "--sizes", "64"])
+    assert [(spec["job"], spec["controlnets"]) for spec in benchmark.specs(args)] == [
+        ("edit", 0), ("edit", 1), ("vae", 0)]  # ControlNets only for edits
+    assert benchmark.child_command(dict(list(benchmark.specs(args))[1]))[-2:] == ["--controlnets", "1"]
+    plain = tiny_job("--jobs", "edit", "--frames", "6", "--window", "4", "--steps", "2")
+    controlled = tiny_job("--jobs", "edit", "--frames", "6", "--window", "4", "--steps", "2", "--controlnets", "2")
+    assert len(controlled["invert_step_s"]) == len(controlled["denoise_step_s"]) == 2
+    assert controlled["weights_gb"] > plain["weights_gb"]  # two ControlNets' weights on top

@@ -141,6 +141,20 @@ def test_schema_has_the_original_keys_plus_the_new_ones():
                                      "pretrained_model_config", "loras", "tuning", "lora_rank", "lora_alpha"}
 
 
+def test_controlnet_is_off_by_default_and_checked_when_given(tmp_path):
+    config = write(tmp_path, ORIGINAL_MAN_SKIING, "man-skiing.yaml")
+    assert load_config(config).controlnet is None
+    cfg = load_config(config, ["controlnet.model=checkpoints/control_v11p_sd15_canny"])
+    assert (cfg.controlnet.condition, cfg.controlnet.scale) == ("canny", 1.0)  # ControlNet's own defaults
+    for override, words in ((["controlnet.condition=depth"], "'controlnet.model'"),
+                            (["controlnet.model=x", "controlnet.scale=-0.5"], "controlnet.scale=-0.5 must be"),
+                            (["controlnet.model=x", "controlnet.condition=pose"], "controlnet.condition='pose' must be "
+                                                                               "canny or depth, or an existing"),
+                            (["controlnet.modle=x"], "Did you mean: 'model'")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(config, override)
+
+
 def test_original_config_text_loads_unchanged(tmp_path):
     cfg = load_config(write(tmp_path, ORIGINAL_MAN_SKIING, "man-skiing.yaml"))
     # PyYAML would return "3e-5" as a string; OmegaConf + the float schema must give a float.

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageSequence
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, fake_hf
 from tuneavideo.cli import run_cli
 from tuneavideo.video.readers import Clip
 from tuneavideo.errors import UserError
@@ -348,29 +348,12 @@ def test_bad_input_ends_in_one_line(tmp_path, models, clips):
 
 # --- download_models.sh --eval (no network here: a stand-in `hf` records the calls and writes what they name) ---
 
-FAKE_HF = """#!/usr/bin/env bash
-# hf download REPO --local-dir DIR [--include PATTERN]...
-echo "$*" >> "$CALLS"
-dir="$4"; mkdir -p "$dir"; shift 4
-while [ $# -gt 0 ]; do
-  case "$2" in
-    "*.json") for name in config.json preprocessor_config.json tokenizer.json; do echo '{}' > "$dir/$name"; done ;;
-    "*.txt") echo x > "$dir/merges.txt" ;;
-    *) echo weights > "$dir/$2" ;;
-  esac
-  shift 2
-done
-"""
-
 
 def test_download_script_eval_fetches_the_three_models_without_the_laion_weights(tmp_path):
     script = ROOT / "download_models.sh"
     usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
     assert all(line.startswith("#") for line in usage.splitlines()) and "--eval" in usage
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "hf").write_text(FAKE_HF)
-    (tmp_path / "bin" / "hf").chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
+    env = fake_hf(tmp_path)
     run = subprocess.run(["bash", str(script), "--eval"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     calls = (tmp_path / "calls").read_text().splitlines()

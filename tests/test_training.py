@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import ControlNetModel, DDIMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 from safetensors.torch import load_file
@@ -39,6 +39,7 @@ from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.inversion import sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.run import Run
+from tuneavideo.tiny import tiny_controlnet
 from tuneavideo.training import TrainingWindows, validate
 from tuneavideo.tuned_parameters import apply_tuned_parameters
 from tuneavideo.video.readers import Clip
@@ -166,10 +167,11 @@ def test_random_windows_cover_every_start_and_follow_the_seed(run_config, tmp_pa
         torch.manual_seed(seed)
         drawn = []
         for _ in range(steps // 2):
-            latents = windows.sample(posterior, batch_size=2)
-            for clip in latents:
+            latents, positions = windows.sample(posterior, batch_size=2)
+            for clip, frames in zip(latents, positions, strict=True):
                 first = round(float(clip[0, 0].mean()))
                 assert torch.allclose(clip[0, :, 0, 0], first + 3 * torch.arange(4.0), atol=1e-3)
+                assert frames == [first + 3 * i for i in range(4)]  # the positions of the frames it holds
                 drawn.append(first)
         return drawn
 
@@ -291,6 +293,73 @@ def test_the_loss_targets_the_noise_or_v_and_refuses_other_prediction_types(tiny
         diffusion_loss(unet3d, scheduler, latents, text)
 
 
+def test_the_loss_under_control_adds_the_controlnets_residuals_of_each_clips_frames(tiny_sd, unet3d, clip_inputs):
+    from diffusers import DDPMScheduler
+
+    from tuneavideo.pipelines.controlnet import StructureGuidance
+    from tuneavideo.training_step import diffusion_loss
+
+    latents, _, text = clip_inputs(unet3d, batch=2, frames=3)
+    text = text[:1]
+    conditions = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    scheduler = DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
+    rows = [[0, 1, 2], [3, 4, 5]]
+
+    def loss(controlnet) -> torch.Tensor:
+        guidance = StructureGuidance.create(controlnet, conditions, 6, 64, 64, controlnet_conditioning_scale=0.8)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return diffusion_loss(unet3d, scheduler, latents, text, lambda noisy, timesteps, embeddings:
+                                  guidance.residuals(noisy, timesteps, embeddings, rows, 0, 1, False))
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plain = diffusion_loss(unet3d, scheduler, latents, text)
+        # by hand, from the same draws: the residuals of each clip's own frames at its own timestep
+        torch.manual_seed(0)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, 1000, (2,))
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        controlnet = tiny_controlnet(tiny_sd, seed=1)
+        guidance = StructureGuidance.create(controlnet, conditions, 6, 64, 64, controlnet_conditioning_scale=0.8)
+        predictions = [unet3d(noisy[i : i + 1], timesteps[i : i + 1], text,
+                              **guidance.residuals(noisy[i : i + 1], timesteps[i], text, rows[i], 0, 1, False)).sample
+                       for i in range(2)]
+        expected = torch.nn.functional.mse_loss(torch.cat(predictions), noise)
+    assert torch.equal(loss(tiny_controlnet(tiny_sd)), plain)  # zero residuals: the plain loss, exactly
+    controlled = loss(controlnet)
+    torch.testing.assert_close(controlled, expected, rtol=1e-5, atol=1e-7)
+    assert abs(controlled - plain) > 1e-4
+
+
+def test_a_run_tuned_under_a_controlnet_keeps_it_in_its_config(tmp_path, run_config, tiny_controlnet_path):
+    config = run_config(tmp_path / "plain", mixed_precision="no", max_train_steps=2, validation_steps=100,
+                        learning_rate="1e-2")
+    plain = train_in_process(load_config(config))
+    controlled = train_in_process(load_config(config, [f"output_dir={tmp_path / 'controlled'}",
+                                                       f"controlnet.model={tiny_controlnet_path}",
+                                                       "controlnet.condition=canny", "controlnet.scale=0.5"]))
+    kept = Run(controlled).config().controlnet
+    assert (kept.model, kept.condition, kept.scale) == (str(tiny_controlnet_path), "canny", 0.5)
+    assert Run(plain).config().controlnet is None
+    tuned, tuned_plain = load_file(controlled / TUNED), load_file(plain / TUNED)
+    assert tuned.keys() == tuned_plain.keys()
+    assert any(not torch.equal(tuned[key], tuned_plain[key]) for key in tuned)  # same seed, other gradients
+    # the validation inverted the tuned window under the ControlNet, with the clip's canny edges
+    from tuneavideo.pipelines.edit import invert
+    from tuneavideo.video.conditions import canny
+
+    controlnet = ControlNetModel.from_pretrained(tiny_controlnet_path)
+    pipe = TuneAVideoPipeline.from_pretrained(controlled, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    frames = list(Clip(SAMPLE_CLIP).frames((64, 64), 0, 10, 3))
+    clean = pipe.encode_video(frames).mean
+    control = dict(conditioning_frames=list(canny(frames)), controlnet_conditioning_scale=0.5)
+    saved = torch.load(Run(controlled).validation_latent(2))
+    torch.testing.assert_close(saved, invert(pipe, clean, 3, control=control), rtol=1e-4, atol=1e-4)
+    assert (saved - invert(pipe, clean, 3)).abs().max() > 1e-3
+
+
 @pytest.mark.skipif(bool(__import__("importlib").util.find_spec("bitsandbytes")), reason="bitsandbytes is installed")
 def test_8bit_adam_without_bitsandbytes_stops_with_one_line(tmp_path, run_config):
     from tuneavideo.errors import UserError
@@ -324,6 +393,9 @@ def bad(tmp_path_factory, tiny_sd) -> Path:
     config = json.loads((root / "wrong-shapes" / "unet" / "config.json").read_text())
     config["block_out_channels"] = [16, 16, 32, 32]
     (root / "wrong-shapes" / "unet" / "config.json").write_text(json.dumps(config))
+    controlnet = tiny_controlnet(tiny_sd)  # an SD 2.x-width ControlNet: another text encoder width
+    wider = ControlNetModel.from_config({**controlnet.config, "cross_attention_dim": 32})
+    wider.save_pretrained(root / "sd2-controlnet")
     return root
 
 
@@ -348,6 +420,13 @@ BAD_TRAINING_INPUT = {
     "unknown option": (dict(args=["--frobnicate"]), ["unrecognized arguments: --frobnicate"]),
     "negative seed": (dict(args=["seed=-1"]), ["seed=-1", "from 0 to 4294967295"]),
     "seed too large": (dict(args=[f"seed={2**80}"]), [f"seed={2**80}", "from 0 to 4294967295"]),
+    "missing controlnet": (dict(args=["controlnet.model={bad}/nowhere"]),
+                           ["controlnet.model", "nowhere", "--controlnet canny"]),
+    "controlnet of another base": (dict(args=["controlnet.model={bad}/sd2-controlnet"]),
+                                   ["sd2-controlnet", "cross-attention width 32, not 16"]),
+    "unknown condition": (dict(args=["controlnet.model={bad}/sd2-controlnet", "controlnet.condition=edges"]),
+                          ["controlnet.condition", "'edges'", "canny"]),
+    "negative control scale": (dict(args=["controlnet.model=x", "controlnet.scale=-1"]), ["controlnet.scale=-1.0"]),
 }
 
 

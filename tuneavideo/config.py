@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import UserError, first_line
+from .video.conditions import CONDITIONS
 
 # The LOVEU-TGVE benchmark's names for two train_data keys; its num_frames also means a random window each step.
 TRAIN_DATA_ALIASES = {"num_frames": "n_sample_frames", "frame_rate": "sample_frame_rate"}
@@ -92,6 +93,20 @@ class LoraFile:
 
 
 @dataclass
+class ControlNetConfig:
+    """Tuning under structure guidance (ControlVideo's): the UNet learns with a frozen ControlNet's residuals of the
+    clip's conditions added, so its tuned weights need not learn what the ControlNet supplies; the run's config keeps
+    it, and edits of the run use it unless told otherwise."""
+
+    model: str  # a diffusers ControlNet folder or hub id, or an original-format file (README: "Structure guidance")
+    # canny or depth (made from the clip), or a condition video or folder, one frame per source frame
+    condition: str = checked("canny", lambda c: c in CONDITIONS or os.path.exists(c),
+                             f"must be {' or '.join(CONDITIONS)}, or an existing condition video or folder of frames")
+    # 1.0: as ControlNets are trained, and as ControlVideo tunes
+    scale: float = checked(1.0, lambda s: math.isfinite(s) and s >= 0, "must be a number >= 0")
+
+
+@dataclass
 class TrainConfig:
     """All keys of the original project's configs (same names, same defaults as its ``main()``), plus a few new ones."""
 
@@ -116,6 +131,7 @@ class TrainConfig:
                                        "must be > 0, or null")  # None: lora_rank (a scale of 1)
     # new: sparse_causal, frames 0 and i-1 (Tune-A-Video); first_frame, frame 0 only (Video-P2P); saved with the UNet
     spatial_attention: str = one_of("sparse_causal", "first_frame")
+    controlnet: ControlNetConfig | None = None  # new: tune under a ControlNet (null: without, as the original)
     # AdamW
     learning_rate: float = checked(3e-5, lambda lr: math.isfinite(lr) and lr > 0, "must be > 0")
     scale_lr: bool = False  # multiply learning_rate by the effective batch size
@@ -172,6 +188,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
     vd.video_length = td.n_sample_frames if vd.video_length is None else vd.video_length
     sections = [("", cfg), ("train_data.", td), ("validation_data.", vd)]
     sections += [(f"loras[{index}].", lora) for index, lora in enumerate(cfg.loras)]
+    sections += [("controlnet.", cfg.controlnet)] if cfg.controlnet is not None else []
     for prefix, section in sections:
         for item in dataclasses.fields(section):
             test, rule = item.metadata.get("check", (lambda _: True, ""))

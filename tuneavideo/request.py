@@ -116,15 +116,17 @@ class LocalPlan:
     def invert_and_edit(self, pipe: TuneAVideoPipeline, clean: torch.Tensor, prompts: list[str],
                         num_inference_steps: int, num_inv_steps: int, guidance_scale: float, window: int | None,
                         overlap: int | None, progress: Callable[..., None],
-                        inversion_prompt: str | None = None) -> LocalLatents:
-        """`pipelines.local_edit.invert_and_edit` of the clean latent `clean` with these settings."""
+                        inversion_prompt: str | None = None, control: dict | None = None) -> LocalLatents:
+        """`pipelines.local_edit.invert_and_edit` of the clean latent `clean` with these settings (`control`: the
+        pipeline's structure guidance arguments)."""
         settings = self.settings
         null_text = settings.null_text_iterations if settings.inversion == "null-text" else None
         return invert_and_edit(pipe, clean, self.source_prompt, prompts, self.edits, num_inference_steps,
                                num_inv_steps, guidance_scale, window, overlap, progress, null_text_iterations=null_text,
                                cross_replace_steps=settings.cross_replace_steps,
                                self_replace_steps=settings.self_replace_steps, blend_start=settings.blend_start,
-                               mask_threshold=settings.mask_threshold, inversion_prompt=inversion_prompt)
+                               mask_threshold=settings.mask_threshold, inversion_prompt=inversion_prompt,
+                               control=control)
 
 
 def is_utf8(text: str) -> bool:

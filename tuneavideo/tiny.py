@@ -12,7 +12,7 @@ import string
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # Stable Diffusion v1-4's scheduler config (its `scheduler/scheduler_config.json`)
@@ -116,3 +116,23 @@ def make_tiny_sd(path: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
     }
     (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
     return path
+
+
+# the hint encoder's widths: three stride-2 convolutions, so a condition image maps to the latent size (1/8), as SD's
+TINY_HINT_CHANNELS = (4, 8, 8, 8)
+
+
+def tiny_controlnet(sd_path: str | Path, seed: int | None = None) -> ControlNetModel:
+    """A ControlNet for the tiny SD at `sd_path`, made the way ControlNets start training
+    (`ControlNetModel.from_unet`: the UNet's encoder, zero output convolutions, so its residuals are exactly zero);
+    with `seed`, those convolutions and the hint encoder's last one random, so that it steers (as a trained one)."""
+    unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY_HINT_CHANNELS)
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        zero = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                controlnet.controlnet_cond_embedding.conv_out]
+        with torch.no_grad():
+            for parameter in (p for module in zero for p in module.parameters()):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return controlnet.eval()

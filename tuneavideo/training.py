@@ -36,7 +36,9 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .base_model import BaseModel
-from .config import MAX_SEED, TrainConfig, validation_prompts
+from .config import MAX_SEED, ControlNetConfig, TrainConfig, validation_prompts
+from .pipelines.controlnet import StructureGuidance, check_fits, load_controlnet
+from .video.conditions import depth_estimator, hold, make_condition
 from .video.frames import clip_size, decode_frames, tuned_window, window_starts
 from .video.readers import Clip
 from .errors import UserError
@@ -108,6 +110,13 @@ def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator,
     pipeline.set_progress_bar_config(disable=True)
     noise_scheduler = base.scheduler(DDPMScheduler)
     unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+    guidance = None
+    if cfg.controlnet is not None:  # before anything long runs: a ControlNet or condition that does not fit is one line
+        controlnet = load_controlnet(cfg.controlnet.model, option="controlnet.model")
+        check_fits(controlnet, unet.config, f"controlnet.model {cfg.controlnet.model}")
+        controlnet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype(accelerator))
+        guidance = tuning_guidance(controlnet, cfg.controlnet, windows, clip, accelerator.device)
+        pipeline.controlnet = controlnet  # for the validation samples
     dropped = truncated_text(pipeline.tokenizer, data.prompt)
     if dropped:
         logger.warning(f"train_data.prompt is longer than the text encoder's {pipeline.tokenizer.model_max_length} "
@@ -172,7 +181,10 @@ def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator,
     with CtrlC() as ctrl_c:
         while global_step < cfg.max_train_steps:
             try:
-                losses = step(windows.sample(posterior, cfg.train_batch_size), encoder_hidden_states)
+                latents, positions = windows.sample(posterior, cfg.train_batch_size)
+                control = None if guidance is None else partial(guidance.residuals, frames=positions, step=0,
+                                                                num_steps=1, guided=False)
+                losses = step(latents, encoder_hidden_states, control)
             except NonFiniteLoss as err:
                 _stop_diverged(err.losses, global_step + 1, run)
 
@@ -193,7 +205,7 @@ def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator,
                     if accelerator.is_main_process:
                         with accelerator.autocast():
                             validate(pipeline, windows.first(posterior).mean, cfg, global_step,
-                                     clip.info.fps / data.sample_frame_rate)
+                                     clip.info.fps / data.sample_frame_rate, windows.first_control(guidance))
                         name, prompt = validation_prompts(cfg.validation_data)[0]
                         report.sample(run.sample(global_step, prompt, name))
                     accelerator.wait_for_everyone()
@@ -243,15 +255,37 @@ class TrainingWindows:
         """The window at `sample_start_idx`: the one validation inverts and edits default to."""
         return self._window(posterior, 0)
 
-    def sample(self, posterior: DiagonalGaussianDistribution, batch_size: int) -> torch.Tensor:
+    def first_control(self, guidance: StructureGuidance | None) -> dict | None:
+        """The pipeline's structure guidance arguments for the `first` window under the tuning's `guidance`."""
+        if guidance is None:
+            return None
+        frames = [guidance.conditions[0][position] for position in range(0, self.length * self.stride, self.stride)]
+        return dict(conditioning_frames=frames, controlnet_conditioning_scale=guidance.scales[0])
+
+    def sample(self, posterior: DiagonalGaussianDistribution,
+               batch_size: int) -> tuple[torch.Tensor, list[list[int]]]:
         """`batch_size` latent clips `(batch, 4, frames, h, w)`: each a fresh posterior sample (the original's
-        `latent_dist.sample()`) of its own window. Starts come from torch's global generator, which checkpoints
-        save, so a resumed run draws the same windows."""
-        samples = []
+        `latent_dist.sample()`) of its own window; and each clip's frames, as positions within `decoded`. Starts
+        come from torch's global generator, which checkpoints save, so a resumed run draws the same windows."""
+        samples, positions = [], []
         for _ in range(batch_size):
             start = int(torch.randint(len(self.starts), ())) if len(self.starts) > 1 else 0
             samples.append(self._window(posterior, start).sample())
-        return torch.cat(samples)
+            positions.append(list(range(start, start + self.length * self.stride, self.stride)))
+        return torch.cat(samples), positions
+
+
+def tuning_guidance(controlnet, settings: ControlNetConfig, windows: TrainingWindows, clip: Clip,
+                    device: torch.device) -> StructureGuidance:
+    """The ControlNet with the conditions of every frame the run tunes on (indexed by position within
+    `windows.decoded`, held in a memory-mapped file), at `settings.scale`, acting at every step."""
+    size = windows.size
+    frames = make_condition(settings.condition, lambda: windows.decode(clip), windows.decoded,
+                            (clip.info.width, clip.info.height), size,
+                            estimator=lambda: depth_estimator(device=device))
+    held = hold(frames, len(windows.decoded), size)
+    return StructureGuidance.create(controlnet, held, len(held), size[1], size[0],
+                                    controlnet_conditioning_scale=settings.scale)
 
 
 class CtrlC:
@@ -305,9 +339,10 @@ def _enable_xformers(unet: UNet3DConditionModel) -> None:
 
 @torch.no_grad()
 def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: TrainConfig, step: int,
-             fps: float) -> torch.Tensor:
+             fps: float, control: dict | None = None) -> torch.Tensor:
     """Invert the tuned window (`clean_latents`, the VAE posterior mean) with the current UNet, save that latent,
-    then sample every validation prompt from it; returns the samples, one video per prompt.
+    then sample every validation prompt from it; returns the samples, one video per prompt. A run tuned under a
+    ControlNet inverts and samples under it (`control`: the pipeline's structure guidance arguments).
 
     Samples have the tuned frames' size, which keeps the source's aspect ratio, rather than
     `validation_data.width/height` (an inverted latent of another size could not be sampled anyway).
@@ -322,12 +357,14 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
     work = validation.num_inference_steps * len(prompts) + validation.use_inv_latent * validation.num_inv_steps
     with tqdm(total=work, desc=f"Validation at step {step}", leave=False) as bar:
         if validation.use_inv_latent:
-            latents = invert(pipeline, clean_latents, validation.num_inv_steps, callback=lambda *_: bar.update())
+            latents = invert(pipeline, clean_latents, validation.num_inv_steps, callback=lambda *_: bar.update(),
+                             control=control)
             with atomic_path(run.validation_latent(step)) as path:
                 torch.save(latents.cpu(), path)
         samples = sample(pipeline, latents, [prompt for _, prompt in prompts], validation.num_inference_steps,
                          validation.guidance_scale, validation.num_inv_steps, validation.negative_prompt,
                          seed=cfg.seed if cfg.seed is not None else 0, callback=lambda *_: bar.update(),
+                         control=control,
                          video_length=validation.video_length,
                          height=clean_latents.shape[3] * pipeline.vae_scale_factor,
                          width=clean_latents.shape[4] * pipeline.vae_scale_factor)

@@ -4,6 +4,7 @@ nor the video packages, so the benchmarks time this very step at real size."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +54,15 @@ def make_optimizer(parameters: list[torch.nn.Parameter], learning_rate: float, u
     return optimizer_class(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
 
 
+# `control(noisy_latents, timesteps, text)`: a frozen ControlNet's residuals for the UNet (its keyword arguments)
+Control = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict]
+
+
 def diffusion_loss(unet, noise_scheduler: DDPMScheduler, latents: torch.Tensor,
-                   encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+                   encoder_hidden_states: torch.Tensor, control: Control | None = None) -> torch.Tensor:
     """The original's objective: MSE between the UNet's prediction and the noise (or v) at a random timestep, one
-    timestep per clip of `latents` `(batch, 4, frames, h, w)`."""
+    timestep per clip of `latents` `(batch, 4, frames, h, w)`; with `control`, the UNet predicts with its residuals
+    added (ControlVideo's tuning)."""
     noise = torch.randn_like(latents)
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
@@ -71,7 +77,11 @@ def diffusion_loss(unet, noise_scheduler: DDPMScheduler, latents: torch.Tensor,
         raise UserError(f"the base model's scheduler has prediction_type {prediction_type!r}, which tuning does not "
                         "support; use a model whose scheduler predicts epsilon or v_prediction")
     text = encoder_hidden_states.expand(latents.shape[0], -1, -1)
-    model_pred = unet(noisy_latents, timesteps, text).sample
+    residuals = {}
+    if control is not None:
+        with torch.no_grad():  # the ControlNet is frozen
+            residuals = control(noisy_latents, timesteps, text)
+    model_pred = unet(noisy_latents, timesteps, text, **residuals).sample
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
@@ -100,11 +110,12 @@ class TrainingStep:
         prepared.train()
         return cls(accelerator, prepared, noise_scheduler, optimizer, lr_scheduler, parameters, max_grad_norm)
 
-    def __call__(self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 control: Control | None = None) -> torch.Tensor:
         """Raises `NonFiniteLoss` before the backward pass when any process's loss is NaN or infinite."""
         accelerator = self.accelerator
         with accelerator.accumulate(self.unet):
-            loss = diffusion_loss(self.unet, self.noise_scheduler, latents, encoder_hidden_states)
+            loss = diffusion_loss(self.unet, self.noise_scheduler, latents, encoder_hidden_states, control)
             losses = accelerator.gather(loss.detach())  # every process sees every loss, so all stop together
             if not torch.isfinite(losses).all():
                 raise NonFiniteLoss(losses)

@@ -202,3 +202,59 @@ def test_checkpointing_gives_every_trainable_layer_the_same_gradient(unet3d, cli
     for name in names:
         assert checkpointed[name].abs().sum() > 0, name
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-7)
+
+
+def control_residuals(unet, batch, frames, size, seed=0):
+    """Random ControlNet-shaped residuals `(batch, channels, frames, h, w)` for `unet`'s skips and mid block,
+    found by running the model's own down path."""
+    shapes = []
+    sample = torch.zeros(batch, unet.config.in_channels, frames, size, size)
+    text = torch.zeros(batch, 1, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        sample = unet.conv_in(sample)
+        shapes.append(sample.shape)
+        emb = unet.time_embedding(unet.time_proj(torch.zeros(batch)))
+        for block in unet.down_blocks:
+            sample, skips = block(sample, emb, text)
+            shapes += [skip.shape for skip in skips]
+    generator = torch.Generator().manual_seed(seed)
+    down = tuple(torch.randn(shape, generator=generator) for shape in shapes)
+    return down, torch.randn(sample.shape, generator=generator)
+
+
+def test_zero_control_residuals_change_nothing(unet3d, clip_inputs):
+    sample, timestep, text = clip_inputs(unet3d, batch=2, frames=3)
+    down, mid = control_residuals(unet3d, 2, 3, 8)
+    with torch.no_grad():
+        plain = unet3d(sample, timestep, text).sample
+        zero = unet3d(sample, timestep, text, down_block_additional_residuals=[torch.zeros_like(r) for r in down],
+                      mid_block_additional_residual=torch.zeros_like(mid)).sample
+        controlled = unet3d(sample, timestep, text, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid).sample
+    assert torch.equal(zero, plain)
+    assert (controlled - plain).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="go together"):
+        unet3d(sample, timestep, text, down_block_additional_residuals=down)
+    with pytest.raises(ValueError, match=f"expected {len(down)} down block residuals, got {len(down) - 1}"):
+        unet3d(sample, timestep, text, down_block_additional_residuals=down[:-1], mid_block_additional_residual=mid)
+
+
+def test_control_residuals_on_identical_frames_equal_the_image_model_with_them(tiny_sd):
+    unet_2d = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
+    unet_3d = UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet").eval()
+    frames = 3
+    down, mid = control_residuals(unet_3d, 2, 1, 16)
+    generator = torch.Generator().manual_seed(1)
+    frame = torch.randn(2, 4, 1, 16, 16, generator=generator)
+    text = torch.randn(2, 7, unet_2d.config.cross_attention_dim, generator=generator)
+    timestep = torch.tensor([10, 700])
+    with torch.no_grad():
+        expected = unet_2d(frame[:, :, 0], timestep, text, down_block_additional_residuals=[r[:, :, 0] for r in down],
+                           mid_block_additional_residual=mid[:, :, 0]).sample
+        plain = unet_2d(frame[:, :, 0], timestep, text).sample
+        out = unet_3d(frame.expand(-1, -1, frames, -1, -1), timestep, text,
+                      down_block_additional_residuals=[r.expand(-1, -1, frames, -1, -1) for r in down],
+                      mid_block_additional_residual=mid.expand(-1, -1, frames, -1, -1)).sample
+    assert (expected - plain).abs().max() > 1e-2  # the residuals matter
+    for index in range(frames):
+        torch.testing.assert_close(out[:, :, index], expected, rtol=1e-4, atol=1e-5)

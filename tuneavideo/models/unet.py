@@ -186,8 +186,18 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterM
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
         return_dict: bool = True,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
     ) -> UNet3DConditionOutput | tuple[torch.Tensor]:
-        """Predict noise for `sample` `(batch, channels, frames, h, w)` given text `(batch, tokens, dim)`."""
+        """Predict noise for `sample` `(batch, channels, frames, h, w)` given text `(batch, tokens, dim)`.
+
+        `down_block_additional_residuals` (one per skip connection of the down path) and
+        `mid_block_additional_residual` are a ControlNet's outputs, 5-D like `sample`; as in diffusers'
+        `UNet2DConditionModel`, each down residual is added to its skip after the whole down pass and the mid residual
+        to the mid block's output. Both or neither.
+        """
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError("down_block_additional_residuals and mid_block_additional_residual go together")
         # latents whose size is not a multiple of the total upsampling factor need explicit upsample sizes
         upsample_factor = 2 ** (len(self.up_blocks) - 1)
         forward_upsample_size = any(size % upsample_factor != 0 for size in sample.shape[-2:])
@@ -207,8 +217,16 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterM
         for block in self.down_blocks:
             sample, block_skips = block(sample, emb, encoder_hidden_states)
             skips += block_skips
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"expected {len(skips)} down block residuals, got {len(down_block_additional_residuals)}"
+                )
+            skips = tuple(skip + residual for skip, residual in zip(skips, down_block_additional_residuals))
 
         sample = self.mid_block(sample, emb, encoder_hidden_states)
+        if mid_block_additional_residual is not None:
+            sample = sample + mid_block_additional_residual
 
         for i, block in enumerate(self.up_blocks):
             block_skips = skips[-len(block.resnets) :]

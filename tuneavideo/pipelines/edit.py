@@ -6,22 +6,38 @@ calls of an edit, plain or local (`local_edit.invert_and_edit`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from .controlnet import StructureGuidance
 from .inversion import ddim_inversion
 from .pipeline_tuneavideo import TuneAVideoPipeline
 
 Callback = Callable[[int, int, torch.Tensor], None]
+# structure guidance as the pipeline takes it: `conditioning_frames` and diffusers' other ControlNet arguments
+Control = dict[str, Any]
+
+
+def control_of(pipe: TuneAVideoPipeline, source: torch.Tensor, control: Control | None) -> StructureGuidance | None:
+    """The structure guidance `control` (pipeline arguments) for the clip latent `source` `(1, 4, frames, h, w)`."""
+    if not control:
+        return None
+    _, _, frames, height, width = source.shape
+    return pipe.structure_guidance(video_length=frames, height=height * pipe.vae_scale_factor,
+                                   width=width * pipe.vae_scale_factor, **control)
 
 
 def invert(pipe: TuneAVideoPipeline, source: torch.Tensor, num_inv_steps: int, window_size: int | None = None,
-           window_overlap: int | None = None, callback: Callback | None = None) -> torch.Tensor:
+           window_overlap: int | None = None, callback: Callback | None = None,
+           control: Control | None = None) -> torch.Tensor:
     """The DDIM inversion of `source` (a clean latent `(1, 4, frames, h, w)`, e.g. `encode_video(...).mean`) in
-    `num_inv_steps` steps of the pipeline's scheduler, in the windows the clip is sampled with: the noisiest latent
-    only. `callback(i, t, latent)` follows every step."""
+    `num_inv_steps` steps of the pipeline's scheduler, in the windows the clip is sampled with, under the structure
+    guidance `control` it is sampled with (None: none): the noisiest latent only. `callback(i, t, latent)` follows
+    every step."""
     return ddim_inversion(pipe, pipe.scheduler, source, num_inv_steps, window_size=window_size,
-                          window_overlap=window_overlap, callback=callback, keep_all=False)[-1]
+                          window_overlap=window_overlap, callback=callback, keep_all=False,
+                          control=control_of(pipe, source, control))[-1]
 
 
 @torch.no_grad()
@@ -39,6 +55,7 @@ def sample(
     window_size: int | None = None,
     window_overlap: int | None = None,
     callback: Callback | None = None,
+    control: Control | None = None,
     **shape: int,
 ) -> torch.Tensor:
     """Every prompt's latent clips `(len(prompts) * num_videos_per_prompt, 4, frames, h, w)`, in prompt order,
@@ -47,14 +64,15 @@ def sample(
 
     Sampling starts at the inverted latent's noise level (the pipeline's `num_inv_steps`). Each prompt gets its own
     generator seeded `seed`, so a prompt's clips do not depend on the prompts before it. `callback(i, t, latents)`
-    follows every step of every prompt.
+    follows every step of every prompt. `control`: the pipeline's structure guidance arguments (None: none).
     """
     return torch.cat([
         pipe(prompt, latents=latent, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
              negative_prompt=negative_prompt, num_videos_per_prompt=num_videos_per_prompt, eta=eta,
              generator=torch.Generator(pipe.device).manual_seed(seed), output_type="latent", callback=callback,
              window_size=window_size, window_overlap=window_overlap,
-             num_inv_steps=None if latent is None else num_inv_steps or num_inference_steps, **shape).videos
+             num_inv_steps=None if latent is None else num_inv_steps or num_inference_steps, **(control or {}),
+             **shape).videos
         for prompt in prompts
     ])
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, SchedulerMixin
 
+from .controlnet import StructureGuidance
 from .windows import fuse_windows, plan_windows
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ def ddim_inversion(
     window_overlap: int | None = None,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     keep_all: bool = True,
+    control: StructureGuidance | None = None,
 ) -> list[torch.Tensor]:
     """Run deterministic DDIM backwards from a clean clip latent to noise.
 
@@ -40,6 +42,10 @@ def ddim_inversion(
     v-prediction models invert correctly too. A clip longer than `window_size` frames is inverted in the
     overlapping windows the pipeline samples it with (`tuneavideo.pipelines.windows`); `callback(i, t, latent)` is called
     after every step.
+
+    With `control` (`TuneAVideoPipeline.structure_guidance`) the inversion runs under the ControlNets the clip is
+    then sampled with (as ControlVideo and VideoGrain invert), each window's frames with their conditions; a step
+    at timestep t is guided as the sampling step at t is (`control_guidance_start/end` count from the noisy end).
     """
     inverse = inverse_scheduler(ddim_scheduler, num_inv_steps, video_latent.device)
     unet = pipeline.unet
@@ -50,13 +56,16 @@ def ddim_inversion(
     windows = plan_windows(num_frames, window_size, window_overlap)
     latent = video_latent.clone()
     latents = [latent]
-    with pipeline.progress_bar(total=len(inverse.timesteps) * len(windows)) as progress_bar:
+    num_steps = len(inverse.timesteps)
+    with pipeline.progress_bar(total=num_steps * len(windows)) as progress_bar:
         for i, t in enumerate(inverse.timesteps):
 
             def predict(frames: list[int]) -> torch.Tensor:
                 # the UNet runs in its own dtype; the update stays in the latent's (float32 latents are accurate)
                 window = latent[:, :, frames].to(unet.dtype)
-                noise_pred = unet(window, t, encoder_hidden_states=embedding).sample.to(latent.dtype)
+                residuals = {} if control is None else control.residuals(window, t, embedding, frames,
+                                                                         num_steps - 1 - i, num_steps, guided=False)
+                noise_pred = unet(window, t, encoder_hidden_states=embedding, **residuals).sample.to(latent.dtype)
                 progress_bar.update()
                 return noise_pred
 

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from .attention_control import AttentionControl, LocalBlend, attention_control, mask_map_size
+from .edit import Control, control_of
 from .inversion import ddim_inversion
 from .null_text import null_text_inversion
 from .pipeline_tuneavideo import TuneAVideoPipeline
 from .prompt_alignment import PromptControlError, PromptEdit
 from .windows import plan_windows
+
 
 @dataclass
 class LocalLatents:
@@ -31,7 +33,8 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, source_prompt
                     edits: list[PromptEdit], num_inference_steps: int, num_inv_steps: int, guidance_scale: float,
                     window: int | None, overlap: int | None, progress: Callable[..., None], *,
                     null_text_iterations: int | None, cross_replace_steps: float, self_replace_steps: float,
-                    blend_start: float, mask_threshold: float, inversion_prompt: str | None = None) -> LocalLatents:
+                    blend_start: float, mask_threshold: float, inversion_prompt: str | None = None,
+                    control: Control | None = None) -> LocalLatents:
     """Invert the clean latent `clean` `(1, 4, frames, h, w)` as Video-P2P does (DDIM conditioned on
     `inversion_prompt`, by default `source_prompt`, then, unless `null_text_iterations` is None (Video-P2P's fast
     mode), one unconditional embedding per step optimised for `guidance_scale` in at most that many iterations),
@@ -46,7 +49,7 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, source_prompt
     `PromptEdit` (`attention_control`, which is also the step-end hook that applies the local blend). Guidance is
     decoupled: the target is guided by `guidance_scale` against the empty prompt; the source against the null-text
     embedding of each step, or, after a plain DDIM inversion, not at all (its conditional prediction, Video-P2P's
-    fast mode).
+    fast mode). `control` (the pipeline's structure guidance arguments) guides the inversions and both branches.
 
     Raises:
         PromptControlError: `guidance_scale` at most 1 (the controlled batch needs its unconditional half).
@@ -55,8 +58,10 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, source_prompt
         raise PromptControlError(f"guidance_scale must be above 1 with attention control, got {guidance_scale}")
     null_text = null_text_iterations is not None
     inversion_prompt = inversion_prompt or source_prompt
+    guidance = control_of(pipe, clean, control)
     latents = ddim_inversion(pipe, pipe.scheduler, clean, num_inv_steps, prompt=inversion_prompt,
-                             window_size=window, window_overlap=overlap, callback=progress, keep_all=null_text)
+                             window_size=window, window_overlap=overlap, callback=progress, keep_all=null_text,
+                             control=guidance)
     negative = None  # unguided source: guidance 1 for its row
     if null_text:
         steps_done = []
@@ -68,7 +73,7 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, source_prompt
 
         text = pipe.encode_prompt([inversion_prompt], clean.device, do_classifier_free_guidance=False)
         uncond = null_text_inversion(pipe, latents, text, guidance_scale, null_text_iterations,
-                                     window_size=window, window_overlap=overlap, callback=step)
+                                     window_size=window, window_overlap=overlap, callback=step, control=guidance)
         # the target row's unconditional embedding is the empty prompt's, encoded in a batch of two as the
         # pipeline encodes the two rows' negative prompts
         empty = pipe.encode_prompt(["", ""], clean.device, do_classifier_free_guidance=False)[1:]
@@ -80,14 +85,14 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, source_prompt
         blend = None
         if edit.blend is not None:
             blend = LocalBlend(windows, int(blend_start * num_inference_steps), mask_threshold)
-        control = AttentionControl(edit, num_inference_steps, mask_map_size(height, width), cross_replace_steps,
-                                   self_replace_steps, blend)
-        with attention_control(pipe.unet, control):
+        attention = AttentionControl(edit, num_inference_steps, mask_map_size(height, width), cross_replace_steps,
+                                     self_replace_steps, blend)
+        with attention_control(pipe.unet, attention):
             sampled = pipe([source_prompt, prompt], latents=latents[-1], num_inference_steps=num_inference_steps,
                            guidance_scale=[guidance_scale if null_text else 1.0, guidance_scale],
                            negative_prompt_embeds=negative, num_inv_steps=num_inv_steps, latents_dtype=torch.float32,
                            window_size=window, window_overlap=overlap, output_type="latent", callback=progress,
-                           callback_on_step_end=control).videos
+                           callback_on_step_end=attention, **(control or {})).videos
         sources.append(sampled[:1])
         targets.append(sampled[1:])
         masks.append(blend.mask if blend is not None else None)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DiffusionPipeline
 from torch.optim import Adam
 
+from .controlnet import StructureGuidance
 from .windows import Window, fuse_windows, plan_windows
 
 
@@ -29,6 +30,7 @@ def null_text_inversion(
     window_size: int | None = None,
     window_overlap: int | None = None,
     callback: Callable[[int], None] | None = None,
+    control: StructureGuidance | None = None,
 ) -> list[torch.Tensor]:
     """One optimised unconditional embedding per sampling step, for guided sampling from `latents[-1]`.
 
@@ -46,6 +48,9 @@ def null_text_inversion(
             loss is over the whole clip, and each iteration's gradient is accumulated window by window (one
             window's graph in memory at a time), so the one embedding per step serves every window.
         callback: called with the step index after every UNet call.
+        control: the structure guidance the clip is sampled with (`TuneAVideoPipeline.structure_guidance`): each
+            half of the guided prediction is made as the pipeline makes it under that control (in guess mode, the
+            unconditional half without the ControlNets).
 
     Returns:
         `len(latents) - 1` float32 embeddings `(batch, tokens, dim)` detached, in sampling order (noisiest first).
@@ -60,10 +65,14 @@ def null_text_inversion(
     embeddings = []
     for i, t in enumerate(scheduler.timesteps):
 
-        def predict(embedding: torch.Tensor, frames: list[int]) -> torch.Tensor:
+        def predict(embedding: torch.Tensor, frames: list[int], conditional: bool = False) -> torch.Tensor:
             # the UNet runs in its own dtype; the step and the loss stay in the latent's
             sample = latent[:, :, frames].to(unet.dtype)
-            noise_pred = unet(sample, t, encoder_hidden_states=embedding.to(unet.dtype)).sample.to(latent.dtype)
+            embedding = embedding.to(unet.dtype)
+            residuals = {}
+            if control is not None and (conditional or not control.guess_mode):
+                residuals = control.residuals(sample, t, embedding, frames, i, len(scheduler.timesteps), False)
+            noise_pred = unet(sample, t, encoder_hidden_states=embedding, **residuals).sample.to(latent.dtype)
             if callback is not None:
                 callback(i)
             return noise_pred
@@ -72,7 +81,7 @@ def null_text_inversion(
             return scheduler.step(noise_null + guidance_scale * (noise_text - noise_null), t, latent).prev_sample
 
         with torch.no_grad():
-            noise_text = fuse_windows(lambda frames: predict(prompt_embedding, frames), latent, windows)
+            noise_text = fuse_windows(lambda frames: predict(prompt_embedding, frames, True), latent, windows)
         null = null.detach().requires_grad_()
         optimizer = Adam([null], lr=1e-2 * (1 - i / 100))
         for _ in range(num_inner_steps):

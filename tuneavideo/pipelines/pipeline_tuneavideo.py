@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
+from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, MultiControlNetModel, SchedulerMixin
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -19,6 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..models.layout import fold_frames, frames_to_video, unfold_frames
 from ..models.unet import UNet3DConditionModel
+from .controlnet import StructureGuidance
 from .inversion import sampling_scheduler
 from .windows import fuse_windows, plan_windows
 
@@ -46,9 +47,13 @@ class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     its noise level: `tuneavideo.pipelines.edit` does both (`invert`, then `sample`). One inverted latent of batch 1
     serves every prompt and every `num_videos_per_prompt`. LoRAs load by name into the UNet (which keeps the image
     UNet's names) and the text encoder with diffusers' `load_lora_weights` (`tuneavideo.base_model.fuse_loras`).
+
+    `controlnet` (optional): diffusers ControlNets (one, a list, or a `MultiControlNetModel`) for structure guidance,
+    run frame by frame (`tuneavideo.pipelines.controlnet`); a call given `conditioning_frames` is guided by them.
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->controlnet->unet->vae"
+    _optional_components = ["controlnet"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -58,6 +63,7 @@ class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         tokenizer: CLIPTokenizer,
         unet: UNet3DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
+        controlnet: ControlNetModel | MultiControlNetModel | list[ControlNetModel] | None = None,
     ):
         super().__init__()
         # As the original (and diffusers' SD pipelines) did: a scheduler config from before `steps_offset` and
@@ -71,7 +77,10 @@ class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                           "update the config accordingly, as leaving it might lead to incorrect results.",
                           standard_warn=False)
                 scheduler.register_to_config(**{key: wanted})
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetModel(controlnet)
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              controlnet=controlnet)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
 
     def enable_vae_slicing(self) -> None:
@@ -171,6 +180,33 @@ class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             latents = latents.to(device=device, dtype=dtype).expand(shape).contiguous()
         return latents * (scheduler or self.scheduler).init_noise_sigma
 
+    def structure_guidance(
+        self,
+        conditioning_frames,
+        video_length: int,
+        height: int,
+        width: int,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
+    ) -> StructureGuidance:
+        """The pipeline's ControlNets with `conditioning_frames` (one condition frame per clip frame; a sequence
+        per ControlNet for several) and diffusers' ControlNet settings, as `__call__` takes them, for a clip of
+        `video_length` frames at `height` x `width`: what `__call__` is guided by, and what an inversion
+        (`inversion.ddim_inversion`, `null_text.null_text_inversion`) of the same clip takes to run under the same
+        control.
+
+        Raises:
+            ValueError: the pipeline has no `controlnet`.
+            ControlError: a setting is out of range, or the conditions do not fit the clip.
+        """
+        if self.controlnet is None:
+            raise ValueError("`conditioning_frames` need a pipeline with a `controlnet`")
+        return StructureGuidance.create(self.controlnet, conditioning_frames, video_length, height, width,
+                                        controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                                        guess_mode)
+
     def check_inputs(self, prompt, height: int, width: int, callback_steps: int) -> None:
         if not isinstance(prompt, (str, list)) or not prompt:
             raise ValueError(f"`prompt` must be a non-empty string or list of strings, got {prompt!r}")
@@ -205,6 +241,11 @@ class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         latents_dtype: torch.dtype | None = None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        conditioning_frames=None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
     ) -> TuneAVideoPipelineOutput | torch.Tensor | np.ndarray:
         """Generate `num_videos_per_prompt` clips per prompt: the one denoising loop of the package (plain edits,
         training's validation samples and local edits all sample here; what differs is plugged in).
@@ -232,6 +273,11 @@ class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 `latents`). The attention processors set on the UNet (`attention_control`) act on every UNet call.
             callback, callback_steps: the original's `callback(i, t, latents)` every `callback_steps` steps, after
                 `callback_on_step_end`.
+            conditioning_frames, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                guess_mode: structure guidance by the pipeline's `controlnet`, as diffusers' ControlNet pipelines
+                define them (`structure_guidance`): the condition frames, a list of PIL images or uint8 arrays, one
+                per clip frame (a list of such lists for several ControlNets); each window's frames are guided by
+                their own conditions. None: no structure guidance.
         """
         if latents is not None:
             video_length = video_length or latents.shape[2]
@@ -249,6 +295,11 @@ class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, "
                              f"got {sorted(unknown)}")
         windows = plan_windows(video_length, window_size, window_overlap)
+        control = None
+        if conditioning_frames is not None:
+            control = self.structure_guidance(conditioning_frames, video_length, height, width,
+                                              controlnet_conditioning_scale, control_guidance_start,
+                                              control_guidance_end, guess_mode)
         prompts = [prompt] if isinstance(prompt, str) else prompt
         device = self._execution_device
         scales = _per_prompt(guidance_scale, len(prompts), "guidance_scale")
@@ -304,7 +355,9 @@ class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     window = latents[:, :, frames]
                     model_input = torch.cat([window] * 2) if do_classifier_free_guidance else window
                     model_input = scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
-                    noise_pred = self.unet(model_input, t, encoder_hidden_states=embeddings).sample
+                    residuals = {} if control is None else control.residuals(
+                        model_input, t, embeddings, frames, i, len(scheduler.timesteps), do_classifier_free_guidance)
+                    noise_pred = self.unet(model_input, t, encoder_hidden_states=embeddings, **residuals).sample
                     progress_bar.update()
                     noise_pred = noise_pred.to(latents.dtype)
                     if not do_classifier_free_guidance:
