@@ -138,7 +138,8 @@ def test_shipped_configs_load_with_original_hyperparameters(name, prompt, rate, 
 def test_schema_has_the_original_keys_plus_the_new_ones():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     assert names == ORIGINAL_KEYS | {"overwrite", "checkpoints_total_limit", "spatial_attention",
-                                     "pretrained_model_config", "loras", "tuning", "lora_rank", "lora_alpha"}
+                                     "pretrained_model_config", "loras", "tuning", "lora_rank", "lora_alpha",
+                                     "controlnet"}
 
 
 def test_controlnet_is_off_by_default_and_checked_when_given(tmp_path):
