@@ -161,3 +161,35 @@ def write_vfr_clip(path: Path, frames: np.ndarray, times: list[float], audio_rat
 def leftovers(folder: Path) -> list[str]:
     """Temporary files and folders left anywhere under `folder`."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp" in p.name)
+
+
+MARKER = 12  # side of the red square that `marker_frames` puts in the stored top-left corner
+
+
+def marker_frames(num_frames: int = 4, width: int = 64, height: int = 48) -> np.ndarray:
+    """Grey uint8 frames with a red `MARKER`-pixel square in the top-left corner: where a player shows that corner
+    is where the square lands."""
+    frames = np.full((num_frames, height, width, 3), 128, np.uint8)
+    frames[:, :MARKER, :MARKER] = (255, 0, 0)
+    return frames
+
+
+def marker_corner(frame: np.ndarray) -> str:
+    """Which corner of an `(H, W, 3)` frame holds the red square: "top-left", "top-right", "bottom-left" or
+    "bottom-right" (the one with the reddest corner patch)."""
+    height, width = frame.shape[:2]
+    patch_h, patch_w = max(1, height // 8), max(1, width // 8)
+    corners = {"top-left": frame[:patch_h, :patch_w], "top-right": frame[:patch_h, -patch_w:],
+               "bottom-left": frame[-patch_h:, :patch_w], "bottom-right": frame[-patch_h:, -patch_w:]}
+    redness = {name: float(p[..., 0].astype(int).mean() - p[..., 1].astype(int).mean()) for name, p in corners.items()}
+    best = max(redness, key=redness.get)
+    assert redness[best] > 60, f"no red corner: {redness}"
+    return best
+
+
+def write_phone_clip(path: Path, source: Path, rotation: int = 0, hflip: bool = False) -> Path:
+    """`source` with a display matrix, as phones write one: the stored frames are to be shown turned `rotation`
+    degrees counter-clockwise, then mirrored left to right with `hflip` (ffmpeg's -display_rotation and
+    -display_hflip, the stream copied)."""
+    ffmpeg("-display_rotation", rotation, *(["-display_hflip"] if hflip else []), "-i", source, "-c", "copy", path)
+    return path
