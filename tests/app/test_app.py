@@ -30,13 +30,22 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 import inference
-from tests.helpers import SAMPLE_CLIP, probe, small_disk  # the sample clip: 48 frames at 24 fps, 256x256, with sound
+from tests.helpers import (  # the sample clip: 48 frames at 24 fps, 256x256, with sound
+    SAMPLE_CLIP,
+    marker_corner,
+    marker_frames,
+    probe,
+    small_disk,
+    write_frames_mp4,
+    write_phone_clip,
+)
 from tuneavideo.app.page import launch, status_markdown
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
 from tuneavideo.pipelines.local_edit import LocalEdit
 from tuneavideo.app.jobs import FINISHED, Job, JobRunner
+from tuneavideo.video.readers import Clip
 from tuneavideo.video.writers import write_mp4
 from tuneavideo.app.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
 
@@ -210,6 +219,23 @@ def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
     for path in (video, mask, inversion):  # downloaded through the app; 4 frames of 64x64 at 8 fps
         info = probe(Path(path))
         assert (info["frames"], info["size"], info["fps"], info["codec"]) == (4, (64, 64), Fraction(8), "h264")
+
+
+def test_a_portrait_phone_clip_is_tuned_and_edited_upright(app, tmp_path):
+    # stored 64x48 with a display rotation: shown 48x64, the red square in the top-right corner
+    stored = write_frames_mp4(tmp_path / "stored.mp4", marker_frames(8, 64, 48), 8)
+    phone = write_phone_clip(tmp_path / "phone.mp4", stored, -90)
+    run, _ = tune(app.client, video=handle_file(phone), frames=4, stride=2, steps=1, sample_every=1)
+    tuned = wait_for(app.client, run, lambda info: info["status"] == "done")
+    assert probe(Path(tuned["sample"]))["size"] == (48, 64)
+    edit_id, _ = app.client.predict(run=run, prompts="a blue square", steps=2, inv_steps=2, guidance_scale=7.5,
+                                    seed=None, span="tuned window", span_start=0, span_end=0, stride=None,
+                                    api_name="/edit")
+    wait_for(app.client, edit_id, lambda info: info["status"] == "done", timeout=60)
+    video, _, side_by_side, _, _, _ = app.client.predict(edit_id, api_name="/edit_result")
+    assert probe(Path(video))["size"] == (48, 64)
+    source = Clip(side_by_side).read([0])[0, :, :48]
+    assert source.shape == (64, 48, 3) and marker_corner(source) == "top-right"
 
 
 def test_runs_are_listed_the_newest_to_finish_first(tmp_path):
