@@ -171,7 +171,7 @@ def test_cli_edits_the_sample_clip_with_its_sound(runs):
 def test_a_wide_clip_keeps_its_aspect_ratio_frame_rate_and_sound(runs, tmp_path):
     run = runs["wide"]
     size = fit_size(192, 108, 128)
-    assert size == (128, 64)  # landscape stays landscape (16:9 to the nearest multiples of 64)
+    assert size == (128, 72)  # landscape stays landscape, 16:9 exactly (multiples of 8)
     with Image.open(run / "samples" / "sample-1" / "a red ball.gif") as sample:
         assert sample.size == size  # training's validation samples at the tuned size too
     result = edit(run, EditOptions(prompts=["a red ball"], output_dir=tmp_path, **FAST))

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
-from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from .atomic import atomic_path
@@ -46,6 +45,7 @@ from .local_editing import INVERSION, MASK_SUFFIX, psnr_outside, upsampled, writ
 from .pipelines.edit import invert, sample
 from .pipelines.local_edit import GUIDANCE_SCALE, LocalEdit, LocalPlan, invert_and_edit, plan_local, work
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
+from .progress import progress_bar
 from .run import Run, metrics_file, result_file
 from .video.sound import extract_audio, source_span
 from .video.writers import Mp4Writer, grid_frames, prompt_file_name, side_by_side, write_gif
@@ -265,7 +265,7 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
         logger.warning("note: with eta 0 DDIM is deterministic, so the videos of a prompt are alike; "
                        "use --eta > 0 for variations")
     local = None
-    with tqdm(total=total, desc=f"Editing {frames_text(len(plan.frames))} in {windows} window(s)",
+    with progress_bar(total=total, desc=f"Editing {frames_text(len(plan.frames))} in {windows} window(s)",
               unit="window-step") as bar:
         def progress(*_) -> None:
             bar.update(windows)

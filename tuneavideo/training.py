@@ -25,7 +25,6 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .atomic import atomic_path, remove, staged
@@ -36,7 +35,7 @@ from .checkpointing import (
     resume_advice,
     save_checkpoint,
 )
-from .checks import check_sd_folder
+from .checks import check_sd_folder, safetensors_in
 from .config import TrainConfig, validation_prompts
 from .video.frames import clip_size, decode_frames, tuned_window, window_starts
 from .video.readers import Clip
@@ -44,6 +43,7 @@ from .errors import UserError, first_line
 from .pipelines.edit import invert, sample
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline, truncated_text
+from .progress import paused, progress_bar
 from .run import ProgressWriter, Run
 from .training_step import NonFiniteLoss, TrainingStep, make_optimizer, weight_dtype
 from .tuned_parameters import apply_tuned_parameters, save_tuned_parameters, trainable_parameter_names
@@ -97,11 +97,11 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
     base = cfg.pretrained_model_path
     logger.info(f"loading the base model {base}")
     pipeline = TuneAVideoPipeline(
-        vae=_load(AutoencoderKL.from_pretrained, base, "vae"),
+        vae=_load(partial(AutoencoderKL.from_pretrained, use_safetensors=safetensors_in(base, "vae")), base, "vae"),
         text_encoder=_load(CLIPTextModel.from_pretrained, base, "text_encoder"),
         tokenizer=_load(CLIPTokenizer.from_pretrained, base, "tokenizer"),
-        unet=_load(partial(UNet3DConditionModel.from_pretrained_2d, spatial_attention=cfg.spatial_attention), base,
-                   "unet"),
+        unet=_load(partial(UNet3DConditionModel.from_pretrained_2d, spatial_attention=cfg.spatial_attention,
+                           use_safetensors=safetensors_in(base, "unet")), base, "unet"),
         scheduler=_load(DDIMScheduler.from_pretrained, base, "scheduler"),
     )
     pipeline.set_progress_bar_config(disable=True)
@@ -161,7 +161,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
     global_step = resume(accelerator, cfg.resume_from_checkpoint, run)
     if accelerator.is_main_process:
         accelerator.init_trackers("tuneavideo", config=_scalar_hparams(cfg))
-    progress = tqdm(
+    progress = progress_bar(
         range(global_step, cfg.max_train_steps), initial=global_step, total=cfg.max_train_steps,
         disable=not accelerator.is_local_main_process, desc="Steps",
     )
@@ -188,7 +188,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
                                             "resume_from_checkpoint=latest")
                 if global_step % cfg.validation_steps == 0 or global_step == cfg.max_train_steps:
                     if accelerator.is_main_process:
-                        with accelerator.autocast():
+                        with accelerator.autocast(), paused(progress):  # the steps' ETA, without validations
                             validate(pipeline, windows.first(posterior).mean, cfg, global_step,
                                      clip.info.fps / data.sample_frame_rate)
                         name, prompt = validation_prompts(cfg.validation_data)[0]
@@ -328,7 +328,7 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
     prompts = validation_prompts(validation)  # (folder name, prompt)
     latents = None
     work = validation.num_inference_steps * len(prompts) + validation.use_inv_latent * validation.num_inv_steps
-    with tqdm(total=work, desc=f"Validation at step {step}", leave=False) as bar:
+    with progress_bar(total=work, desc=f"Validation at step {step}", leave=False) as bar:
         if validation.use_inv_latent:
             latents = invert(pipeline, clean_latents, validation.num_inv_steps, callback=lambda *_: bar.update())
             with atomic_path(run.validation_latent(step)) as path:
@@ -369,10 +369,12 @@ def _save_final(cfg: TrainConfig, unet: UNet3DConditionModel, run: Run) -> None:
     """
     base = cfg.pretrained_model_path
     tuned_file = save_tuned_parameters(unet, run.tuned_parameters, cfg.trainable_modules)
-    unet = UNet3DConditionModel.from_pretrained_2d(base, subfolder="unet", spatial_attention=cfg.spatial_attention)
+    unet = UNet3DConditionModel.from_pretrained_2d(base, subfolder="unet", spatial_attention=cfg.spatial_attention,
+                                                   use_safetensors=safetensors_in(base, "unet"))
     unet = apply_tuned_parameters(unet, tuned_file)
     pipeline = TuneAVideoPipeline.from_pretrained(
-        base, unet=unet, scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler")
+        base, unet=unet, scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"),
+        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=safetensors_in(base, "vae")),
     )
     staging = run.pipeline_staging
     remove(staging)  # left by a killed run
