@@ -13,7 +13,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -104,6 +106,23 @@ def tune(client: Client, **settings) -> tuple[str, str]:
                                        **settings}, api_name="/tune")
     assert job_id in status
     return job_id, status
+
+
+def test_app_py_says_in_its_own_line_where_it_listens_and_stops_quietly(tmp_path):
+    port = free_port()
+    command = [sys.executable, str(REPO / "app.py"), "--port", str(port), "--root", str(tmp_path / "outputs"),
+               "--checkpoints", str(tmp_path / "checkpoints")]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [process.stdout.readline().strip(), process.stdout.readline().strip()]
+        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 200  # it listens once it says so
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest = process.communicate(timeout=60)[0]
+    assert lines[0].startswith(f"no Stable Diffusion model in {tmp_path / 'checkpoints'}: wrote the tiny random one")
+    assert lines[1] == (f"the app is at http://127.0.0.1:{port}/ (this machine only; never a public link); "
+                        "Ctrl-C stops it")
+    assert rest.strip() == "" and process.returncode == 0  # not Gradio's "share=True" or Ctrl-C lines
 
 
 def test_without_a_base_model_the_app_writes_the_tiny_random_one(app):

@@ -584,15 +584,26 @@ def launch(workspace: Workspace, host: str = "127.0.0.1", port: int = 7860, bloc
     demo = build_app(runner, workspace)
     demo.queue(default_concurrency_limit=None)
     if block and threading.current_thread() is threading.main_thread():
-        # `kill <pid>` stops like Ctrl-C: Gradio then closes the server and the running job gets its SIGINT below
+        # `kill <pid>` stops like Ctrl-C: the server is closed and the running job gets its SIGINT below
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, quiet=quiet,
+        # quiet: Gradio's own lines ("To create a public link, set share=True", its Ctrl-C note) are not ours to say
+        demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
                     max_file_size=workspace.max_upload_bytes, allowed_paths=[str(workspace.root.resolve())],
                     show_error=False, css=CSS)
     except BaseException:
         runner.shutdown()
         raise
+    if not quiet:
+        reach = "this machine only" if host in ("127.0.0.1", "localhost") else f"on {host}: other machines reach it"
+        print(f"the app is at {demo.local_url} ({reach}; never a public link); Ctrl-C stops it", flush=True)
     if block:
-        runner.shutdown()
+        try:
+            while demo.is_running:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            demo.close(verbose=False)
+            runner.shutdown()
     return demo, runner
