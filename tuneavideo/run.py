@@ -195,7 +195,7 @@ class Run:
             RunError: no such folder, or no config.yaml or tuned model in it.
         """
         if not self.folder.is_dir():
-            raise RunError(f"{self.folder}: no such run folder (tune first: accelerate launch train_tuneavideo.py "
+            raise RunError(f"{self.folder}: no such run folder (tune first: python train_tuneavideo.py "
                            "--config=...)")
         if not self.config_file.is_file():
             raise RunError(f"{self.folder}: has no {self.config_file.name}, so it is not the output_dir of a "
