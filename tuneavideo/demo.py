@@ -45,6 +45,10 @@ def main(overrides: list[str]) -> None:
           f"({len(whole.frames)} frames at {float(whole.fps):g} fps, {whole.windows} windows, "
           f"{'with' if whole.with_audio else 'without'} sound) edited into {whole.folder}; a local edit of the ball, "
           f"with its mask video, in {local.folder}")
+    print(f"its mask video ({', '.join(path.name for path in local.masks)}) is red where the local edit may change "
+          "the picture, and here that is the whole frame: a model of random weights has learnt no ball to find, so "
+          "its attention to the word 'ball' is spread over every pixel; with Stable Diffusion's weights the mask "
+          "follows the ball")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from tests.helpers import (  # the sample clip: 48 frames at 24 fps, 256x256, wi
     write_frames_mp4,
     write_phone_clip,
 )
-from tuneavideo.app.page import launch, status_markdown
+from tuneavideo.app.page import Refusals, history_plot, launch, page_words, status_markdown
+from tuneavideo.errors import UserError
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
@@ -220,9 +221,11 @@ def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
                 span="tuned window", span_start=0, span_end=0, stride=None, local=True, blend="ball",
                 api_name="/edit")  # inversion: ddim, the app's default
     # the edit's own checks, before anything is written or a model loads
-    for settings, message in ((dict(blend="cat"), "--blend source word 'cat' is not a word of the prompt"),
-                              (dict(control="replace"), "the source prompt has 4 words and the target 5"),
-                              (dict(reweight="red"), "--reweight 'red': give WORD=FACTOR"),
+    # in the page's words: its fields' names, not the command line's options
+    for settings, message in ((dict(blend="cat"), "Blend word(s) source word 'cat' is not a word of the prompt"),
+                              (dict(control="replace"), 'the source prompt has 4 words and the target 5: use '
+                                                        '"refine" under Control'),
+                              (dict(reweight="red"), "Reweight 'red': give WORD=FACTOR"),
                               (dict(local=False), "blend and reweight are for a local edit: tick Local edit")):
         with pytest.raises(AppError) as raised:
             client.predict(**{**edit, **settings})
@@ -255,6 +258,42 @@ def test_a_portrait_phone_clip_is_tuned_and_edited_upright(app, tmp_path):
     assert probe(Path(video))["size"] == (48, 64)
     source = Clip(side_by_side).read([0])[0, :, :48]
     assert source.shape == (64, 48, 3) and marker_corner(source) == "top-right"
+
+
+def test_messages_speak_the_page_s_words():
+    assert page_words("the source prompt has 4 words and the target 5: use --control refine, or give as many "
+                      "words") == ('the source prompt has 4 words and the target 5: use "refine" under Control, or '
+                                   'give as many words')
+    assert page_words("--inversion null-text gives one embedding per inversion step: give --num-inference-steps "
+                      "equal to --num-inv-steps (2 != 3), or use --inversion ddim") == (
+        '"null-text" under Inversion gives one embedding per inversion step: give Steps equal to Inversion steps '
+        '(2 != 3), or use "ddim" under Inversion')
+    assert page_words("--blend source word 'cat' is not a word") == "Blend word(s) source word 'cat' is not a word"
+    assert page_words("a-b --window 4 and resume_from_checkpoint=latest") == (
+        "a-b --window 4 and resume_from_checkpoint=latest")  # not in the page: as it is
+
+
+def test_a_refused_job_s_message_stays_in_its_page_s_status_until_it_starts_one():
+    refusals = Refusals()
+    error = refusals.refuse("page 1", "edit", UserError("--blend 'x:y:z': give WORD or SOURCE_WORD:TARGET_WORD"))
+    assert error.message == "Blend word(s) 'x:y:z': give WORD or SOURCE_WORD:TARGET_WORD"
+    for _ in range(2):  # every redraw
+        assert refusals.status("page 1", "edit", "**edit `e1`**: done.") == f"**Not started:** {error.message}"
+    assert refusals.status("page 1", "tune", "No job yet.") == "No job yet."  # the other tab
+    assert refusals.status("page 2", "edit", "No job yet.") == "No job yet."  # another page
+    refusals.started("page 1", "edit")
+    assert refusals.status("page 1", "edit", "**edit `e2`**: editing") == "**edit `e2`**: editing"
+
+
+@pytest.mark.parametrize(("steps", "total", "x_lim"), [(2, 2, [0, 20]), (6, 500, [0, 500])])
+def test_the_charts_span_the_run_and_at_least_twenty_steps(steps, total, x_lim):
+    from tuneavideo.run import Progress
+
+    progress = Progress(state="running", step=steps, total=total, history=[[step, 1.0, 3e-5] for step in range(1, steps + 1)])
+    update = history_plot(progress)
+    # the axis's ticks (about one per 40 px of a chart) fall on whole steps, not "1, 2, 2" for a 2-step run
+    assert update["x_lim"] == x_lim and list(update["value"]["step"]) == list(range(1, steps + 1))
+    assert history_plot(None)["value"] is None
 
 
 def test_runs_are_listed_the_newest_to_finish_first(tmp_path):
@@ -349,9 +388,10 @@ def test_bad_input_gives_one_line_messages_and_writes_nothing(app, tmp_path):
     too_large = tmp_path / "large.mp4"
     too_large.write_bytes(b"\0" * (MAX_UPLOAD_BYTES + 1))
     cases = [
-        (dict(video=handle_file(not_a_video)), "the clip: cannot be read as a video"),
+        (dict(video=handle_file(not_a_video)), "the clip 'holiday.mp4': cannot be read as a video (Invalid data found "
+                                               "when processing input); check that it plays in a video player"),
         (dict(video=handle_file(make_clip(tmp_path / "long.mp4", 4))), "the clip is 4.0 s long; the limit is 3 s"),
-        (dict(video=handle_file(SAMPLE_CLIP), frames=40), "the clip: has 48 frames but n_sample_frames=40"),
+        (dict(video=handle_file(SAMPLE_CLIP), frames=40), "the clip 'sample.mp4': has 48 frames but n_sample_frames=40"),
         (dict(clip="../../etc/passwd"), "there is no clip '../../etc/passwd'"),
         (dict(video=handle_file(SAMPLE_CLIP), prompt="  "), "describe the clip in the prompt"),
         (dict(video=handle_file(SAMPLE_CLIP), steps=0), "Value 0 is less than minimum value 1"),  # gr.Number's check
@@ -360,6 +400,7 @@ def test_bad_input_gives_one_line_messages_and_writes_nothing(app, tmp_path):
         with pytest.raises(AppError) as raised:
             tune(client, **{"steps": 1, "sample_every": 1, **settings})
         assert message in str(raised.value) and "\n" not in str(raised.value) and "Traceback" not in str(raised.value)
+        assert "Errno" not in str(raised.value)
     with pytest.raises(ValueError, match="exceeds the maximum file size"):  # Gradio's own limit (max_file_size)
         tune(client, video=handle_file(too_large), steps=1, sample_every=1)
     with too_large.open("rb") as file:  # which its server applies too, for clients that do not check first

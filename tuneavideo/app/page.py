@@ -12,6 +12,7 @@ message in the page (`gr.Error`); a job that fails shows the tool's own one-line
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -51,12 +52,58 @@ NOISE_NOTE = (
 SPAN_MODES = ("tuned window", "whole clip", "from / to")
 LOG_LINES = 40
 LOCAL = LocalEdit()  # the Local edit fields' defaults (Video-P2P's)
-CSS = ".status-box {min-height: 3em}"
+# Gradio's file list shows a remove button by each of several files, even where nothing can be removed
+CSS = ".status-box {min-height: 3em} #edit-files button[aria-label='Remove this file'] {display: none}"
+STEPS_SHOWN = 20  # the charts' x axis spans at least this many steps, so that its ticks fall on whole steps
+# The page's name for each command-line option its messages may quote, and the options whose values are its choices
+PAGE_WORDS = {"--control": "Control", "--inversion": "Inversion", "--blend": "Blend word(s)", "--reweight": "Reweight",
+              "--num-inference-steps": "Steps", "--num-inv-steps": "Inversion steps",
+              "--guidance-scale": "Guidance scale", "--seed": "Seed", "--span": "Span of the clip",
+              "--stride": "Stride", "--prompt": "New prompts", "--cross-replace-steps": "Cross-replace steps",
+              "--self-replace-steps": "Self-replace steps", "--blend-start": "Blend start",
+              "--mask-threshold": "Mask threshold"}
+PAGE_CHOICES = {"--control": CONTROLS, "--inversion": INVERSIONS}
 
 
-def user_error(err: Exception) -> gr.Error:
-    """A one-line message box in the page (and an AppError for API clients); no traceback anywhere."""
-    return gr.Error(" ".join(str(err).split()), print_exception=False)
+def page_words(message: str) -> str:
+    """A tool's message in the page's words: a command-line option becomes its field's name, and an option with one
+    of the page's choices that choice ("use --control refine" -> "use "refine" under Control")."""
+
+    def name(match: re.Match) -> str:
+        option, value = match["option"], match["value"]
+        if option not in PAGE_WORDS:
+            return match[0]
+        if value in PAGE_CHOICES.get(option, ()):
+            return f'"{value}" under {PAGE_WORDS[option]}'
+        return PAGE_WORDS[option] + (f" {value}" if value else "")
+
+    return re.sub(r"(?<![\w-])(?P<option>--[a-z][a-z-]*)(?: (?P<value>[a-z][a-z-]*))?", name, message)
+
+
+def user_error(err: Exception | str) -> gr.Error:
+    """A one-line message box in the page, in its words (and an AppError for API clients); no traceback anywhere."""
+    return gr.Error(page_words(" ".join(str(err).split())), print_exception=False)
+
+
+class Refusals:
+    """Why a page's last Tune or Edit was refused, kept for its status box until that page starts a job of the kind:
+    Gradio's message box closes by itself after a few seconds."""
+
+    def __init__(self) -> None:
+        self._messages: dict[tuple[str, str], str] = {}  # (page session, job kind) -> message
+
+    def refuse(self, session: str, kind: str, err: Exception) -> gr.Error:
+        error = user_error(err)
+        self._messages[session, kind] = error.message
+        return error
+
+    def started(self, session: str, kind: str) -> None:
+        self._messages.pop((session, kind), None)
+
+    def status(self, session: str, kind: str, status: str) -> str:
+        """`status`, or the refusal of the page's last try when there is one."""
+        message = self._messages.get((session, kind))
+        return status if message is None else f"**Not started:** {message}"
 
 
 def whole_number(value: float | None, name: str, minimum: int = 1) -> int:
@@ -119,6 +166,14 @@ def history_frame(progress: Progress | None) -> pd.DataFrame | None:
     return pd.DataFrame(progress.history, columns=["step", "loss", "learning rate"])
 
 
+def history_plot(progress: Progress | None) -> dict:
+    """The charts' update: the history over an x axis from step 0 to the run's last (at least `STEPS_SHOWN`)."""
+    frame = history_frame(progress)
+    if frame is None:
+        return gr.update(value=None)
+    return gr.update(value=frame, x_lim=[0, max(progress.total, STEPS_SHOWN)])
+
+
 def outputs(result: EditResult | None) -> dict[str, list[str]]:
     """An edit's files by kind, as the API's `/job` reports them (empty lists before it is done)."""
     if result is None:
@@ -167,7 +222,7 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
         return f"{head}: stopped{took}. `{job.message}`" + (" Press Resume to continue." if job.kind == "tune" else "")
     if job.status == "cancelled":
         return f"{head}: taken off the queue before it started."
-    return f"{head}: failed{took}. `{job.message}`"
+    return f"{head}: failed{took}. `{page_words(job.message or '')}`"
 
 
 def job_info(runner: JobRunner, job: Job) -> dict:
@@ -199,6 +254,8 @@ def log_tail(job: Job | None) -> str:
 def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
     """The page: Tune and Edit tabs over `runner`'s queue; every file it writes goes under `workspace.root`."""
 
+    refusals = Refusals()
+
     def job_choices(kind: str) -> list[tuple[str, str]]:
         return [(f"{job.id} · {job.title[:40]} · {job.status}", job.id) for job in runner.jobs(kind)]
 
@@ -218,7 +275,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
 
     def submit_tune(video: str | None, clip: str | None, base_model: str | None, prompt: str, steps: float,
                     frames: float, stride: float, start: float, size: float, learning_rate: float, seed: float,
-                    sample_prompt: str, sample_steps: float, sample_every: float):
+                    sample_prompt: str, sample_steps: float, sample_every: float, request: gr.Request):
         """Check everything, write the run folder and queue the job; returns its id and status line at once."""
         try:
             if video:
@@ -242,7 +299,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
             )
             folder, command = prepare_tune(workspace, base, source, settings)
         except UserError as err:
-            raise user_error(err) from None
+            raise refusals.refuse(request.session_hash, "tune", err) from None
+        refusals.started(request.session_hash, "tune")
         job = runner.submit(Job(id=folder.name, kind="tune", folder=folder, command=command, run=folder.name,
                                 title=settings.prompt.strip()))
         return job.id, status_markdown(runner, job)  # the timer puts it in the list
@@ -286,7 +344,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                     stride: float | None, local: bool, control: str, inversion: str,
                     cross_replace_steps: float | None, self_replace_steps: float | None, blend_start: float | None,
                     mask_threshold: float | None, source_prompt: str | None = None, blend: str | None = None,
-                    reweight: str | None = None):
+                    reweight: str | None = None, request: gr.Request = None):
         """Check the run and settings and queue the edit; returns its id and status line at once. `local` and the
         parameters after it are the Local edit fields (see `local_edit`); the text ones may be left out (None)."""
         try:
@@ -303,7 +361,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
             )
             edit_folder, command = prepare_edit(workspace, run or "", options)
         except UserError as err:
-            raise user_error(err) from None
+            raise refusals.refuse(request.session_hash, "edit", err) from None
+        refusals.started(request.session_hash, "edit")
         title = " | ".join(line.strip() for line in prompts.splitlines() if line.strip())
         job = runner.submit(Job(id=edit_folder.name, kind="edit", folder=edit_folder, command=command, run=run,
                                 title=title))
@@ -343,7 +402,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         """The finished runs' names, the newest to finish first (for API clients; the Edit tab offers the first)."""
         return list(workspace.runs())
 
-    def refresh(tune_id: str | None, edit_id: str | None, run_name: str | None, shown: dict | None):
+    def refresh(tune_id: str | None, edit_id: str | None, run_name: str | None, shown: dict | None,
+                request: gr.Request):
         """Redraw from the runner's state; outputs that did not change are skipped (a video is not reloaded)."""
         shown = dict(shown or {})
 
@@ -377,9 +437,11 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         sample = tune_progress.sample if tune_progress else None
         history = tune_progress.history if tune_progress else []
         history_key = (tune_job.id, len(history), history[-1] if history else None) if tune_job else None
-        plot = history_frame(tune_progress) if changed("history", history_key) else gr.skip()
+        plot = history_plot(tune_progress) if changed("history", history_key) else gr.skip()
         samples = samples_markdown(Run(tune_job.folder)) if tune_job else ""
-        tune_status, edit_status = status_markdown(runner, tune_job), status_markdown(runner, edit_job)
+        session = request.session_hash
+        tune_status = refusals.status(session, "tune", status_markdown(runner, tune_job))
+        edit_status = refusals.status(session, "edit", status_markdown(runner, edit_job))
         log = log_tail(tune_job)
         edit_key = (edit_job.id, edit_job.status) if edit_job else None
         media = edit_media(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 6
@@ -438,8 +500,9 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                             stride = gr.Number(quick["sample_frame_rate"], label="Stride",
                                                info="take every n-th frame", precision=0, minimum=1)
                             start = gr.Number(quick["sample_start_idx"], label="Start frame", precision=0, minimum=0)
-                        with gr.Row():
+                        with gr.Row():  # a row of its own: beside two fields its label wrapped onto three lines
                             size = gr.Slider(64, 1024, quick["size"], step=64, label="Size (long side, px)")
+                        with gr.Row():
                             learning_rate = gr.Number(quick["learning_rate"], label="Learning rate")
                             seed = gr.Number(quick["seed"], label="Seed", precision=0, minimum=0)
                         with gr.Row():

@@ -224,7 +224,7 @@ def _video_frames(path: str) -> Iterator[av.VideoFrame]:
             for frame in container.decode(stream):
                 yield frame if (frame.width, frame.height) == native else frame.reformat(*native)
         except av.FFmpegError as err:
-            raise _DecodingStopped(first_line(err)) from err
+            raise _DecodingStopped(_reason(err)) from err
 
 
 def _image_files(folder: str) -> list[Path]:
@@ -262,12 +262,18 @@ def _checked_file(path: str) -> str:
     return path
 
 
+def _reason(err: av.FFmpegError) -> str:
+    """FFmpeg's words for what went wrong ("Invalid data found when processing input"), without the error number
+    and file name that PyAV's message adds ("[Errno 1094995529] ...: 'path'"): the message names the file itself."""
+    return err.strerror or first_line(err)
+
+
 def _open(path: str) -> av.container.InputContainer:
     try:
         # metadata_errors="replace": a damaged text tag (title, encoder) must not stop the frames from being read
         container = av.open(path, metadata_errors="replace")
     except av.FFmpegError as err:
-        raise VideoReadError(f"{path}: cannot be read as a video ({first_line(err)}); {_FIX}") from err
+        raise VideoReadError(f"{path}: cannot be read as a video ({_reason(err)}); {_FIX}") from err
     # FFmpeg opens a still image (png_pipe, jpeg_pipe, bmp_pipe, ... or image2) as a one-frame "video"; a clip of one
     # still is never what was meant.
     name = container.format.name
