@@ -6,7 +6,7 @@ clip, every second of it with its sound.
 
 Random weights give noise, not pictures: this shows the whole job (tuning, inversion, validation videos,
 checkpoints, saved model, a windowed whole-clip edit with sound, a local edit of the ball with its mask video) running
-in about a minute and a half on two CPU cores.
+in two to three minutes on two idle CPU cores (README's figures; on a machine shared with other work it takes longer).
 """
 
 import logging

@@ -175,9 +175,9 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
 
             if accelerator.sync_gradients:
                 global_step += 1
-                progress.update(1)
                 logs = {"loss": losses.mean().item(), "lr": step.lr_scheduler.get_last_lr()[0]}
-                progress.set_postfix(**logs)
+                progress.set_postfix(**logs, refresh=False)  # drawn by the update: one line a step in a log
+                progress.update(1)
                 accelerator.log(logs, step=global_step)
                 report.step(global_step, logs["loss"], logs["lr"])
                 interrupted = ctrl_c.agreed(accelerator)
