@@ -168,7 +168,11 @@ def test_cli_edits_the_sample_clip_with_its_sound(runs):
     assert np.abs(left - source).mean() < 6
 
 
-def test_a_wide_clip_keeps_its_aspect_ratio_frame_rate_and_sound(runs, tmp_path):
+def test_a_wide_clip_keeps_its_aspect_ratio_frame_rate_and_sound(runs, tmp_path, monkeypatch):
+    from tuneavideo.edit_progress import EditProgress, EditProgressWriter
+
+    phases, phase = [], EditProgressWriter.phase
+    monkeypatch.setattr(EditProgressWriter, "phase", lambda report, name: (phases.append(name), phase(report, name)))
     run = runs["wide"]
     size = fit_size(192, 108, 128)
     assert size == (128, 72)  # landscape stays landscape, 16:9 exactly (multiples of 8)
@@ -187,6 +191,10 @@ def test_a_wide_clip_keeps_its_aspect_ratio_frame_rate_and_sound(runs, tmp_path)
     check_video(tmp_path / "a red ball.mp4", 4, size, fps, sound=True)
     check_gif(tmp_path / "a red ball.gif", 4, size, fps)
     check_video(tmp_path / "side-by-side.mp4", 4, (2 * size[0], size[1]), fps, sound=True)
+    # how it went, in its own progress file: the run's inversion reused, so no inverting
+    progress = EditProgress.load(tmp_path)
+    assert phases == ["editing", "writing the videos"]
+    assert (progress.phase, progress.done, progress.total) == ("done", 4, 4)  # 1 window x 4 steps (FAST)
 
 
 def test_a_silent_source_gives_silent_videos_and_a_note(runs, tmp_path, caplog):

@@ -40,6 +40,7 @@ from .config import TrainConfig, load_config
 from .video.frames import ClipTooShortError, clip_size, decode_frames, shown_at_constant_rate, tuned_window
 from .video.readers import Clip, frames_text
 from .errors import UserError, first_line
+from .edit_progress import EditProgressWriter
 from .evaluate import Evaluator, read_frames
 from .local_editing import INVERSION, MASK_SUFFIX, psnr_outside, upsampled, write_latent_video, write_masks
 from .pipelines.edit import invert, sample
@@ -238,8 +239,14 @@ def plan_edit(run: str | os.PathLike, options: EditOptions) -> EditPlan:
 
 
 def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
-    """Edit the clip tuned in `run` with every prompt of `options`; see the module docstring for the outputs."""
+    """Edit the clip tuned in `run` with every prompt of `options`; see the module docstring for the outputs. How it
+    goes is kept in the output folder's edit progress file (`tuneavideo.edit_progress`)."""
     plan = plan_edit(run, options)
+    with EditProgressWriter(plan.folder) as report:
+        return _edit(plan, options, report)
+
+
+def _edit(plan: EditPlan, options: EditOptions, report: EditProgressWriter) -> EditResult:
     # the scoring models are loaded first, so that a missing one fails before minutes of editing
     evaluator = Evaluator() if options.evaluate else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,6 +266,7 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
     if plan.local:
         total = work(windows, options.num_inference_steps, options.num_inv_steps, len(options.prompts),
                      plan.local.local)
+    report.start(total)
     cfg = plan.cfg
     seed = options.seed if options.seed is not None else cfg.seed if cfg.seed is not None else 0
     if options.num_videos_per_prompt > 1 and options.eta == 0:
@@ -269,18 +277,23 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
               unit="window-step") as bar:
         def progress(*_) -> None:
             bar.update(windows)
+            report.step(windows)
 
         if plan.local:
+            report.phase("inverting and editing")
             local = invert_and_edit(pipe, pipe.encode_video(_source_frames(plan)).mean, plan.local, options.prompts,
                                     options.num_inference_steps, options.num_inv_steps, plan.guidance_scale,
                                     plan.window, options.overlap, progress)
         elif reused:
             logger.info(f"using the run's inverted latent {cache}")
         else:
+            report.phase("inverting")
             latent = invert(pipe, pipe.encode_video(_source_frames(plan)).mean, options.num_inv_steps,
                             plan.window, options.overlap, progress)
             with atomic_path(cache) as path:
                 torch.save(latent.cpu(), path)
+        if not local:
+            report.phase("editing")
         edited = local.targets if local else sample(
             pipe, latent, options.prompts, options.num_inference_steps, plan.guidance_scale, options.num_inv_steps,
             options.negative_prompt, options.num_videos_per_prompt, options.eta, seed, plan.window, options.overlap,
@@ -291,6 +304,7 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
         audio = _span_audio(plan.clip, plan.span, Path(tmp)) if options.audio else None
         frame_folders = [plan.folder / stem for stem in stems] if options.jpeg_frames else []
         logger.info(f"writing the edits to {plan.folder}")
+        report.phase("writing the videos")
         videos, gifs, comparison = _write(pipe, edited, _source_frames(plan), stems, plan.folder,
                                           plan.fps, audio, frame_folders, options.gif, plan.repeats)
         inversion, masks = None, []
@@ -307,6 +321,7 @@ def edit(run: str | os.PathLike, options: EditOptions) -> EditResult:
     if evaluator is not None:
         del pipe
         prompts = [prompt for prompt in options.prompts for _ in range(options.num_videos_per_prompt)]
+        report.phase("scoring")
         result.metrics = _score(evaluator, plan, videos, prompts, local.masks if local else None)
     result.save()
     return result

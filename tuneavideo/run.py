@@ -60,6 +60,11 @@ def result_file(edit_folder: str | os.PathLike) -> Path:
     return Path(edit_folder) / "result.json"
 
 
+def edit_progress_file(edit_folder: str | os.PathLike) -> Path:
+    """Where an edit keeps how it goes (`tuneavideo.edit_progress`), beside its videos."""
+    return Path(edit_folder) / "edit-progress.json"
+
+
 def metrics_file(edit_folder: str | os.PathLike) -> Path:
     """Where a scored edit writes its LOVEU-TGVE figures, beside its videos."""
     return Path(edit_folder) / "metrics.json"

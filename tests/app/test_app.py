@@ -190,6 +190,8 @@ def test_tune_stop_resume_and_edit_with_sound(app):
                                 inv_steps=2, guidance_scale=7.5, seed=None, span="tuned window", span_start=0,
                                 span_end=0, stride=None, api_name="/edit")
     edited = wait_for(client, edit_id, lambda info: info["status"] == "done", timeout=60)
+    # the edit's own progress file, as the API reports it: every window-step done
+    assert edited["progress"]["phase"] == "done" and edited["progress"]["done"] == edited["progress"]["total"] > 0
     assert [Path(path).name for path in edited["outputs"]["videos"]] == ["a red ball is moving.mp4",
                                                                          "a cat, cartoon style.mp4"]
     video, mask, side_by_side, inversion, downloads, figures = client.predict(edit_id, api_name="/edit_result")
@@ -294,6 +296,26 @@ def test_the_charts_span_the_run_and_at_least_twenty_steps(steps, total, x_lim):
     # the axis's ticks (about one per 40 px of a chart) fall on whole steps, not "1, 2, 2" for a 2-step run
     assert update["x_lim"] == x_lim and list(update["value"]["step"]) == list(range(1, steps + 1))
     assert history_plot(None)["value"] is None
+
+
+def test_a_running_edit_shows_its_phase_window_steps_and_eta(tmp_path):
+    from tuneavideo.edit_progress import EditProgressWriter
+
+    job = Job(id="edit-1", kind="edit", folder=tmp_path, command=[], run="run", status="running",
+              started=time.time() - 7)
+    runner = SimpleNamespace()  # a running job's line asks the runner nothing
+    assert status_markdown(runner, job) == "**edit `edit-1`**: starting (loading the model)… (elapsed 0:07)"
+    with EditProgressWriter(tmp_path) as report:  # what the edit process writes, read from its file
+        assert status_markdown(runner, job).startswith("**edit `edit-1`**: starting (loading the model)…")
+        report.start(40)
+        report.phase("editing")
+        report.step(12)
+        report.phase("editing")  # written
+        line = status_markdown(runner, job)
+        assert line.startswith("**edit `edit-1`**: editing · 12 / 40 window-steps · ETA 0:")
+        assert line.endswith("(elapsed 0:07)")
+        job.stop_requested = True
+        assert status_markdown(runner, job).endswith("· stopping after this step…")
 
 
 def test_runs_are_listed_the_newest_to_finish_first(tmp_path):

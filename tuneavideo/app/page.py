@@ -2,7 +2,8 @@
 
 The page never runs a job itself. Its buttons put jobs on the `JobRunner`'s queue (one job at a time on the machine)
 and a one-second timer redraws what the runner and the job folders say: queue positions, training step, the loss
-and learning rate curves and ETA, the newest validation sample and every sample, the edited videos; the Edit tab
+and learning rate curves and ETA, the newest validation sample and every sample, an edit's phase, window-steps
+and ETA (from its own progress file, as a training's come from its progress.json), the edited videos; the Edit tab
 offers the newest finished run first. So a page can be closed and opened again, by anyone, while a job runs, and a
 slow job never blocks the page.
 
@@ -25,6 +26,7 @@ import gradio as gr
 import pandas as pd
 
 from ..cli import read_tail
+from ..edit_progress import PHASES, EditProgress
 from ..editing import EditOptions, EditResult
 from ..errors import UserError
 from ..pipelines.local_edit import GUIDANCE_SCALE, INVERSIONS, LocalEdit
@@ -198,7 +200,15 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
         stopping = " · stopping after this step…" if job.stop_requested else ""
         elapsed = duration(time.time() - job.started) if job.started else "0:00"
         if job.kind == "edit":
-            return f"{head}: editing (elapsed {elapsed})…" + stopping
+            edit = edit_progress(job)
+            if edit is None or edit.phase == PHASES[0]:
+                return f"{head}: starting (loading the model)… (elapsed {elapsed}){stopping}"
+            text = f"{head}: {edit.phase}"
+            if edit.total:
+                text += f" · {edit.done} / {edit.total} window-steps"
+            if edit.done and edit.eta_seconds is not None:
+                text += f" · ETA {duration(edit.eta_seconds)}"
+            return text + f" (elapsed {elapsed}){stopping}"
         progress = job.progress()
         if progress is None:
             return f"{head}: starting (loading the model)…"
@@ -225,11 +235,16 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
     return f"{head}: failed{took}. `{page_words(job.message or '')}`"
 
 
+def edit_progress(job: Job) -> EditProgress | None:
+    """What a started edit job's own progress file says (None before the edit wrote it)."""
+    return EditProgress.load(job.folder, since=job.started) if job.started else None
+
+
 def job_info(runner: JobRunner, job: Job) -> dict:
     """What the API's `/job` endpoint reports: the job record, its queue position, progress and output files."""
     info = {key: getattr(job, key) for key in ("id", "kind", "run", "status", "message", "returncode")}
     info["position"] = runner.position(job.id)
-    progress = job.progress()
+    progress = job.progress() if job.kind == "tune" else edit_progress(job)
     info["progress"] = asdict(progress) if progress else None
     if job.kind == "tune":
         run = Run(job.folder)
