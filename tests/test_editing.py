@@ -194,7 +194,7 @@ def test_a_wide_clip_keeps_its_aspect_ratio_frame_rate_and_sound(runs, tmp_path,
     # how it went, in its own progress file: the run's inversion reused, so no inverting
     progress = EditProgress.load(tmp_path)
     assert phases == ["editing", "writing the videos"]
-    assert (progress.phase, progress.done, progress.total) == ("done", 4, 4)  # 1 window x 4 steps (FAST)
+    assert (progress.phase, progress.done, progress.total) == ("done", 3, 3)  # 1 window x 3 steps (FAST)
 
 
 def test_a_silent_source_gives_silent_videos_and_a_note(runs, tmp_path, caplog):
