@@ -46,6 +46,7 @@ from tuneavideo.editing import EditError, EditOptions, EditResult, edit, plan_ed
 from tuneavideo.pipelines.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import SD_SCHEDULER_CONFIG
+from tuneavideo.edit_progress import EditProgress
 from tuneavideo.video.frames import fit_size
 from tuneavideo.video.readers import Clip
 from tuneavideo.video.writers import write_mp4
@@ -169,7 +170,7 @@ def test_cli_edits_the_sample_clip_with_its_sound(runs):
 
 
 def test_a_wide_clip_keeps_its_aspect_ratio_frame_rate_and_sound(runs, tmp_path, monkeypatch):
-    from tuneavideo.edit_progress import EditProgress, EditProgressWriter
+    from tuneavideo.edit_progress import EditProgressWriter
 
     phases, phase = [], EditProgressWriter.phase
     monkeypatch.setattr(EditProgressWriter, "phase", lambda report, name: (phases.append(name), phase(report, name)))
@@ -404,7 +405,8 @@ def test_an_edit_that_fills_the_disk_keeps_the_earlier_edits(tuned_run, tmp_path
         edits = disk / "edits"
         assert edit_cli(tuned_run, "--prompt", "a red ball", "--output-dir", str(edits))[0] == 0
         earlier = {p.name: p.read_bytes() for p in edits.iterdir()}
-        assert set(earlier) == {"a red ball.mp4", "a red ball.gif", "side-by-side.mp4", "result.json"}
+        assert set(earlier) == {"a red ball.mp4", "a red ball.gif", "side-by-side.mp4", "result.json",
+                                "edit-progress.json"}
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(bytes(free - 20_000))  # room for a few pages, not for an edit
         status, message = edit_cli(tuned_run, "--prompt", "a green ball", "--prompt", "a blue ball",
@@ -413,7 +415,7 @@ def test_an_edit_that_fills_the_disk_keeps_the_earlier_edits(tuned_run, tmp_path
         assert "\n" not in message and "free space and run again" in message
         assert leftovers(edits) == []
         for name, data in earlier.items():  # the earlier edit is whole, except the side-by-side it overwrote...
-            if name != "side-by-side.mp4":
+            if name not in ("side-by-side.mp4", "edit-progress.json"):  # (and the progress file: the new edit's)
                 assert (edits / name).read_bytes() == data
         # ...which is the earlier one or a whole new one, never half of one; so is each new edit
         for path in edits.glob("*.mp4"):
@@ -488,7 +490,10 @@ def test_a_damaged_run_folder_is_a_one_line_error_and_keeps_earlier_edits(name, 
     assert status == 1 and message.startswith("inference.py: error: ") and "\n" not in message
     for word in DAMAGED_RUN_FILES[name]:
         assert word in message, (word, message)
-    assert [p.name for p in edits.iterdir()] == ["earlier.mp4"] and (edits / "earlier.mp4").read_bytes() == b"an earlier edit"
+    assert [p.name for p in edits.iterdir() if p.name != "edit-progress.json"] == ["earlier.mp4"]
+    assert (edits / "earlier.mp4").read_bytes() == b"an earlier edit"
+    progress = EditProgress.load(edits)  # written once the plan was checked: then how it failed
+    assert progress is None or (progress.phase == "failed" and progress.message in message)
 
 
 def test_a_missing_source_clip_names_the_config_key(tuned_run, tmp_path):
