@@ -41,7 +41,7 @@ from tests.helpers import (  # the sample clip: 48 frames at 24 fps, 256x256, wi
     write_frames_mp4,
     write_phone_clip,
 )
-from tuneavideo.app.page import Refusals, history_plot, launch, page_words, status_markdown
+from tuneavideo.app.page import Refusals, history_plot, launch, log_tail, page_words, status_markdown
 from tuneavideo.errors import UserError
 from tuneavideo.config import load_config
 from tuneavideo.editing import EditOptions
@@ -316,6 +316,24 @@ def test_a_running_edit_shows_its_phase_window_steps_and_eta(tmp_path):
         assert line.endswith("(elapsed 0:07)")
         job.stop_requested = True
         assert status_markdown(runner, job).endswith("· stopping after this step…")
+
+
+def test_the_log_shows_each_bar_s_newest_line(tmp_path):
+    job = Job(id="run", kind="tune", folder=tmp_path, command=[], run="run")
+    job.log.write_text("loading the base model m\n"
+                       "Steps:   0%|          | 0/4 [00:00<?, ?it/s]\n"
+                       "Steps:  50%|#####     | 2/4 [00:20<00:20, 10.0s/it, loss=1.2]\n"
+                       "Validation at step 2:   0%|          | 0/4 [00:00<?, ?it/s]\n"
+                       "Validation at step 2: 100%|##########| 4/4 [00:08<00:00, 2.0s/it]\n"
+                       "wrote the samples of step 2 to s\n"
+                       "Steps:  75%|#######5  | 3/4 [00:40<00:10, 10.0s/it, loss=1.1]\n"
+                       "Steps: 100%|##########| 4/4 [00:50<00:00, 10.0s/it, loss=1.0]\n"
+                       "Loading pipeline components:  20%|##  | 1/5\rLoading pipeline components: 100%|####| 5/5\n")
+    assert log_tail(job).splitlines() == [
+        "loading the base model m", "Steps:  50%|#####     | 2/4 [00:20<00:20, 10.0s/it, loss=1.2]",
+        "Validation at step 2: 100%|##########| 4/4 [00:08<00:00, 2.0s/it]", "wrote the samples of step 2 to s",
+        "Steps: 100%|##########| 4/4 [00:50<00:00, 10.0s/it, loss=1.0]",
+        "Loading pipeline components: 100%|####| 5/5"]
 
 
 def test_runs_are_listed_the_newest_to_finish_first(tmp_path):

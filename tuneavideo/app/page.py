@@ -53,6 +53,7 @@ NOISE_NOTE = (
 )
 SPAN_MODES = ("tuned window", "whole clip", "from / to")
 LOG_LINES = 40
+BAR_LINE = re.compile(r"(?P<name>[^|]*?):\s+\d+%\|")  # a tqdm bar's line: "Steps:  40%|####  | 2/5 ..."
 LOCAL = LocalEdit()  # the Local edit fields' defaults (Video-P2P's)
 # Gradio's file list shows a remove button by each of several files, even where nothing can be removed
 CSS = ".status-box {min-height: 3em} #edit-files button[aria-label='Remove this file'] {display: none}"
@@ -259,11 +260,20 @@ def job_info(runner: JobRunner, job: Job) -> dict:
 
 
 def log_tail(job: Job | None) -> str:
-    """The last lines of a job's log as a terminal would show them (each tqdm bar's redraws collapsed)."""
+    """The last lines of a job's log as a terminal would show them: a progress bar's successive lines (a bar in a
+    log is a line every few seconds, `tuneavideo.progress`) collapsed into its newest."""
     if job is None:
         return ""
-    lines = [line.rsplit("\r", 1)[-1].replace("\x1b[A", "") for line in read_tail(job.log).split("\n")]
-    return "\n".join([line for line in lines if line.strip()][-LOG_LINES:])
+    shown: list[str] = []
+    for line in read_tail(job.log).split("\n"):
+        line = line.rsplit("\r", 1)[-1]  # the libraries' bars (with --verbose) redraw in place
+        bar = BAR_LINE.match(line)
+        before = BAR_LINE.match(shown[-1]) if shown else None
+        if bar and before and bar["name"] == before["name"]:
+            shown[-1] = line
+        elif line.strip():
+            shown.append(line)
+    return "\n".join(shown[-LOG_LINES:])
 
 
 def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
