@@ -262,22 +262,36 @@ def test_a_portrait_phone_clip_is_tuned_and_edited_upright(app, tmp_path):
     assert source.shape == (64, 48, 3) and marker_corner(source) == "top-right"
 
 
-def test_messages_speak_the_page_s_words():
-    assert page_words("the source prompt has 4 words and the target 5: use --control refine, or give as many "
-                      "words") == ('the source prompt has 4 words and the target 5: use "refine" under Control, or '
-                                   'give as many words')
-    assert page_words("--inversion null-text gives one embedding per inversion step: give --num-inference-steps "
-                      "equal to --num-inv-steps (2 != 3), or use --inversion ddim") == (
-        '"null-text" under Inversion gives one embedding per inversion step: give Steps equal to Inversion steps '
-        '(2 != 3), or use "ddim" under Inversion')
-    assert page_words("--blend source word 'cat' is not a word") == "Blend word(s) source word 'cat' is not a word"
-    assert page_words("a-b --window 4 and resume_from_checkpoint=latest") == (
-        "a-b --window 4 and resume_from_checkpoint=latest")  # not in the page: as it is
+@pytest.mark.parametrize(("message", "page"), [
+    # the command line's options
+    ("the source prompt has 4 words and the target 5: use --control refine", 'the source prompt has 4 words and the '
+     'target 5: use "refine" under Control'),
+    ("--inversion null-text gives one embedding per inversion step: give --num-inference-steps equal to "
+     "--num-inv-steps (2 != 3), or use --inversion ddim", '"null-text" under Inversion gives one embedding per '
+     'inversion step: give Steps equal to Inversion steps (2 != 3), or use "ddim" under Inversion'),
+    # the pipelines' parameter names
+    ("control 'replace' swaps words one for one, but the source prompt has 4 words and the target 5: use control "
+     "'refine'", '"replace" under Control swaps words one for one, but the source prompt has 4 words and the target '
+     '5: use "refine" under Control'),
+    ("null-text inversion gives one embedding per inversion step: num_inference_steps must equal num_inv_steps "
+     "(2 != 3), or use inversion='ddim'", "null-text inversion gives one embedding per inversion step: Steps must "
+     'equal Inversion steps (2 != 3), or use "ddim" under Inversion'),
+    ("blend source word 'cat' is not a word of the prompt", "Blend word(s) source word 'cat' is not a word of the "
+     "prompt"),
+    ("reweight 'red': give WORD=FACTOR, e.g. origami=2", "Reweight 'red': give WORD=FACTOR, e.g. origami=2"),
+    ("`span` '9:': START must be before END", "Span of the clip '9:': START must be before END"),
+    # words that are the message's own, and settings the page does not have, stay as they are
+    ("the prompt has 80 tokens; attention control needs at most 75: shorten it",
+     "the prompt has 80 tokens; attention control needs at most 75: shorten it"),
+    ("--window 4 and resume_from_checkpoint=latest", "--window 4 and resume_from_checkpoint=latest"),
+])
+def test_messages_speak_the_page_s_words(message, page):
+    assert page_words(message) == page
 
 
 def test_a_refused_job_s_message_stays_in_its_page_s_status_until_it_starts_one():
     refusals = Refusals()
-    error = refusals.refuse("page 1", "edit", UserError("--blend 'x:y:z': give WORD or SOURCE_WORD:TARGET_WORD"))
+    error = refusals.refuse("page 1", "edit", UserError("blend 'x:y:z': give WORD or SOURCE_WORD:TARGET_WORD"))
     assert error.message == "Blend word(s) 'x:y:z': give WORD or SOURCE_WORD:TARGET_WORD"
     for _ in range(2):  # every redraw
         assert refusals.status("page 1", "edit", "**edit `e1`**: done.") == f"**Not started:** {error.message}"

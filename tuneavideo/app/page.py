@@ -58,29 +58,37 @@ LOCAL = LocalEdit()  # the Local edit fields' defaults (Video-P2P's)
 # Gradio's file list shows a remove button by each of several files, even where nothing can be removed
 CSS = ".status-box {min-height: 3em} #edit-files button[aria-label='Remove this file'] {display: none}"
 STEPS_SHOWN = 20  # the charts' x axis spans at least this many steps, so that its ticks fall on whole steps
-# The page's name for each command-line option its messages may quote, and the options whose values are its choices
-PAGE_WORDS = {"--control": "Control", "--inversion": "Inversion", "--blend": "Blend word(s)", "--reweight": "Reweight",
-              "--num-inference-steps": "Steps", "--num-inv-steps": "Inversion steps",
-              "--guidance-scale": "Guidance scale", "--seed": "Seed", "--span": "Span of the clip",
-              "--stride": "Stride", "--prompt": "New prompts", "--cross-replace-steps": "Cross-replace steps",
-              "--self-replace-steps": "Self-replace steps", "--blend-start": "Blend start",
-              "--mask-threshold": "Mask threshold"}
-PAGE_CHOICES = {"--control": CONTROLS, "--inversion": INVERSIONS}
+# The page's name for each setting its messages may quote (as the command line's `--num-inv-steps`, or by its
+# parameter name `num_inv_steps`, plain or in backquotes), and the settings whose values are the page's choices
+PAGE_WORDS = {"control": "Control", "inversion": "Inversion", "blend": "Blend word(s)", "reweight": "Reweight",
+              "num_inference_steps": "Steps", "num_inv_steps": "Inversion steps", "guidance_scale": "Guidance scale",
+              "seed": "Seed", "span": "Span of the clip", "stride": "Stride", "prompt": "New prompts",
+              "prompts": "New prompts", "cross_replace_steps": "Cross-replace steps",
+              "self_replace_steps": "Self-replace steps", "blend_start": "Blend start",
+              "mask_threshold": "Mask threshold"}
+PAGE_CHOICES = {"control": CONTROLS, "inversion": INVERSIONS}
+_SETTING = re.compile(r"(?<![\w-])(?:--(?P<option>[a-z][a-z-]*)(?P<word> [a-z][a-z-]*)?|`(?P<field>[a-z_]+)`"
+                      r"|(?P<name>[a-z]+(?:_[a-z]+)*))(?P<value>=\S+| '[^']*')?")
 
 
 def page_words(message: str) -> str:
-    """A tool's message in the page's words: a command-line option becomes its field's name, and an option with one
-    of the page's choices that choice ("use --control refine" -> "use "refine" under Control")."""
+    """A tool's message in the page's words: a setting it quotes becomes its field's name, and a setting with one of
+    the page's choices that choice ("use --control refine", "use control 'refine'" -> "use "refine" under Control").
+    A plain word is taken for a setting only where it cannot be one of the message's own words: with an underscore,
+    first in the message, or followed by a quoted value."""
 
     def name(match: re.Match) -> str:
-        option, value = match["option"], match["value"]
-        if option not in PAGE_WORDS:
+        key = (match["option"] or "").replace("-", "_") or match["field"] or match["name"]
+        value = (match["word"] or "") + (match["value"] or "")
+        plain = match["name"] is not None
+        if key not in PAGE_WORDS or plain and "_" not in key and match.start() > 0 and value[:2] not in ("='", " '"):
             return match[0]
-        if value in PAGE_CHOICES.get(option, ()):
-            return f'"{value}" under {PAGE_WORDS[option]}'
-        return PAGE_WORDS[option] + (f" {value}" if value else "")
+        given = value.lstrip("= ").strip("'")
+        if given in PAGE_CHOICES.get(key, ()):
+            return f'"{given}" under {PAGE_WORDS[key]}'
+        return PAGE_WORDS[key] + value
 
-    return re.sub(r"(?<![\w-])(?P<option>--[a-z][a-z-]*)(?: (?P<value>[a-z][a-z-]*))?", name, message)
+    return _SETTING.sub(name, message)
 
 
 def user_error(err: Exception | str) -> gr.Error:
