@@ -252,7 +252,7 @@ def test_sampling_starts_at_the_inverted_noise_level(caplog):
     assert unchanged.timesteps[0] == 981  # the original's grid when the step counts agree
     with caplog.at_level(logging.WARNING, logger="tuneavideo.pipelines.inversion"):
         sampling_scheduler(scheduler, 50, 20)  # more sampling steps than inversion steps cannot start at 951
-    assert "--num-inference-steps <= --num-inv-steps" in caplog.text
+    assert "num_inference_steps <= num_inv_steps" in caplog.text
 
 
 @pytest.mark.parametrize("case", ["missing", "no config", "config without run"])

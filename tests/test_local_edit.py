@@ -78,14 +78,14 @@ def test_guidance_defaults_to_videop2p_with_control_and_stays_12_5_without(tuned
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--control", "replace", "--prompt", "a red ball is moving"], "use --control refine"),
-    (["--control", "refine", "--prompt", TARGET, "--blend", "cat"], "--blend source word 'cat' is not a word"),
-    (["--control", "refine", "--prompt", TARGET, "--blend", "ball:cat"], "--blend target word 'cat'"),
-    (["--control", "refine", "--prompt", TARGET, "--reweight", "red"], "--reweight 'red': give WORD=FACTOR"),
-    (["--control", "refine", "--prompt", TARGET, "--reweight", "blue=2"], "--reweight word 'blue' is not a word"),
-    (["--control", "refine", "--prompt", TARGET, "--mask-threshold", "1"], "--mask-threshold must be in (0, 1)"),
-    (["--control", "refine", "--prompt", TARGET, "--cross-replace-steps", "1.5"], "--cross-replace-steps must be"),
-    (["--control", "refine", "--prompt", TARGET, "--num-inv-steps", "3"], "--num-inference-steps equal to"),
+    (["--control", "replace", "--prompt", "a red ball is moving"], "use control 'refine'"),
+    (["--control", "refine", "--prompt", TARGET, "--blend", "cat"], "blend source word 'cat' is not a word"),
+    (["--control", "refine", "--prompt", TARGET, "--blend", "ball:cat"], "blend target word 'cat'"),
+    (["--control", "refine", "--prompt", TARGET, "--reweight", "red"], "reweight 'red': give WORD=FACTOR"),
+    (["--control", "refine", "--prompt", TARGET, "--reweight", "blue=2"], "reweight word 'blue' is not a word"),
+    (["--control", "refine", "--prompt", TARGET, "--mask-threshold", "1"], "mask_threshold must be in (0, 1)"),
+    (["--control", "refine", "--prompt", TARGET, "--cross-replace-steps", "1.5"], "cross_replace_steps must be"),
+    (["--control", "refine", "--prompt", TARGET, "--num-inv-steps", "3"], "num_inference_steps must equal num_inv_steps"),
     (["--control", "refine", "--prompt", TARGET, "--eta", "0.5"], "--eta does not apply with --control"),
     (["--control", "refine", "--prompt", "inversion"], "would overwrite"),
     (["--blend", "ball", "--prompt", TARGET], "need --control"),

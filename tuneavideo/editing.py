@@ -43,8 +43,8 @@ from .errors import UserError, first_line
 from .edit_progress import EditProgressWriter
 from .evaluate import Evaluator, read_frames
 from .local_editing import INVERSION, MASK_SUFFIX, psnr_outside, upsampled, write_latent_video, write_masks
-from .pipelines.edit import invert, sample
-from .pipelines.local_edit import GUIDANCE_SCALE, LocalEdit, LocalPlan, invert_and_edit, plan_local, work
+from .pipelines.edit import invert, progress_steps, sample
+from .pipelines.local_edit import GUIDANCE_SCALE, LocalEdit, LocalPlan, invert_and_edit, plan_local
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .progress import progress_bar
 from .run import Run, metrics_file, result_file
@@ -262,10 +262,8 @@ def _edit(plan: EditPlan, options: EditOptions, report: EditProgressWriter) -> E
         cache, (1, pipe.unet.config.in_channels, len(plan.frames), height // scale, width // scale))
     reused = latent is not None
     windows = len(plan.windows)
-    total = windows * (options.num_inference_steps * len(options.prompts) + (not reused) * options.num_inv_steps)
-    if plan.local:
-        total = work(windows, options.num_inference_steps, options.num_inv_steps, len(options.prompts),
-                     plan.local.local)
+    total = windows * progress_steps(len(options.prompts), options.num_inference_steps,
+                                     0 if reused else options.num_inv_steps, plan.local and plan.local.local.inversion)
     report.start(total)
     cfg = plan.cfg
     seed = options.seed if options.seed is not None else cfg.seed if cfg.seed is not None else 0

@@ -1,5 +1,5 @@
-"""Local edits (Video-P2P): token alignment, the attention controller, and controlled sampling with local blend
-over windows, on the tiny model (its tokenizer is character-level, so every word is several tokens)."""
+"""Local edits (Video-P2P): token alignment and the attention controller, on the tiny model (its tokenizer is
+character-level, so every word is several tokens). Controlled sampling is in test_local_edit.py."""
 
 import pytest
 import torch
@@ -7,15 +7,12 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from transformers import CLIPTokenizer
 
 from tuneavideo.errors import UserError
-from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.attention_control import (
     AttentionControl,
     ControlledAttnProcessor,
     attention_control,
     mask_map_size,
 )
-from tuneavideo.pipelines.local_edit import sample_local_edit
-from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.pipelines.prompt_alignment import (
     PromptControlError,
     PromptEdit,
@@ -28,16 +25,11 @@ from tuneavideo.pipelines.prompt_alignment import (
     word_positions,
     word_tokens,
 )
-from tuneavideo.tiny import tiny_unet_config
 
 
 @pytest.fixture
 def tokenizer(tiny_sd):
     return CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
-
-
-def latent_of(frames=4, height=8, width=8, seed=0):
-    return torch.randn(1, 4, frames, height, width, generator=torch.Generator().manual_seed(seed))
 
 
 # --- words and token alignment ---
@@ -89,18 +81,18 @@ def test_reweight_and_blend_tables(tokenizer):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda t: prompt_edit(t, "a cat", "a red cat", "replace"), "2 words and the target 3: use --control refine"),
+    (lambda t: prompt_edit(t, "a cat", "a red cat", "replace"), "2 words and the target 3: use control 'refine'"),
     (lambda t: prompt_edit(t, "a cat", "a dog", "refine", blend=("cat", "cat")),
-     "--blend target word 'cat' is not a word of the prompt 'a dog'"),
+     "blend target word 'cat' is not a word of the prompt 'a dog'"),
     (lambda t: prompt_edit(t, "a cat", "a dog", "refine", reweight={"red": 2}),
-     "--reweight word 'red' is not a word of the prompt 'a dog'"),
-    (lambda t: prompt_edit(t, "a cat", "a dog", "swap"), "--control must be one of replace, refine"),
+     "reweight word 'red' is not a word of the prompt 'a dog'"),
+    (lambda t: prompt_edit(t, "a cat", "a dog", "swap"), "control must be one of replace, refine"),
     (lambda t: prompt_edit(t, "a cat", "x" * 80, "refine"), "has 80 tokens; attention control needs at most 75"),
-    (lambda t: parse_reweight(["origami"]), "--reweight 'origami': give WORD=FACTOR"),
-    (lambda t: parse_reweight(["origami=big"]), "--reweight 'origami=big': give WORD=FACTOR"),
-    (lambda t: parse_blend("cat:"), "--blend 'cat:': give WORD or SOURCE_WORD:TARGET_WORD"),
-    (lambda t: check_fraction(1.0, "--mask-threshold", exclusive=True), "--mask-threshold must be in (0, 1), got 1.0"),
-    (lambda t: check_fraction(-0.1, "--blend-start"), "--blend-start must be in [0, 1], got -0.1"),
+    (lambda t: parse_reweight(["origami"]), "reweight 'origami': give WORD=FACTOR"),
+    (lambda t: parse_reweight(["origami=big"]), "reweight 'origami=big': give WORD=FACTOR"),
+    (lambda t: parse_blend("cat:"), "blend 'cat:': give WORD or SOURCE_WORD:TARGET_WORD"),
+    (lambda t: check_fraction(1.0, "mask_threshold", exclusive=True), "mask_threshold must be in (0, 1), got 1.0"),
+    (lambda t: check_fraction(-0.1, "blend_start"), "blend_start must be in [0, 1], got -0.1"),
 ])
 def test_bad_control_input_is_one_clear_line(tokenizer, make, message):
     with pytest.raises(PromptControlError) as caught:
@@ -178,101 +170,3 @@ def test_mask_layers_are_the_quarter_of_the_latent_for_any_size():
     assert mask_map_size(64, 64) == (16, 16)  # 512x512: Video-P2P's 16x16 level
     assert mask_map_size(60, 107) == (15, 27)  # 480x856: what the stride-2 convolutions give
     assert mask_map_size(8, 12) == (2, 3)
-
-
-# --- controlled sampling ---
-
-
-def sd2_shaped(pipe):
-    """`pipe` with a random UNet of SD 2.x's shapes: other head counts per level, linear projections."""
-    config = UNet3DConditionModel.config_from_2d(
-        {**tiny_unet_config(), "attention_head_dim": (1, 2, 4, 4), "use_linear_projection": True}
-    )
-    torch.manual_seed(0)
-    unet = UNet3DConditionModel.from_config(config).eval()
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "attn_temp.to_out" in name:
-                parameter.normal_(0, 0.3)
-    return TuneAVideoPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, unet, pipe.scheduler)
-
-
-@pytest.mark.parametrize("control, shapes", [("replace", "SD 1.x"), ("refine", "SD 2.x")])
-def test_target_equal_to_source_prompt_reproduces_the_source_branch(pipe, control, shapes):
-    pipe = sd2_shaped(pipe) if shapes == "SD 2.x" else pipe
-    pipe.set_progress_bar_config(disable=True)
-    uncond = pipe.encode_prompt("", "cpu", do_classifier_free_guidance=False)
-    edit = prompt_edit(pipe.tokenizer, "a cat runs", "a cat runs", control, blend=("cat", "cat"))
-    out = sample_local_edit(pipe, latent_of(), "a cat runs", "a cat runs", edit, num_inference_steps=2,
-                            uncond_embeddings=[uncond] * 2, cross_replace_steps=1.0, self_replace_steps=1.0,
-                            blend_start=0.0)
-    torch.testing.assert_close(out.target, out.source, rtol=0, atol=1e-6)
-    assert (out.source - latent_of()).abs().max() > 0.1  # and it did sample
-    assert out.masks.shape == (4, 8, 8)
-
-
-def test_without_replace_steps_the_branches_are_plain_sampling(pipe):
-    pipe.unet.set_default_attn_processor()  # the controlled processors' maths, for the plain runs too
-    latent = latent_of()
-    edit = prompt_edit(pipe.tokenizer, "a cat", "a red cat", "refine")
-    out = sample_local_edit(pipe, latent, "a cat", "a red cat", edit, num_inference_steps=2,
-                            cross_replace_steps=0, self_replace_steps=0)
-    # both prompts sampled plainly in one batch, [uncond, uncond, cond source, cond target] as the controlled one
-    settings = dict(latents=latent, num_inference_steps=2, output_type="latent")
-    guided = pipe(["a cat", "a red cat"], guidance_scale=7.5, **settings).videos
-    torch.testing.assert_close(out.target, guided[1:], rtol=0, atol=1e-6)  # guided against the empty prompt
-    # the source, with a plain DDIM inversion: its own prediction, unguided (the DDIM reconstruction)
-    unguided = pipe(["a cat", "a red cat"], guidance_scale=1.0, **settings).videos
-    torch.testing.assert_close(out.source, unguided[:1], rtol=1e-5, atol=1e-6)
-    assert (out.target - out.source).abs().max() > 0.1
-
-
-def test_local_blend_keeps_the_source_outside_the_mask_at_every_step(pipe):
-    latent = latent_of(height=8, width=12)  # another aspect ratio: mask maps of 2x3 (random maps are flat,
-    # hence the high threshold)
-    edit = prompt_edit(pipe.tokenizer, "a cat", "a red cat", "refine", blend=("cat", "cat"))
-    seen = []
-
-    def check(i, t, latents, mask):
-        seen.append(mask is not None)
-        if mask is not None:
-            assert mask.shape == (4, 8, 12) and mask.dtype == torch.bool
-            assert torch.equal(latents[1][:, ~mask], latents[0][:, ~mask])
-            assert (latents[1][:, mask] - latents[0][:, mask]).abs().max() > 1e-3
-            partial.append(0 < mask.float().mean() < 1)
-
-    partial = []
-    out = sample_local_edit(pipe, latent, "a cat", "a red cat", edit, num_inference_steps=4, blend_start=0.25,
-                            mask_threshold=0.95, callback=check)
-    assert seen == [False, True, True, True]  # from step int(0.25 * 4) + 1 = 2 on
-    assert any(partial)  # the mask does leave some of the clip to the source
-    assert torch.equal(out.target[0][:, ~out.masks], out.source[0][:, ~out.masks])
-
-
-def test_a_reweight_of_one_changes_nothing(pipe):
-    latent = latent_of()
-    results = []
-    for reweight in (None, {"red": 1.0}):
-        edit = prompt_edit(pipe.tokenizer, "a cat", "a red cat", "refine", reweight=reweight)
-        results.append(sample_local_edit(pipe, latent, "a cat", "a red cat", edit, num_inference_steps=2,
-                                         cross_replace_steps=1.0))
-    assert torch.equal(results[0].target, results[1].target)
-
-
-def test_one_window_is_unwindowed_and_every_frame_gets_a_mask(pipe):
-    latent = latent_of(frames=5)
-    edit = prompt_edit(pipe.tokenizer, "a cat", "a red cat", "refine", blend=("cat", "cat"))
-    settings = dict(num_inference_steps=2, blend_start=0.0, mask_threshold=0.9)
-    plain = sample_local_edit(pipe, latent, "a cat", "a red cat", edit, **settings)
-    one = sample_local_edit(pipe, latent, "a cat", "a red cat", edit, window_size=5, **settings)
-    assert all(torch.equal(x, y) for x, y in zip((one.source, one.target, one.masks),
-                                                 (plain.source, plain.target, plain.masks)))
-
-    def check(i, t, latents, mask):
-        assert torch.equal(latents[1][:, ~mask], latents[0][:, ~mask])
-
-    windowed = sample_local_edit(pipe, latent, "a cat", "a red cat", edit, window_size=3, window_overlap=1,
-                                 callback=check, **settings)
-    assert windowed.masks.shape == (5, 8, 8)
-    assert windowed.masks.flatten(1).any(1).all()  # each frame's mask from that frame's own maps
-    assert (windowed.target - plain.target).abs().max() > 1e-4  # windows did change the computation

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tests.helpers import SAMPLE_CLIP
 from tuneavideo.pipelines.inversion import ddim_inversion
 from tuneavideo.pipelines.null_text import null_text_inversion
-from tuneavideo.pipelines.windows import blend, plan_windows
+from tuneavideo.pipelines.windows import fuse_windows, plan_windows
 from tuneavideo.video.readers import Clip
 
 GUIDANCE = 7.5
@@ -31,7 +31,7 @@ def guided(pipe, latent, t, null, text, windows):
         uncond, cond = pipe.unet(torch.cat([window] * 2), t, torch.cat([null, text])).sample.chunk(2)
         return uncond + GUIDANCE * (cond - uncond)
 
-    return blend(predict, latent, windows)
+    return fuse_windows(predict, latent, windows)
 
 
 def reference_null_text(pipe, latents, text, num_inner_steps, windows):
@@ -43,7 +43,7 @@ def reference_null_text(pipe, latents, text, num_inner_steps, windows):
     latent, embeddings = latents[-1], []
 
     def predict(embedding, t):
-        return blend(lambda frames: pipe.unet(latent[:, :, frames], t, embedding).sample, latent, windows)
+        return fuse_windows(lambda frames: pipe.unet(latent[:, :, frames], t, embedding).sample, latent, windows)
 
     for i, t in enumerate(scheduler.timesteps):
         null = null.clone().requires_grad_()

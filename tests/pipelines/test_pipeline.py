@@ -222,3 +222,111 @@ def test_an_inverted_latent_of_the_wrong_shape_names_both_shapes(tiny_sd):
     with pytest.raises(ValueError) as error:
         pipe("a cat", video_length=4, height=64, width=64, latents=torch.randn(1, 4, 3, 8, 8), num_inference_steps=2)
     assert "(1, 4, 3, 8, 8)" in str(error.value) and "(1, 4, 4, 8, 8)" in str(error.value)
+
+
+# --- what plugs into the one denoising loop ---
+
+
+def test_a_step_end_hook_sees_the_latents_and_what_it_returns_is_denoised_next(pipe):
+    latent = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    replaced = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    settings = dict(latents=latent, num_inference_steps=3, guidance_scale=1.0, output_type="latent")
+    seen, unet_inputs, after_hook = [], [], []
+
+    def hook(pipeline, i, t, callback_kwargs):
+        assert pipeline is pipe and set(callback_kwargs) == {"latents"}
+        seen.append((i, int(t)))
+        return {"latents": replaced.clone()} if i == 0 else {}
+
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: unet_inputs.append(args[0].clone()))
+    try:
+        out = pipe("a cat", callback_on_step_end=hook, callback=lambda i, t, z: after_hook.append(z.clone()),
+                   **settings).videos
+    finally:
+        handle.remove()
+    assert seen == [(0, 667), (1, 334), (2, 1)]
+    assert torch.equal(after_hook[0], replaced)  # the original's callback sees the hook's latents
+    assert torch.equal(unet_inputs[1], replaced)  # and step 1 denoises them (DDIM's input scaling is 1)
+    # a hook returning nothing changes nothing
+    plain = pipe("a cat", **settings).videos
+    assert torch.equal(pipe("a cat", callback_on_step_end=lambda *_: {}, **settings).videos, plain)
+    assert (out - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe("a cat", callback_on_step_end=hook, callback_on_step_end_tensor_inputs=["noise_pred"], **settings)
+
+
+def test_per_step_unconditional_embeddings_are_used_at_their_step(pipe):
+    """`negative_prompt_embeds` given per step (null-text inversion's) equals guided DDIM written out with the
+    step's embedding; one tensor is the same embedding at every step."""
+    latent = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = pipe.encode_prompt("a cat", "cpu", do_classifier_free_guidance=False)
+    empty = pipe.encode_prompt("", "cpu", do_classifier_free_guidance=False)
+    nulls = [empty + 0.5 * torch.randn(empty.shape, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    settings = dict(latents=latent, num_inference_steps=3, guidance_scale=7.5, output_type="latent")
+    ours = pipe("a cat", negative_prompt_embeds=nulls, **settings).videos
+    pipe.scheduler.set_timesteps(3)
+    expected = latent
+    with torch.no_grad():
+        for t, null in zip(pipe.scheduler.timesteps, nulls):
+            uncond, cond = pipe.unet(torch.cat([expected] * 2), t, torch.cat([null, text])).sample.chunk(2)
+            expected = pipe.scheduler.step(uncond + 7.5 * (cond - uncond), t, expected).prev_sample
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    assert (pipe("a cat", negative_prompt_embeds=nulls[::-1], **settings).videos - ours).abs().max() > 1e-3
+    same = pipe("a cat", negative_prompt_embeds=[empty] * 3, **settings).videos
+    assert torch.equal(pipe("a cat", negative_prompt_embeds=empty, **settings).videos, same)
+    assert torch.equal(pipe("a cat", **settings).videos, same)  # the empty negative prompt's
+    with pytest.raises(ValueError, match="2 `negative_prompt_embeds` for 3 steps"):
+        pipe("a cat", negative_prompt_embeds=nulls[:2], **settings)
+
+
+def test_guidance_per_prompt_and_a_scale_of_one_is_the_conditional_prediction(pipe):
+    latent = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    settings = dict(latents=latent, num_inference_steps=2, output_type="latent")
+    both = pipe(["a cat", "a dog"], guidance_scale=[1.0, 7.5], **settings).videos
+    torch.testing.assert_close(both[:1], pipe("a cat", guidance_scale=1.0, **settings).videos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both[1:], pipe("a dog", guidance_scale=7.5, **settings).videos, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="3 values of `guidance_scale` for 2 prompts"):
+        pipe(["a cat", "a dog"], guidance_scale=[1.0, 2.0, 3.0], **settings)
+
+
+def test_num_inv_steps_samples_from_the_inversions_noise_level_and_leaves_the_scheduler(pipe, tiny_sd):
+    from tuneavideo.pipelines.inversion import sampling_scheduler
+
+    latent = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    settings = dict(latents=latent, num_inference_steps=2, guidance_scale=7.5, output_type="latent")
+    scheduler, config = pipe.scheduler, dict(pipe.scheduler.config)
+    steps = []
+    ours = pipe("a cat", num_inv_steps=4, callback=lambda i, t, z: steps.append(int(t)), **settings).videos
+    assert pipe.scheduler is scheduler and dict(pipe.scheduler.config) == config
+    assert steps == [751, 251]  # 4 inversion steps end at 751 (not 501, the first of 2 plain steps)
+    pipe.scheduler = sampling_scheduler(scheduler, 2, 4)
+    assert torch.equal(pipe("a cat", **settings).videos, ours)
+
+
+def test_the_package_has_one_sampling_loop():
+    """One `scheduler.step` outside DDIM inversion and null-text inversion: the pipeline's `__call__`."""
+    import ast
+    from pathlib import Path
+
+    import tuneavideo
+
+    package = Path(tuneavideo.__file__).parent
+    steps = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                    continue
+                receiver = ast.unparse(node.func.value)  # diffusion schedulers, not lr_scheduler or optimizers
+                if node.func.attr == "step" and ("scheduler" in receiver or "inverse" in receiver) \
+                        and "lr_" not in receiver:
+                    steps.append((path.relative_to(package).as_posix(), function.name, ast.unparse(node.func)))
+    steps = sorted(set(steps))
+    inversions = {"pipelines/inversion.py", "pipelines/null_text.py"}
+    assert [step for step in steps if step[0] not in inversions] == [
+        ("pipelines/pipeline_tuneavideo.py", "__call__", "scheduler.step")
+    ]
+    assert {step[0] for step in steps} == {"pipelines/pipeline_tuneavideo.py", *inversions}

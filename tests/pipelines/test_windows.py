@@ -1,11 +1,11 @@
-"""Windows over long clips: the plan, the blending weights, and windowed sampling and inversion on the tiny model."""
+"""Windows over long clips: the plan, the fusing weights, and windowed sampling and inversion on the tiny model."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from tuneavideo.pipelines.inversion import ddim_inversion
-from tuneavideo.pipelines.windows import blend, plan_windows
+from tuneavideo.pipelines.windows import fuse_windows, plan_windows
 
 # (frames, window size, overlap): one window, exact multiples of the stride and not, the tuned 24 over 10 s at 15 fps
 PLANS = [(8, 8, 2), (5, 8, 2), (9, 8, 2), (24, 8, 2), (23, 8, 0), (30, 4, 2), (150, 24, 6), (25, 24, 6), (7, 2, 0)]
@@ -41,21 +41,21 @@ def test_a_frame_in_one_window_takes_that_windows_prediction_exactly():
         predictions[tuple(frames)] = torch.randn(1, 4, len(frames), 2, 2)
         return predictions[tuple(frames)]
 
-    blended = blend(predict, latents, windows)
+    fused = fuse_windows(predict, latents, windows)
     holders = {frame: [w for w in windows if frame in w.frames[w.first_member :]] for frame in range(23)}
     alone = [frame for frame, held in holders.items() if len(held) == 1]
     assert 0 in alone and len(alone) > 10
     for frame in alone:
         (window,) = holders[frame]
         own = predictions[tuple(window.frames)][:, :, window.frames.index(frame)]
-        assert torch.equal(blended[:, :, frame], own)
+        assert torch.equal(fused[:, :, frame], own)
     # a frame in two windows takes their weighted mean, by the pyramid weights
     shared = next(frame for frame, held in holders.items() if len(held) == 2)
     first, second = holders[shared]
     weights = [w.weights[w.frames[w.first_member :].index(shared)] for w in (first, second)]
     expected = sum(float(weight) * predictions[tuple(w.frames)][:, :, w.frames.index(shared)]
                    for weight, w in zip(weights, (first, second)))
-    torch.testing.assert_close(blended[:, :, shared], expected)
+    torch.testing.assert_close(fused[:, :, shared], expected)
 
 
 def test_bad_windows_are_refused():

@@ -1,6 +1,7 @@
 """A Tune-A-Video edit on the pipeline: `invert` a clip's latent with DDIM, then `sample` prompts from that inverted
 latent. Editing, the training's validation and the benchmarks all run these two; the two stay apart so that the
-inverted latent can be cached between them (and sampled more than one way)."""
+inverted latent can be cached between them (and sampled more than one way). `progress_steps` counts the progress
+calls of an edit, plain or local (`local_edit.invert_and_edit`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from .inversion import ddim_inversion, sampling_scheduler
+from .inversion import ddim_inversion
 from .pipeline_tuneavideo import TuneAVideoPipeline
 
 Callback = Callable[[int, int, torch.Tensor], None]
@@ -44,20 +45,23 @@ def sample(
     sampled from `latent`, the inversion in `num_inv_steps` steps (None: as many as `num_inference_steps`), or, with
     `latent` None, from seeded noise of `shape` (the pipeline's `video_length`, `height`, `width`).
 
-    Sampling starts at the inverted latent's noise level (`sampling_scheduler`); the pipeline's scheduler is put
-    back afterwards. Each prompt gets its own generator seeded `seed`, so a prompt's clips do not depend on the
-    prompts before it. `callback(i, t, latents)` follows every step of every prompt.
+    Sampling starts at the inverted latent's noise level (the pipeline's `num_inv_steps`). Each prompt gets its own
+    generator seeded `seed`, so a prompt's clips do not depend on the prompts before it. `callback(i, t, latents)`
+    follows every step of every prompt.
     """
-    scheduler = pipe.scheduler
-    if latent is not None:
-        pipe.scheduler = sampling_scheduler(scheduler, num_inference_steps, num_inv_steps or num_inference_steps)
-    try:
-        return torch.cat([
-            pipe(prompt, latents=latent, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                 negative_prompt=negative_prompt, num_videos_per_prompt=num_videos_per_prompt, eta=eta,
-                 generator=torch.Generator(pipe.device).manual_seed(seed), output_type="latent", callback=callback,
-                 window_size=window_size, window_overlap=window_overlap, **shape).videos
-            for prompt in prompts
-        ])
-    finally:
-        pipe.scheduler = scheduler
+    return torch.cat([
+        pipe(prompt, latents=latent, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+             negative_prompt=negative_prompt, num_videos_per_prompt=num_videos_per_prompt, eta=eta,
+             generator=torch.Generator(pipe.device).manual_seed(seed), output_type="latent", callback=callback,
+             window_size=window_size, window_overlap=window_overlap,
+             num_inv_steps=None if latent is None else num_inv_steps or num_inference_steps, **shape).videos
+        for prompt in prompts
+    ])
+
+
+def progress_steps(num_prompts: int, num_inference_steps: int, num_inv_steps: int = 0,
+                   inversion: str | None = None) -> int:
+    """How many times an edit's `progress` is called: once per step of each phase, i.e. each inversion step
+    (`num_inv_steps`; 0 when a cached inversion is used), each null-text step (`inversion="null-text"`), and each
+    sampling step of each of `num_prompts` prompts (`invert` and `sample`, or `local_edit.invert_and_edit`)."""
+    return num_inv_steps * (2 if inversion == "null-text" else 1) + num_inference_steps * num_prompts

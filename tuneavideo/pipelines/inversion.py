@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, SchedulerMixin
 
-from .windows import blend, plan_windows
+from .windows import fuse_windows, plan_windows
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def ddim_inversion(
                 progress_bar.update()
                 return noise_pred
 
-            latent = inverse.step(blend(predict, latent, windows), t, latent).prev_sample
+            latent = inverse.step(fuse_windows(predict, latent, windows), t, latent).prev_sample
             if keep_all:
                 latents.append(latent)
             else:
@@ -103,5 +103,5 @@ def sampling_scheduler(scheduler: DDIMScheduler, num_inference_steps: int, num_i
         return DDIMScheduler.from_config(scheduler.config, steps_offset=offset)
     logger.warning(f"note: sampling in {num_inference_steps} steps starts at timestep {first}, but the latent "
                    f"inverted in {num_inv_steps} steps is at {target}; the edit may follow the source less closely "
-                   "(use --num-inference-steps <= --num-inv-steps)")
+                   "(use num_inference_steps <= num_inv_steps)")
     return sampler

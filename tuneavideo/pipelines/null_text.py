@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DiffusionPipeline
 from torch.optim import Adam
 
-from .windows import Window, blend, plan_windows
+from .windows import Window, fuse_windows, plan_windows
 
 
 def null_text_inversion(
@@ -72,7 +72,7 @@ def null_text_inversion(
             return scheduler.step(noise_null + guidance_scale * (noise_text - noise_null), t, latent).prev_sample
 
         with torch.no_grad():
-            noise_text = blend(lambda frames: predict(prompt_embedding, frames), latent, windows)
+            noise_text = fuse_windows(lambda frames: predict(prompt_embedding, frames), latent, windows)
         null = null.detach().requires_grad_()
         optimizer = Adam([null], lr=1e-2 * (1 - i / 100))
         for _ in range(num_inner_steps):
@@ -84,7 +84,7 @@ def null_text_inversion(
         null = null.detach()
         embeddings.append(null.clone())
         with torch.no_grad():
-            latent = guided_step(blend(lambda frames: predict(null, frames), latent, windows))
+            latent = guided_step(fuse_windows(lambda frames: predict(null, frames), latent, windows))
     return embeddings
 
 
@@ -93,9 +93,9 @@ def _loss_backward(predict, guided_step, null: torch.Tensor, latent: torch.Tenso
     """The MSE between the guided step from `latent` and `target`, over the whole clip; its gradient for `null`
     accumulated into `null.grad`, window by window.
 
-    The blended prediction is a weighted sum of the windows' predictions, so the gradient is the sum over windows of
-    each one's vector-Jacobian product with (the loss's gradient for the blended prediction) x (the window's
-    weights). That needs the blended prediction first: with several windows a pass without gradients gives it and
+    The fused prediction is a weighted sum of the windows' predictions, so the gradient is the sum over windows of
+    each one's vector-Jacobian product with (the loss's gradient for the fused prediction) x (the window's
+    weights). That needs the fused prediction first: with several windows a pass without gradients gives it and
     each window is run again with its graph; a single window keeps its one graph.
     """
     single = len(windows) == 1
@@ -108,7 +108,7 @@ def _loss_backward(predict, guided_step, null: torch.Tensor, latent: torch.Tenso
         return noise_pred.detach()
 
     with torch.enable_grad():
-        noise_null = blend(prediction, latent, windows).requires_grad_()
+        noise_null = fuse_windows(prediction, latent, windows).requires_grad_()
         loss = F.mse_loss(guided_step(noise_null), target)
         loss.backward(inputs=[noise_null])
         for window, graph in zip(windows, graphs):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, deprecate, logging
@@ -18,7 +18,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..models.layout import fold_frames, frames_to_video, unfold_frames
 from ..models.unet import UNet3DConditionModel
-from .windows import blend, plan_windows
+from .inversion import sampling_scheduler
+from .windows import fuse_windows, plan_windows
 
 logger = logging.get_logger(__name__)
 
@@ -46,6 +47,7 @@ class TuneAVideoPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -152,7 +154,10 @@ class TuneAVideoPipeline(DiffusionPipeline):
         device: torch.device,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None = None,
+        scheduler: SchedulerMixin | None = None,
     ) -> torch.Tensor:
+        """Starting latents of `shape`: seeded noise, or `latents` (batch 1 repeated), scaled by the initial noise
+        sigma of `scheduler` (None: the pipeline's)."""
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:
@@ -162,7 +167,7 @@ class TuneAVideoPipeline(DiffusionPipeline):
                     f"{tuple(shape)} (batch 1 is repeated): check video_length, height and width"
                 )
             latents = latents.to(device=device, dtype=dtype).expand(shape).contiguous()
-        return latents * self.scheduler.init_noise_sigma
+        return latents * (scheduler or self.scheduler).init_noise_sigma
 
     def check_inputs(self, prompt, height: int, width: int, callback_steps: int) -> None:
         if not isinstance(prompt, (str, list)) or not prompt:
@@ -180,7 +185,7 @@ class TuneAVideoPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | Sequence[float] = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_videos_per_prompt: int = 1,
         eta: float = 0.0,
@@ -192,16 +197,39 @@ class TuneAVideoPipeline(DiffusionPipeline):
         callback_steps: int = 1,
         window_size: int | None = None,
         window_overlap: int | None = None,
+        *,
+        negative_prompt_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        num_inv_steps: int | None = None,
+        latents_dtype: torch.dtype | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> TuneAVideoPipelineOutput | torch.Tensor | np.ndarray:
-        """Generate `num_videos_per_prompt` clips per prompt.
+        """Generate `num_videos_per_prompt` clips per prompt: the one denoising loop of the package (plain edits,
+        training's validation samples and local edits all sample here; what differs is plugged in).
 
         `video_length`, `height` and `width` default to the shape of `latents` when given, else to the UNet's
         sample size. A clip longer than `window_size` frames (the tuned `n_sample_frames`) is denoised in
-        overlapping windows of that size (`tuneavideo.pipelines.windows`; `window_overlap` defaults to a quarter window);
-        invert it with the same windows. Returns `.videos` `(batch, 3, frames, height, width)` in [0, 1]: a torch
-        tensor for `output_type="tensor"` (or "pt"), numpy for "np"; for "latent", the final latents
+        overlapping windows of that size (`tuneavideo.pipelines.windows`; `window_overlap` defaults to a quarter
+        window); invert it with the same windows. Returns `.videos` `(batch, 3, frames, height, width)` in [0, 1]: a
+        torch tensor for `output_type="tensor"` (or "pt"), numpy for "np"; for "latent", the final latents
         `(batch, 4, frames, h, w)` undecoded (decode them with `decode_latents` or, a few frames at a time,
         `decode_chunks`).
+
+        What can be plugged in:
+            guidance_scale: one scale for every prompt, or one per prompt; a prompt whose scale is at most 1 takes
+                its conditional prediction unguided (Video-P2P's source branch after a plain DDIM inversion).
+            negative_prompt_embeds: the unconditional embeddings `(prompts, tokens, dim)` in place of
+                `negative_prompt`'s, or a sequence of them, one per step (null-text inversion's).
+            num_inv_steps: `latents` are a DDIM inversion in that many steps: sampling starts at its noise level
+                (`inversion.sampling_scheduler`, a DDIM scheduler made from the pipeline's, which is left as it is).
+            latents_dtype: the dtype the latents are denoised in (None: the text embeddings', as diffusers'
+                pipelines); the UNet still runs in its own.
+            callback_on_step_end: diffusers' per-step hook, `callback_on_step_end(pipe, i, t, callback_kwargs)`
+                after each scheduler step, given the tensors named in `callback_on_step_end_tensor_inputs`
+                (`_callback_tensor_inputs`); the tensors it returns replace them (a local blend returns new
+                `latents`). The attention processors set on the UNet (`attention_control`) act on every UNet call.
+            callback, callback_steps: the original's `callback(i, t, latents)` every `callback_steps` steps, after
+                `callback_on_step_end`.
         """
         if latents is not None:
             video_length = video_length or latents.shape[2]
@@ -214,46 +242,81 @@ class TuneAVideoPipeline(DiffusionPipeline):
         self.check_inputs(prompt, height, width, callback_steps)
         if output_type not in ("tensor", "pt", "np", "latent"):
             raise ValueError(f"`output_type` must be 'tensor', 'pt', 'np' or 'latent', got {output_type!r}")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, "
+                             f"got {sorted(unknown)}")
         windows = plan_windows(video_length, window_size, window_overlap)
-        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
         device = self._execution_device
-        do_classifier_free_guidance = guidance_scale > 1.0
+        scales = _per_prompt(guidance_scale, len(prompts), "guidance_scale")
+        do_classifier_free_guidance = max(scales) > 1.0
+        per_step = negative_prompt_embeds is not None and not torch.is_tensor(negative_prompt_embeds)
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("give `negative_prompt` or `negative_prompt_embeds`, not both")
+        if per_step and len(negative_prompt_embeds) != num_inference_steps:
+            raise ValueError(f"{len(negative_prompt_embeds)} `negative_prompt_embeds` for {num_inference_steps} "
+                             "steps: give one per step, or one tensor for all")
 
-        # 1. text embeddings, [unconditional, conditional]
-        text_embeddings = self.encode_prompt(
-            prompt, device, num_videos_per_prompt, negative_prompt, do_classifier_free_guidance
-        )
+        # 1. text embeddings: [unconditional, conditional], the unconditional half given or made per step
+        text_embeddings = self.encode_prompt(prompts, device, num_videos_per_prompt, negative_prompt,
+                                             do_classifier_free_guidance and negative_prompt_embeds is None)
+
+        def embeddings_at(step: int) -> torch.Tensor:
+            if not do_classifier_free_guidance or negative_prompt_embeds is None:
+                return text_embeddings
+            negative = negative_prompt_embeds[step] if per_step else negative_prompt_embeds
+            negative = negative.to(text_embeddings).repeat_interleave(num_videos_per_prompt, dim=0)
+            return torch.cat([negative, text_embeddings])
 
         # 2. timesteps and starting latents
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler = self.scheduler
+        if num_inv_steps is not None:
+            scheduler = sampling_scheduler(scheduler, num_inference_steps, num_inv_steps)
+        scheduler.set_timesteps(num_inference_steps, device=device)
         shape = (
-            batch_size * num_videos_per_prompt,
+            len(prompts) * num_videos_per_prompt,
             self.unet.config.in_channels,
             video_length,
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
-        latents = self.prepare_latents(shape, text_embeddings.dtype, device, generator, latents)
-        step_kwargs = self._step_kwargs(generator, eta)
+        latents = self.prepare_latents(shape, latents_dtype or text_embeddings.dtype, device, generator, latents,
+                                       scheduler)
+        step_kwargs = _step_kwargs(scheduler, generator, eta)
+
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:  # (rows, 1, 1, 1, 1)
+            rows = torch.tensor(values, dtype=dtype, device=device).repeat_interleave(num_videos_per_prompt)
+            return rows.view(-1, 1, 1, 1, 1)
+
+        # one scale for every row multiplies as a Python number (a half-precision tensor would round it)
+        scale = scales[0] if len(set(scales)) == 1 else per_row(scales, latents.dtype)
+        unguided = per_row([value <= 1.0 for value in scales], torch.bool)
 
         # 3. denoising loop with classifier-free guidance, window by window
-        timesteps = self.scheduler.timesteps
-        with self.progress_bar(total=len(timesteps) * len(windows)) as progress_bar:
-            for i, t in enumerate(timesteps):
+        with self.progress_bar(total=len(scheduler.timesteps) * len(windows)) as progress_bar:
+            for i, t in enumerate(scheduler.timesteps):
+                embeddings = embeddings_at(i).to(self.unet.dtype)
 
                 def predict(frames: list[int]) -> torch.Tensor:
                     window = latents[:, :, frames]
                     model_input = torch.cat([window] * 2) if do_classifier_free_guidance else window
-                    model_input = self.scheduler.scale_model_input(model_input, t)
-                    noise_pred = self.unet(model_input, t, encoder_hidden_states=text_embeddings).sample
+                    model_input = scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
+                    noise_pred = self.unet(model_input, t, encoder_hidden_states=embeddings).sample
                     progress_bar.update()
-                    if do_classifier_free_guidance:
-                        noise_uncond, noise_text = noise_pred.to(latents.dtype).chunk(2)
-                        return noise_uncond + guidance_scale * (noise_text - noise_uncond)
-                    return noise_pred.to(latents.dtype)
+                    noise_pred = noise_pred.to(latents.dtype)
+                    if not do_classifier_free_guidance:
+                        return noise_pred
+                    noise_uncond, noise_text = noise_pred.chunk(2)
+                    guided = noise_uncond + scale * (noise_text - noise_uncond)
+                    return torch.where(unguided, noise_text, guided)
 
-                noise_pred = blend(predict, latents, windows)
-                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+                noise_pred = fuse_windows(predict, latents, windows)
+                latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    available = {"latents": latents}
+                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                    latents = callback_on_step_end(self, i, t, callback_kwargs).pop("latents", latents)
                 if callback is not None and i % callback_steps == 0:
                     callback(i, t, latents)
 
@@ -269,15 +332,24 @@ class TuneAVideoPipeline(DiffusionPipeline):
             return video
         return TuneAVideoPipelineOutput(videos=video)
 
-    def _step_kwargs(self, generator, eta: float) -> dict:
-        # only DDIM-like schedulers take `eta` and `generator`
-        parameters = set(inspect.signature(self.scheduler.step).parameters)
-        kwargs = {}
-        if "eta" in parameters:
-            kwargs["eta"] = eta
-        if "generator" in parameters:
-            kwargs["generator"] = generator
-        return kwargs
+
+def _per_prompt(value: float | Sequence[float], prompts: int, name: str) -> list[float]:
+    """`value` for each of `prompts` prompts: one for all, or one each."""
+    values = [value] * prompts if isinstance(value, (int, float)) else list(value)
+    if len(values) != prompts:
+        raise ValueError(f"{len(values)} values of `{name}` for {prompts} prompts: give one, or one per prompt")
+    return values
+
+
+def _step_kwargs(scheduler: SchedulerMixin, generator, eta: float) -> dict:
+    """What `scheduler.step` takes besides the prediction: only DDIM-like schedulers take `eta` and `generator`."""
+    parameters = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in parameters:
+        kwargs["eta"] = eta
+    if "generator" in parameters:
+        kwargs["generator"] = generator
+    return kwargs
 
 
 def _batched(items: Iterable, size: int) -> Iterator[list]:

@@ -23,7 +23,7 @@ CONTROLS = ("replace", "refine")
 
 
 class PromptControlError(UserError):
-    """Attention-control options that do not fit the prompts (one line, naming the option and what to do)."""
+    """Attention-control settings that do not fit the prompts (one line, naming the setting and what to do)."""
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,12 @@ def _checked_words(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[list
     return words
 
 
-def word_positions(tokenizer: PreTrainedTokenizerBase, prompt: str, word: str, option: str = "word") -> list[int]:
+def word_positions(tokenizer: PreTrainedTokenizerBase, prompt: str, word: str, name: str = "word") -> list[int]:
     """The token positions of every occurrence of `word` (a whole space-separated word, case-insensitive as CLIP
     reads it) in `prompt`.
 
     Raises:
-        PromptControlError: `word` is not a word of `prompt` (`option` names the option it came from).
+        PromptControlError: `word` is not a word of `prompt` (`name` says which setting it came from).
     """
     positions, start = [], 1
     for text, tokens in zip(prompt.split(" "), _checked_words(tokenizer, prompt)):
@@ -69,7 +69,7 @@ def word_positions(tokenizer: PreTrainedTokenizerBase, prompt: str, word: str, o
             positions += range(start, start + len(tokens))
         start += len(tokens)
     if not positions:
-        raise PromptControlError(f"{option} {word!r} is not a word of the prompt {prompt!r} (words are split on "
+        raise PromptControlError(f"{name} {word!r} is not a word of the prompt {prompt!r} (words are split on "
                                  "spaces; use one of them)")
     return positions
 
@@ -86,9 +86,9 @@ def replace_mapping(tokenizer: PreTrainedTokenizerBase, source: str, target: str
     """
     source_words, target_words = _checked_words(tokenizer, source), _checked_words(tokenizer, target)
     if len(source_words) != len(target_words):
-        raise PromptControlError(f"--control replace swaps words one for one, but the source prompt has "
-                                 f"{len(source_words)} words and the target {len(target_words)}: use --control "
-                                 "refine")
+        raise PromptControlError(f"control 'replace' swaps words one for one, but the source prompt has "
+                                 f"{len(source_words)} words and the target {len(target_words)}: use control "
+                                 "'refine'")
     length = tokenizer.model_max_length
     mapping = torch.zeros(length, length)
     mapping[0, 0] = 1  # start token
@@ -171,28 +171,28 @@ def prompt_edit(
     elif control == "refine":
         mapping, alphas = refine_mapping(tokenizer, source, target)
     else:
-        raise PromptControlError(f"--control must be one of {', '.join(CONTROLS)}, got {control!r}")
+        raise PromptControlError(f"control must be one of {', '.join(CONTROLS)}, got {control!r}")
     factors = torch.ones(tokenizer.model_max_length)
     for word, factor in (reweight or {}).items():
-        factors[word_positions(tokenizer, target, word, "--reweight word")] = factor
+        factors[word_positions(tokenizer, target, word, "reweight word")] = factor
     words = None
     if blend is not None:
         words = torch.zeros(2, tokenizer.model_max_length)
         for row, (prompt, word, which) in enumerate(zip((source, target), blend, ("source", "target"))):
-            words[row, word_positions(tokenizer, prompt, word, f"--blend {which} word")] = 1
+            words[row, word_positions(tokenizer, prompt, word, f"blend {which} word")] = 1
     return PromptEdit(mapping, alphas, factors, words)
 
 
 def parse_blend(text: str) -> tuple[str, str]:
-    """`--blend WORD` (the same word in both prompts) or `SOURCE_WORD:TARGET_WORD`."""
+    """A blend written `WORD` (the same word in both prompts) or `SOURCE_WORD:TARGET_WORD` -> (source, target)."""
     source, _, target = text.partition(":")
     if not source or (":" in text and not target):
-        raise PromptControlError(f"--blend {text!r}: give WORD or SOURCE_WORD:TARGET_WORD")
+        raise PromptControlError(f"blend {text!r}: give WORD or SOURCE_WORD:TARGET_WORD")
     return source, target or source
 
 
 def parse_reweight(items: list[str]) -> dict[str, float]:
-    """`--reweight WORD=FACTOR`, repeatable -> {word: factor}."""
+    """Reweights written `WORD=FACTOR`, one per item -> {word: factor}."""
     factors = {}
     for item in items:
         word, _, factor = item.partition("=")
@@ -201,13 +201,13 @@ def parse_reweight(items: list[str]) -> dict[str, float]:
         except ValueError:
             word = ""
         if not word:
-            raise PromptControlError(f"--reweight {item!r}: give WORD=FACTOR, e.g. origami=2")
+            raise PromptControlError(f"reweight {item!r}: give WORD=FACTOR, e.g. origami=2")
     return factors
 
 
-def check_fraction(value: float, option: str, exclusive: bool = False) -> float:
-    """`value` in [0, 1], or in (0, 1) when `exclusive` (a mask threshold)."""
+def check_fraction(value: float, name: str, exclusive: bool = False) -> float:
+    """`value` (of the setting `name`) in [0, 1], or in (0, 1) when `exclusive` (a mask threshold)."""
     if not (0 < value < 1 if exclusive else 0 <= value <= 1):
         interval = "(0, 1)" if exclusive else "[0, 1]"
-        raise PromptControlError(f"{option} must be in {interval}, got {value}")
+        raise PromptControlError(f"{name} must be in {interval}, got {value}")
     return value

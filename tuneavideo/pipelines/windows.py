@@ -20,7 +20,7 @@ import torch
 @dataclass(frozen=True)
 class Window:
     """The clip frames one UNet call sees, in order; `frames[first_member:]` are the window's own frames (before
-    them, the anchor frame 0), and `weights` their share of each frame's blended prediction."""
+    them, the anchor frame 0), and `weights` their share of each frame's fused prediction."""
 
     frames: list[int]
     first_member: int
@@ -59,13 +59,16 @@ def plan_windows(num_frames: int, size: int | None = None, overlap: int | None =
     return windows
 
 
-def blend(predict: Callable[[list[int]], torch.Tensor], latents: torch.Tensor, windows: list[Window]) -> torch.Tensor:
-    """The windowed prediction for `latents` `(batch, channels, frames, h, w)`: `predict(frames)` gives the
-    prediction for those frames of the clip, `(batch, channels, len(frames), h, w)`."""
-    blended = torch.zeros_like(latents)
+def fuse_windows(predict: Callable[[list[int]], torch.Tensor], like: torch.Tensor,
+                 windows: list[Window]) -> torch.Tensor:
+    """The windows' predictions fused into one for the clip, shaped as `like` `(batch, channels, frames, ...)`:
+    `predict(frames)` (called once per window, in order) gives the prediction for those frames of the clip,
+    `(batch, channels, len(frames), ...)`; each frame's is the weighted sum of its windows'. Noise predictions are
+    fused this way, and so are the local blend's attention maps."""
+    fused = torch.zeros_like(like)
     for window in windows:
         prediction = predict(window.frames)[:, :, window.first_member :]
         weights = window.weights.to(prediction.device, prediction.dtype).view(1, 1, -1, 1, 1)
         # a frame in one window only has weight 1.0 there: 0 + x * 1.0 is x, bit for bit
-        blended[:, :, window.frames[window.first_member :]] += prediction * weights
-    return blended
+        fused[:, :, window.frames[window.first_member :]] += prediction * weights
+    return fused
