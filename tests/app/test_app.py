@@ -276,8 +276,9 @@ def test_a_portrait_phone_clip_is_tuned_and_edited_upright(app, tmp_path):
     ("null-text inversion gives one embedding per inversion step: num_inference_steps must equal num_inv_steps "
      "(2 != 3), or use inversion='ddim'", "null-text inversion gives one embedding per inversion step: Steps must "
      'equal Inversion steps (2 != 3), or use "ddim" under Inversion'),
-    ("blend source word 'cat' is not a word of the prompt", "Blend word(s) source word 'cat' is not a word of the "
-     "prompt"),
+    ("blend source word 'cat' is not a word of the prompt 'a ball'", "Blend word(s) source word 'cat' is not a word "
+     "of the prompt 'a ball'"),
+    ("give at least one non-empty --prompt", "give at least one non-empty New prompts"),
     ("reweight 'red': give WORD=FACTOR, e.g. origami=2", "Reweight 'red': give WORD=FACTOR, e.g. origami=2"),
     ("`span` '9:': START must be before END", "Span of the clip '9:': START must be before END"),
     # words that are the message's own, and settings the page does not have, stay as they are

@@ -67,6 +67,7 @@ PAGE_WORDS = {"control": "Control", "inversion": "Inversion", "blend": "Blend wo
               "self_replace_steps": "Self-replace steps", "blend_start": "Blend start",
               "mask_threshold": "Mask threshold"}
 PAGE_CHOICES = {"control": CONTROLS, "inversion": INVERSIONS}
+OWN_WORDS = {"prompt", "prompts"}  # messages use them plainly in their own sense: "the prompt 'a cat'"
 _SETTING = re.compile(r"(?<![\w-])(?:--(?P<option>[a-z][a-z-]*)(?P<word> [a-z][a-z-]*)?|`(?P<field>[a-z_]+)`"
                       r"|(?P<name>[a-z]+(?:_[a-z]+)*))(?P<value>=\S+| '[^']*')?")
 
@@ -81,7 +82,8 @@ def page_words(message: str) -> str:
         key = (match["option"] or "").replace("-", "_") or match["field"] or match["name"]
         value = (match["word"] or "") + (match["value"] or "")
         plain = match["name"] is not None
-        if key not in PAGE_WORDS or plain and "_" not in key and match.start() > 0 and value[:2] not in ("='", " '"):
+        if key not in PAGE_WORDS or plain and (key in OWN_WORDS or "_" not in key and match.start() > 0
+                                               and value[:2] not in ("='", " '")):
             return match[0]
         given = value.lstrip("= ").strip("'")
         if given in PAGE_CHOICES.get(key, ()):
