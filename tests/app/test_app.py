@@ -228,7 +228,7 @@ def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
                               (dict(control="replace"), 'the source prompt has 4 words and the target 5: use '
                                                         '"refine" under Control'),
                               (dict(reweight="red"), "Reweight 'red': give WORD=FACTOR"),
-                              (dict(local=False), "blend and reweight are for a local edit: tick Local edit")):
+                              (dict(local=False), "Blend word(s) and Reweight are for a local edit: tick Local edit")):
         with pytest.raises(AppError) as raised:
             client.predict(**{**edit, **settings})
         assert message in str(raised.value) and "\n" not in str(raised.value)

@@ -141,7 +141,7 @@ def local_edit(on: bool, control: str, source_prompt: str | None, blend: str | N
     blend = (blend or "").strip()
     if not on:
         if blend or (reweight or "").strip():
-            raise UserError("blend and reweight are for a local edit: tick Local edit, or clear them")
+            raise UserError("Blend word(s) and Reweight are for a local edit: tick Local edit, or clear them")
         return None
     return LocalEdit(
         control=control, source_prompt=(source_prompt or "").strip() or None,
