@@ -306,7 +306,8 @@ def test_a_refused_job_s_message_stays_in_its_page_s_status_until_it_starts_one(
 def test_the_charts_span_the_run_and_at_least_twenty_steps(steps, total, x_lim):
     from tuneavideo.run import Progress
 
-    progress = Progress(state="running", step=steps, total=total, history=[[step, 1.0, 3e-5] for step in range(1, steps + 1)])
+    progress = Progress(state="running", step=steps, total=total,
+                        history=[[step, 1.0, 3e-5] for step in range(1, steps + 1)])
     update = history_plot(progress)
     # the axis's ticks (about one per 40 px of a chart) fall on whole steps, not "1, 2, 2" for a 2-step run
     assert update["x_lim"] == x_lim and list(update["value"]["step"]) == list(range(1, steps + 1))
@@ -446,7 +447,8 @@ def test_bad_input_gives_one_line_messages_and_writes_nothing(app, tmp_path):
         (dict(video=handle_file(not_a_video)), "the clip 'holiday.mp4': cannot be read as a video (Invalid data found "
                                                "when processing input); check that it plays in a video player"),
         (dict(video=handle_file(make_clip(tmp_path / "long.mp4", 4))), "the clip is 4.0 s long; the limit is 3 s"),
-        (dict(video=handle_file(SAMPLE_CLIP), frames=40), "the clip 'sample.mp4': has 48 frames but n_sample_frames=40"),
+        (dict(video=handle_file(SAMPLE_CLIP), frames=40),
+         "the clip 'sample.mp4': has 48 frames but n_sample_frames=40"),
         (dict(clip="../../etc/passwd"), "there is no clip '../../etc/passwd'"),
         (dict(video=handle_file(SAMPLE_CLIP), prompt="  "), "describe the clip in the prompt"),
         (dict(video=handle_file(SAMPLE_CLIP), steps=0), "Value 0 is less than minimum value 1"),  # gr.Number's check
