@@ -5,39 +5,86 @@
     python inference.py --model outputs/man-skiing --prompt "a panda is skiing" --span all --stride 1
     python inference.py --model outputs/rabbit-jump --control refine --prompt "a origami rabbit is jumping on the
         grass" --blend rabbit --reweight origami=2          # a local edit (Video-P2P's attention control)
+    python inference.py --model outputs/man-skiing --request request.json   # every setting from a file
     python inference.py --p2p-config configs/rabbit-jump-p2p.yaml [--fast]   # a Video-P2P edit config
 
 Writes, per prompt, `<prompt>.mp4` (H.264 with the source's sound over the same span) and, for edits of at most 128
-frames, `<prompt>.gif`, plus `side-by-side.mp4` (the source and every edit), to <run>/edits unless --output-dir says
-otherwise. By default the edit covers the tuned frames; --span all edits the whole clip, in overlapping windows.
+frames, `<prompt>.gif`, plus `<prompts>.side-by-side.mp4` (the source and every edit) and `result.json`, to
+<run>/edits unless --output-dir says otherwise. By default the edit covers the tuned frames; --span all edits the
+whole clip, in overlapping windows. Each flag is a field of `tuneavideo.request.EditRequest` (its default and help
+are the field's); --request reads them all from a JSON file of those fields, as the web app writes it.
 Bad input ends with a one-line error; add --debug (or set TUNEAVIDEO_DEBUG=1) for the traceback, --verbose (or
 TUNEAVIDEO_VERBOSE=1) for the libraries' own logs, progress bars and warnings.
 """
 
 import argparse
+import dataclasses
+import re
+import types
+import typing
 from pathlib import Path
 
 from tuneavideo.cli import OneLineArgumentParser, run_cli
-from tuneavideo.editing import EditError, EditOptions, Span, edit, parse_span, run_folder
+from tuneavideo.config import load_config
+from tuneavideo.editing import edit
 from tuneavideo.errors import UserError
-from tuneavideo.local_editing import edit_p2p
-from tuneavideo.pipelines.local_edit import GUIDANCE_SCALE, INVERSIONS, LocalEdit
 from tuneavideo.models.unet import SPATIAL_ATTENTION
-from tuneavideo.pipelines.prompt_alignment import CONTROLS, PromptControlError, parse_blend, parse_reweight
+from tuneavideo.p2p_edit import edit_p2p
+from tuneavideo.request import EditRequest, LocalEdit, parse_blend_words, parse_reweights, parse_span
+from tuneavideo.run import Run
+
+# the request's fields whose flags are not their names: the one place the command line names them
+FLAGS = {"prompts": "--prompt", "blend_words": "--blend", "reweights": "--reweight", "audio": "--no-audio",
+         "gif": "--no-gif"}
+PARSERS = {"span": parse_span, "blend_words": parse_blend_words}  # text -> value, of fields that are not numbers
+METAVARS = {"prompts": "PROMPT", "reweights": "WORD=FACTOR", "blend_words": "WORD"}
+NOT_FLAGS = ("local",)  # the local edit's settings are flags of their own
 
 
-def span(text: str) -> Span:
-    try:
-        return parse_span(text)
-    except EditError as err:  # argparse shows an ArgumentTypeError's own words
-        raise argparse.ArgumentTypeError(str(err)) from None
+def flag(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def blend(text: str) -> tuple[str, str]:
-    try:
-        return parse_blend(text)
-    except PromptControlError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def flag_names(message: str) -> str:
+    """A request's message, its `field` names as the command line's flags."""
+    names = {item.name for kind in (EditRequest, LocalEdit) for item in dataclasses.fields(kind)}
+    return re.sub(r"`(\w+)`", lambda match: flag(match[1]) if match[1] in names else match[0], message)
+
+
+def argument(parse: typing.Callable[[str], object]) -> typing.Callable[[str], object]:
+    """`parse` as an argparse type: its own one-line message, in flag names."""
+    if parse in (int, float, str):
+        return parse
+
+    def parsed(text: str) -> object:
+        try:
+            return parse(text)
+        except UserError as err:  # argparse shows an ArgumentTypeError's own words
+            raise argparse.ArgumentTypeError(flag_names(str(err))) from None
+
+    parsed.__name__ = parse.__name__
+    return parsed
+
+
+def add_fields(group, kind: type) -> None:
+    """A flag per field of `kind`, with the field's help; every default None (given: the field's default)."""
+    hints = typing.get_type_hints(kind)
+    for item in dataclasses.fields(kind):
+        if item.name in NOT_FLAGS:
+            continue
+        hint, help = hints[item.name], item.metadata["help"]
+        optional = isinstance(hint, types.UnionType)
+        kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)] if optional else [hint]
+        if hint is bool:
+            group.add_argument(flag(item.name), dest=item.name, action="store_const", const=not item.default,
+                               help=f"not this: {help}" if item.default else help)
+        elif typing.get_origin(kinds[0]) in (list, dict):
+            group.add_argument(flag(item.name), dest=item.name, action="append", help=help,
+                               metavar=METAVARS.get(item.name, item.name.upper()))
+        else:
+            parse = PARSERS.get(item.name, kinds[0] if kinds[0] in (int, float) else str)
+            group.add_argument(flag(item.name), dest=item.name, type=argument(parse), help=help,
+                               metavar=METAVARS.get(item.name, item.name.upper()))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,92 +94,67 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="the training config; its output_dir is the run folder")
     run.add_argument("--p2p-config", help="a Video-P2P edit config (configs/*-p2p.yaml): its prompts, words and "
                      "run folder; writes to <run>/results/ as Video-P2P does")
-    parser.add_argument("--prompt", action="append", help="what the clip should become (repeatable)")
-    parser.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: the run's, else 0)")
-    parser.add_argument("--num-inference-steps", type=int, default=50, help="DDIM sampling steps (default: 50)")
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="classifier-free guidance (default: 12.5; 7.5, Video-P2P's, with --control)")
-    parser.add_argument("--num-inv-steps", type=int, default=50,
-                        help="DDIM inversion steps (default: 50); a cached inversion with this many is reused")
-    parser.add_argument("--num-videos-per-prompt", type=int, default=1, help="videos per prompt (default: 1)")
-    parser.add_argument("--eta", type=float, default=0.0,
-                        help="DDIM eta (default: 0, deterministic); > 0 makes seeded variations")
-    parser.add_argument("--span", type=span, default=None,
-                        help="what to edit: all, or START:END seconds of the source, either side optional "
-                             "(default: the tuned frames)")
-    parser.add_argument("--stride", type=int, default=None,
-                        help="source frames per edited frame; 1 = every frame (default: the tuned sample_frame_rate)")
-    parser.add_argument("--window", type=int, default=None,
-                        help="frames per UNet call over a long span (default: the tuned n_sample_frames)")
-    parser.add_argument("--overlap", type=int, default=None,
-                        help="frames shared by neighbouring windows (default: a quarter window)")
-    parser.add_argument("--output-dir", default=None, help="where to write (default: <run>/edits)")
-    parser.add_argument("--no-audio", action="store_true", help="write silent MP4s")
-    parser.add_argument("--evaluate", action="store_true",
-                        help="score every edit and the source with the LOVEU-TGVE metrics into metrics.json (needs "
-                             "./download_models.sh --eval)")
-    local = parser.add_argument_group("local edits (Video-P2P's attention control)")
-    local.add_argument("--control", choices=CONTROLS, default=None,
-                       help="replace: swap words one for one; refine: add or change words (default: off)")
-    local.add_argument("--source-prompt", default=None, help="the source branch's prompt (default: the tuned prompt)")
-    local.add_argument("--blend", type=blend, default=None,
-                       help="WORD or SOURCE_WORD:TARGET_WORD: change only where that word is (local blend)")
-    local.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR",
-                       help="scale the attention to a word of the prompt (repeatable)")
-    local.add_argument("--cross-replace-steps", type=float, default=0.2,
-                       help="fraction of the steps with the source's cross-attention (default: 0.2)")
-    local.add_argument("--self-replace-steps", type=float, default=0.5,
-                       help="fraction of the steps with the source's temporal attention (default: 0.5)")
-    local.add_argument("--blend-start", type=float, default=0.2,
-                       help="fraction of the steps before the local blend starts (default: 0.2)")
-    local.add_argument("--mask-threshold", type=float, default=0.3,
-                       help="the blend word's attention, relative to its peak, that the mask takes, in (0, 1) "
-                            "(default: 0.3)")
-    local.add_argument("--inversion", choices=INVERSIONS, default="null-text",
-                       help="null-text (default; needs --num-inference-steps = --num-inv-steps) or ddim "
-                            "(Video-P2P's --fast)")
-    local.add_argument("--fast", action="store_true", help="with --p2p-config: DDIM inversion only (Video-P2P's)")
-    local.add_argument("--spatial-attention", choices=SPATIAL_ATTENTION, default=None,
-                       help="with --p2p-config: the tuned UNet's frame rule, for folders tuned by Video-P2P's own "
-                            "code (first_frame), whose config cannot say")
+    parser.add_argument("--request", type=Path, help="every edit setting from this JSON file (the fields of "
+                        "tuneavideo.request.EditRequest); no other edit flag then")
+    add_fields(parser, EditRequest)
+    add_fields(parser.add_argument_group("local edits (Video-P2P's attention control)"), LocalEdit)
+    p2p = parser.add_argument_group("Video-P2P's edit configs")
+    p2p.add_argument("--fast", action="store_true", help="with --p2p-config: DDIM inversion only (Video-P2P's)")
+    p2p.add_argument("--spatial-attention", choices=SPATIAL_ATTENTION, default=None,
+                     help="with --p2p-config: the tuned UNet's frame rule, for folders tuned by Video-P2P's own code "
+                          "(first_frame), whose config cannot say")
     return parser
 
 
-def parse_args(argv: list[str]) -> tuple[Path, EditOptions]:
-    """The run folder and the edit options `argv` asks for (checked further by `tuneavideo.editing.plan_edit`)."""
-    return edit_options(parser().parse_args(argv))
+def given(args: argparse.Namespace, kind: type) -> dict:
+    """The fields of `kind` given on the command line."""
+    values = {item.name: getattr(args, item.name, None) for item in dataclasses.fields(kind)}
+    values = {name: value for name, value in values.items() if value is not None and name not in NOT_FLAGS}
+    if "reweights" in values:
+        try:
+            values["reweights"] = parse_reweights(values["reweights"])
+        except UserError as err:
+            raise UserError(flag_names(str(err))) from err
+    return values
 
 
-def edit_options(args: argparse.Namespace) -> tuple[Path, EditOptions]:
+def parse_args(argv: list[str]) -> tuple[Path, EditRequest]:
+    """The run folder and the edit request `argv` asks for (checked further by `tuneavideo.editing.plan_edit`)."""
+    return edit_request(parser().parse_args(argv))
+
+
+def edit_request(args: argparse.Namespace) -> tuple[Path, EditRequest]:
     if args.fast or args.spatial_attention:
         raise UserError("--fast and --spatial-attention go with --p2p-config; use --inversion ddim for a fast edit")
-    if args.prompt is None:
-        raise UserError("give at least one --prompt")
-    local = None
-    if args.control is not None:
-        local = LocalEdit(args.control, args.source_prompt, args.blend, parse_reweight(args.reweight),
-                          args.cross_replace_steps, args.self_replace_steps, args.blend_start, args.mask_threshold,
-                          args.inversion)
-    elif args.source_prompt or args.blend or args.reweight:
-        raise UserError("--source-prompt, --blend and --reweight need --control replace or refine")
-    options = EditOptions(
-        prompts=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-        num_inv_steps=args.num_inv_steps, num_videos_per_prompt=args.num_videos_per_prompt, eta=args.eta,
-        span=args.span, stride=args.stride, window=args.window, overlap=args.overlap, output_dir=args.output_dir,
-        audio=not args.no_audio, evaluate=args.evaluate, local=local,
-    )
-    return run_folder(args.model, args.config), options
+    fields, local = given(args, EditRequest), given(args, LocalEdit)
+    if args.request is not None:
+        if fields or local:
+            raise UserError(f"--request holds every edit setting; leave out {flag([*fields, *local][0])}")
+        return run_folder(args.model, args.config), EditRequest.load(args.request)
+    if "control" not in local and local:
+        raise UserError(f"{', '.join(flag(name) for name in local)}: local edit settings need --control replace or "
+                        "refine")
+    try:
+        request = EditRequest(**fields, local=LocalEdit(**local) if local else None)
+        request.check()
+    except UserError as err:
+        raise UserError(flag_names(str(err))) from err
+    return run_folder(args.model, args.config), request
+
+
+def run_folder(model: str | None, config: str | None) -> Path:
+    """The run folder named by `model`, or the `output_dir` of the training config `config`, checked to be finished."""
+    return Run(model if model is not None else load_config(config).output_dir).check_finished().folder
 
 
 def p2p(args: argparse.Namespace) -> None:
     """A Video-P2P edit config, with its fixed 50/50/7.5 steps and guidance unless given."""
-    if args.prompt or args.control:
-        raise UserError("--p2p-config gives the prompts and the control itself; leave out --prompt and --control")
-    guidance = args.guidance_scale if args.guidance_scale is not None else GUIDANCE_SCALE
-    result = edit_p2p(args.p2p_config, args.fast, args.num_inference_steps, args.num_inv_steps, guidance,
-                      args.spatial_attention)
+    if args.prompts or args.control or args.request:
+        raise UserError("--p2p-config gives the prompts and the control itself; leave out --prompt, --control and "
+                        "--request")
+    settings = {name: value for name, value in given(args, EditRequest).items()
+                if name in ("num_inference_steps", "num_inv_steps", "guidance_scale")}
+    result = edit_p2p(args.p2p_config, args.fast, spatial_attention=args.spatial_attention, **settings)
     print(f"wrote the Video-P2P edit to {result.folder}:")
     for path in [*result.gifs, *result.videos, *([result.mask] if result.mask else [])]:
         print(f"  {path}")
@@ -142,8 +164,11 @@ def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     if args.p2p_config:
         return p2p(args)
-    run, options = edit_options(args)
-    result = edit(run, options)
+    run, request = edit_request(args)
+    try:
+        result = edit(run, request)
+    except UserError as err:
+        raise UserError(flag_names(str(err)) if args.request is None else str(err)) from err
     width, height = result.size
     frames = result.frames
     rate = f"{float(result.fps):g} fps" + (" (the source's variable rate: each frame held until the next one's time)"

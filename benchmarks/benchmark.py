@@ -81,10 +81,8 @@ EDITS = ("edit", "local", "local-null")  # jobs that run a whole edit: a plain o
 ALLOCATORS = ["mallopt", "default"]
 UNET_GFLOP_PER_FRAME_512 = 677  # forward of the SD 1.x UNet on one 64x64 latent
 EDIT_PROMPT = "a jeep car is moving on the snow"
-EDIT_GUIDANCE = 12.5  # the edit default (tuneavideo.editing.EditOptions)
-# a local edit: the source prompt, the target and the blend word (Video-P2P's guidance, 7.5)
+# a local edit: the source prompt, the target and the blend word (with the edit's default guidance, as the others)
 LOCAL_SOURCE, LOCAL_TARGET, LOCAL_BLEND = "a car is moving on the snow", EDIT_PROMPT, ("car", "car")
-LOCAL_GUIDANCE = 7.5
 
 
 def build_unet(model: str, attention: str, dtype):
@@ -167,6 +165,7 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
 
     from tuneavideo.pipelines.edit import invert, sample
     from tuneavideo.pipelines.windows import plan_windows
+    from tuneavideo.request import EditRequest, LocalEdit
 
     job, frames, size = args.jobs[0], args.frames[0], args.sizes[0]
     with tempfile.TemporaryDirectory(prefix="tav-bench-") as folder:
@@ -195,17 +194,16 @@ def edit_job(args, device, dtype) -> tuple[Callable[[], None], Callable[[], dict
             latent = invert(pipe, latent, args.steps, args.window,
                             callback=lambda *_: invert_steps.append(clock.lap()))
             clock.lap()
-            edited = sample(pipe, latent, [EDIT_PROMPT], args.steps, EDIT_GUIDANCE, args.steps,
+            edited = sample(pipe, latent, [EDIT_PROMPT], args.steps, EditRequest().guidance, args.steps,
                             window_size=args.window, callback=lambda *_: denoise_steps.append(clock.lap()))
             figures.update(invert_s=sum(invert_steps), denoise_s=sum(denoise_steps), invert_step_s=invert_steps,
                            denoise_step_s=denoise_steps)
         else:
-            from tuneavideo.pipelines.local_edit import LocalEdit, invert_and_edit, plan_local
-
-            local = LocalEdit(blend=LOCAL_BLEND, inversion="null-text" if job == "local-null" else "ddim")
-            plan = plan_local(pipe.tokenizer, local, [LOCAL_TARGET], LOCAL_SOURCE, args.steps, args.steps)
+            local = LocalEdit(blend_words=LOCAL_BLEND, inversion="null-text" if job == "local-null" else "ddim")
+            plan = local.plan(pipe.tokenizer, [LOCAL_TARGET], LOCAL_SOURCE)
             steps = []
-            out = invert_and_edit(pipe, latent, plan, [LOCAL_TARGET], args.steps, args.steps, LOCAL_GUIDANCE,
+            guidance = EditRequest([LOCAL_TARGET], local=local).guidance
+            out = plan.invert_and_edit(pipe, latent, [LOCAL_TARGET], args.steps, args.steps, guidance,
                                   args.window, None, lambda *_: steps.append(clock.lap()))
             edited = torch.cat([out.source, out.targets])  # both branches are decoded: the edit and inversion.mp4
             figures.update(local_s=sum(steps) + clock.lap(), local_step_s=steps)

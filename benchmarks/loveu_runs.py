@@ -31,7 +31,8 @@ from tuneavideo.atomic import atomic_path
 from tuneavideo.checkpointing import remove_checkpoints
 from tuneavideo.config import TrainConfig, load_config, validation_prompts
 from tuneavideo.video.readers import Clip
-from tuneavideo.editing import EditOptions, edit
+from tuneavideo.editing import edit
+from tuneavideo.request import EditRequest
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import Evaluator, read_frames
 from tuneavideo.run import Run
@@ -274,7 +275,7 @@ def make_edits(video: Video, cfg: TrainConfig, layout: Layout, record: dict) -> 
     if not missing:
         return []
     validation = cfg.validation_data
-    options = EditOptions(prompts=[prompt for _, prompt in missing], negative_prompt=validation.negative_prompt,
+    options = EditRequest(prompts=[prompt for _, prompt in missing], negative_prompt=validation.negative_prompt,
                           num_inference_steps=validation.num_inference_steps, guidance_scale=validation.guidance_scale,
                           num_inv_steps=validation.num_inv_steps, audio=False, jpeg_frames=True, gif=False)
     try:

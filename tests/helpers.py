@@ -193,3 +193,84 @@ def write_phone_clip(path: Path, source: Path, rotation: int = 0, hflip: bool = 
     -display_hflip, the stream copied)."""
     ffmpeg("-display_rotation", rotation, *(["-display_hflip"] if hflip else []), "-i", source, "-c", "copy", path)
     return path
+
+
+def write_as_diffusers_0_11(run: Path, to: Path) -> Path:
+    """Copy our finished run folder `run` to `to`, its tuned pipeline laid out exactly as Tune-A-Video's and
+    Video-P2P's own training (diffusers 0.11.1, transformers 4.26) saves it: `model_index.json` naming
+    `["models", "UNet3DConditionModel"]`, configs marked 0.11.1 without the keys later versions added, `.bin`
+    weights (the VAE's attention under its 0.11 names, the text encoder with its `position_ids` buffer), the
+    tokenizer's 4.26 config and the base model's PNDM scheduler config. Returns `to`."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tuneavideo.tiny import SD_SCHEDULER_CONFIG
+
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("edits", "unet", "vae", "text_encoder", "tokenizer",
+                                                           "scheduler", "model_index.json"))
+
+    def config(component: str, **extra) -> dict:
+        found = json.loads((run / component / "config.json").read_text())
+        return {key: value for key, value in found.items() if not key.startswith("_")} | extra
+
+    (to / "unet").mkdir()
+    unet = config("unet", _class_name="UNet3DConditionModel", _diffusers_version="0.11.1")
+    del unet["spatial_attention"]  # ours; the original's UNet has no such key
+    (to / "unet" / "config.json").write_text(json.dumps(unet, indent=2))
+    torch.save(load_file(run / "unet" / "diffusion_pytorch_model.safetensors"),
+               to / "unet" / "diffusion_pytorch_model.bin")
+
+    (to / "vae").mkdir()
+    vae = {key: value for key, value in config("vae", _class_name="AutoencoderKL", _diffusers_version="0.11.1").items()
+           if key in ("_class_name", "_diffusers_version", "act_fn", "block_out_channels", "down_block_types",
+                      "in_channels", "latent_channels", "layers_per_block", "norm_num_groups", "out_channels",
+                      "sample_size", "up_block_types")}
+    (to / "vae" / "config.json").write_text(json.dumps(vae, indent=2))
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    weights = {}
+    for key, value in load_file(run / "vae" / "diffusion_pytorch_model.safetensors").items():
+        for new, old in old_names.items():
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        weights[key] = value
+    torch.save(weights, to / "vae" / "diffusion_pytorch_model.bin")
+
+    (to / "text_encoder").mkdir()
+    text = config("text_encoder", architectures=["CLIPTextModel"], torch_dtype="float32",
+                  transformers_version="4.26.0")
+    del text["dtype"]  # transformers 5's name for torch_dtype
+    (to / "text_encoder" / "config.json").write_text(json.dumps(text, indent=2))
+    weights = load_file(run / "text_encoder" / "model.safetensors")
+    weights["text_model.embeddings.position_ids"] = torch.arange(text["max_position_embeddings"])[None]
+    torch.save(weights, to / "text_encoder" / "pytorch_model.bin")
+
+    (to / "tokenizer").mkdir()
+    model = json.loads((run / "tokenizer" / "tokenizer.json").read_text())["model"]  # transformers 4.26's files
+    (to / "tokenizer" / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    (to / "tokenizer" / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+
+    def token(text: str) -> dict:
+        return {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": True, "rstrip": False,
+                "single_word": False}
+
+    special = {"bos_token": token("<|startoftext|>"), "eos_token": token("<|endoftext|>"), "pad_token": "<|endoftext|>",
+               "unk_token": token("<|endoftext|>")}
+    (to / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    tokenizer = {"add_prefix_space": False, **special, "do_lower_case": True, "errors": "replace",
+                 "model_max_length": 77, "name_or_path": str(run / "tokenizer"),
+                 "special_tokens_map_file": "./special_tokens_map.json", "tokenizer_class": "CLIPTokenizer"}
+    (to / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tokenizer, indent=2))
+
+    (to / "scheduler").mkdir()
+    scheduler = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.11.1", **SD_SCHEDULER_CONFIG,
+                 "trained_betas": None}
+    (to / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    index = {"_class_name": "TuneAVideoPipeline", "_diffusers_version": "0.11.1",
+             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["models", "UNet3DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    (to / "model_index.json").write_text(json.dumps(index, indent=2))
+    return to

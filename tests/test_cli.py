@@ -94,7 +94,7 @@ def test_an_edit_names_every_phase_and_verbose_brings_the_libraries_back(tuned):
         f"using the run's inverted latent {re.escape(str(run / 'inv_latents' / 'ddim_latent-1.pt'))}",
         f"writing the edits to {edits}",
         rf"wrote 1 edit\(s\) of source frames 0-9 \(every 3\), 4 frames at 64x64, 8 fps, with sound, to {edits}:",
-        f"{edits}/a cat.mp4", f"{edits}/a cat.gif", f"{edits}/side-by-side.mp4",
+        f"{edits}/a cat.mp4", f"{edits}/a cat.gif", f"{edits}/a cat.side-by-side.mp4",
     ])
     assert bars == {"Editing 4 frames in 1 window(s)"}
 

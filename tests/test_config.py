@@ -384,3 +384,17 @@ def test_an_alias_and_its_name_together_are_refused(tmp_path):
 def test_prompts_must_be_a_list_or_a_mapping_of_prompts(tmp_path, prompts):
     message = expect_error(write(tmp_path, MINIMAL.replace('prompts: ["a prompt"]', prompts)))
     assert "validation_data.prompts=" in message and "must be a list of prompts, or a mapping" in message
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**80])
+def test_a_seed_outside_0_to_2_32_minus_1_is_one_line(tmp_path, seed):
+    path = tmp_path / "tune.yaml"
+    path.write_text((CONFIGS / "man-skiing.yaml").read_text().replace("seed: 33", f"seed: {seed}"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: seed={seed} must be a whole number from 0 to 4294967295 (2**32 - 1), or null"
+
+
+def test_seeds_0_and_2_32_minus_1_are_taken():
+    seeds = [0, 2**32 - 1]
+    assert [load_config(CONFIGS / "man-skiing.yaml", [f"seed={seed}"]).seed for seed in seeds] == seeds

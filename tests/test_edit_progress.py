@@ -7,13 +7,18 @@ import pytest
 
 from tuneavideo.edit_progress import EditProgress, EditProgressWriter
 from tuneavideo.errors import UserError
-from tuneavideo.run import edit_progress_file
+from tuneavideo.run import EditFiles
+
+
+def progress_file(folder, *prompts):
+    """The progress file of an edit of `prompts` in `folder`."""
+    return EditFiles.of(folder, list(prompts), list(prompts)).progress
 
 
 def test_an_edit_s_progress_file_follows_its_phases_and_window_steps(tmp_path, monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
-    with EditProgressWriter(tmp_path) as report:
+    with EditProgressWriter(progress_file(tmp_path, "a cat")) as report:
         assert EditProgress.load(tmp_path).phase == "loading the model"  # written at once
         clock[0] += 30  # loading: not counted in the rate
         report.start(40)
@@ -32,8 +37,8 @@ def test_an_edit_s_progress_file_follows_its_phases_and_window_steps(tmp_path, m
         report.phase("writing the videos")
     done = EditProgress.load(tmp_path)
     assert (done.phase, done.done, done.total, done.eta_seconds) == ("done", 40, 40, 0.0)
-    assert json.loads(edit_progress_file(tmp_path).read_text())["phase"] == "done"
-    assert not [p.name for p in tmp_path.iterdir() if p.name != "edit-progress.json"]  # no temporary file left
+    assert json.loads((tmp_path / "a cat.progress.json").read_text())["phase"] == "done"
+    assert [p.name for p in tmp_path.iterdir()] == ["a cat.progress.json"]  # no temporary file left
     assert EditProgress.load(tmp_path, since=time.time() + 60) is None  # an earlier edit's file is not this one's
     assert EditProgress.load(tmp_path / "missing") is None
 
@@ -44,8 +49,23 @@ def test_an_edit_s_progress_file_follows_its_phases_and_window_steps(tmp_path, m
     (RuntimeError("CUDA out of memory\nmore"), "failed", "RuntimeError: CUDA out of memory"),
 ])
 def test_how_an_edit_ended_is_in_its_progress_file(tmp_path, error, phase, message):
-    with pytest.raises(type(error)), EditProgressWriter(tmp_path) as report:
+    with pytest.raises(type(error)), EditProgressWriter(progress_file(tmp_path, "a cat")) as report:
         report.start(10)
         raise error
     ended = EditProgress.load(tmp_path)
     assert (ended.phase, ended.message) == (phase, message)
+
+
+def test_edits_sharing_a_folder_keep_their_own_progress_files_and_the_newest_is_read(tmp_path):
+    with EditProgressWriter(progress_file(tmp_path, "a cat")) as first:
+        first.start(10)
+        first.phase("editing")
+        with EditProgressWriter(progress_file(tmp_path, "a dog", "a cow")) as second:
+            second.phase("inverting")
+            assert EditProgress.load(tmp_path).phase == "inverting"  # the newest written
+        assert EditProgress.load(tmp_path).phase == "done"  # the second ended
+        first.phase("writing the videos")
+        assert EditProgress.load(tmp_path).phase == "writing the videos"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["a cat.progress.json", "a dog+a cow.progress.json"]
+    assert json.loads((tmp_path / "a dog+a cow.progress.json").read_text())["phase"] == "done"

@@ -42,7 +42,10 @@ from tests.helpers import (
 )
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
-from tuneavideo.editing import EditError, EditOptions, EditResult, edit, plan_edit
+from tuneavideo.editing import edit, plan_edit
+from tuneavideo.evaluate import read_frames
+from tuneavideo.request import EditRequest, LocalEdit, RequestError
+from tuneavideo.run import EditResult, Run
 from tuneavideo.pipelines.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import SD_SCHEDULER_CONFIG
@@ -162,10 +165,12 @@ def test_cli_edits_the_sample_clip_with_its_sound(runs):
         check_video(edits / f"{prompt}.mp4", 4, (64, 64), fps, sound=True)
         check_gif(edits / f"{prompt}.gif", 4, (64, 64), fps)
         assert str(edits / f"{prompt}.mp4") in result.stdout
-    check_video(edits / "side-by-side.mp4", 4, (3 * 64, 64), fps, sound=True)
+    side = edits / "a red ball is moving+a cat, cartoon style.side-by-side.mp4"
+    assert str(side) in result.stdout
+    check_video(side, 4, (3 * 64, 64), fps, sound=True)
     # the left third of the side-by-side is the source's tuned frames
     source = Clip(SAMPLE_CLIP).read([0, 3, 6, 9], (64, 64)).astype(int)
-    left = Clip(edits / "side-by-side.mp4").read(range(4))[:, :, :64].astype(int)
+    left = Clip(side).read(range(4))[:, :, :64].astype(int)
     assert np.abs(left - source).mean() < 6
 
 
@@ -179,37 +184,37 @@ def test_a_wide_clip_keeps_its_aspect_ratio_frame_rate_and_sound(runs, tmp_path,
     assert size == (128, 72)  # landscape stays landscape, 16:9 exactly (multiples of 8)
     with Image.open(run / "samples" / "sample-1" / "a red ball.gif") as sample:
         assert sample.size == size  # training's validation samples at the tuned size too
-    result = edit(run, EditOptions(prompts=["a red ball"], output_dir=tmp_path, **FAST))
+    result = edit(run, EditRequest(prompts=["a red ball"], output_dir=tmp_path, **FAST))
     fps = NTSC / 2
     assert (result.size, result.fps, result.frames) == (size, fps, range(2, 10, 2))
     assert result.span == pytest.approx((2 / NTSC, (2 + 4 * 2) / NTSC))  # the tuned frames 2, 4, 6, 8 and strides
     assert result.cached_latent == run / "inv_latents" / "ddim_latent-1.pt" and result.with_audio
     # result.json beside the outputs holds all of it
     assert EditResult.load(tmp_path) == result and (tmp_path / "result.json").is_file()
-    written = json.loads((tmp_path / "result.json").read_text())
+    [written] = json.loads((tmp_path / "result.json").read_text())
     assert (written["fps"], written["frames"], written["videos"]) == ("15000/1001", [2, 10, 2],
                                                                       [str(tmp_path / "a red ball.mp4")])
     check_video(tmp_path / "a red ball.mp4", 4, size, fps, sound=True)
     check_gif(tmp_path / "a red ball.gif", 4, size, fps)
-    check_video(tmp_path / "side-by-side.mp4", 4, (2 * size[0], size[1]), fps, sound=True)
+    check_video(tmp_path / "a red ball.side-by-side.mp4", 4, (2 * size[0], size[1]), fps, sound=True)
     # how it went, in its own progress file: the run's inversion reused, so no inverting
     progress = EditProgress.load(tmp_path)
-    assert phases == ["editing", "writing the videos"]
+    assert (tmp_path / "a red ball.progress.json").is_file() and phases == ["editing", "writing the videos"]
     assert (progress.phase, progress.done, progress.total) == ("done", 3, 3)  # 1 window x 3 steps (FAST)
 
 
 def test_a_silent_source_gives_silent_videos_and_a_note(runs, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="tuneavideo.editing"):
-        result = edit(runs["silent"], EditOptions(prompts=["a red ball"], output_dir=tmp_path, **FAST))
+        result = edit(runs["silent"], EditRequest(prompts=["a red ball"], output_dir=tmp_path, **FAST))
     notes = [r.getMessage() for r in caplog.records if "no sound" in r.getMessage()]
     assert len(notes) == 1 and "\n" not in notes[0]
     assert result.fps == Fraction(25, 2) and not result.with_audio
     check_video(tmp_path / "a red ball.mp4", 4, (64, 64), Fraction(25, 2), sound=False)
-    check_video(tmp_path / "side-by-side.mp4", 4, (128, 64), Fraction(25, 2), sound=False)
+    check_video(tmp_path / "a red ball.side-by-side.mp4", 4, (128, 64), Fraction(25, 2), sound=False)
 
 
 def test_no_audio_skips_the_sound(runs, tmp_path, caplog):
-    options = EditOptions(prompts=["a cat"], output_dir=tmp_path, audio=False, num_inference_steps=2, num_inv_steps=2)
+    options = EditRequest(prompts=["a cat"], output_dir=tmp_path, audio=False, num_inference_steps=2, num_inv_steps=2)
     with caplog.at_level(logging.INFO, logger="tuneavideo.editing"):
         result = edit(runs["square"], options)
     assert not result.with_audio and not [r for r in caplog.records if "no sound" in r.getMessage()]
@@ -219,7 +224,7 @@ def test_no_audio_skips_the_sound(runs, tmp_path, caplog):
 
 def test_seeded_edits_are_reproducible(runs, tmp_path):
     def frames(seed: int, name: str) -> list[np.ndarray]:
-        options = EditOptions(prompts=["a cat"], seed=seed, eta=1.0, num_videos_per_prompt=2,
+        options = EditRequest(prompts=["a cat"], seed=seed, eta=1.0, num_videos_per_prompt=2,
                               output_dir=tmp_path / name, audio=False, **FAST)
         return [Clip(path).read(range(4)).astype(int) for path in edit(runs["square"], options).videos]
 
@@ -292,11 +297,11 @@ def test_a_span_of_a_30_fps_clip_is_edited_with_its_sound(runs, tmp_path, span, 
     assert status.returncode == 0, status.stderr[-3000:]
     fps = Fraction(30, stride)
     check_video(tmp_path / "a red ball.mp4", len(frames), (64, 64), fps, sound=True)
-    check_video(tmp_path / "side-by-side.mp4", len(frames), (128, 64), fps, sound=True)
+    check_video(tmp_path / "a red ball.side-by-side.mp4", len(frames), (128, 64), fps, sound=True)
     check_gif(tmp_path / "a red ball.gif", len(frames), (64, 64), fps)  # short enough for a GIF
     # the left half of the side-by-side is the span's source frames
     source = Clip(load_config(runs["thirty"] / "config.yaml").train_data.video_path)
-    left = Clip(tmp_path / "side-by-side.mp4").read(range(len(frames)))[:, :, :64].astype(int)
+    left = Clip(tmp_path / "a red ball.side-by-side.mp4").read(range(len(frames)))[:, :, :64].astype(int)
     assert np.abs(left - source.read(list(frames), (64, 64)).astype(int)).mean() < 6
     # the sound is the source's over exactly the span: the chirp from START on, as long as the picture
     start, seconds = frames.start / 30, len(frames) * stride / 30
@@ -308,19 +313,19 @@ def test_a_span_of_a_30_fps_clip_is_edited_with_its_sound(runs, tmp_path, span, 
 
 def test_a_span_equal_to_the_tuned_window_is_todays_edit(runs, tmp_path):
     run = runs["square"]
-    default = plan_edit(run, EditOptions(["a cat"], **FAST))
+    default = plan_edit(run, EditRequest(["a cat"], **FAST))
     # the tuned frames 0, 3, 6, 9 of the 24 fps sample clip: the span [0, 0.5) s at stride 3, in one window
-    spanned = plan_edit(run, EditOptions(["a cat"], span=(Fraction(0), Fraction(1, 2)), stride=3, window=100, **FAST))
+    spanned = plan_edit(run, EditRequest(["a cat"], span=(Fraction(0), Fraction(1, 2)), stride=3, window=100, **FAST))
     assert spanned.frames == default.frames == range(0, 12, 3)
     assert len(spanned.windows) == len(default.windows) == 1 and spanned.cache == default.cache
     assert default.cache == run / "inv_latents" / "ddim_latent-1.pt"
 
 
 def test_a_backwards_span_is_refused_whatever_builds_the_options(runs):
-    """The app and the benchmark build EditOptions themselves: the span is checked where every edit passes."""
+    """The app and the benchmark build EditRequest themselves: the span is checked where every edit passes."""
     for span, given in (((Fraction(2), Fraction(1)), "'2:1'"), ((Fraction(-1), None), "'-1:'")):
-        with pytest.raises(EditError, match=f"^--span {given}: START must be >= 0 and before END$"):
-            plan_edit(runs["square"], EditOptions(["a cat"], span=span))
+        with pytest.raises(RequestError, match=f"^`span` {given}: START must be >= 0 and before END$"):
+            plan_edit(runs["square"], EditRequest(["a cat"], span=span))
 
 
 def test_the_span_cache_of_a_frame_folder_changes_when_a_frame_is_replaced(runs, tmp_path):
@@ -333,7 +338,7 @@ def test_the_span_cache_of_a_frame_folder_changes_when_a_frame_is_replaced(runs,
         Image.fromarray(frame).save(folder / f"{index:05d}.png")
     config = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(config.replace(str(SAMPLE_CLIP), str(folder)))
-    options = EditOptions(["a cat"], span=(None, None), **FAST)
+    options = EditRequest(["a cat"], span=(None, None), **FAST)
     before = plan_edit(run, options).cache
     assert before.name.startswith("span-") and plan_edit(run, options).cache == before
     folder_time = folder.stat().st_mtime_ns
@@ -365,7 +370,7 @@ def test_windowed_reconstruction_is_close_to_the_single_window_one(runs, capsys)
 def test_a_variable_frame_rate_clip_edited_whole_shows_every_frame_at_its_source_time(runs, tmp_path):
     # PHONE_TIMES: 16 frames at 30 fps, then 14 at 15 fps; the edit is written at 30 fps, each frame held until the
     # next one's time
-    result = edit(runs["phone"], EditOptions(["a red ball"], span=(None, None), stride=1, window=16, output_dir=tmp_path,
+    result = edit(runs["phone"], EditRequest(["a red ball"], span=(None, None), stride=1, window=16, output_dir=tmp_path,
                                              **FAST))
     assert result.variable_rate and result.fps == 30 and result.span == pytest.approx((0, 1.5), abs=1e-4)
     with av.open(str(result.side_by_side)) as container:
@@ -405,21 +410,58 @@ def test_an_edit_that_fills_the_disk_keeps_the_earlier_edits(tuned_run, tmp_path
         edits = disk / "edits"
         assert edit_cli(tuned_run, "--prompt", "a red ball", "--output-dir", str(edits))[0] == 0
         earlier = {p.name: p.read_bytes() for p in edits.iterdir()}
-        assert set(earlier) == {"a red ball.mp4", "a red ball.gif", "side-by-side.mp4", "result.json",
-                                "edit-progress.json"}
+        assert set(earlier) == {"a red ball.mp4", "a red ball.gif", "a red ball.side-by-side.mp4", "result.json",
+                                "a red ball.progress.json"}
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(bytes(free - 20_000))  # room for a few pages, not for an edit
         status, message = edit_cli(tuned_run, "--prompt", "a green ball", "--prompt", "a blue ball",
                                    "--output-dir", str(edits))
-        assert status == 1 and message.startswith("inference.py: error: no space left on the disk of ")
+        assert status == 1 and message.startswith(f"inference.py: error: no space left on the disk of {edits} while")
         assert "\n" not in message and "free space and run again" in message
-        assert leftovers(edits) == []
-        for name, data in earlier.items():  # the earlier edit is whole, except the side-by-side it overwrote...
-            if name not in ("side-by-side.mp4", "edit-progress.json"):  # (and the progress file: the new edit's)
-                assert (edits / name).read_bytes() == data
-        # ...which is the earlier one or a whole new one, never half of one; so is each new edit
-        for path in edits.glob("*.mp4"):
-            assert len(list(Clip(path).frames())) == 4
+        assert leftovers(edits) == []  # beside the earlier files at most the new edit's progress file (failed)
+        assert {p.name for p in edits.iterdir()} - set(earlier) <= {"a green ball+a blue ball.progress.json"}
+        for name, data in earlier.items():  # the earlier edit is whole: nothing of the new one was moved in
+            assert (edits / name).read_bytes() == data
+
+
+def test_edits_sharing_a_folder_keep_each_other_s_files(tuned_run, tmp_path):
+    out, steps = tmp_path / "edits", dict(num_inference_steps=1, num_inv_steps=1, audio=False)
+    local = EditRequest(["a red ball is moving"], local=LocalEdit(blend_words=("ball", "ball"), inversion="ddim"),
+                        output_dir=out, **steps)
+    first = edit(tuned_run, local)
+    kept = {path.name: path.read_bytes() for path in out.iterdir() if path.name != "result.json"}
+    assert {"a red ball is moving.inversion.mp4", "a red ball is moving.side-by-side.mp4"} <= set(kept)
+    # a plain edit whose prompt is "inversion": its own files, and the local edit's are untouched
+    second = edit(tuned_run, EditRequest(["inversion", "a cat"], output_dir=out, **steps))
+    assert second.side_by_side == out / "inversion+a cat.side-by-side.mp4" and (out / "inversion.mp4").is_file()
+    assert all((out / name).read_bytes() == data for name, data in kept.items())
+    assert EditResult.load_all(out) == [first, second] and EditResult.load(out) == second
+    again = edit(tuned_run, local)  # the same edit again replaces its own files and its entry
+    assert EditResult.load_all(out) == [second, again]
+
+
+@pytest.mark.e2e
+def test_a_killed_edit_leaves_the_earlier_edit_whole_and_the_next_one_sweeps_its_leftovers(tuned_run, tmp_path):
+    out = tmp_path / "edits"
+    assert edit_cli(tuned_run, "--prompt", "a cat", "--output-dir", str(out))[0] == 0
+    earlier = {path.name: path.read_bytes() for path in out.iterdir()}
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(tuned_run), "--prompt", "a dog",
+               "--span", "all", "--stride", "1", "--window", "8", "--num-inference-steps", "1", "--num-inv-steps", "1",
+               "--jpeg-frames", "--output-dir", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # its first frames are written (JPEGs, whole) while its MP4s are still being encoded: between files
+    while not list(out.glob(".edit-*.tmp/a dog/00005.jpg")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the edit ended before it could be killed between files"
+    assert list(out.glob(".edit-*.tmp/a dog/00000.jpg"))  # staged out of sight...
+    assert {path.name: path.read_bytes() for path in out.iterdir() if not path.name.startswith(".")} == earlier
+    assert EditResult.load_all(out)[0].videos == [out / "a cat.mp4"]  # ...and the index is the earlier one
+    assert edit_cli(tuned_run, "--prompt", "a cow", "--output-dir", str(out))[0] == 0
+    assert not [path for path in out.iterdir() if path.name.startswith(".")]  # the killed edit's leftovers are gone
+    assert all((out / name).read_bytes() == data for name, data in earlier.items() if name != "result.json")
+    assert [result.videos for result in EditResult.load_all(out)] == [[out / "a cat.mp4"], [out / "a cow.mp4"]]
 
 
 # inference.py: bad options and bad run folders ------------------------------------------------------------------
@@ -474,8 +516,8 @@ DAMAGED_RUN_FILES = {
     "unet/diffusion_pytorch_model.safetensors": ["cannot be loaded", "re-run the training"],
     "vae/diffusion_pytorch_model.safetensors": ["cannot be loaded", "re-run the training"],
     "scheduler/scheduler_config.json": ["scheduler", "cannot be read"],
-    "model_index.json": ["cannot be loaded"],
-}
+    "tokenizer/tokenizer.json": ["cannot be loaded", "re-run the training"],
+}  # model_index.json only marks a run finished: the pipeline loads by class (`pipelines.loading`)
 
 
 @pytest.mark.parametrize("name", DAMAGED_RUN_FILES)
@@ -490,7 +532,7 @@ def test_a_damaged_run_folder_is_a_one_line_error_and_keeps_earlier_edits(name, 
     assert status == 1 and message.startswith("inference.py: error: ") and "\n" not in message
     for word in DAMAGED_RUN_FILES[name]:
         assert word in message, (word, message)
-    assert [p.name for p in edits.iterdir() if p.name != "edit-progress.json"] == ["earlier.mp4"]
+    assert [p.name for p in edits.iterdir() if not p.name.endswith(".progress.json")] == ["earlier.mp4"]
     assert (edits / "earlier.mp4").read_bytes() == b"an earlier edit"
     progress = EditProgress.load(edits)  # written once the plan was checked: then how it failed
     assert progress is None or (progress.phase == "failed" and progress.message in message)
@@ -567,3 +609,67 @@ def test_ctrl_c_during_an_edit_leaves_no_file_behind(tuned_run, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0 and stderr.strip().splitlines()[-1] == "inference.py: interrupted"
     assert leftovers(out) == [] and not list(out.glob("*.mp4")) and not list(out.glob("*.gif"))
+
+
+def test_prompts_longer_than_a_file_name_are_cut_by_utf8_bytes_before_the_model_loads(tuned_run, tmp_path):
+    edits = tmp_path / "edits"
+    cjk, emoji = "一只红色的球在草地上滚动" * 8, "🔴⚽" * 40  # 96 characters, 288 bytes; 80 characters, 280 bytes
+    status, message = edit_cli(tuned_run, "--prompt", cjk, "--prompt", emoji, "--output-dir", str(edits), "--no-audio")
+    assert (status, message) == (0, "")
+    names = sorted(path.name for path in edits.iterdir())
+    assert all(len(name.encode()) <= 255 for name in names) and not leftovers(edits)
+    result = EditResult.load(edits)
+    for video, prompt in zip(result.videos, (cjk, emoji)):
+        stem = video.stem
+        assert prompt.startswith(stem) and 195 <= len(stem.encode()) <= 200, stem  # whole characters only
+        assert probe(video)["frames"] == 4 and video.with_suffix(".gif").is_file()
+    earlier = {name: (edits / name).read_bytes() for name in names}
+    # two prompts alike in their first 200 bytes would share files: refused before the model loads
+    status, message = edit_cli(tuned_run, "--prompt", cjk + "，晚上", "--prompt", cjk + "，早上", "--output-dir",
+                               str(edits))
+    assert status == 1 and "would overwrite each other's files" in message and "\n" not in message
+    assert {path.name: path.read_bytes() for path in edits.iterdir()} == earlier
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_cached_inversion_that_is_not_finite_is_inverted_again(value, tuned_run, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(tuned_run, run)
+    (cached,) = (run / "inv_latents").glob("ddim_latent-*.pt")
+    good = torch.load(cached)
+    bad = good.clone()
+    bad[0, 0, 1, 2, 3] = value  # the right shape, one value off: the whole edit would be black
+    torch.save(bad, cached)
+    with caplog.at_level("WARNING"):
+        assert edit_cli(run, "--prompt", "a cat", "--no-audio") == (0, "")
+    assert f"note: {cached} holds values that are not finite" in caplog.text
+    assert "inverting the clip again" in caplog.text
+    replaced = torch.load(cached)
+    assert replaced.shape == good.shape and torch.isfinite(replaced).all()
+    torch.testing.assert_close(replaced, good, rtol=1e-4, atol=1e-4)  # this run inverted the clip as it did
+    assert EditResult.load(run / "edits").cached_latent is None
+    assert np.stack(read_frames(run / "edits" / "a cat.mp4")).std() > 1  # not a black (or flat) edit
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--prompt", os.fsdecode(b"a \xff\xfe ball")], "--prompt 'a \\xff\\xfe ball'"),
+    (["--prompt", "a cat", "--negative-prompt", os.fsdecode(b"blur\xe9")], "--negative-prompt 'blur\\xe9'"),
+    (["--prompt", "a red ball is moving", "--control", "refine", "--source-prompt", os.fsdecode(b"a \xff ball")],
+     "--source-prompt 'a \\xff ball'"),
+], ids=["prompt", "negative-prompt", "source-prompt"])
+def test_prompt_bytes_that_are_not_utf8_are_one_line_before_any_model_loads(args, option, tuned_run, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setattr(Run, "load_pipeline", lambda *_: pytest.fail("the model was loaded"))
+    status, message = edit_cli(tuned_run, *args, "--output-dir", str(tmp_path / "edits"))
+    assert status == 1 and message == f"inference.py: error: {option}: is not UTF-8 text; give it in UTF-8"
+    assert not (tmp_path / "edits").exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**80])
+def test_a_seed_out_of_range_is_one_line_before_any_model_loads(seed, tuned_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(Run, "load_pipeline", lambda *_: pytest.fail("the model was loaded"))
+    status, message = edit_cli(tuned_run, "--prompt", "a cat", "--seed", str(seed), "--output-dir",
+                               str(tmp_path / "edits"))
+    assert status == 1 and "\n" not in message
+    assert message == f"inference.py: error: --seed must be a whole number from 0 to 4294967295 (2**32 - 1), got {seed}"
+    assert not (tmp_path / "edits").exists()

@@ -23,6 +23,7 @@ from tuneavideo.evaluate import (
     frame_consistency,
     frame_consistency_neighbours,
     main,
+    psnr_outside,
     read_frames,
     text_image_score,
 )
@@ -240,6 +241,18 @@ def test_prompts_are_cut_at_77_tokens(evaluator):
     assert cut.text_alignment != evaluator.score(frames, "a b").text_alignment
 
 
+def test_psnr_outside_the_mask_counts_only_the_pixels_outside_it():
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, :2] = True
+    source = np.zeros((1, 4, 4, 3), np.uint8)
+    edited = source.copy()
+    edited[0, :2] = 255  # changed only inside the mask
+    assert psnr_outside(edited, source, mask) == math.inf
+    edited[0, 3, 3] = 10  # one pixel outside: MSE = 3 * 100 / (8 * 3)
+    assert psnr_outside(edited, source, mask) == pytest.approx(10 * math.log10(255**2 / (300 / 24)))
+    assert psnr_outside(edited, source, np.ones((1, 4, 4), bool)) is None
+
+
 def test_read_frames_sorts_folders_by_name_and_reads_every_gif_frame(tmp_path):
     colours = {"b.png": (0, 255, 0), "a.jpg": (255, 0, 0), "c.PNG": (0, 0, 255)}
     for name, colour in colours.items():
@@ -377,7 +390,7 @@ def test_an_edit_with_evaluate_writes_the_figures_of_every_edit_and_the_source(e
     args = ["--model", str(tuned_run), "--prompt", "a red ball", "--prompt", "a cat", "--num-inference-steps", "3",
             "--num-inv-steps", "3", "--output-dir", str(tmp_path), "--evaluate"]
     run_cli(inference.main, "inference.py", args)
-    records = json.loads((tmp_path / "metrics.json").read_text())
+    records = json.loads((tmp_path / "a red ball+a cat.metrics.json").read_text())
     assert [(r["video"], r["prompt"]) for r in records] == [("a red ball.mp4", "a red ball"), ("a cat.mp4", "a cat")]
     evaluator = Evaluator()
     source = list(plan_edit(*inference.parse_args(args)).clip.frames((64, 64), 0, 12, 3))
@@ -412,7 +425,7 @@ def test_a_local_edit_with_evaluate_also_measures_what_stayed_outside_the_mask(e
         "--model", str(tuned_run), "--prompt", "a red ball is moving", "--control", "refine", "--blend", "ball",
         "--inversion", "ddim", "--num-inference-steps", "1", "--num-inv-steps", "1", "--output-dir", str(tmp_path),
         "--no-audio", "--evaluate"])
-    [record] = json.loads((tmp_path / "metrics.json").read_text())
+    [record] = json.loads((tmp_path / "a red ball is moving.metrics.json").read_text())
     assert set(record) == KEYS | {"source", "psnr_outside_mask"}
     # at 64x64 the mask's map is 2x2 (the latent's quarter), which the 3x3 max pool makes whole: nothing is outside
     assert record["psnr_outside_mask"] is None

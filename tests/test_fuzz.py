@@ -501,11 +501,11 @@ def test_edit_options_give_a_plan_or_one_line(run_copy, edit_folder):
         except UserError as err:
             assert "\n" not in str(err) and str(err).strip(), repr(str(err))
             return
-        options = plan.options
-        assert plan.folder.is_dir() and plan.frames and len(plan.frames) <= plan.clip.info.num_frames
+        options = plan.request
+        assert plan.files.folder.is_dir() and plan.frames and len(plan.frames) <= plan.clip.info.num_frames
         assert plan.frames.step == (options.stride or plan.cfg.train_data.sample_frame_rate)
         assert all(len(w.frames) == min(plan.window, len(plan.frames)) for w in plan.windows)
-        assert math.isfinite(plan.guidance_scale) and options.eta >= 0
+        assert math.isfinite(options.guidance) and options.eta >= 0
         assert 1 <= options.num_inference_steps <= 1000 and 1 <= options.num_inv_steps <= 1000
 
     check()

@@ -4,25 +4,25 @@ errors raised before any model loads, and Video-P2P's rabbit-jump configs run un
 
 from __future__ import annotations
 
-import math
 import shutil
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import inference
 from tests.helpers import probe, train_in_process
-from tuneavideo import local_editing
+from tuneavideo import p2p_edit
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
-from tuneavideo.editing import EditOptions, EditResult, _source_frames, edit, plan_edit
+from tuneavideo.editing import edit, plan_edit
 from tuneavideo.evaluate import read_frames
-from tuneavideo.local_editing import edit_p2p, mask_overlay, psnr_outside, upsampled
-from tuneavideo.pipelines.local_edit import LocalEdit
+from tuneavideo.p2p_edit import edit_p2p
+from tuneavideo.request import EditRequest, LocalEdit
+from tuneavideo.run import EditResult, Run
+from tuneavideo.video.edit_writer import mask_overlay
 
 CONFIGS = Path(__file__).parent / "p2p_configs"
 STEPS = dict(num_inference_steps=2, num_inv_steps=2)
@@ -30,14 +30,14 @@ TARGET = "a red ball is moving"  # the tuned prompt is "a ball is moving"
 
 
 def local_edit(tuned_run, folder, **options) -> EditResult:
-    local = options.pop("local", LocalEdit("refine", blend=("ball", "ball"), inversion="ddim"))
-    return edit(tuned_run, EditOptions([TARGET], **{**STEPS, **options}, local=local, output_dir=folder))
+    local = options.pop("local", LocalEdit("refine", blend_words=("ball", "ball"), inversion="ddim"))
+    return edit(tuned_run, EditRequest([TARGET], **{**STEPS, **options}, local=local, output_dir=folder))
 
 
 def test_a_local_edit_writes_the_edit_its_source_branch_and_its_mask(tuned_run, tmp_path):
-    local = LocalEdit("refine", blend=("ball", "ball"), reweight={"red": 2}, null_text_iterations=1)
+    local = LocalEdit("refine", blend_words=("ball", "ball"), reweights={"red": 2}, null_text_iterations=1)
     result = local_edit(tuned_run, tmp_path / "edit", local=local, num_inference_steps=1, num_inv_steps=1)
-    assert result.inversion == tmp_path / "edit" / "inversion.mp4"
+    assert result.inversion == tmp_path / "edit" / f"{TARGET}.inversion.mp4"
     assert result.masks == [tmp_path / "edit" / f"{TARGET}.mask.mp4"]
     count = len(result.frames)
     for path in [*result.videos, result.inversion, *result.masks]:
@@ -46,8 +46,8 @@ def test_a_local_edit_writes_the_edit_its_source_branch_and_its_mask(tuned_run, 
     assert result.with_audio and probe(result.inversion)["audio_seconds"] == pytest.approx(count / result.fps, abs=0.05)
     assert EditResult.load(result.folder) == result
     # at 64x64 the mask's map is 2x2, which the 3x3 max pool makes whole: every pixel of the source is tinted
-    source = list(_source_frames(plan_edit(tuned_run, EditOptions([TARGET], **STEPS, local=LocalEdit(),
-                                                                  output_dir=tmp_path / "edit"))))
+    source = list(plan_edit(tuned_run, EditRequest([TARGET], **STEPS, local=LocalEdit(),
+                                                   output_dir=tmp_path / "edit")).source_frames())
     tinted = [mask_overlay(frame, np.ones(frame.shape[:2], bool)) for frame in source]
     shown = read_frames(result.masks[0])
     assert np.abs(np.stack(shown).astype(float) - np.stack(tinted)).mean() < 3
@@ -71,55 +71,39 @@ def test_a_span_of_one_window_equals_the_unwindowed_edit(tuned_run, tmp_path):
 
 def test_guidance_defaults_to_videop2p_with_control_and_stays_12_5_without(tuned_run, tmp_path):
     options = dict(prompts=[TARGET], output_dir=tmp_path, **STEPS)
-    assert plan_edit(tuned_run, EditOptions(**options)).guidance_scale == 12.5
-    assert plan_edit(tuned_run, EditOptions(**options, local=LocalEdit())).guidance_scale == 7.5
-    assert plan_edit(tuned_run, EditOptions(**options, guidance_scale=3.0, local=LocalEdit())).guidance_scale == 3.0
-    assert plan_edit(tuned_run, EditOptions(**options, local=LocalEdit())).local.source_prompt == "a ball is moving"
+    assert EditRequest(**options).guidance == 12.5
+    assert EditRequest(**options, local=LocalEdit()).guidance == 7.5
+    assert EditRequest(**options, guidance_scale=3.0, local=LocalEdit()).guidance == 3.0
+    assert plan_edit(tuned_run, EditRequest(**options, local=LocalEdit())).control.source_prompt == "a ball is moving"
 
 
 @pytest.mark.parametrize("args, message", [
     (["--control", "replace", "--prompt", "a red ball is moving"], "use control 'refine'"),
     (["--control", "refine", "--prompt", TARGET, "--blend", "cat"], "blend source word 'cat' is not a word"),
     (["--control", "refine", "--prompt", TARGET, "--blend", "ball:cat"], "blend target word 'cat'"),
-    (["--control", "refine", "--prompt", TARGET, "--reweight", "red"], "reweight 'red': give WORD=FACTOR"),
+    (["--control", "refine", "--prompt", TARGET, "--reweight", "red"], "--reweight 'red': give WORD=FACTOR"),
     (["--control", "refine", "--prompt", TARGET, "--reweight", "blue=2"], "reweight word 'blue' is not a word"),
-    (["--control", "refine", "--prompt", TARGET, "--mask-threshold", "1"], "mask_threshold must be in (0, 1)"),
-    (["--control", "refine", "--prompt", TARGET, "--cross-replace-steps", "1.5"], "cross_replace_steps must be"),
-    (["--control", "refine", "--prompt", TARGET, "--num-inv-steps", "3"], "num_inference_steps must equal num_inv_steps"),
-    (["--control", "refine", "--prompt", TARGET, "--eta", "0.5"], "--eta does not apply with --control"),
-    (["--control", "refine", "--prompt", "inversion"], "would overwrite"),
+    (["--control", "refine", "--prompt", TARGET, "--mask-threshold", "1"], "--mask-threshold must be in (0, 1)"),
+    (["--control", "refine", "--prompt", TARGET, "--cross-replace-steps", "1.5"], "--cross-replace-steps must be"),
+    (["--control", "refine", "--prompt", TARGET, "--num-inv-steps", "3"], "--num-inference-steps equal to"),
+    (["--control", "refine", "--prompt", TARGET, "--eta", "0.5"], "--eta does not apply to a local edit"),
+    (["--control", "refine", "--prompt", TARGET, "--reweight", "red=nan"], "--reweight red=nan: the factor must be"),
+    (["--control", "refine", "--prompt", "a.inversion"], "would overwrite"),
     (["--blend", "ball", "--prompt", TARGET], "need --control"),
+    (["--control", "refine", "--prompt", TARGET, "--reweight", "red=nan"], "reweight red=nan: the factor must be"),
+    (["--control", "refine", "--prompt", TARGET, "--reweight", "red=-inf"], "reweight red=-inf: the factor must"),
 ])
 def test_bad_local_edit_input_is_one_line_before_any_model_loads(tuned_run, tmp_path, capsys, monkeypatch, args,
                                                                 message):
-    from tuneavideo import editing
-
     def no_model(*_):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(editing, "_load_pipeline", no_model)
+    monkeypatch.setattr(Run, "load_pipeline", no_model)
     with pytest.raises(SystemExit) as exit:
         run_cli(inference.main, "inference.py", ["--model", str(tuned_run), "--num-inference-steps", "2",
                                                  "--num-inv-steps", "2", "--output-dir", str(tmp_path), *args])
     text = str(exit.value.code)
     assert text.startswith("inference.py: error: ") and "\n" not in text and message in text, text
-
-
-def test_mask_overlay_tints_only_the_mask_and_psnr_counts_only_outside_it():
-    frame = np.full((4, 4, 3), 100, np.uint8)
-    mask = np.zeros((4, 4), bool)
-    mask[:2] = True
-    shown = mask_overlay(frame, mask)
-    assert (shown[2:] == 100).all() and (shown[:2] == [178, 50, 50]).all()  # (100 + 255) / 2, 100 / 2
-    up = upsampled(torch.tensor([[[True, False], [False, False]]]), (4, 4))
-    assert up.shape == (1, 4, 4) and up[0, :2, :2].all() and up.sum() == 4
-    source = np.zeros((1, 4, 4, 3), np.uint8)
-    edited = source.copy()
-    edited[0, :2] = 255  # changed only inside the mask
-    assert psnr_outside(edited, source, mask[None]) == math.inf
-    edited[0, 3, 3] = 10  # one pixel outside: MSE = 3 * 100 / (8 * 3)
-    assert psnr_outside(edited, source, mask[None]) == pytest.approx(10 * math.log10(255**2 / (300 / 24)))
-    assert psnr_outside(edited, source, np.ones((1, 4, 4), bool)) is None
 
 
 def write_rabbit(folder: Path) -> None:
@@ -144,7 +128,7 @@ def test_videop2p_rabbit_jump_configs_tune_and_edit_unchanged_but_for_paths_and_
     run = train_in_process(cfg)
     assert run.resolve() == (tmp_path / "outputs" / "rabbit-jump").resolve()
 
-    monkeypatch.setattr(local_editing, "P2P_SIZE", 64)  # Video-P2P's 512x512 takes minutes on the CPU
+    monkeypatch.setattr(p2p_edit, "P2P_SIZE", 64)  # Video-P2P's 512x512 takes minutes on the CPU
     run_cli(inference.main, "inference.py", ["--p2p-config", "rabbit-jump-p2p.yaml", "--fast",
                                              "--num-inference-steps", "1", "--num-inv-steps", "1"])
     results = run / "results"
@@ -166,10 +150,63 @@ def test_videop2p_rabbit_jump_configs_tune_and_edit_unchanged_but_for_paths_and_
     ('prompts: ["a rabbit", "a origami rabbit"]\npretrained_model_path: run\n', "missing image_path"),
     ('image_path: f\nprompts: ["a rabbit"]\npretrained_model_path: run\n', "[source, target]"),
     ('image_path: f\nprompts: ["a", "b"]\nsteps: 3\n', "unknown key 'steps'"),
+    ('image_path: f\nprompts: ["a", "b"]\npretrained_model_path: run\nsave_name: ../../elsewhere/x\n',
+     "save_name='../../elsewhere/x' must be a plain file name"),
 ])
 def test_bad_p2p_configs_are_one_line(tmp_path, text, message):
-    path = tmp_path / "bad-p2p.yaml"
+    path = tmp_path / "configs" / "bad-p2p.yaml"
+    path.parent.mkdir()
     path.write_text(text)
     with pytest.raises(SystemExit) as exit:
         run_cli(inference.main, "inference.py", ["--p2p-config", str(path)])
     assert message in str(exit.value.code) and "\n" not in str(exit.value.code)
+    assert [p.name for p in tmp_path.rglob("*")] == ["configs", "bad-p2p.yaml"]  # nothing written anywhere
+
+
+def test_a_videop2p_config_naming_a_base_model_is_one_line_before_any_model_loads(tiny_sd, tmp_path):
+    write_rabbit(tmp_path / "rabbit")
+    config = tmp_path / "p2p.yaml"
+    config.write_text(f"pretrained_model_path: {tiny_sd}\nimage_path: {tmp_path / 'rabbit'}\n"
+                      "prompts: [a rabbit is jumping, a origami rabbit is jumping]\n")
+    before = sorted(tiny_sd.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(inference.main, "inference.py", ["--p2p-config", str(config), "--fast"])
+    message = str(exit_info.value.code)
+    assert message == (f"inference.py: error: {config}: pretrained_model_path {tiny_sd} is a base model, not a tuned "
+                       "run; tune it on the clip first (train_tuneavideo.py) and give the run's output_dir")
+    assert sorted(tiny_sd.rglob("*")) == before  # no results/ written into it
+
+
+def test_a_videop2p_config_s_nan_reweight_is_one_line_and_a_negative_one_is_taken(tuned_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(Run, "load_pipeline", lambda *_: pytest.fail("the model was loaded"))
+    config = tmp_path / "p2p.yaml"
+    config.write_text(f"pretrained_model_path: {tuned_run}\nimage_path: {tmp_path}\n"
+                      "prompts: [a ball is moving, a red ball is moving]\neq_params: {words: [red], values: [.nan]}\n")
+    with pytest.raises(SystemExit) as exit:
+        run_cli(inference.main, "inference.py", ["--p2p-config", str(config), "--fast"])
+    assert str(exit.value.code).startswith("inference.py: error: ") and "red=nan: the factor must be a finite" in \
+        str(exit.value.code) and "\n" not in str(exit.value.code)
+    assert not (tuned_run / "results").exists()
+    # a negative factor is meant (Prompt-to-Prompt's examples weaken a word with -1): it passes every check
+    plan = plan_edit(tuned_run, EditRequest([TARGET], **STEPS, output_dir=tmp_path / "out",
+                                            local=LocalEdit("refine", reweights={"red": -1.0}, inversion="ddim")))
+    assert plan.control is not None
+
+
+def test_a_damaged_tokenizer_ends_a_local_edit_in_one_line_before_any_model_loads(tuned_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(Run, "load_pipeline", lambda *_: pytest.fail("the model was loaded"))
+    run = shutil.copytree(tuned_run, tmp_path / "run", ignore=shutil.ignore_patterns("edits"))
+    tokenizer = run / "tokenizer" / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[: tokenizer.stat().st_size // 2])  # truncated
+    write_rabbit(tmp_path / "rabbit")
+    config = tmp_path / "p2p.yaml"
+    config.write_text(f"pretrained_model_path: {run}\nimage_path: {tmp_path / 'rabbit'}\n"
+                      "prompts: [a ball is moving, a red ball is moving]\n")
+    for args in (["--model", str(run), "--control", "refine", "--prompt", TARGET, "--inversion", "ddim"],
+                 ["--p2p-config", str(config), "--fast"]):
+        with pytest.raises(SystemExit) as exit:
+            run_cli(inference.main, "inference.py", args)
+        message = str(exit.value.code)
+        assert message.startswith(f"inference.py: error: {run / 'tokenizer'}: the run's tokenizer cannot be loaded (")
+        assert message.endswith("re-run the training to save the model again") and "\n" not in message
+    assert not (run / "edits").exists() and not (run / "results").exists()

@@ -10,6 +10,7 @@ from PIL import Image
 from tuneavideo.config import ConfigError, load_config
 from tuneavideo.errors import UserError
 from tuneavideo.p2p_config import P2P_KEYS, P2PConfig, load_p2p_config, read_p2p_frames
+from tuneavideo.request import LocalEdit
 from tuneavideo.video.readers import VideoReadError
 
 CONFIGS = Path(__file__).parent / "p2p_configs"
@@ -39,6 +40,15 @@ def test_videop2p_rabbit_edit_config_loads():
         pretrained_model_path="./outputs/rabbit-jump",
         mixed_precision="fp32",
     )
+
+
+def test_a_config_is_the_request_s_local_edit_with_its_names_and_defaults(tmp_path):
+    cfg = load_p2p_config(CONFIGS / "rabbit-jump-p2p.yaml")
+    assert cfg.local_edit(fast=True) == LocalEdit("refine", "a rabbit is jumping on the grass", ("rabbit", "rabbit"),
+                                                  {"origami": 2.0}, 0.2, 0.5, inversion="ddim")
+    assert cfg.local_edit(fast=False, null_text_iterations=3).inversion == "null-text"
+    defaults = load_p2p_config(write(tmp_path, 'image_path: f\nprompts: ["a cat", "a dog"]\n')).local_edit(False)
+    assert defaults == LocalEdit(source_prompt="a cat")  # Video-P2P's defaults are the request's
 
 
 def test_videop2p_rabbit_tune_config_loads_unchanged_as_a_tune_a_video_config():
@@ -103,6 +113,14 @@ def test_optional_keys_take_videop2p_defaults(tmp_path):
         (lambda t: t + "\ncross_replace_steps: 2\n", "cross_replace_steps=2 must be a fraction of the steps in [0, 1]"),
         (lambda t: t + "\nvideo_len: 0\n", "video_len=0 must be a whole number of frames >= 1"),
         (lambda t: t + "\nmixed_precision: fp8\n", "mixed_precision='fp8' must be one of fp32, fp16, bf16"),
+        (lambda t: t.replace('save_name: "origami"', 'save_name: "../../../../elsewhere/x"'),
+         "save_name='../../../../elsewhere/x' must be a plain file name (no folders"),
+        (lambda t: t.replace('save_name: "origami"', 'save_name: "sub/dir/x"'), "save_name='sub/dir/x' must be a plain"),
+        (lambda t: t.replace('save_name: "origami"', 'save_name: ".."'), "save_name='..' must be a plain file name"),
+        (lambda t: t.replace('save_name: "origami"', f'save_name: "{"x" * 201}"'), "at most 200 bytes"),
+        (lambda t: t.replace('save_name: "origami"', 'save_name: "inversion"'),
+         "save_name='inversion' would overwrite the inversion's own files"),
+        (lambda t: t.replace('save_name: "origami"', 'save_name: "inversion_fast"'), "would overwrite the inversion"),
         (lambda t: "[1, 2]", "must be a mapping of keys"),
         (lambda t: "a: [", "cannot be read as YAML"),
     ],

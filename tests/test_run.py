@@ -216,3 +216,22 @@ def test_a_long_run_s_history_is_bounded_each_entry_the_mean_loss_of_its_steps(t
     assert len(history) == total // 3 + 1 <= HISTORY_LIMIT
     assert history[:2] == [[3, 2.0, 1e-4], [6, 5.0, 1e-4]]  # the mean of steps 1-3, of steps 4-6
     assert history[-2:] == [[total - 1, total - 2, 1e-4], [total, total, 1e-4]]  # and the last step alone
+
+
+def test_truncated_or_foreign_progress_is_unknown_and_a_newer_version_s_keys_are_ignored(tmp_path):
+    run = Run(tmp_path)
+    with ProgressWriter(run, total=3) as writer:
+        writer.begin(0)
+        writer.step(1, 0.5, 1e-4)
+    written = run.progress_file.read_bytes()
+    finished = run.progress()
+    newer = json.loads(written) | {"gpu_memory": 12.5, "phase": "validation"}  # keys of a newer version
+    run.progress_file.write_text(json.dumps(newer))
+    assert run.progress() == finished
+    for damaged in (written[: len(written) // 2], b"", b"\xff\xfe not text", b"[1, 2]", b'{"state": "running"}',
+                    json.dumps(json.loads(written) | {"step": "three"}).encode(),
+                    json.dumps(json.loads(written) | {"history": [[1, "x", 2]]}).encode()):
+        run.progress_file.write_bytes(damaged)
+        assert run.progress() is None, damaged
+        assert run.progress_file.read_bytes() == damaged  # read, never rewritten by a reader
+    assert ProgressWriter(run, total=3, resuming=True).progress.history == []  # unknown: nothing to keep

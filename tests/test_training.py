@@ -33,7 +33,8 @@ from tests.helpers import (
 )
 from tuneavideo.cli import run_cli
 from tuneavideo.config import load_config
-from tuneavideo.editing import EditOptions, edit
+from tuneavideo.editing import edit
+from tuneavideo.request import EditRequest
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.inversion import sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
@@ -210,7 +211,7 @@ def test_bf16_on_the_cpu_trains_resumes_and_edits(tmp_path, run_config):
     # the same noise and timesteps (same seed): the losses differ by bf16 rounding only
     assert losses == pytest.approx(reference, rel=0.05)
     assert losses != reference  # bf16 did run
-    result = edit(half, EditOptions(["a red ball"], num_inference_steps=3, num_inv_steps=3, audio=False))
+    result = edit(half, EditRequest(["a red ball"], num_inference_steps=3, num_inv_steps=3, audio=False))
     assert len(Clip(result.videos[0]).read(range(4))) == 4
 
 
@@ -345,6 +346,8 @@ BAD_TRAINING_INPUT = {
     "unknown key": (dict(args=["train_data.n_sample_frame=4"]), ["n_sample_frame", "n_sample_frames"]),
     "wrong type": (dict(args=["max_train_steps=many"]), ["max_train_steps"]),
     "unknown option": (dict(args=["--frobnicate"]), ["unrecognized arguments: --frobnicate"]),
+    "negative seed": (dict(args=["seed=-1"]), ["seed=-1", "from 0 to 4294967295"]),
+    "seed too large": (dict(args=[f"seed={2**80}"]), [f"seed={2**80}", "from 0 to 4294967295"]),
 }
 
 
@@ -558,3 +561,67 @@ def test_a_base_with_bin_weights_tunes_and_saves_without_diffusers_errors(tmp_pa
     train_in_process(cfg)
     assert (tmp_path / "run" / "model_index.json").exists()
     assert "An error occurred while trying to fetch" not in capfd.readouterr().err  # diffusers' logger.error lines
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_damaged_checkpoint_is_named_before_anything_is_touched_and_latest_falls_back(tmp_path, run_config, caplog):
+    run = tmp_path / "run"
+    config = run_config(run, max_train_steps=2, checkpointing_steps=1, validation_steps=100)
+    train_in_process(load_config(config))
+    model = run / "checkpoint-2" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # truncated, as by a full disk or a copy
+    before = _files(run)
+
+    def refused(resume: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(train_tuneavideo.main, "train_tuneavideo.py",
+                    [f"--config={config}", f"resume_from_checkpoint={resume}"])
+        assert _files(run) == before  # config.yaml and progress.json (finished) untouched, nothing written
+        return str(exit_info.value.code)
+
+    message = refused(str(run / "checkpoint-2"))
+    assert message.startswith("train_tuneavideo.py: error: ") and "\n" not in message
+    assert f"{run / 'checkpoint-2'} is damaged (model.safetensors: " in message
+    assert f"resume from {run / 'checkpoint-1'} instead" in message
+
+    optimizer = run / "checkpoint-1" / "optimizer.bin"
+    saved = optimizer.read_bytes()
+    optimizer.write_bytes(saved[:-100])
+    before = _files(run)
+    message = refused("latest")
+    assert "checkpoint-2 is damaged" in message and "no earlier checkpoint is complete" in message
+    assert "overwrite=true" in message and "\n" not in message
+
+    optimizer.write_bytes(saved)  # checkpoint-1 complete again: latest resumes from it, and says so in one line
+    with caplog.at_level("INFO", logger="tuneavideo"):
+        train_in_process(load_config(config, ["resume_from_checkpoint=latest"]))
+    assert f"{run / 'checkpoint-2'} is damaged (model.safetensors: " in caplog.text
+    assert "resuming from checkpoint-1, the newest complete checkpoint" in caplog.text
+    assert f"resuming from {run / 'checkpoint-1'}" in caplog.text
+    assert json.loads((run / "progress.json").read_text())["state"] == "finished"
+    assert load_file(model)  # checkpoint-2 was saved again, whole
+
+
+def test_resuming_with_a_truncated_progress_file_goes_on(tmp_path, run_config):
+    run = tmp_path / "run"
+    config = run_config(run, max_train_steps=2, checkpointing_steps=1, validation_steps=100)
+    train_in_process(load_config(config, ["max_train_steps=1"]))
+    progress = run / "progress.json"
+    progress.write_bytes(progress.read_bytes()[:40])
+    train_in_process(load_config(config, ["resume_from_checkpoint=latest"]))
+    written = json.loads(progress.read_text())
+    assert (written["state"], written["step"]) == ("finished", 2)
+    assert [entry[0] for entry in written["history"]] == [2]  # the steps before it were unknown
+
+
+def test_a_validation_prompt_longer_than_a_file_name_is_cut_by_utf8_bytes(tmp_path, run_config):
+    long = "🔴⚽" * 40  # 80 characters, 280 bytes of UTF-8
+    config = run_config(tmp_path / "run", max_train_steps=1, validation_steps=1)
+    run = Run(train_in_process(load_config(config, [f"validation_data.prompts=['{long}']"])))
+    sample = run.sample(1, long)
+    assert long.startswith(sample.stem) and len(sample.stem.encode()) == 200
+    assert sample.is_file() and sample.with_suffix(".gif").is_file()
+    assert json.loads(run.progress_file.read_text())["sample"] == str(sample)

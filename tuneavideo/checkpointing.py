@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_MODEL_NAME, SCHEDULER_NAME
+from safetensors import SafetensorError, safe_open
 
 from .atomic import remove, staged
-from .errors import UserError
+from .errors import UserError, first_line
 from .run import Run, checkpoint_step
 
 logger = logging.getLogger(__name__)
@@ -69,21 +72,71 @@ def resume_advice(run: Run) -> str:
     return "there is no complete checkpoint: free space, then run the training again"
 
 
-def resume(accelerator: Accelerator, resume_from_checkpoint: str | None, run: Run) -> int:
-    """Load the requested checkpoint (a path or "latest"); returns the step it was saved at (0 when none)."""
+def checkpoint_damage(path: Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed from (a file of accelerate's missing, truncated or
+    corrupt), or None when every file reads. Reads only the files' indexes and checksums, not the tensors."""
+    for pattern in (f"{SAFE_MODEL_NAME}*.safetensors", f"{OPTIMIZER_NAME}*.bin", f"{SCHEDULER_NAME}*.bin",
+                    f"{RNG_STATE_NAME}*.pkl"):
+        if not any(path.glob(pattern)):
+            return f"no {pattern}"
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(file, "pt"):  # checks that the header covers the whole file
+                    pass
+            elif file.suffix in (".bin", ".pkl"):  # torch.save's zip archives: every member's CRC
+                with zipfile.ZipFile(file) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    return f"{file.name}: {bad} is corrupt"
+        except (OSError, zipfile.BadZipFile, SafetensorError) as err:
+            return f"{file.name}: {first_line(err)}"
+    return None
+
+
+def resume_point(resume_from_checkpoint: str | None, run: Run) -> Path | None:
+    """The checkpoint to resume from (a path or "latest"; None: start at step 0), checked to be complete before any
+    file of the run is touched. "latest" passes over damaged checkpoints to the newest complete one, saying so in
+    one line.
+
+    Raises:
+        UserError: the path is no checkpoint or is damaged (naming the complete one to use instead), or every
+            checkpoint of the run is damaged.
+    """
     if not resume_from_checkpoint:
-        return 0
+        return None
     if resume_from_checkpoint == "latest":
         found = run.checkpoints()
         if not found:
             logger.warning(f"no checkpoint in {run.folder} to resume from; starting from step 0")
-            return 0
-        path = found[-1]
-    else:
-        path = Path(resume_from_checkpoint)
-        if not path.is_dir() or checkpoint_step(path) is None:
-            raise UserError(f"resume_from_checkpoint={path}: no checkpoint-STEP folder there; use latest or a path")
-    logger.info(f"resuming from {path}")
+            return None
+        newest_damage = checkpoint_damage(found[-1])
+        if newest_damage is None:
+            return found[-1]
+        for path in reversed(found[:-1]):
+            if checkpoint_damage(path) is None:
+                logger.warning(f"{found[-1]} is damaged ({newest_damage}); resuming from {path.name}, the newest "
+                               "complete checkpoint")
+                return path
+        raise UserError(f"{found[-1]} is damaged ({newest_damage}) and no earlier checkpoint is complete; train "
+                        "again with overwrite=true")
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir() or checkpoint_step(path) is None:
+        raise UserError(f"resume_from_checkpoint={path}: no checkpoint-STEP folder there; use latest or a path")
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        complete = [other for other in Run(path.parent).checkpoints() if checkpoint_damage(other) is None]
+        instead = (f"resume from {complete[-1]} instead" if complete
+                   else "no checkpoint beside it is complete; train again with overwrite=true")
+        raise UserError(f"resume_from_checkpoint={path} is damaged ({damage}); {instead}")
+    return path
+
+
+def resume(accelerator: Accelerator, checkpoint: Path | None) -> int:
+    """Load `checkpoint` (from `resume_point`); returns the step it was saved at (0 when None)."""
+    if checkpoint is None:
+        return 0
+    logger.info(f"resuming from {checkpoint}")
     # the checkpoint holds only the trainable tensors; the frozen ones come from the base model
-    accelerator.load_state(str(path), strict=False)
-    return checkpoint_step(path)
+    accelerator.load_state(str(checkpoint), strict=False)
+    return checkpoint_step(checkpoint)

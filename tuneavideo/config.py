@@ -40,6 +40,7 @@ def one_of(*choices: str | None) -> Any:  # the first is the default
     return checked(choices[0], lambda value: value in choices, f"must be one of {names}")
 
 
+MAX_SEED = 2**32 - 1  # the largest seed every generator takes: accelerate's set_seed seeds numpy, whose are 32-bit
 PIXELS = dict(test=lambda value: value > 0 and value % 8 == 0, rule="must be a positive multiple of 8")  # VAE: 8x
 
 
@@ -121,7 +122,8 @@ class TrainConfig:
     use_8bit_adam: bool = False  # needs bitsandbytes
     gradient_checkpointing: bool = True
     enable_xformers_memory_efficient_attention: bool = True  # without xformers, torch's SDPA (the same maths)
-    seed: int | None = None
+    seed: int | None = checked(None, lambda seed: seed is None or 0 <= seed <= MAX_SEED,
+                               f"must be a whole number from 0 to {MAX_SEED} (2**32 - 1), or null")
 
 
 def validation_prompts(cfg: ValidationDataConfig) -> list[tuple[str | None, str]]:

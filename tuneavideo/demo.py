@@ -15,9 +15,9 @@ from pathlib import Path
 from .checks import check_sd_folder
 from .cli import run_cli
 from .config import load_config
-from .editing import EditOptions, edit
+from .editing import edit
 from .errors import UserError
-from .pipelines.local_edit import LocalEdit
+from .request import EditRequest, LocalEdit
 from .run import Run
 from .tiny import make_tiny_sd
 from .training import train
@@ -35,12 +35,12 @@ def main(overrides: list[str]) -> None:
         make_tiny_sd(cfg.pretrained_model_path)
     run = Run(train(cfg))
     steps = cfg.validation_data.num_inv_steps  # the run's own (20 in demo.yaml): quick on the CPU
-    whole = edit(run.folder, EditOptions(["a red ball is moving"], num_inference_steps=steps, num_inv_steps=steps,
+    whole = edit(run.folder, EditRequest(["a red ball is moving"], num_inference_steps=steps, num_inv_steps=steps,
                                          span=(None, None), output_dir=run.edits / "whole-clip"))
     # a local edit (Video-P2P): only where the ball is, DDIM inversion (null-text's optimisation is slow on a CPU)
-    local = edit(run.folder, EditOptions(["a red ball is moving"], num_inference_steps=steps, num_inv_steps=steps,
+    local = edit(run.folder, EditRequest(["a red ball is moving"], num_inference_steps=steps, num_inv_steps=steps,
                                          output_dir=run.edits / "local",
-                                         local=LocalEdit("refine", blend=("ball", "ball"), inversion="ddim")))
+                                         local=LocalEdit("refine", blend_words=("ball", "ball"), inversion="ddim")))
     print(f"demo run written to {run.folder}: samples in {run.samples}; the whole clip "
           f"({len(whole.frames)} frames at {float(whole.fps):g} fps, {whole.windows} windows, "
           f"{'with' if whole.with_audio else 'without'} sound) edited into {whole.folder}; a local edit of the ball, "

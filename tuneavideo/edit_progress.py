@@ -1,4 +1,4 @@
-"""How an edit goes, in its own progress file beside its outputs (`edit_progress_file`), as a training's goes in its
+"""How an edit goes, in its own progress file beside its outputs (`EditFiles.progress`, `<edit>.progress.json`), as a training's goes in its
 run's progress.json: written atomically by the edit, at most once a second and at every change of phase, and read
 by the app's page (never parsed out of printed lines).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .atomic import DiskFullError, atomic_path
 from .errors import UserError, first_line
-from .run import PROGRESS_INTERVAL, edit_progress_file
+from .run import EDIT_PROGRESS_SUFFIX, PROGRESS_INTERVAL
 
 # an edit's phases, in order; then how it ended: done, stopped (Ctrl-C) or failed
 PHASES = ("loading the model", "inverting", "editing", "inverting and editing", "writing the videos", "scoring")
@@ -33,21 +33,24 @@ class EditProgress:
 
     @classmethod
     def load(cls, folder: str | Path, since: float = 0.0) -> EditProgress | None:
-        """What `folder`'s progress file says, or None before an edit wrote it (or when it was written before
-        `since`, a time.time(): an earlier edit's)."""
-        try:
-            progress = cls(**json.loads(edit_progress_file(folder).read_text()))
-        except FileNotFoundError:
-            return None
-        return progress if progress.updated >= since else None
+        """What the newest edit progress file in `folder` says, or None before an edit wrote one (or when it was
+        written before `since`, a time.time(): an earlier edit's)."""
+        found = []
+        for path in Path(folder).glob(f"*{EDIT_PROGRESS_SUFFIX}"):
+            try:
+                found.append(cls(**json.loads(path.read_text())))
+            except FileNotFoundError:  # replaced or removed since the listing
+                continue
+        newest = max(found, key=lambda progress: progress.updated, default=None)
+        return newest if newest is not None and newest.updated >= since else None
 
 
 class EditProgressWriter:
-    """Keeps `folder`'s edit progress file up to date: `start` with the edit's window-steps once the model is loaded,
+    """Keeps an edit's progress file (`path`) up to date: `start` with the edit's window-steps once the model is loaded,
     `phase` at each phase, `step` after window-steps; on leaving the `with` block, how it ended."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
         self.progress = EditProgress(PHASES[0])
         self._started: float | None = None  # monotonic time of the first window-step's start
         self._written = 0.0
@@ -86,6 +89,6 @@ class EditProgressWriter:
 
     def _write(self) -> None:
         self.progress.updated = time.time()
-        with atomic_path(edit_progress_file(self.folder)) as path:
+        with atomic_path(self.path) as path:
             path.write_text(json.dumps(asdict(self.progress), indent=1))
         self._written = time.monotonic()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BaseImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
 from .cli import OneLineArgumentParser, run_cli
+from .video.edit_writer import upsampled
 from .video.readers import Clip
 from .errors import UserError, first_line
 
@@ -218,6 +220,36 @@ class Evaluator:
     def score(self, frames: Frames, prompt: str) -> VideoScores:
         """The figures of uint8 RGB frames (at least 2, any size) for `prompt`."""
         return self.score_encoded(self.encode_frames(frames), prompt)
+
+    def score_edit(self, source: list[np.ndarray], videos: list[Path], names: list[Path], prompts: list[str],
+                   repeats: list[int], masks: list[torch.Tensor | None] | None = None) -> list[dict]:
+        """An edit's figures (its `<prompts>.metrics.json`): each video's (read back from its MP4, as `python -m
+        tuneavideo.evaluate` would) for its prompt and the `source` frames' over the same frames for the same
+        prompt; for a local edit's video with a blend mask (latent size) also `psnr_outside_mask`, its PSNR against
+        the source outside the mask (dB). Frame j of the source is shown `repeats[j]` times in the videos."""
+        encoded = self.encode_frames(source)
+        records = []
+        for k, (video, name, prompt) in enumerate(zip(videos, names, prompts)):
+            edited = read_frames(video)
+            record = {"video": name.name, "prompt": prompt, **asdict(self.score(edited, prompt)),
+                      "source": asdict(self.score_encoded(encoded, prompt))}
+            if masks is not None and masks[k] is not None:
+                shown = np.repeat(np.stack(source), repeats, axis=0)
+                outside = np.repeat(upsampled(masks[k], source[0].shape[:2]), repeats, axis=0)
+                record["psnr_outside_mask"] = psnr_outside(np.stack(edited), shown, outside)
+            records.append(record)
+        return records
+
+
+def psnr_outside(edit: np.ndarray, source: np.ndarray, mask: np.ndarray) -> float | None:
+    """PSNR (dB, peak 255) of `edit` against `source` (`(frames, H, W, 3)` uint8) over the pixels outside `mask`
+    `(frames, H, W)`: how much of what should stay did stay. None when the mask covers every pixel."""
+    outside = ~mask
+    if not outside.any():
+        return None
+    error = (edit.astype(np.float64) - source.astype(np.float64))[outside]
+    mse = float(np.mean(error**2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def _resized(frame: np.ndarray) -> Image.Image:

@@ -18,7 +18,10 @@ from PIL import Image
 
 from .config import ConfigError
 from .errors import first_line
-from .video.readers import VideoReadError, _image_files, _load_image, frames_text
+from .request import LocalEdit
+from .run import INVERSION
+from .video.readers import VideoReadError, frames_text, image_files, load_image
+from .video.writers import PROMPT_NAME_BYTES, prompt_file_name
 
 # every key of Video-P2P's main(), besides its --fast flag
 P2P_KEYS = ("pretrained_model_path", "image_path", "prompt", "prompts", "blend_word", "eq_params", "save_name",
@@ -34,15 +37,22 @@ class P2PConfig:
     source_prompt: str  # `prompts[0]`: the source branch
     target_prompt: str  # `prompts[1]`: the edit
     inversion_prompt: str  # `prompt`: what the clip is inverted with (Video-P2P's configs repeat prompts[0])
+    # these have the names and defaults of `request.LocalEdit`'s, which `local_edit` makes of them
     control: str  # "replace" (`is_word_swap: true`, same word count) or "refine"
-    blend_words: tuple[str, str] | None = None  # (word of the source prompt, word of the target prompt)
-    reweights: dict[str, float] = field(default_factory=dict)  # target prompt word -> attention factor
-    cross_replace_steps: float = 0.2  # fraction of the steps with the source's cross-attention maps
-    self_replace_steps: float = 0.5  # fraction of the steps with the source's temporal-attention maps
+    blend_words: tuple[str, str] | None = None  # `blend_word`: (word of the source prompt, of the target prompt)
+    reweights: dict[str, float] = field(default_factory=dict)  # `eq_params`: target prompt word -> factor
+    cross_replace_steps: float = LocalEdit.cross_replace_steps
+    self_replace_steps: float = LocalEdit.self_replace_steps
     video_len: int = 8
     save_name: str = "edit"
     pretrained_model_path: str | None = None  # the tuned run folder
     mixed_precision: str = "fp32"
+
+    def local_edit(self, fast: bool, null_text_iterations: int = LocalEdit.null_text_iterations) -> LocalEdit:
+        """The config's attention control: DDIM inversion with `fast` (its --fast), else null-text."""
+        return LocalEdit(self.control, self.source_prompt, self.blend_words, self.reweights,
+                         self.cross_replace_steps, self.self_replace_steps,
+                         inversion="ddim" if fast else "null-text", null_text_iterations=null_text_iterations)
 
 
 def load_p2p_config(path: str | os.PathLike) -> P2PConfig:
@@ -102,7 +112,8 @@ def load_p2p_config(path: str | os.PathLike) -> P2PConfig:
         if word not in target_prompt.split(" "):
             raise fail("eq_params", f"reweights {word!r}, which is not a word of the target prompt {target_prompt!r}")
 
-    numbers = {"cross_replace_steps": 0.2, "self_replace_steps": 0.5}
+    numbers = {"cross_replace_steps": LocalEdit.cross_replace_steps,
+               "self_replace_steps": LocalEdit.self_replace_steps}
     for key in numbers:
         value = values.get(key, numbers[key])
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -117,6 +128,14 @@ def load_p2p_config(path: str | os.PathLike) -> P2PConfig:
     for key in ("image_path", "prompt", "save_name", "pretrained_model_path"):
         if key in values and not isinstance(values[key], str):
             raise fail(key, "must be a string")
+    # a config comes from anyone: its save_name names files in <run>/results/, never a path, and not the inversion's
+    save_name = values.get("save_name", "edit")
+    if save_name != prompt_file_name(save_name):
+        raise fail("save_name", f"must be a plain file name (no folders, no control characters, not . or .., at most "
+                   f"{PROMPT_NAME_BYTES} bytes)")
+    if save_name in (INVERSION, f"{INVERSION}_fast"):
+        raise fail("save_name", f"would overwrite the inversion's own files ({INVERSION}[_fast].gif); choose "
+                   "another name")
 
     return P2PConfig(
         image_path=values["image_path"],
@@ -127,7 +146,7 @@ def load_p2p_config(path: str | os.PathLike) -> P2PConfig:
         blend_words=blend_words,
         reweights={word: float(factor) for word, factor in zip(words, factors)},
         video_len=video_len,
-        save_name=values.get("save_name", "edit"),
+        save_name=save_name,
         pretrained_model_path=values.get("pretrained_model_path"),
         mixed_precision=mixed_precision,
         **numbers,
@@ -146,12 +165,12 @@ def read_p2p_frames(image_path: str | os.PathLike, video_len: int = 8, size: int
     folder = os.fspath(image_path)
     if not os.path.isdir(folder):
         raise VideoReadError(f"{folder}: no such folder of frames; check image_path")
-    files = _image_files(folder)  # in the order of the numbers in the names
+    files = image_files(folder)  # in the order of the numbers in the names
     if len(files) < video_len:
         raise VideoReadError(f"{folder}: holds {frames_text(len(files))}, fewer than video_len={video_len}")
     frames = []
     for file in files[:video_len]:
-        image = _load_image(file)
+        image = load_image(file)
         width, height = image.size
         side = min(height, width)
         top, left = (height - side) // 2, (width - side) // 2

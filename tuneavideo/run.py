@@ -15,38 +15,55 @@
     results/                       Video-P2P edit configs' outputs (`inference.py --p2p-config`), as Video-P2P
                                    writes them: inversion[_fast].gif, <save_name>[_fast].gif, and MP4s beside them
 
-Beside an edit's videos (named by `tuneavideo.editing`; a local edit's `inversion.mp4` and `<prompt>.mask.mp4` by
-`tuneavideo.local_editing`) are `result.json` (its `EditResult`) and, when scored, `metrics.json`.
+An edit folder (`edits/` or any `inference.py --output-dir`) holds edits side by side (`EditFiles`): each video's
+`<prompt>.mp4` (and `.gif`, `<prompt>/` JPEG frames, a local edit's `<prompt>.mask.mp4`), each edit's own
+`<name>.side-by-side.mp4` (and a local edit's `<name>.inversion.mp4`, a scored edit's `<name>.metrics.json`),
+where the name is its prompts' file names joined by `+`, and `result.json`: every edit written there
+(`EditResult`), the newest last; the web app's edit folders also hold the job's `request.json`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import logging
 import json
 import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 
 import diffusers
 import torch
 import transformers
 from omegaconf import OmegaConf
+from transformers import CLIPTokenizer
 
 from .atomic import DiskFullError, atomic_path
 from .config import ConfigError, TrainConfig, load_config
 from .errors import UserError, first_line
+from .pipelines.loading import load_tuned_pipeline
+from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .pipelines.windows import Window
 from .video.frames import tuned_window
 from .video.readers import Clip, VideoReadError
 from .video.writers import prompt_file_name
 
+logger = logging.getLogger(__name__)
+
 MODEL_INDEX = "model_index.json"  # diffusers' pipeline index: written last, so its presence means finished
 PROGRESS_INTERVAL = 1.0  # seconds between progress.json rewrites while training runs
 HISTORY_LIMIT = 1000  # most entries in progress.json's history: a longer run keeps one per so many steps
+SIDE_BY_SIDE = "side-by-side"  # <edit>.side-by-side.mp4: the source and every video of the edit
+INVERSION = "inversion"  # <edit>.inversion.mp4: a local edit's source branch, decoded
+MASK = "mask"  # <prompt>.mask.mp4: a local edit's blend mask over the source
+SHARED_KINDS = (SIDE_BY_SIDE, INVERSION, MASK)  # a video's file name must not end in .<kind>: it would take theirs
+EDIT_PROGRESS_SUFFIX = ".progress.json"  # <edit>.progress.json: how an edit goes (`tuneavideo.edit_progress`)
+EDIT_NAME_BYTES = 160  # an edit's name past this many UTF-8 bytes is cut and given a hash: file names hold 255
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _SAMPLE = re.compile(r"sample-(\d+)")
 
@@ -60,14 +77,128 @@ def result_file(edit_folder: str | os.PathLike) -> Path:
     return Path(edit_folder) / "result.json"
 
 
-def edit_progress_file(edit_folder: str | os.PathLike) -> Path:
-    """Where an edit keeps how it goes (`tuneavideo.edit_progress`), beside its videos."""
-    return Path(edit_folder) / "edit-progress.json"
+def request_file(edit_folder: str | os.PathLike) -> Path:
+    """Where the web app writes an edit job's `EditRequest` for `inference.py --request`."""
+    return Path(edit_folder) / "request.json"
 
 
-def metrics_file(edit_folder: str | os.PathLike) -> Path:
-    """Where a scored edit writes its LOVEU-TGVE figures, beside its videos."""
-    return Path(edit_folder) / "metrics.json"
+@dataclass(frozen=True)
+class EditFiles:
+    """Where one edit writes in `folder`: per video (of file stem `stems[k]`) its MP4, GIF, JPEG folder and a local
+    edit's mask; per edit its side-by-side, a local edit's inversion and a scored edit's metrics, named after the
+    edit (`name`), so that edits sharing a folder keep each other's files."""
+
+    folder: Path
+    stems: list[str]  # one per video, in prompt order
+    name: str  # the edit's own: its prompts' file names joined by "+"
+
+    @classmethod
+    def of(cls, folder: str | os.PathLike, prompt_stems: list[str], stems: list[str]) -> EditFiles:
+        name = "+".join(prompt_stems)
+        if len(name.encode()) > EDIT_NAME_BYTES:
+            digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+            name = name.encode()[: EDIT_NAME_BYTES - 9].decode(errors="ignore") + "-" + digest
+        return cls(Path(folder), stems, name)
+
+    def videos(self, suffix: str = ".mp4") -> list[Path]:
+        return [self.folder / f"{stem}{suffix}" for stem in self.stems]
+
+    def masks(self) -> list[Path]:
+        return self.videos(f".{MASK}.mp4")
+
+    def frame_folders(self) -> list[Path]:
+        return [self.folder / stem for stem in self.stems]
+
+    @property
+    def side_by_side(self) -> Path:
+        return self.folder / f"{self.name}.{SIDE_BY_SIDE}.mp4"
+
+    @property
+    def inversion(self) -> Path:
+        return self.folder / f"{self.name}.{INVERSION}.mp4"
+
+    @property
+    def metrics(self) -> Path:
+        """The LOVEU-TGVE figures of a scored edit."""
+        return self.folder / f"{self.name}.metrics.json"
+
+    @property
+    def progress(self) -> Path:
+        """How the edit goes while it runs (`tuneavideo.edit_progress`); written in place (atomically), not
+        staged, so that it can be read during the edit."""
+        return self.folder / f"{self.name}{EDIT_PROGRESS_SUFFIX}"
+
+
+@dataclass
+class EditResult:
+    """What an edit wrote and how: one entry of its folder's result.json."""
+
+    folder: Path
+    videos: list[Path]  # one MP4 per prompt and video, in prompt order
+    gifs: list[Path]  # empty when the edit is too long for a GIF, or without `gif`
+    side_by_side: Path
+    size: tuple[int, int]  # (width, height) of every edit
+    fps: Fraction  # the MP4s' constant rate
+    frames: range  # the source frames edited
+    span: tuple[float, float]  # seconds [start, end) of the source's timeline the edits cover
+    windows: int  # UNet calls per denoising step
+    cached_latent: Path | None  # the inversion reused from the run folder; None when the clip was inverted here
+    with_audio: bool  # whether the MP4s carry the source's sound
+    frame_folders: list[Path]  # one JPEG folder per video with `jpeg_frames`, else empty
+    metrics: Path | None = None  # the scores of every edit and of the source (with `evaluate`)
+    # the source has a variable frame rate: each edited frame is repeated at `fps` to its source frame's time
+    variable_rate: bool = False
+    inversion: Path | None = None  # a local edit's source branch decoded: how well the clip was recovered
+    masks: list[Path] = field(default_factory=list)  # a local edit's blend mask over the source, per prompt
+
+    def save(self) -> None:
+        """Add it to its folder's result.json (in place of an earlier edit of the same name), atomically, under a
+        lock on the folder: what the app and other readers take the outputs from."""
+        def plain(value):
+            if isinstance(value, (Path, Fraction)):
+                return str(value)
+            if isinstance(value, range):
+                return [value.start, value.stop, value.step]
+            return [plain(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+        entry = {item.name: plain(getattr(self, item.name)) for item in fields(self)}
+        descriptor = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)  # two edits into one folder: neither loses the other's entry
+            kept = [old for old in _result_entries(self.folder) if old.get("side_by_side") != entry["side_by_side"]]
+            with atomic_path(result_file(self.folder)) as path:
+                path.write_text(json.dumps([*kept, entry], indent=1))
+        finally:
+            os.close(descriptor)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> EditResult:
+        """The newest edit written to `folder`."""
+        return cls.load_all(folder)[-1]
+
+    @classmethod
+    def load_all(cls, folder: str | os.PathLike) -> list[EditResult]:
+        """Every edit written to `folder`, the oldest first."""
+        def path(value: str | None) -> Path | None:
+            return None if value is None else Path(value)
+
+        return [cls(folder=Path(data["folder"]), videos=[Path(p) for p in data["videos"]],
+                    gifs=[Path(p) for p in data["gifs"]], side_by_side=Path(data["side_by_side"]),
+                    size=tuple(data["size"]), fps=Fraction(data["fps"]), frames=range(*data["frames"]),
+                    span=tuple(data["span"]), windows=data["windows"], cached_latent=path(data["cached_latent"]),
+                    with_audio=data["with_audio"], frame_folders=[Path(p) for p in data["frame_folders"]],
+                    metrics=path(data["metrics"]), variable_rate=data["variable_rate"],
+                    inversion=path(data.get("inversion")), masks=[Path(p) for p in data.get("masks", [])])
+                for data in _result_entries(folder)]
+
+
+def _result_entries(folder: str | os.PathLike) -> list[dict]:
+    """result.json's entries ([] before the first edit; an earlier version's single edit as one entry)."""
+    try:
+        data = json.loads(result_file(folder).read_text())
+    except FileNotFoundError:
+        return []
+    return data if isinstance(data, list) else [data]
 
 
 @dataclass
@@ -209,6 +340,31 @@ class Run:
             raise RunError(f"{self.folder}: has no tuned model ({MODEL_INDEX}) yet; did the training run finish?")
         return self
 
+    def load_pipeline(self, dtype: torch.dtype) -> TuneAVideoPipeline:
+        """The tuned pipeline, on the CPU in `dtype`, loaded by class whatever model_index.json names (the original
+        code's runs name a module diffusers cannot import: `pipelines.loading`)."""
+        try:
+            return load_tuned_pipeline(self.folder, dtype)
+        except Exception as err:  # damaged weights surface as OSError, ValueError, RuntimeError or SafetensorError
+            raise RunError(f"{self.folder}: its tuned model cannot be loaded ({first_line(err)}); re-run the training "
+                           "(or resume it from its last checkpoint with resume_from_checkpoint=latest)") from err
+
+    def load_tokenizer(self) -> CLIPTokenizer:
+        """The run's tokenizer alone: a local edit's words are checked with it before any model loads."""
+        try:
+            return CLIPTokenizer.from_pretrained(self.folder, subfolder="tokenizer")
+        except Exception as err:  # a damaged file surfaces as OSError, ValueError (JSON) or the tokenizers' Exception
+            raise RunError(f"{self.folder / 'tokenizer'}: the run's tokenizer cannot be loaded ({first_line(err)}); "
+                           "re-run the training to save the model again") from err
+
+    def num_train_timesteps(self) -> int:
+        """The tuned scheduler's timesteps: the most steps an edit or an inversion can take."""
+        try:
+            return diffusers.DDIMScheduler.load_config(self.folder, subfolder="scheduler")["num_train_timesteps"]
+        except (OSError, ValueError, KeyError) as err:
+            raise RunError(f"{self.folder / 'scheduler'}: the run's scheduler config cannot be read "
+                           f"({first_line(err)}); re-run the training to save the model again") from err
+
     def config(self) -> TrainConfig:
         """The training config the run was tuned with."""
         try:
@@ -253,20 +409,58 @@ class Run:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.folder / "inv_latents" / f"span-{digest}.pt"
 
+    @staticmethod
+    def read_inversion(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The cached inversion at `path` when it can be read and has `shape`, else None (the clip is inverted)."""
+        if not path.is_file():
+            return None
+        try:
+            latent = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a damaged or foreign file: torch raises many types
+            logger.warning(f"note: {path} cannot be read ({first_line(err)}); inverting the clip again")
+            return None
+        if not isinstance(latent, torch.Tensor) or tuple(latent.shape) != shape:
+            logger.info(f"{path} is not a latent of shape {shape}; inverting the clip again")
+            return None
+        if not torch.isfinite(latent).all():  # an edit from it would be black
+            logger.warning(f"note: {path} holds values that are not finite (NaN or infinite); inverting the clip "
+                           "again")
+            return None
+        return latent.float()
+
     # --- progress --------------------------------------------------------------------------------------------------
 
     def progress(self, since: float = 0.0) -> Progress | None:
-        """What progress.json says, or None before a training wrote it (or when it was written before `since`, a
-        time.time(): a reader that started a training ignores what an earlier one left)."""
+        """What progress.json says, or None when that is unknown: before a training wrote it, when it was written
+        before `since` (a time.time(): a reader that started a training ignores what an earlier one left), or when
+        it cannot be read (truncated, not JSON, a value of the wrong type). Keys it does not know (a newer
+        version's) are ignored."""
         try:
-            progress = Progress(**json.loads(self.progress_file.read_text()))
-        except FileNotFoundError:
+            values = json.loads(self.progress_file.read_text())
+            known = {f.name for f in fields(Progress)}
+            progress = Progress(**{key: value for key, value in values.items() if key in known})
+        except (OSError, ValueError, TypeError, AttributeError):  # JSON and UTF-8 errors are ValueErrors
             return None
-        return progress if progress.updated >= since else None
+        return progress if _well_formed(progress) and progress.updated >= since else None
 
     def write_progress(self, progress: Progress) -> None:
         with atomic_path(self.progress_file) as path:
             path.write_text(json.dumps(asdict(progress), indent=1))
+
+
+def _well_formed(progress: Progress) -> bool:
+    """Whether every value of a `Progress` read from a file has its field's type (readers format them)."""
+    def number(value, optional: bool = True) -> bool:
+        return (value is None and optional) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    return (isinstance(progress.state, str) and isinstance(progress.step, int) and isinstance(progress.total, int)
+            and all(number(value) for value in (progress.loss, progress.learning_rate, progress.seconds_per_step,
+                                                progress.eta_seconds))
+            and number(progress.updated, optional=False)
+            and all(isinstance(text, str) for text in (progress.sample, progress.message) if text is not None)
+            and isinstance(progress.history, list)
+            and all(isinstance(entry, list) and len(entry) == 3 and all(map(number, entry))
+                    for entry in progress.history))
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -33,10 +33,11 @@ from .checkpointing import (
     remove_checkpoints,
     resume,
     resume_advice,
+    resume_point,
     save_checkpoint,
 )
 from .checks import check_sd_folder, safetensors_in
-from .config import TrainConfig, validation_prompts
+from .config import MAX_SEED, TrainConfig, validation_prompts
 from .video.frames import clip_size, decode_frames, tuned_window, window_starts
 from .video.readers import Clip
 from .errors import UserError, first_line
@@ -59,6 +60,7 @@ def train(cfg: TrainConfig) -> Path:
     # bad paths fail here, in seconds, before any model is loaded (the clip's in `_tune`, as soon)
     check_sd_folder(cfg.pretrained_model_path)
     run.check_output_dir(resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite)
+    checkpoint = resume_point(cfg.resume_from_checkpoint, run)  # a damaged one is refused before a file is touched
     mixed_precision = _usable_mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(
         # several processes without CUDA (`accelerate launch --multi_gpu` on a CPU machine): CPU workers over gloo
@@ -70,12 +72,12 @@ def train(cfg: TrainConfig) -> Path:
     )
     with ProgressWriter(run, cfg.max_train_steps, enabled=accelerator.is_main_process,
                         resuming=bool(cfg.resume_from_checkpoint)) as report:
-        _tune(cfg, run, accelerator, mixed_precision, report)
+        _tune(cfg, run, accelerator, mixed_precision, report, checkpoint)
     return run.folder
 
 
-def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision: str,
-          report: ProgressWriter) -> None:
+def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision: str, report: ProgressWriter,
+          checkpoint: Path | None) -> None:
     data = cfg.train_data
     clip = Clip(data.video_path, data.fps)
     windows = TrainingWindows.plan(clip, cfg)
@@ -145,7 +147,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
     if cfg.seed is not None and accelerator.num_processes > 1:
         # the model was initialised alike everywhere (DDP also broadcasts rank 0's weights); each process now
         # draws its own noise, timesteps and windows, or they would all compute the same gradient
-        set_seed(cfg.seed + accelerator.process_index)
+        set_seed((cfg.seed + accelerator.process_index) % (MAX_SEED + 1))
     keep_only_trainable_in_checkpoints(accelerator, trainable)
 
     vae.to(accelerator.device, dtype=weight_dtype(accelerator))
@@ -158,7 +160,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
         encoder_hidden_states = pipeline.encode_prompt(data.prompt, accelerator.device,
                                                        do_classifier_free_guidance=False)
 
-    global_step = resume(accelerator, cfg.resume_from_checkpoint, run)
+    global_step = resume(accelerator, checkpoint)
     if accelerator.is_main_process:
         accelerator.init_trackers("tuneavideo", config=_scalar_hparams(cfg))
     progress = progress_bar(
@@ -180,7 +182,7 @@ def _tune(cfg: TrainConfig, run: Run, accelerator: Accelerator, mixed_precision:
                 progress.update(1)
                 accelerator.log(logs, step=global_step)
                 report.step(global_step, logs["loss"], logs["lr"])
-                interrupted = ctrl_c.agreed(accelerator)
+                interrupted = ctrl_c.any_process_interrupted(accelerator)
                 if global_step % cfg.checkpointing_steps == 0 or interrupted:
                     save_checkpoint(accelerator, run, global_step, cfg.checkpoints_total_limit)
                 if interrupted:
@@ -264,7 +266,7 @@ class CtrlC:
         self.requested = True
         logger.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to stop now)")
 
-    def agreed(self, accelerator: Accelerator) -> bool:
+    def any_process_interrupted(self, accelerator: Accelerator) -> bool:
         """Whether any process was interrupted; all processes must agree, or they would wait for each other."""
         if accelerator.num_processes == 1:
             return self.requested

@@ -1,15 +1,14 @@
 """`tuneavideo.pipelines.local_edit` on the tiny model: the pipeline's one loop under attention control (the control
 as attention processors and as the step-end hook applying the local blend, per-prompt guidance, windows), the
-settings' checks, and `invert_and_edit` end to end (both inversions, the progress it reports)."""
+and `invert_and_edit` end to end (both inversions, the progress it reports)."""
 
 import pytest
 import torch
 
-from tuneavideo.errors import UserError
 from tuneavideo.models.unet import UNet3DConditionModel
 from tuneavideo.pipelines.attention_control import AttentionControl, LocalBlend, attention_control, mask_map_size
 from tuneavideo.pipelines.edit import progress_steps
-from tuneavideo.pipelines.local_edit import LocalEdit, invert_and_edit, plan_local
+from tuneavideo.pipelines.local_edit import invert_and_edit
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.pipelines.prompt_alignment import PromptControlError, prompt_edit
 from tuneavideo.pipelines.windows import plan_windows
@@ -155,34 +154,21 @@ def test_the_blend_fuses_each_frames_maps_across_its_windows_as_its_noise():
     torch.testing.assert_close(blend.maps[:, 0], 2 * maps)
 
 
-# --- the settings and invert_and_edit ---
+# --- invert_and_edit ---
 
-
-@pytest.mark.parametrize("settings, steps, message", [
-    (dict(control="swap"), (2, 2), "control must be one of replace, refine, got 'swap'"),
-    (dict(inversion="fast"), (2, 2), "inversion must be one of null-text, ddim, got 'fast'"),
-    (dict(), (2, 3), "num_inference_steps must equal num_inv_steps (2 != 3)"),
-    (dict(blend_start=1.5), (2, 2), "blend_start must be in [0, 1], got 1.5"),
-    (dict(mask_threshold=0.0), (2, 2), "mask_threshold must be in (0, 1), got 0.0"),
-    (dict(blend=("ball", "cat")), (2, 2), "blend target word 'cat' is not a word of the prompt 'a red ball'"),
-])
-def test_bad_settings_are_one_line_naming_the_field(pipe, settings, steps, message):
-    with pytest.raises(PromptControlError) as caught:
-        plan_local(pipe.tokenizer, LocalEdit(**settings), ["a red ball"], "a ball", *steps)
-    assert isinstance(caught.value, UserError)
-    assert message in str(caught.value) and "\n" not in str(caught.value) and "--" not in str(caught.value)
+SETTINGS = dict(cross_replace_steps=0.5, self_replace_steps=0.5, blend_start=0.0, mask_threshold=0.9)
 
 
 @pytest.mark.parametrize("inversion", ["ddim", "null-text"])
 def test_invert_and_edit_reports_each_step_once_and_keeps_the_source_outside_the_mask(pipe, inversion):
-    local = LocalEdit("refine", blend=("ball", "ball"), reweight={"ball": 2.0}, cross_replace_steps=0.5,
-                      blend_start=0.0, mask_threshold=0.9, inversion=inversion, null_text_iterations=1)
     prompts = ["a red ball", "a big ball"]
-    plan = plan_local(pipe.tokenizer, local, prompts, "a ball", 2, 2)
+    edits = [prompt_edit(pipe.tokenizer, "a ball", prompt, "refine", {"ball": 2.0}, ("ball", "ball"))
+             for prompt in prompts]
     calls = []
     scheduler = pipe.scheduler
-    out = invert_and_edit(pipe, latent_of(frames=3), plan, prompts, 2, 2, 7.5, None, None,
-                          lambda *_: calls.append(1))
+    out = invert_and_edit(pipe, latent_of(frames=3), "a ball", prompts, edits, 2, 2, 7.5, None, None,
+                          lambda *_: calls.append(1), null_text_iterations=1 if inversion == "null-text" else None,
+                          **SETTINGS)
     assert len(calls) == progress_steps(len(prompts), 2, 2, inversion) == (8 if inversion == "null-text" else 6)
     assert pipe.scheduler is scheduler
     assert out.source.shape == (1, 4, 3, 8, 8) and out.targets.shape == (2, 4, 3, 8, 8)
@@ -192,6 +178,7 @@ def test_invert_and_edit_reports_each_step_once_and_keeps_the_source_outside_the
 
 
 def test_attention_control_needs_guidance(pipe):
-    plan = plan_local(pipe.tokenizer, LocalEdit(inversion="ddim"), ["a red ball"], "a ball", 2, 2)
+    edits = [prompt_edit(pipe.tokenizer, "a ball", "a red ball", "refine")]
     with pytest.raises(PromptControlError, match="guidance_scale must be above 1 with attention control, got 1.0"):
-        invert_and_edit(pipe, latent_of(), plan, ["a red ball"], 2, 2, 1.0, None, None, lambda *_: None)
+        invert_and_edit(pipe, latent_of(), "a ball", ["a red ball"], edits, 2, 2, 1.0, None, None, lambda *_: None,
+                        null_text_iterations=None, **SETTINGS)

@@ -14,8 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from tests.helpers import ffmpeg, frame_indices, index_frames, probe, small_disk
-from tuneavideo.atomic import DiskFullError, atomic_path, staged
+from tests.helpers import ffmpeg, frame_indices, index_frames, probe
 from tuneavideo.video.readers import Clip
 from tuneavideo.video.writers import (
     Mp4Writer,
@@ -204,41 +203,6 @@ def test_write_mp4_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError):
         write_mp4(np.zeros((2, 4, 4, 3), np.uint8), tmp_path / "a.mp4", 0)
     assert not list(tmp_path.iterdir())
-
-
-def test_atomic_path_keeps_existing_file_on_failure(tmp_path):
-    target = tmp_path / "keep.mp4"
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
-        tmp.write_bytes(b"half-written")
-        raise RuntimeError("crash mid-write")
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.mp4"]
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(b"new")
-    assert target.read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1
-
-
-def test_staged_output_is_removed_on_ctrl_c(tmp_path):
-    with pytest.raises(KeyboardInterrupt), staged(tmp_path / "model.tmp", "disk full") as folder:
-        (folder / "unet").mkdir(parents=True)
-        (folder / "unet" / "weights.bin").write_bytes(b"half")
-        raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_path_reports_a_full_disk_in_one_line(tmp_path):
-    with small_disk(tmp_path / "out", 64 << 10) as disk:  # a real 64 KiB file system
-        target = disk / "edit.mp4"
-        target.write_bytes(b"old")
-        with pytest.raises(DiskFullError) as info, atomic_path(target) as tmp:
-            tmp.write_bytes(bytes(1 << 20))  # 1 MiB cannot fit
-        assert str(info.value) == (f"no space left on the disk of {disk} while writing edit.mp4; free space and "
-                                   "run again (files written before are kept)")
-        assert [p.name for p in disk.iterdir()] == ["edit.mp4"] and target.read_bytes() == b"old"
-
-
-# ---------------------------------------------------------------- Mp4Writer
 
 
 def _index_video(num_frames: int = 24) -> np.ndarray:

@@ -27,8 +27,7 @@ from pathlib import Path
 
 from ..atomic import DiskFullError, atomic_path
 from ..cli import read_tail
-from ..editing import EditResult
-from ..run import Progress, Run, result_file
+from ..run import EditResult, Progress, Run
 
 JOB_FILE = "job.json"
 LOG_FILE = "log.txt"
@@ -63,8 +62,12 @@ class Job:
         return Run(self.folder).progress(since=self.started) if self.kind == "tune" and self.started else None
 
     def result(self) -> EditResult | None:
-        """A finished edit's result.json (None before it is written, and for a tuning job)."""
-        return EditResult.load(self.folder) if result_file(self.folder).is_file() else None
+        """A finished edit's result.json (None before it is written, for a tuning job, and when it cannot be read:
+        truncated, not JSON, empty, or missing a key)."""
+        try:
+            return EditResult.load(self.folder)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):  # JSON and UTF-8 errors are ValueErrors
+            return None
 
     def save(self) -> None:
         """Write job.json atomically, so a reader never sees half of it."""

@@ -13,6 +13,7 @@ message in the page (`gr.Error`); a job that fails shows the tool's own one-line
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -24,14 +25,23 @@ from urllib.parse import quote
 
 import gradio as gr
 import pandas as pd
+from gradio.utils import get_upload_folder
 
 from ..cli import read_tail
+from ..config import MAX_SEED
 from ..edit_progress import PHASES, EditProgress
-from ..editing import EditOptions, EditResult
 from ..errors import UserError
-from ..pipelines.local_edit import GUIDANCE_SCALE, INVERSIONS, LocalEdit
-from ..pipelines.prompt_alignment import CONTROLS, parse_blend, parse_reweight
-from ..run import Progress, Run
+from ..request import (
+    CONTROLS,
+    GUIDANCE_SCALE,
+    INVERSIONS,
+    LOCAL_GUIDANCE_SCALE,
+    EditRequest,
+    LocalEdit,
+    parse_blend_words,
+    parse_reweights,
+)
+from ..run import EditResult, Progress, Run
 from .jobs import FINISHED, Job, JobRunner
 from .workspace import (
     PRESETS,
@@ -61,6 +71,7 @@ STEPS_SHOWN = 20  # the charts' x axis spans at least this many steps, so that i
 # The page's name for each setting its messages may quote (as the command line's `--num-inv-steps`, or by its
 # parameter name `num_inv_steps`, plain or in backquotes), and the settings whose values are the page's choices
 PAGE_WORDS = {"control": "Control", "inversion": "Inversion", "blend": "Blend word(s)", "reweight": "Reweight",
+              "blend_words": "Blend word(s)", "reweights": "Reweight", "source_prompt": "Source prompt",
               "num_inference_steps": "Steps", "num_inv_steps": "Inversion steps", "guidance_scale": "Guidance scale",
               "seed": "Seed", "span": "Span of the clip", "stride": "Stride", "prompt": "New prompts",
               "prompts": "New prompts", "cross_replace_steps": "Cross-replace steps",
@@ -119,11 +130,23 @@ class Refusals:
         return status if message is None else f"**Not started:** {message}"
 
 
-def whole_number(value: float | None, name: str, minimum: int = 1) -> int:
+def whole_number(value: float | None, name: str, minimum: int = 1, maximum: int | None = None) -> int:
     """`value` from a number field as an int; an empty field or a fraction is a message, not a crash."""
-    if value is None or value != int(value) or value < minimum:
-        raise UserError(f"{name} must be a whole number >= {minimum}")
+    if value is None or value != int(value) or value < minimum or (maximum is not None and value > maximum):
+        raise UserError(f"{name} must be a whole number >= {minimum}" + (f" and <= {maximum}" if maximum else ""))
     return int(value)
+
+
+def uploaded_clip(path: str, workspace: Workspace) -> Path:
+    """The clip a request's video names: a file Gradio received (in its upload folder) or one of the workspace's
+    own clips, never another file of the machine, whatever Gradio let through. Every other path gets the same
+    message, before the file is looked at, so a caller learns nothing about which files exist."""
+    real = Path(os.path.realpath(path))
+    uploads = Path(os.path.realpath(get_upload_folder()))
+    if (real.is_relative_to(uploads) and real != uploads and real.is_file()) or real in {
+            Path(os.path.realpath(clip)) for clip in workspace.clips().values()}:
+        return real
+    raise UserError("the clip was not uploaded through this page: upload it, or pick a clip from the list")
 
 
 def given(value: float | None, name: str) -> float:
@@ -136,7 +159,7 @@ def given(value: float | None, name: str) -> float:
 def local_edit(on: bool, control: str, source_prompt: str | None, blend: str | None, reweight: str | None,
                inversion: str, cross_replace_steps: float | None, self_replace_steps: float | None,
                blend_start: float | None, mask_threshold: float | None) -> LocalEdit | None:
-    """The Local edit fields as `EditOptions.local` (None when off): blend `WORD` or `SOURCE:TARGET`, reweight
+    """The Local edit fields as `EditRequest.local` (None when off): blend `WORD` or `SOURCE:TARGET`, reweight
     `WORD=FACTOR` lines, an empty source prompt the run's tuned one. The edit's own checks come later."""
     blend = (blend or "").strip()
     if not on:
@@ -145,8 +168,8 @@ def local_edit(on: bool, control: str, source_prompt: str | None, blend: str | N
         return None
     return LocalEdit(
         control=control, source_prompt=(source_prompt or "").strip() or None,
-        blend=parse_blend(blend) if blend else None,
-        reweight=parse_reweight([line.strip() for line in (reweight or "").splitlines() if line.strip()]),
+        blend_words=parse_blend_words(blend) if blend else None,
+        reweights=parse_reweights([line.strip() for line in (reweight or "").splitlines() if line.strip()]),
         cross_replace_steps=given(cross_replace_steps, "cross-replace steps"),
         self_replace_steps=given(self_replace_steps, "self-replace steps"),
         blend_start=given(blend_start, "blend start"), mask_threshold=given(mask_threshold, "mask threshold"),
@@ -314,7 +337,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         """Check everything, write the run folder and queue the job; returns its id and status line at once."""
         try:
             if video:
-                source = Path(video)  # gradio's copy of the upload; its name is the user's, so it is only read
+                source = uploaded_clip(video, workspace)  # its name is the user's, so it is only read
             elif clip:
                 source = workspace.clips().get(clip)
                 if source is None:
@@ -328,7 +351,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                 prompt=prompt or "", max_train_steps=whole_number(steps, "steps"),
                 n_sample_frames=whole_number(frames, "frames"), sample_frame_rate=whole_number(stride, "stride"),
                 sample_start_idx=whole_number(start, "start frame", minimum=0), size=whole_number(size, "size"),
-                learning_rate=float(learning_rate or 0), seed=whole_number(seed, "seed", minimum=0),
+                learning_rate=float(learning_rate or 0), seed=whole_number(seed, "seed", minimum=0, maximum=MAX_SEED),
                 sample_prompt=sample_prompt or "", sample_steps=whole_number(sample_steps, "sample steps"),
                 validation_steps=whole_number(sample_every, "sample every"),
             )
@@ -384,17 +407,17 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         parameters after it are the Local edit fields (see `local_edit`); the text ones may be left out (None)."""
         try:
             seconds = [Fraction(str(value)) if value else None for value in (span_start, span_end)]  # 0: open
-            options = EditOptions(
+            request = EditRequest(
                 prompts=(prompts or "").splitlines(), num_inference_steps=whole_number(steps, "steps"),
                 num_inv_steps=whole_number(inv_steps, "inversion steps"),
                 guidance_scale=None if guidance_scale is None else float(guidance_scale),  # None: the edit's default
-                seed=None if seed is None else whole_number(seed, "seed", minimum=0),
+                seed=None if seed is None else whole_number(seed, "seed", minimum=0, maximum=MAX_SEED),
                 span={"whole clip": (None, None), "from / to": tuple(seconds)}.get(span),
                 stride=whole_number(stride, "stride") if stride else None,  # None, 0: the run's
                 local=local_edit(local, control, source_prompt, blend, reweight, inversion, cross_replace_steps,
                                  self_replace_steps, blend_start, mask_threshold),
             )
-            edit_folder, command = prepare_edit(workspace, run or "", options)
+            edit_folder, command = prepare_edit(workspace, run or "", request)
         except UserError as err:
             raise refusals.refuse(request.session_hash, "edit", err) from None
         refusals.started(request.session_hash, "edit")
@@ -539,7 +562,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                             size = gr.Slider(64, 1024, quick["size"], step=64, label="Size (long side, px)")
                         with gr.Row():
                             learning_rate = gr.Number(quick["learning_rate"], label="Learning rate")
-                            seed = gr.Number(quick["seed"], label="Seed", precision=0, minimum=0)
+                            seed = gr.Number(quick["seed"], label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                         with gr.Row():
                             sample_prompt = gr.Textbox(label="Sample prompt", placeholder="(the clip's prompt)")
                             sample_steps = gr.Number(quick["sample_steps"], label="Sample steps", precision=0,
@@ -572,10 +595,11 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                     prompts = gr.Textbox(label="New prompts, one per line", lines=3, elem_id="edit-prompts",
                                          placeholder="spider man is skiing on the beach, cartoon style")
                     with gr.Row():
-                        edit_steps = gr.Number(50, label="Steps", precision=0, minimum=1)
-                        inv_steps = gr.Number(50, label="Inversion steps", precision=0, minimum=1)
-                        guidance = gr.Number(12.5, label="Guidance scale", info="7.5 (Video-P2P's) with a local edit")
-                        edit_seed = gr.Number(None, label="Seed", precision=0, minimum=0)
+                        edit_steps = gr.Number(EditRequest.num_inference_steps, label="Steps", precision=0, minimum=1)
+                        inv_steps = gr.Number(EditRequest.num_inv_steps, label="Inversion steps", precision=0, minimum=1)
+                        guidance = gr.Number(GUIDANCE_SCALE, label="Guidance scale",
+                                             info=f"{LOCAL_GUIDANCE_SCALE:g} (Video-P2P's) with a local edit")
+                        edit_seed = gr.Number(None, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                     span = gr.Radio(list(SPAN_MODES), value=SPAN_MODES[0], label="Span of the clip")
                     with gr.Row():
                         span_start = gr.Number(0, label="from (s)", minimum=0)
@@ -640,7 +664,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                           [tune_job, tune_status], api_name="tune")
         tune_stop.click(stop, tune_job, tune_status, api_name="stop")
         tune_resume.click(resume, tune_job, [tune_job, tune_status], api_name="resume")
-        local_on.change(lambda on: GUIDANCE_SCALE if on else 12.5, local_on, guidance, api_visibility="private")
+        local_on.change(lambda on: LOCAL_GUIDANCE_SCALE if on else GUIDANCE_SCALE, local_on, guidance,
+                        api_visibility="private")
         run.change(run_settings, run, [edit_steps, inv_steps, edit_seed, edit_stride, source_prompt, edit_note],
                    api_visibility="private")
         edit_button.click(submit_edit, [run, prompts, edit_steps, inv_steps, guidance, edit_seed, span, span_start,

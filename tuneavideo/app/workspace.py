@@ -6,13 +6,13 @@ Everything the app writes lives under `Workspace.root` (./outputs by default), i
 - `<root>/<run>/` is one tuning job: the training `output_dir` (a `tuneavideo.run.Run`), plus the app's own
   `tune.yaml` (the config it hands to `train_tuneavideo.py`), `source.<ext>` (the clip, copied under that name),
   `job.json` and `log.txt`;
-- `<root>/<run>/edits/<edit>/` (under `Run.edits`) is one editing job: `inference.py --output-dir`, plus its
-  `job.json` and `log.txt`.
+- `<root>/<run>/edits/<edit>/` (under `Run.edits`) is one editing job: its `request.json` (the `EditRequest`
+  handed whole to `inference.py --request`), the edit's files, and its `job.json` and `log.txt`.
 
 Jobs run as subprocesses of `train_tuneavideo.py` and `inference.py`: the CLIs start them, so a job outlives the
 browser tab that started it. What they did comes back through files, never through their printed lines: a tuning's
 `progress.json` (`Run.progress`), an edit's `result.json` (`EditResult.load`). The two `*_command` functions below
-are the only place that knows the CLIs' flags.
+are the only place that knows the CLIs' flags; an edit's settings never become flags.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from ..checks import check_sd_folder
 from ..config import load_config
 from ..video.frames import tuned_window
 from ..video.readers import IMAGE_SUFFIXES, Clip
-from ..editing import EditOptions, plan_edit
+from ..editing import plan_edit
 from ..errors import UserError
 from ..evaluate import evaluation_models
-from ..pipelines.local_edit import LocalEdit
-from ..run import Run
+from ..request import EditRequest
+from ..run import Run, request_file
 from ..tiny import make_tiny_sd, tiny_unet_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -244,60 +244,31 @@ def run_defaults(run: Path) -> dict[str, int | bool | str]:
                 random=is_random_model(cfg.pretrained_model_path))
 
 
-def prepare_edit(workspace: Workspace, run_name: str, options: EditOptions) -> tuple[Path, list[str]]:
-    """Check the run and the options as `inference.py` does (`plan_edit`: no model is loaded), make the edit's
-    folder under the run; returns it and the edit command."""
+def prepare_edit(workspace: Workspace, run_name: str, request: EditRequest) -> tuple[Path, list[str]]:
+    """Check the run and the request as `inference.py` does (`plan_edit`: no model is loaded), make the edit's
+    folder under the run and write the request there (scored when the scoring models are there); returns the folder
+    and the edit command."""
     run = workspace.runs().get(run_name)
     if run is None:
         raise UserError(f"there is no finished run named {run_name!r}; pick one from the list")
-    prompts = [prompt.strip() for prompt in options.prompts if prompt.strip()]
+    prompts = [prompt.strip() for prompt in request.prompts if prompt.strip()]
     if not prompts:
         raise UserError("give at least one prompt (one per line)")
     folder = workspace.new_folder(Run(run).edits, prefix="edit-")
-    options = dataclasses.replace(options, prompts=prompts, output_dir=folder)
+    request = dataclasses.replace(request, prompts=prompts, output_dir=str(folder), evaluate=workspace.can_evaluate())
     try:
-        plan_edit(run, options)
+        plan_edit(run, request)
     except UserError:
         shutil.rmtree(folder, ignore_errors=True)
         with contextlib.suppress(OSError):  # leave no empty edits/ behind either
             folder.parent.rmdir()
         raise
-    return folder, edit_command(workspace, run, options)
+    return folder, edit_command(workspace, run, request.save(request_file(folder)))
 
 
-def edit_command(workspace: Workspace, run: Path, options: EditOptions) -> list[str]:
-    """The `inference.py` command of an edit: the one place that knows its flags. Values are attached with `=` so
-    that a prompt starting with '-' stays a value."""
-    command = [workspace.python, str(workspace.repo / "inference.py"), f"--model={run}",
-               f"--output-dir={options.output_dir}", f"--num-inference-steps={options.num_inference_steps}",
-               f"--num-inv-steps={options.num_inv_steps}"]
-    if options.guidance_scale is not None:
-        command.append(f"--guidance-scale={options.guidance_scale}")
-    command += [f"--prompt={prompt}" for prompt in options.prompts]
-    if options.seed is not None:
-        command.append(f"--seed={options.seed}")
-    if options.span is not None:
-        start, end = ("" if value is None else str(value) for value in options.span)
-        command.append("--span=all" if options.span == (None, None) else f"--span={start}:{end}")
-    if options.stride is not None:
-        command.append(f"--stride={options.stride}")
-    if options.local is not None:
-        command += local_flags(options.local)
-    if workspace.can_evaluate():
-        command.append("--evaluate")
-    return command
-
-
-def local_flags(local: LocalEdit) -> list[str]:
-    """`inference.py`'s flags of a local edit (its null-text iterations are the CLI's, 10)."""
-    flags = [f"--control={local.control}", f"--inversion={local.inversion}",
-             f"--cross-replace-steps={local.cross_replace_steps}", f"--self-replace-steps={local.self_replace_steps}",
-             f"--blend-start={local.blend_start}", f"--mask-threshold={local.mask_threshold}"]
-    if local.source_prompt is not None:
-        flags.append(f"--source-prompt={local.source_prompt}")
-    if local.blend is not None:
-        flags.append(f"--blend={local.blend[0]}:{local.blend[1]}")
-    return flags + [f"--reweight={word}={factor}" for word, factor in local.reweight.items()]
+def edit_command(workspace: Workspace, run: Path, request: Path) -> list[str]:
+    """The `inference.py` command of the edit whose `EditRequest` is the file `request`."""
+    return [workspace.python, str(workspace.repo / "inference.py"), f"--model={run}", f"--request={request}"]
 
 
 def metrics_markdown(path: Path) -> str:

@@ -181,33 +181,3 @@ def prompt_edit(
         for row, (prompt, word, which) in enumerate(zip((source, target), blend, ("source", "target"))):
             words[row, word_positions(tokenizer, prompt, word, f"blend {which} word")] = 1
     return PromptEdit(mapping, alphas, factors, words)
-
-
-def parse_blend(text: str) -> tuple[str, str]:
-    """A blend written `WORD` (the same word in both prompts) or `SOURCE_WORD:TARGET_WORD` -> (source, target)."""
-    source, _, target = text.partition(":")
-    if not source or (":" in text and not target):
-        raise PromptControlError(f"blend {text!r}: give WORD or SOURCE_WORD:TARGET_WORD")
-    return source, target or source
-
-
-def parse_reweight(items: list[str]) -> dict[str, float]:
-    """Reweights written `WORD=FACTOR`, one per item -> {word: factor}."""
-    factors = {}
-    for item in items:
-        word, _, factor = item.partition("=")
-        try:
-            factors[word] = float(factor)
-        except ValueError:
-            word = ""
-        if not word:
-            raise PromptControlError(f"reweight {item!r}: give WORD=FACTOR, e.g. origami=2")
-    return factors
-
-
-def check_fraction(value: float, name: str, exclusive: bool = False) -> float:
-    """`value` (of the setting `name`) in [0, 1], or in (0, 1) when `exclusive` (a mask threshold)."""
-    if not (0 < value < 1 if exclusive else 0 <= value <= 1):
-        interval = "(0, 1)" if exclusive else "[0, 1]"
-        raise PromptControlError(f"{name} must be in {interval}, got {value}")
-    return value

@@ -121,8 +121,8 @@ class Clip:
     def __init__(self, path: str | os.PathLike, fps: float | Fraction | None = None) -> None:
         self.path = os.fspath(path)
         if os.path.isdir(self.path):
-            self.images = _image_files(self.path)
-            width, height = _load_image(self.images[0]).size
+            self.images = image_files(self.path)
+            width, height = load_image(self.images[0]).size
             rate = Fraction(fps if fps is not None else FOLDER_FPS).limit_denominator(1001)
             self.info = VideoInfo(len(self.images), rate, width, height)
         else:
@@ -175,7 +175,7 @@ class Clip:
         (Video-P2P's `Image.open(file).convert("RGB").resize((width, height))`; its own size: the pixels unchanged)
         of `crop` (x, y, width, height) or the whole image."""
         file, width, height = self.images[index], self.info.width, self.info.height
-        image = _load_image(file)
+        image = load_image(file)
         if image.size != (width, height):
             raise VideoReadError(f"{self.path}: frame images differ in size ({self.images[0].name} is {width}x"
                                  f"{height}, {file.name} is {image.width}x{image.height}); give frames of one size")
@@ -227,7 +227,7 @@ def _video_frames(path: str) -> Iterator[av.VideoFrame]:
             raise _DecodingStopped(_reason(err)) from err
 
 
-def _image_files(folder: str) -> list[Path]:
+def image_files(folder: str) -> list[Path]:
     try:
         files = [p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     except OSError as err:
@@ -239,7 +239,7 @@ def _image_files(folder: str) -> list[Path]:
     return sorted(files, key=lambda p: ([int(number) for number in re.findall(r"\d+", p.name)], p.name))
 
 
-def _load_image(file: Path) -> Image.Image:
+def load_image(file: Path) -> Image.Image:
     try:
         with Image.open(file) as image:
             return ImageOps.exif_transpose(image).convert("RGB")  # as shown: turned by its EXIF orientation

@@ -91,9 +91,17 @@ def save_videos_grid(
         write_mp4(frames, path, fps)
 
 
+# The most UTF-8 bytes of a prompt's file name: file systems take 255 bytes a name, and the suffixes a prompt's files
+# get take up to 55 more (a video's "-12", ".mask.mp4", an atomic write's leading "." and ".<12 hex>.tmp").
+PROMPT_NAME_BYTES = 200
+
+
 def prompt_file_name(prompt: str) -> str:
-    """A prompt as a file name (no suffix): path separators and control characters replaced, at most 200 characters."""
-    return re.sub(r"[/\\\x00-\x1f]", "_", prompt).strip()[:200] or "empty-prompt"
+    """A prompt as a file name (no suffix): path separators and control characters replaced, a name of dots alone
+    (".", "..") made plain, cut to at most PROMPT_NAME_BYTES bytes of UTF-8 at a character boundary."""
+    name = re.sub(r"[/\\\x00-\x1f]", "_", prompt).strip()
+    name = name.encode("utf-8", "replace")[:PROMPT_NAME_BYTES].decode("utf-8", "ignore").strip()
+    return (name.replace(".", "_") if set(name) == {"."} else name) or "empty-prompt"
 
 
 def _check_frames(frames: np.ndarray) -> None:
