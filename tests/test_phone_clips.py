@@ -44,6 +44,6 @@ seed: 3
     python(ROOT / "inference.py", f"--model={run}", "--prompt=a green square", "--num-inference-steps=2",
            "--num-inv-steps=2", f"--output-dir={tmp_path / 'edits'}", "--no-audio")
     assert probe(tmp_path / "edits" / "a green square.mp4")["size"] == (48, 64)
-    side_by_side = np.stack(list(Clip(tmp_path / "edits" / "side-by-side.mp4").frames()))
+    side_by_side = np.stack(list(Clip(tmp_path / "edits" / "a green square.side-by-side.mp4").frames()))
     assert side_by_side.shape == (4, 64, 2 * 48, 3)
     assert {marker_corner(frame[:, :48]) for frame in side_by_side} == {"top-right"}  # the source, upright
