@@ -49,7 +49,7 @@ from tuneavideo.run import EditResult, Run
 from tuneavideo.pipelines.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import SD_SCHEDULER_CONFIG
-from tuneavideo.edit_progress import EditProgress
+from tuneavideo.edit_progress import PHASES, EditProgress
 from tuneavideo.video.frames import fit_size
 from tuneavideo.video.readers import Clip
 from tuneavideo.video.writers import write_mp4
@@ -456,7 +456,9 @@ def test_a_killed_edit_leaves_the_earlier_edit_whole_and_the_next_one_sweeps_its
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the edit ended before it could be killed between files"
     assert list(out.glob(".edit-*.tmp/a dog/00000.jpg"))  # staged out of sight...
-    assert {path.name: path.read_bytes() for path in out.iterdir() if not path.name.startswith(".")} == earlier
+    kept = {path.name: path.read_bytes() for path in out.iterdir() if not path.name.startswith(".")}
+    # beside the earlier files, only the killed edit's progress file, whole, as it was last written
+    assert json.loads(kept.pop("a dog.progress.json"))["phase"] in PHASES and kept == earlier
     assert EditResult.load_all(out)[0].videos == [out / "a cat.mp4"]  # ...and the index is the earlier one
     assert edit_cli(tuned_run, "--prompt", "a cow", "--output-dir", str(out))[0] == 0
     assert not [path for path in out.iterdir() if path.name.startswith(".")]  # the killed edit's leftovers are gone
@@ -568,7 +570,8 @@ def test_a_truncated_source_clip_is_a_one_line_error_and_keeps_earlier_edits(tun
     assert status == 1 and message.startswith(f"inference.py: error: {clip}: the edit needs frame ")
     assert "\n" not in message and "give a shorter --span" in message and "truncated or damaged" in message
     assert message.count(" decode") == 1, message  # how many frames decode is said once
-    assert [p.name for p in (run / "edits").iterdir()] == ["earlier.mp4"]
+    assert sorted(p.name for p in (run / "edits").iterdir()) == ["a cat.progress.json", "earlier.mp4"]
+    assert EditProgress.load(run / "edits").phase == "failed"  # what the page shows
 
 
 def test_damaged_sound_in_the_source_is_silence_in_the_edit(tuned_run, tmp_path, caplog):
