@@ -407,7 +407,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         parameters after it are the Local edit fields (see `local_edit`); the text ones may be left out (None)."""
         try:
             seconds = [Fraction(str(value)) if value else None for value in (span_start, span_end)]  # 0: open
-            request = EditRequest(
+            edit_request = EditRequest(
                 prompts=(prompts or "").splitlines(), num_inference_steps=whole_number(steps, "steps"),
                 num_inv_steps=whole_number(inv_steps, "inversion steps"),
                 guidance_scale=None if guidance_scale is None else float(guidance_scale),  # None: the edit's default
@@ -417,7 +417,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                 local=local_edit(local, control, source_prompt, blend, reweight, inversion, cross_replace_steps,
                                  self_replace_steps, blend_start, mask_threshold),
             )
-            edit_folder, command = prepare_edit(workspace, run or "", request)
+            edit_folder, command = prepare_edit(workspace, run or "", edit_request)
         except UserError as err:
             raise refusals.refuse(request.session_hash, "edit", err) from None
         refusals.started(request.session_hash, "edit")
