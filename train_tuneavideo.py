@@ -1,7 +1,9 @@
 """Tune Stable Diffusion on one clip.
 
-    accelerate launch train_tuneavideo.py --config=configs/man-skiing.yaml
-    accelerate launch train_tuneavideo.py --config=configs/man-skiing.yaml max_train_steps=300 train_data.n_sample_frames=16
+    python train_tuneavideo.py --config=configs/man-skiing.yaml
+    python train_tuneavideo.py --config=configs/man-skiing.yaml max_train_steps=300 train_data.n_sample_frames=16
+    accelerate launch -q --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        train_tuneavideo.py --config=configs/man-skiing.yaml                     # several GPUs
 
 Everything after `--config` is a `key=value` override of the config file (see tuneavideo/config.py for every key).
 Bad input ends with a one-line error; add --debug (or set TUNEAVIDEO_DEBUG=1) for the traceback, --verbose (or

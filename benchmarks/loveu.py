@@ -29,7 +29,6 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from diffusers.training_utils import free_memory
-from tqdm.auto import tqdm
 
 from benchmarks.loveu_runs import (
     Layout,
@@ -51,6 +50,7 @@ from tuneavideo.cli import OneLineArgumentParser, run_cli
 from tuneavideo.config import TrainConfig
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, Evaluator, evaluation_models
+from tuneavideo.progress import progress_bar
 
 NUM_VIDEOS = 76  # in the benchmark: 16 DAVIS, 23 YouTube, 37 Videvo, each with 4 prompts
 FIGURES = ("frame_consistency", "text_alignment", "pickscore")
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> None:
     if models is not None and any(unscored(record, models) for record in records):
         # the scoring models load once, after this process's tunings: on the GPU they would leave those less memory
         evaluator = Evaluator(**models, device=state.device)
-        for video, record in tqdm(list(zip(mine, records)), desc="scoring", unit="video"):
+        for video, record in progress_bar(list(zip(mine, records)), desc="scoring", unit="video"):
             score_edits(video, layout, record, evaluator, models)
     everything = gather_object(records)
     if state.is_main_process:
@@ -151,7 +151,7 @@ def run_share(videos: list[Video], configs: dict[Video, TrainConfig], layout: La
     """Tune and edit this process's `videos`, one after the other; returns their records (unscored ones too)."""
     env = single_process_environment(state.device.type, state.device.index)
     records = []
-    progress = tqdm(videos, desc=f"process {state.process_index}" if state.num_processes > 1 else "videos",
+    progress = progress_bar(videos, desc=f"process {state.process_index}" if state.num_processes > 1 else "videos",
                     unit="video", position=state.process_index, dynamic_ncols=True)
     for video in progress:
         cfg = configs[video]

@@ -188,6 +188,38 @@ def fake_hf(folder: Path) -> dict[str, str]:
     return {**os.environ, "PATH": f"{folder / 'bin'}:{os.environ['PATH']}", "CALLS": str(folder / "calls")}
 
 
+MARKER = 12  # side of the red square that `marker_frames` puts in the stored top-left corner
+
+
+def marker_frames(num_frames: int = 4, width: int = 64, height: int = 48) -> np.ndarray:
+    """Grey uint8 frames with a red `MARKER`-pixel square in the top-left corner: where a player shows that corner
+    is where the square lands."""
+    frames = np.full((num_frames, height, width, 3), 128, np.uint8)
+    frames[:, :MARKER, :MARKER] = (255, 0, 0)
+    return frames
+
+
+def marker_corner(frame: np.ndarray) -> str:
+    """Which corner of an `(H, W, 3)` frame holds the red square: "top-left", "top-right", "bottom-left" or
+    "bottom-right" (the one with the reddest corner patch)."""
+    height, width = frame.shape[:2]
+    patch_h, patch_w = max(1, height // 8), max(1, width // 8)
+    corners = {"top-left": frame[:patch_h, :patch_w], "top-right": frame[:patch_h, -patch_w:],
+               "bottom-left": frame[-patch_h:, :patch_w], "bottom-right": frame[-patch_h:, -patch_w:]}
+    redness = {name: float(p[..., 0].astype(int).mean() - p[..., 1].astype(int).mean()) for name, p in corners.items()}
+    best = max(redness, key=redness.get)
+    assert redness[best] > 60, f"no red corner: {redness}"
+    return best
+
+
+def write_phone_clip(path: Path, source: Path, rotation: int = 0, hflip: bool = False) -> Path:
+    """`source` with a display matrix, as phones write one: the stored frames are to be shown turned `rotation`
+    degrees counter-clockwise, then mirrored left to right with `hflip` (ffmpeg's -display_rotation and
+    -display_hflip, the stream copied)."""
+    ffmpeg("-display_rotation", rotation, *(["-display_hflip"] if hflip else []), "-i", source, "-c", "copy", path)
+    return path
+
+
 def write_as_diffusers_0_11(run: Path, to: Path) -> Path:
     """Copy our finished run folder `run` to `to`, its tuned pipeline laid out exactly as Tune-A-Video's and
     Video-P2P's own training (diffusers 0.11.1, transformers 4.26) saves it: `model_index.json` naming

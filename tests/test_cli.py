@@ -1,6 +1,7 @@
 """What the command-line tools print: one line per phase, one progress bar per long phase, the warnings that ask for
 something, and no library chatter unless --verbose."""
 
+import os
 import re
 import subprocess
 import sys
@@ -66,6 +67,7 @@ mixed_precision: fp16
 
 def test_a_tuning_names_every_phase_and_nothing_else(tuned, tiny_sd):
     run, result = tuned
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr  # bars into a pipe: plain lines, no redraws
     lines, bars = printed(result)
     assert_lines(lines, [
         r"mixed_precision=fp16 needs a CUDA GPU; training in float32 instead \(bf16 works on the CPU\)",
@@ -99,3 +101,17 @@ def test_an_edit_names_every_phase_and_verbose_brings_the_libraries_back(tuned):
     lines, bars = printed(python(*edit[:-1], f"--output-dir={run / 'verbose'}", "--verbose"))
     assert f"INFO tuneavideo.editing: loading the tuned model {run}" in lines
     assert {"Loading pipeline components...", "Editing 4 frames in 1 window(s)"} <= bars
+
+
+@pytest.mark.parametrize("launcher", [
+    [],  # README's command: one process needs no launcher
+    ["-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",
+     "--mixed_precision", "no", "--dynamo_backend", "no"],  # accelerate launch with every value said, and --quiet
+], ids=["python", "accelerate launch -q"])
+def test_a_bad_input_is_one_line_without_the_launchers_warning_or_traceback(launcher, tmp_path):
+    result = subprocess.run([sys.executable, *launcher, str(ROOT / "train_tuneavideo.py"),
+                             f"--config={tmp_path / 'missing.yaml'}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HOME": str(tmp_path)})  # no accelerate config
+    assert result.returncode == 1
+    assert (result.stdout + result.stderr).strip() == (f"train_tuneavideo.py: error: config file not found: "
+                                                       f"{tmp_path / 'missing.yaml'}")

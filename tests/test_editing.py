@@ -49,6 +49,7 @@ from tuneavideo.run import EditResult, Run
 from tuneavideo.pipelines.inversion import ddim_inversion, inverse_scheduler, sampling_scheduler
 from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.tiny import SD_SCHEDULER_CONFIG
+from tuneavideo.edit_progress import PHASES, EditProgress
 from tuneavideo.video.frames import fit_size
 from tuneavideo.video.readers import Clip
 from tuneavideo.video.writers import write_mp4
@@ -173,10 +174,14 @@ def test_cli_edits_the_sample_clip_with_its_sound(runs):
     assert np.abs(left - source).mean() < 6
 
 
-def test_a_wide_clip_keeps_its_aspect_ratio_frame_rate_and_sound(runs, tmp_path):
+def test_a_wide_clip_keeps_its_aspect_ratio_frame_rate_and_sound(runs, tmp_path, monkeypatch):
+    from tuneavideo.edit_progress import EditProgressWriter
+
+    phases, phase = [], EditProgressWriter.phase
+    monkeypatch.setattr(EditProgressWriter, "phase", lambda report, name: (phases.append(name), phase(report, name)))
     run = runs["wide"]
     size = fit_size(192, 108, 128)
-    assert size == (128, 64)  # landscape stays landscape (16:9 to the nearest multiples of 64)
+    assert size == (128, 72)  # landscape stays landscape, 16:9 exactly (multiples of 8)
     with Image.open(run / "samples" / "sample-1" / "a red ball.gif") as sample:
         assert sample.size == size  # training's validation samples at the tuned size too
     result = edit(run, EditRequest(prompts=["a red ball"], output_dir=tmp_path, **FAST))
@@ -192,6 +197,10 @@ def test_a_wide_clip_keeps_its_aspect_ratio_frame_rate_and_sound(runs, tmp_path)
     check_video(tmp_path / "a red ball.mp4", 4, size, fps, sound=True)
     check_gif(tmp_path / "a red ball.gif", 4, size, fps)
     check_video(tmp_path / "a red ball.side-by-side.mp4", 4, (2 * size[0], size[1]), fps, sound=True)
+    # how it went, in its own progress file: the run's inversion reused, so no inverting
+    progress = EditProgress.load(tmp_path)
+    assert (tmp_path / "a red ball.progress.json").is_file() and phases == ["editing", "writing the videos"]
+    assert (progress.phase, progress.done, progress.total) == ("done", 3, 3)  # 1 window x 3 steps (FAST)
 
 
 def test_a_silent_source_gives_silent_videos_and_a_note(runs, tmp_path, caplog):
@@ -401,14 +410,16 @@ def test_an_edit_that_fills_the_disk_keeps_the_earlier_edits(tuned_run, tmp_path
         edits = disk / "edits"
         assert edit_cli(tuned_run, "--prompt", "a red ball", "--output-dir", str(edits))[0] == 0
         earlier = {p.name: p.read_bytes() for p in edits.iterdir()}
-        assert set(earlier) == {"a red ball.mp4", "a red ball.gif", "a red ball.side-by-side.mp4", "result.json"}
+        assert set(earlier) == {"a red ball.mp4", "a red ball.gif", "a red ball.side-by-side.mp4", "result.json",
+                                "a red ball.progress.json"}
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(bytes(free - 20_000))  # room for a few pages, not for an edit
         status, message = edit_cli(tuned_run, "--prompt", "a green ball", "--prompt", "a blue ball",
                                    "--output-dir", str(edits))
         assert status == 1 and message.startswith(f"inference.py: error: no space left on the disk of {edits} while")
         assert "\n" not in message and "free space and run again" in message
-        assert leftovers(edits) == [] and sorted(p.name for p in edits.iterdir()) == sorted(earlier)
+        assert leftovers(edits) == []  # beside the earlier files at most the new edit's progress file (failed)
+        assert {p.name for p in edits.iterdir()} - set(earlier) <= {"a green ball+a blue ball.progress.json"}
         for name, data in earlier.items():  # the earlier edit is whole: nothing of the new one was moved in
             assert (edits / name).read_bytes() == data
 
@@ -445,7 +456,9 @@ def test_a_killed_edit_leaves_the_earlier_edit_whole_and_the_next_one_sweeps_its
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the edit ended before it could be killed between files"
     assert list(out.glob(".edit-*.tmp/a dog/00000.jpg"))  # staged out of sight...
-    assert {path.name: path.read_bytes() for path in out.iterdir() if not path.name.startswith(".")} == earlier
+    kept = {path.name: path.read_bytes() for path in out.iterdir() if not path.name.startswith(".")}
+    # beside the earlier files, only the killed edit's progress file, whole, as it was last written
+    assert json.loads(kept.pop("a dog.progress.json"))["phase"] in PHASES and kept == earlier
     assert EditResult.load_all(out)[0].videos == [out / "a cat.mp4"]  # ...and the index is the earlier one
     assert edit_cli(tuned_run, "--prompt", "a cow", "--output-dir", str(out))[0] == 0
     assert not [path for path in out.iterdir() if path.name.startswith(".")]  # the killed edit's leftovers are gone
@@ -521,7 +534,10 @@ def test_a_damaged_run_folder_is_a_one_line_error_and_keeps_earlier_edits(name, 
     assert status == 1 and message.startswith("inference.py: error: ") and "\n" not in message
     for word in DAMAGED_RUN_FILES[name]:
         assert word in message, (word, message)
-    assert [p.name for p in edits.iterdir()] == ["earlier.mp4"] and (edits / "earlier.mp4").read_bytes() == b"an earlier edit"
+    assert [p.name for p in edits.iterdir() if not p.name.endswith(".progress.json")] == ["earlier.mp4"]
+    assert (edits / "earlier.mp4").read_bytes() == b"an earlier edit"
+    progress = EditProgress.load(edits)  # written once the plan was checked: then how it failed
+    assert progress is None or (progress.phase == "failed" and progress.message in message)
 
 
 def test_a_missing_source_clip_names_the_config_key(tuned_run, tmp_path):
@@ -554,7 +570,8 @@ def test_a_truncated_source_clip_is_a_one_line_error_and_keeps_earlier_edits(tun
     assert status == 1 and message.startswith(f"inference.py: error: {clip}: the edit needs frame ")
     assert "\n" not in message and "give a shorter --span" in message and "truncated or damaged" in message
     assert message.count(" decode") == 1, message  # how many frames decode is said once
-    assert [p.name for p in (run / "edits").iterdir()] == ["earlier.mp4"]
+    assert sorted(p.name for p in (run / "edits").iterdir()) == ["a cat.progress.json", "earlier.mp4"]
+    assert EditProgress.load(run / "edits").phase == "failed"  # what the page shows
 
 
 def test_damaged_sound_in_the_source_is_silence_in_the_edit(tuned_run, tmp_path, caplog):

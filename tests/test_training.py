@@ -623,6 +623,25 @@ def test_a_final_save_that_fills_the_disk_keeps_the_tuned_tensors(tmp_path, run_
         assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
 
 
+def test_a_base_with_bin_weights_tunes_and_saves_without_diffusers_errors(tmp_path, run_config, tiny_sd, capfd):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    base = tmp_path / "bin-sd"  # weights as older downloads hold them: .bin, no safetensors
+    shutil.copytree(tiny_sd, base)
+    for subfolder, model_class in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        model = model_class.from_pretrained(base, subfolder=subfolder)
+        for file in (base / subfolder).glob("*.safetensors"):
+            file.unlink()
+        model.save_pretrained(base / subfolder, safe_serialization=False)
+    cfg = load_config(run_config(tmp_path / "run", max_train_steps=1, checkpointing_steps=1000,
+                                 validation_steps=1000))
+    cfg.pretrained_model_path = str(base)
+    capfd.readouterr()
+    train_in_process(cfg)
+    assert (tmp_path / "run" / "model_index.json").exists()
+    assert "An error occurred while trying to fetch" not in capfd.readouterr().err  # diffusers' logger.error lines
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 

@@ -52,7 +52,7 @@ class TrainDataConfig:
     video_path: str  # a video file, or a folder of frame images (in the order of the numbers in their names)
     prompt: str = checked(MISSING, str.strip, "must describe the clip, e.g. 'a man is skiing'")
     # a clip of this aspect ratio is resized to it; another keeps its own (the original squashed it), long side
-    # max(width, height), sides multiples of 64
+    # max(width, height), sides multiples of 8, the leftover rows or columns cut evenly (frames.clip_size)
     width: int = checked(512, **PIXELS)
     height: int = checked(512, **PIXELS)
     n_sample_frames: int = at_least(8)  # 8: the original dataset's default

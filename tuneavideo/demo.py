@@ -6,7 +6,7 @@ clip, every second of it with its sound.
 
 Random weights give noise, not pictures: this shows the whole job (tuning, inversion, validation videos,
 checkpoints, saved model, a windowed whole-clip edit with sound, a local edit of the ball with its mask video) running
-in about a minute and a half on two CPU cores.
+in two to three minutes on two idle CPU cores (README's figures; on a machine shared with other work it takes longer).
 """
 
 import logging
@@ -45,6 +45,10 @@ def main(overrides: list[str]) -> None:
           f"({len(whole.frames)} frames at {float(whole.fps):g} fps, {whole.windows} windows, "
           f"{'with' if whole.with_audio else 'without'} sound) edited into {whole.folder}; a local edit of the ball, "
           f"with its mask video, in {local.folder}")
+    print(f"its mask video ({', '.join(path.name for path in local.masks)}) is red where the local edit may change "
+          "the picture, and here that is the whole frame: a model of random weights has learnt no ball to find, so "
+          "its attention to the word 'ball' is spread over every pixel; with Stable Diffusion's weights the mask "
+          "follows the ball")
 
 
 if __name__ == "__main__":

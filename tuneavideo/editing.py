@@ -27,14 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .base_model import fuse_loras
 from .config import TrainConfig
+from .edit_progress import EditProgressWriter
 from .evaluate import Evaluator
 from .pipelines.edit import invert, progress_steps, sample
 from .pipelines.windows import Window, plan_windows
+from .progress import progress_bar
 from .request import EditRequest, LocalPlan, RequestError, Span
 from .run import EditFiles, EditResult, Run
 from .video.edit_writer import EditWriter
@@ -119,8 +120,14 @@ def plan_edit(run: str | os.PathLike, request: EditRequest) -> EditPlan:
 
 
 def edit(run: str | os.PathLike, request: EditRequest) -> EditResult:
-    """Edit the clip tuned in `run` with every prompt of `request`; see the module docstring for the outputs."""
+    """Edit the clip tuned in `run` with every prompt of `request`; see the module docstring for the outputs. How it
+    goes is kept in the edit's own progress file (`EditFiles.progress`, `tuneavideo.edit_progress`)."""
     plan = plan_edit(run, request)
+    with EditProgressWriter(plan.files.progress) as report:
+        return _edit(plan, request, report)
+
+
+def _edit(plan: EditPlan, request: EditRequest, report: EditProgressWriter) -> EditResult:
     # the scoring models are loaded first, so that a missing one fails before minutes of editing
     evaluator = Evaluator() if request.evaluate else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,23 +151,29 @@ def edit(run: str | os.PathLike, request: EditRequest) -> EditResult:
     if request.num_videos_per_prompt > 1 and request.eta == 0:
         logger.warning("note: with eta 0 DDIM is deterministic, so the videos of a prompt are alike; "
                        "use --eta > 0 for variations")
+    report.start(total)
     local = None
-    with tqdm(total=total, desc=f"Editing {frames_text(len(plan.frames))} in {windows} window(s)",
+    with progress_bar(total=total, desc=f"Editing {frames_text(len(plan.frames))} in {windows} window(s)",
               unit="window-step") as bar:
         def progress(*_) -> None:
             bar.update(windows)
+            report.step(windows)
 
         if plan.control:
+            report.phase("inverting and editing")
             local = plan.control.invert_and_edit(pipe, pipe.encode_video(plan.source_frames()).mean, prompts, steps,
                                                  inv_steps, request.guidance, plan.window, request.overlap, progress)
         elif reused:
             logger.info(f"using the run's inverted latent {plan.cache}")
         else:
+            report.phase("inverting")
             latent = invert(pipe, pipe.encode_video(plan.source_frames()).mean, inv_steps, plan.window,
                             request.overlap, progress)
             if not request.loras:
                 with atomic_path(plan.cache) as path:
                     torch.save(latent.cpu(), path)
+        if not local:
+            report.phase("editing")
         edited = local.targets if local else sample(
             pipe, latent, prompts, steps, request.guidance, inv_steps, request.negative_prompt,
             request.num_videos_per_prompt, request.eta, seed, plan.window, request.overlap, progress)
@@ -168,6 +181,7 @@ def edit(run: str | os.PathLike, request: EditRequest) -> EditResult:
     with EditWriter(files.folder, plan.fps, plan.repeats) as writer:
         audio = span_audio(plan.clip, plan.span, writer.scratch) if request.audio else None
         logger.info(f"writing the edits to {files.folder}")
+        report.phase("writing the videos")
         frame_folders = files.frame_folders() if request.jpeg_frames else []
         gifs = writer.write_videos(pipe.decode_chunks(edited), plan.source_frames(), files.videos(),
                                    files.side_by_side, audio, request.gif, frame_folders)
@@ -183,6 +197,7 @@ def edit(run: str | os.PathLike, request: EditRequest) -> EditResult:
             writer.write_masks(plan.source_frames(), [mask for _, mask in blended], result.masks)
         if evaluator is not None:
             del pipe
+            report.phase("scoring")
             videos = [writer.staged(path) for path in result.videos]
             records = evaluator.score_edit(list(plan.source_frames()), videos, result.videos,
                                            [p for p in prompts for _ in range(request.num_videos_per_prompt)],

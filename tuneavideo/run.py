@@ -64,6 +64,7 @@ SIDE_BY_SIDE = "side-by-side"  # <edit>.side-by-side.mp4: the source and every v
 INVERSION = "inversion"  # <edit>.inversion.mp4: a local edit's source branch, decoded
 MASK = "mask"  # <prompt>.mask.mp4: a local edit's blend mask over the source
 SHARED_KINDS = (SIDE_BY_SIDE, INVERSION, MASK)  # a video's file name must not end in .<kind>: it would take theirs
+EDIT_PROGRESS_SUFFIX = ".progress.json"  # <edit>.progress.json: how an edit goes (`tuneavideo.edit_progress`)
 EDIT_NAME_BYTES = 160  # an edit's name past this many UTF-8 bytes is cut and given a hash: file names hold 255
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _SAMPLE = re.compile(r"sample-(\d+)")
@@ -122,6 +123,12 @@ class EditFiles:
     def metrics(self) -> Path:
         """The LOVEU-TGVE figures of a scored edit."""
         return self.folder / f"{self.name}.metrics.json"
+
+    @property
+    def progress(self) -> Path:
+        """How the edit goes while it runs (`tuneavideo.edit_progress`); written in place (atomically), not
+        staged, so that it can be read during the edit."""
+        return self.folder / f"{self.name}{EDIT_PROGRESS_SUFFIX}"
 
 
 @dataclass
@@ -330,7 +337,7 @@ class Run:
             RunError: no such folder, or no config.yaml or tuned model in it.
         """
         if not self.folder.is_dir():
-            raise RunError(f"{self.folder}: no such run folder (tune first: accelerate launch train_tuneavideo.py "
+            raise RunError(f"{self.folder}: no such run folder (tune first: python train_tuneavideo.py "
                            "--config=...)")
         if not self.config_file.is_file():
             raise RunError(f"{self.folder}: has no {self.config_file.name}, so it is not the output_dir of a "

@@ -24,7 +24,6 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from .atomic import atomic_path, remove, staged
 from .checkpointing import (
@@ -45,6 +44,7 @@ from .errors import UserError
 from .pipelines.edit import invert, sample
 from .models.unet import UNet3DConditionModel
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline, truncated_text
+from .progress import paused, progress_bar
 from .run import ProgressWriter, Run
 from .training_step import NonFiniteLoss, TrainingStep, make_optimizer, weight_dtype
 from .tuned_parameters import (
@@ -173,7 +173,7 @@ def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator,
     global_step = resume(accelerator, checkpoint)
     if accelerator.is_main_process:
         accelerator.init_trackers("tuneavideo", config=_scalar_hparams(cfg))
-    progress = tqdm(
+    progress = progress_bar(
         range(global_step, cfg.max_train_steps), initial=global_step, total=cfg.max_train_steps,
         disable=not accelerator.is_local_main_process, desc="Steps",
     )
@@ -190,9 +190,9 @@ def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator,
 
             if accelerator.sync_gradients:
                 global_step += 1
-                progress.update(1)
                 logs = {"loss": losses.mean().item(), "lr": step.lr_scheduler.get_last_lr()[0]}
-                progress.set_postfix(**logs)
+                progress.set_postfix(**logs, refresh=False)  # drawn by the update: one line a step in a log
+                progress.update(1)
                 accelerator.log(logs, step=global_step)
                 report.step(global_step, logs["loss"], logs["lr"])
                 interrupted = ctrl_c.any_process_interrupted(accelerator)
@@ -203,7 +203,7 @@ def _tune(cfg: TrainConfig, base: BaseModel, run: Run, accelerator: Accelerator,
                                             "resume_from_checkpoint=latest")
                 if global_step % cfg.validation_steps == 0 or global_step == cfg.max_train_steps:
                     if accelerator.is_main_process:
-                        with accelerator.autocast():
+                        with accelerator.autocast(), paused(progress):  # the steps' ETA, without validations
                             validate(pipeline, windows.first(posterior).mean, cfg, global_step,
                                      clip.info.fps / data.sample_frame_rate, windows.first_control(guidance))
                         name, prompt = validation_prompts(cfg.validation_data)[0]
@@ -355,7 +355,7 @@ def validate(pipeline: TuneAVideoPipeline, clean_latents: torch.Tensor, cfg: Tra
     prompts = validation_prompts(validation)  # (folder name, prompt)
     latents = None
     work = validation.num_inference_steps * len(prompts) + validation.use_inv_latent * validation.num_inv_steps
-    with tqdm(total=work, desc=f"Validation at step {step}", leave=False) as bar:
+    with progress_bar(total=work, desc=f"Validation at step {step}", leave=False) as bar:
         if validation.use_inv_latent:
             latents = invert(pipeline, clean_latents, validation.num_inv_steps, callback=lambda *_: bar.update(),
                              control=control)

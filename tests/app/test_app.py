@@ -13,7 +13,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,13 +34,23 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 import inference
-from tests.helpers import SAMPLE_CLIP, probe, small_disk  # the sample clip: 48 frames at 24 fps, 256x256, with sound
-from tuneavideo.app.page import launch, status_markdown, uploaded_clip
+from tests.helpers import (  # the sample clip: 48 frames at 24 fps, 256x256, with sound
+    SAMPLE_CLIP,
+    marker_corner,
+    marker_frames,
+    probe,
+    small_disk,
+    write_frames_mp4,
+    write_phone_clip,
+)
+from tuneavideo.app.page import Refusals, history_plot, launch, log_tail, page_words, status_markdown, uploaded_clip
+from tuneavideo.errors import UserError
 from tuneavideo.config import load_config
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
 from tuneavideo.request import EditRequest, LocalEdit
 from tuneavideo.app.jobs import FINISHED, Job, JobRunner
+from tuneavideo.video.readers import Clip
 from tuneavideo.video.writers import write_mp4
 from tuneavideo.app.workspace import REPO, Workspace, edit_command, is_random_model, metrics_markdown
 
@@ -97,6 +109,23 @@ def tune(client: Client, **settings) -> tuple[str, str]:
                                        **settings}, api_name="/tune")
     assert job_id in status
     return job_id, status
+
+
+def test_app_py_says_in_its_own_line_where_it_listens_and_stops_quietly(tmp_path):
+    port = free_port()
+    command = [sys.executable, str(REPO / "app.py"), "--port", str(port), "--root", str(tmp_path / "outputs"),
+               "--checkpoints", str(tmp_path / "checkpoints")]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [process.stdout.readline().strip(), process.stdout.readline().strip()]
+        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 200  # it listens once it says so
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest = process.communicate(timeout=60)[0]
+    assert lines[0].startswith(f"no Stable Diffusion model in {tmp_path / 'checkpoints'}: wrote the tiny random one")
+    assert lines[1] == (f"the app is at http://127.0.0.1:{port}/ (this machine only; never a public link); "
+                        "Ctrl-C stops it")
+    assert rest.strip() == "" and process.returncode == 0  # not Gradio's "share=True" or Ctrl-C lines
 
 
 def test_without_a_base_model_the_app_writes_the_tiny_random_one(app):
@@ -163,6 +192,8 @@ def test_tune_stop_resume_and_edit_with_sound(app):
                                 inv_steps=2, guidance_scale=7.5, seed=None, span="tuned window", span_start=0,
                                 span_end=0, stride=None, api_name="/edit")
     edited = wait_for(client, edit_id, lambda info: info["status"] == "done", timeout=60)
+    # the edit's own progress file, as the API reports it: every window-step done
+    assert edited["progress"]["phase"] == "done" and edited["progress"]["done"] == edited["progress"]["total"] > 0
     assert [Path(path).name for path in edited["outputs"]["videos"]] == ["a red ball is moving.mp4",
                                                                          "a cat, cartoon style.mp4"]
     video, mask, side_by_side, inversion, downloads, figures = client.predict(edit_id, api_name="/edit_result")
@@ -194,10 +225,12 @@ def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
                 span="tuned window", span_start=0, span_end=0, stride=None, local=True, blend="ball",
                 api_name="/edit")  # inversion: ddim, the app's default
     # the edit's own checks, before anything is written or a model loads
-    for settings, message in ((dict(blend="cat"), "blend source word 'cat' is not a word of the prompt"),
-                              (dict(control="replace"), "the source prompt has 4 words and the target 5"),
-                              (dict(reweight="red"), "`reweights` 'red': give WORD=FACTOR"),
-                              (dict(local=False), "blend and reweight are for a local edit: tick Local edit")):
+    # in the page's words: its fields' names, not the command line's options or the request's fields
+    for settings, message in ((dict(blend="cat"), "Blend word(s) source word 'cat' is not a word of the prompt"),
+                              (dict(control="replace"), 'the source prompt has 4 words and the target 5: use '
+                                                        '"refine" under Control'),
+                              (dict(reweight="red"), "Reweight 'red': give WORD=FACTOR"),
+                              (dict(local=False), "Blend word(s) and Reweight are for a local edit: tick Local edit")):
         with pytest.raises(AppError) as raised:
             client.predict(**{**edit, **settings})
         assert message in str(raised.value) and "\n" not in str(raised.value)
@@ -212,6 +245,113 @@ def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
     for path in (video, mask, inversion):  # downloaded through the app; 4 frames of 64x64 at 8 fps
         info = probe(Path(path))
         assert (info["frames"], info["size"], info["fps"], info["codec"]) == (4, (64, 64), Fraction(8), "h264")
+
+
+def test_a_portrait_phone_clip_is_tuned_and_edited_upright(app, tmp_path):
+    # stored 64x48 with a display rotation: shown 48x64, the red square in the top-right corner
+    stored = write_frames_mp4(tmp_path / "stored.mp4", marker_frames(8, 64, 48), 8)
+    phone = write_phone_clip(tmp_path / "phone.mp4", stored, -90)
+    run, _ = tune(app.client, video=handle_file(phone), frames=4, stride=2, steps=1, sample_every=1)
+    tuned = wait_for(app.client, run, lambda info: info["status"] == "done")
+    assert probe(Path(tuned["sample"]))["size"] == (48, 64)
+    edit_id, _ = app.client.predict(run=run, prompts="a blue square", steps=2, inv_steps=2, guidance_scale=7.5,
+                                    seed=None, span="tuned window", span_start=0, span_end=0, stride=None,
+                                    api_name="/edit")
+    wait_for(app.client, edit_id, lambda info: info["status"] == "done", timeout=60)
+    video, _, side_by_side, _, _, _ = app.client.predict(edit_id, api_name="/edit_result")
+    assert probe(Path(video))["size"] == (48, 64)
+    source = Clip(side_by_side).read([0])[0, :, :48]
+    assert source.shape == (64, 48, 3) and marker_corner(source) == "top-right"
+
+
+@pytest.mark.parametrize(("message", "page"), [
+    # the command line's options
+    ("the source prompt has 4 words and the target 5: use --control refine", 'the source prompt has 4 words and the '
+     'target 5: use "refine" under Control'),
+    ("--inversion null-text gives one embedding per inversion step: give --num-inference-steps equal to "
+     "--num-inv-steps (2 != 3), or use --inversion ddim", '"null-text" under Inversion gives one embedding per '
+     'inversion step: give Steps equal to Inversion steps (2 != 3), or use "ddim" under Inversion'),
+    # the pipelines' parameter names
+    ("control 'replace' swaps words one for one, but the source prompt has 4 words and the target 5: use control "
+     "'refine'", '"replace" under Control swaps words one for one, but the source prompt has 4 words and the target '
+     '5: use "refine" under Control'),
+    ("null-text inversion gives one embedding per inversion step: num_inference_steps must equal num_inv_steps "
+     "(2 != 3), or use inversion='ddim'", "null-text inversion gives one embedding per inversion step: Steps must "
+     'equal Inversion steps (2 != 3), or use "ddim" under Inversion'),
+    ("blend source word 'cat' is not a word of the prompt 'a ball'", "Blend word(s) source word 'cat' is not a word "
+     "of the prompt 'a ball'"),
+    ("give at least one non-empty --prompt", "give at least one non-empty New prompts"),
+    ("reweight 'red': give WORD=FACTOR, e.g. origami=2", "Reweight 'red': give WORD=FACTOR, e.g. origami=2"),
+    ("`span` '9:': START must be before END", "Span of the clip '9:': START must be before END"),
+    # words that are the message's own, and settings the page does not have, stay as they are
+    ("the prompt has 80 tokens; attention control needs at most 75: shorten it",
+     "the prompt has 80 tokens; attention control needs at most 75: shorten it"),
+    ("--window 4 and resume_from_checkpoint=latest", "--window 4 and resume_from_checkpoint=latest"),
+])
+def test_messages_speak_the_page_s_words(message, page):
+    assert page_words(message) == page
+
+
+def test_a_refused_job_s_message_stays_in_its_page_s_status_until_it_starts_one():
+    refusals = Refusals()
+    error = refusals.refuse("page 1", "edit", UserError("blend 'x:y:z': give WORD or SOURCE_WORD:TARGET_WORD"))
+    assert error.message == "Blend word(s) 'x:y:z': give WORD or SOURCE_WORD:TARGET_WORD"
+    for _ in range(2):  # every redraw
+        assert refusals.status("page 1", "edit", "**edit `e1`**: done.") == f"**Not started:** {error.message}"
+    assert refusals.status("page 1", "tune", "No job yet.") == "No job yet."  # the other tab
+    assert refusals.status("page 2", "edit", "No job yet.") == "No job yet."  # another page
+    refusals.started("page 1", "edit")
+    assert refusals.status("page 1", "edit", "**edit `e2`**: editing") == "**edit `e2`**: editing"
+
+
+@pytest.mark.parametrize(("steps", "total", "x_lim"), [(2, 2, [0, 20]), (6, 500, [0, 500])])
+def test_the_charts_span_the_run_and_at_least_twenty_steps(steps, total, x_lim):
+    from tuneavideo.run import Progress
+
+    progress = Progress(state="running", step=steps, total=total,
+                        history=[[step, 1.0, 3e-5] for step in range(1, steps + 1)])
+    update = history_plot(progress)
+    # the axis's ticks (about one per 40 px of a chart) fall on whole steps, not "1, 2, 2" for a 2-step run
+    assert update["x_lim"] == x_lim and list(update["value"]["step"]) == list(range(1, steps + 1))
+    assert history_plot(None)["value"] is None
+
+
+def test_a_running_edit_shows_its_phase_window_steps_and_eta(tmp_path):
+    from tuneavideo.edit_progress import EditProgressWriter
+
+    job = Job(id="edit-1", kind="edit", folder=tmp_path, command=[], run="run", status="running",
+              started=time.time() - 7)
+    runner = SimpleNamespace()  # a running job's line asks the runner nothing
+    assert status_markdown(runner, job) == "**edit `edit-1`**: starting (loading the model)… (elapsed 0:07)"
+    with EditProgressWriter(tmp_path / "a cat.progress.json") as report:  # what the edit process writes
+        assert status_markdown(runner, job).startswith("**edit `edit-1`**: starting (loading the model)…")
+        report.start(40)
+        report.phase("editing")
+        report.step(12)
+        report.phase("editing")  # written
+        line = status_markdown(runner, job)
+        assert line.startswith("**edit `edit-1`**: editing · 12 / 40 window-steps · ETA 0:")
+        assert line.endswith("(elapsed 0:07)")
+        job.stop_requested = True
+        assert status_markdown(runner, job).endswith("· stopping after this step…")
+
+
+def test_the_log_shows_each_bar_s_newest_line(tmp_path):
+    job = Job(id="run", kind="tune", folder=tmp_path, command=[], run="run")
+    job.log.write_text("loading the base model m\n"
+                       "Steps:   0%|          | 0/4 [00:00<?, ?it/s]\n"
+                       "Steps:  50%|#####     | 2/4 [00:20<00:20, 10.0s/it, loss=1.2]\n"
+                       "Validation at step 2:   0%|          | 0/4 [00:00<?, ?it/s]\n"
+                       "Validation at step 2: 100%|##########| 4/4 [00:08<00:00, 2.0s/it]\n"
+                       "wrote the samples of step 2 to s\n"
+                       "Steps:  75%|#######5  | 3/4 [00:40<00:10, 10.0s/it, loss=1.1]\n"
+                       "Steps: 100%|##########| 4/4 [00:50<00:00, 10.0s/it, loss=1.0]\n"
+                       "Loading pipeline components:  20%|##  | 1/5\rLoading pipeline components: 100%|####| 5/5\n")
+    assert log_tail(job).splitlines() == [
+        "loading the base model m", "Steps:  50%|#####     | 2/4 [00:20<00:20, 10.0s/it, loss=1.2]",
+        "Validation at step 2: 100%|##########| 4/4 [00:08<00:00, 2.0s/it]", "wrote the samples of step 2 to s",
+        "Steps: 100%|##########| 4/4 [00:50<00:00, 10.0s/it, loss=1.0]",
+        "Loading pipeline components: 100%|####| 5/5"]
 
 
 def test_runs_are_listed_the_newest_to_finish_first(tmp_path):
@@ -306,9 +446,11 @@ def test_bad_input_gives_one_line_messages_and_writes_nothing(app, tmp_path):
     too_large = tmp_path / "large.mp4"
     too_large.write_bytes(b"\0" * (MAX_UPLOAD_BYTES + 1))
     cases = [
-        (dict(video=handle_file(not_a_video)), "the clip: cannot be read as a video"),
+        (dict(video=handle_file(not_a_video)), "the clip 'holiday.mp4': cannot be read as a video (Invalid data found "
+                                               "when processing input); check that it plays in a video player"),
         (dict(video=handle_file(make_clip(tmp_path / "long.mp4", 4))), "the clip is 4.0 s long; the limit is 3 s"),
-        (dict(video=handle_file(SAMPLE_CLIP), frames=40), "the clip: has 48 frames but n_sample_frames=40"),
+        (dict(video=handle_file(SAMPLE_CLIP), frames=40),
+         "the clip 'sample.mp4': has 48 frames but n_sample_frames=40"),
         (dict(clip="../../etc/passwd"), "there is no clip '../../etc/passwd'"),
         (dict(video=handle_file(SAMPLE_CLIP), loras=["../../etc/passwd"]), "there is no LoRA '../../etc/passwd'"),
         (dict(video=handle_file(SAMPLE_CLIP), prompt="  "), "describe the clip in the prompt"),
@@ -318,6 +460,7 @@ def test_bad_input_gives_one_line_messages_and_writes_nothing(app, tmp_path):
         with pytest.raises(AppError) as raised:
             tune(client, **{"steps": 1, "sample_every": 1, **settings})
         assert message in str(raised.value) and "\n" not in str(raised.value) and "Traceback" not in str(raised.value)
+        assert "Errno" not in str(raised.value)
     with pytest.raises(ValueError, match="exceeds the maximum file size"):  # Gradio's own limit (max_file_size)
         tune(client, video=handle_file(too_large), steps=1, sample_every=1)
     with too_large.open("rb") as file:  # which its server applies too, for clients that do not check first

@@ -93,7 +93,7 @@ def test_bad_uploads_show_a_message_not_a_traceback(app, page, tmp_path):
     upload.set_input_files(not_a_video)
     page.get_by_label("What the clip shows").fill("a ball is moving")
     page.locator("#tune-button").click()
-    expect(page.get_by_text("the clip: cannot be read as a video")).to_be_visible()
+    expect(page.get_by_text("the clip 'holiday.mp4': cannot be read as a video")).to_be_visible()
     assert "Traceback" not in page.content()
     assert sorted(root.iterdir()) == before  # nothing was written
 

@@ -106,7 +106,12 @@ def test_forward_shapes_batches_and_odd_sizes(unet3d, clip_inputs):
         # each clip of a batch is computed on its own
         first = unet3d(sample[:1], timestep[:1], text[:1]).sample
         odd = unet3d(torch.randn(1, 4, 2, 10, 14), 5, text[:1]).sample
+        # latents of frames in multiples of 8 only (fit_size): odd sides, halved to 12 x 20, 6 x 10, 3 x 5 on the
+        # way down and brought back to each skip connection's size on the way up
+        portrait = unet3d(torch.randn(1, 4, 2, 23, 40), 5, text[:1]).sample
+        wide = unet3d(torch.randn(1, 4, 1, 9, 16), 5, text[:1]).sample  # 16:9 at 128 x 72
     assert out.shape == sample.shape and odd.shape == (1, 4, 2, 10, 14)
+    assert portrait.shape == (1, 4, 2, 23, 40) and wide.shape == (1, 4, 1, 9, 16)
     torch.testing.assert_close(out[:1], first, rtol=1e-4, atol=1e-5)
 
 

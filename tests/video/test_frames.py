@@ -14,11 +14,12 @@ import av
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, SAMPLE_CLIP, frame_indices, write_index_clip
+from tests.helpers import ROOT, SAMPLE_CLIP, frame_indices, write_frames_mp4, write_index_clip
 from tuneavideo.video.frames import (
     ClipTooShortError,
     clip_size,
     decode_frames,
+    even_crop,
     fit_size,
     sample_frame_indices,
     shown_at_constant_rate,
@@ -124,17 +125,19 @@ def test_window_starts_too_short_says_what_fits():
     [
         ((256, 256), 512, (512, 512)),  # square stays square
         ((718, 718), 64, (64, 64)),
-        ((1920, 1080), 512, (512, 320)),  # 16:9: 288 rounds (half up) to 320
-        ((1080, 1920), 512, (320, 512)),  # portrait
-        ((1280, 720), 768, (768, 448)),
-        ((640, 480), 500, (448, 320)),  # the long side rounds down to a multiple of 64
-        ((4000, 100), 512, (512, 64)),  # at least one multiple on each side
-        ((64, 48), 40, (64, 64)),
+        ((1920, 1080), 512, (512, 288)),  # 16:9, exactly
+        ((1080, 1920), 512, (288, 512)),  # portrait
+        ((1280, 720), 768, (768, 432)),
+        ((1920, 1080), 192, (192, 112)),  # 108 rounds (half up) to 112: even_crop cuts the rest
+        ((640, 480), 500, (496, 376)),  # the long side rounds down to a multiple of 8; 372 half up to 376
+        ((4000, 100), 512, (512, 16)),  # 12.8 rounds to 16
+        ((4000, 10), 512, (512, 8)),  # at least one multiple on each side
+        ((64, 48), 4, (8, 8)),
     ],
 )
 def test_fit_size(source, long_side, expected):
     assert fit_size(*source, long_side) == expected
-    assert all(side % 64 == 0 for side in expected)
+    assert all(side % 8 == 0 for side in expected)
 
 
 def test_fit_size_rejects_nonsense():
@@ -147,11 +150,12 @@ def test_fit_size_rejects_nonsense():
     [
         ((480, 480), (480, 480), (480, 480)),  # the configured aspect: the configured size, not fit_size's 448x448
         ((256, 256), (512, 512), (512, 512)),
-        ((1920, 1080), (512, 288), (512, 288)),  # 16:9 with a 16:9 config: not fit_size's 512x320
+        ((1920, 1080), (512, 288), (512, 288)),  # 16:9 with a 16:9 config
         ((1280, 720), (512, 288), (512, 288)),
-        ((1920, 1080), (512, 512), (512, 320)),  # other aspects keep their own: fit_size at the long side
+        ((1920, 1080), (512, 512), (512, 288)),  # other aspects keep their own: fit_size at the long side
         ((640, 480), (512, 512), (512, 384)),
-        ((1080, 1920), (512, 288), (320, 512)),  # portrait clip, landscape config
+        ((1080, 1920), (512, 288), (288, 512)),  # portrait clip, landscape config
+        ((1170, 2532), (512, 512), (240, 512)),  # a phone's 9:19.5
         ((480, 480), (512, 288), (512, 512)),
     ],
 )
@@ -159,6 +163,50 @@ def test_clip_size(source, configured, expected):
     assert clip_size(*source, *configured) == expected
     if source[0] * configured[1] != source[1] * configured[0]:
         assert expected == fit_size(*source, max(configured))
+
+
+@pytest.mark.parametrize(
+    "source, size, expected",
+    [
+        ((1920, 1080), (512, 288), None),  # the same aspect: nothing cut
+        ((1920, 1080), (192, 112), (34, 0, 1851, 1080)),  # 1080 * 192/112 = 1851 columns kept: 34 and 35 cut
+        ((1080, 1920), (112, 192), (0, 34, 1080, 1851)),
+        ((1170, 2532), (240, 512), (0, 18, 1170, 2496)),  # 9:19.5 at 512: 1170 * 512/240 = 2496 rows kept
+        ((640, 480), (496, 376), (3, 0, 633, 480)),
+    ],
+)
+def test_even_crop(source, size, expected):
+    crop = even_crop(*source, size)
+    assert crop == expected
+    if crop is not None:
+        x, y, width, height = crop
+        assert abs(width / height - size[0] / size[1]) < 1e-3  # the size's aspect
+        assert abs((source[0] - width - 2 * x)) <= 1 and abs(source[1] - height - 2 * y) <= 1  # evenly from both
+
+
+def square_clip(path, width: int, height: int) -> Clip:
+    """One grey frame with a white square of a third of the short side in the middle."""
+    frame = np.full((1, height, width, 3), 64, np.uint8)
+    side = min(width, height) // 3
+    top, left = (height - side) // 2, (width - side) // 2
+    frame[:, top : top + side, left : left + side] = 255
+    return Clip(write_frames_mp4(path, frame, 12))
+
+
+@pytest.mark.parametrize("source", [(320, 180), (180, 320), (234, 506)], ids=["16:9", "9:16", "9:19.5"])
+def test_frames_are_never_squashed_at_any_long_side_the_app_offers(tmp_path, source):
+    clip = square_clip(tmp_path / "square.mp4", *source)
+    for long_side in range(64, 1025, 64):  # the page's "Size (long side, px)" choices
+        width, height = clip_size(*source, long_side, long_side)
+        frame = next(decode_frames(clip, range(1), (width, height), lambda num_frames: None))
+        assert frame.shape == (height, width, 3) and max(width, height) == long_side
+        # the frame's shape is the source's to the nearest multiple of 8
+        assert abs(min(width, height) - long_side * min(source) / max(source)) <= 4
+        # and its picture is not squashed: the square's extent across and down (its mass along the middle row and
+        # column, which bilinear scaling keeps) agree within 2 %
+        white = np.clip((frame[..., 1].astype(float) - 64) / (255 - 64), 0, 1)
+        across, down = white[height // 2].sum(), white[:, width // 2].sum()
+        assert across / down == pytest.approx(1, rel=0.02), (long_side, across, down)
 
 
 # Decoding the tuned frames -------------------------------------------------------------------------------------------

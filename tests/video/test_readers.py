@@ -24,14 +24,19 @@ from PIL import Image
 
 from tests.helpers import (
     FFMPEG,
+    MARKER,
     PHONE_TIMES,
     SAMPLE_CLIP,
     assert_same_pixels,
     ffmpeg,
     frame_indices,
     index_frames,
+    marker_corner,
+    marker_frames,
     watchdog,
+    write_frames_mp4,
     write_index_clip,
+    write_phone_clip,
     write_vfr_clip,
 )
 from tuneavideo.video.frames import ClipTooShortError, decode_frames, fit_size, tuned_window
@@ -483,3 +488,72 @@ def test_a_constant_rate_file_has_no_frame_times_to_keep():
     info = Clip(SAMPLE_CLIP).info
     assert info.times is None
     assert info.time(info.num_frames) == pytest.approx(info.start_time + info.num_frames / info.fps)
+
+
+# Phone clips: frames as players show them ----------------------------------------------------------------------
+
+# (degrees counter-clockwise, mirrored) -> where a player shows the stored top-left corner: turned first, then
+# mirrored left to right (ffmpeg's -display_rotation and -display_hflip).
+SHOWN_CORNER = {(0, False): "top-left", (-90, False): "top-right", (90, False): "bottom-left",
+                (180, False): "bottom-right", (0, True): "top-right", (-90, True): "top-left",
+                (90, True): "bottom-right", (180, True): "bottom-left"}
+
+
+@pytest.fixture(scope="module")
+def marker_clip(tmp_path_factory) -> Path:
+    """64x48 (stored), 4 frames, a red square in the stored top-left corner."""
+    return write_frames_mp4(tmp_path_factory.mktemp("clips") / "marker.mp4", marker_frames(4, WIDTH, HEIGHT))
+
+
+@pytest.mark.parametrize(("rotation", "hflip"), list(SHOWN_CORNER), ids=[f"{r}{' hflip' if h else ''}"
+                                                                          for r, h in SHOWN_CORNER])
+def test_phone_clips_are_read_as_players_show_them(tmp_path, marker_clip, rotation, hflip):
+    path = write_phone_clip(tmp_path / "phone.mp4", marker_clip, rotation, hflip)
+    clip = Clip(path)
+    shown = (HEIGHT, WIDTH) if rotation in (90, -90) else (WIDTH, HEIGHT)
+    assert (clip.info.width, clip.info.height) == shown
+    frames = np.stack(list(clip.frames()))
+    assert frames.shape == (4, shown[1], shown[0], 3)
+    assert {marker_corner(frame) for frame in frames} == {SHOWN_CORNER[rotation, hflip]}
+    # the ffmpeg binary turns the frames as its player does (autorotate): the same pixels
+    player = subprocess.run([FFMPEG, "-v", "error", "-i", path, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                            capture_output=True, check=True).stdout
+    assert_same_pixels(frames, np.frombuffer(player, np.uint8).reshape(frames.shape))
+    # resized (and cut) in the shown orientation: the size asked for is the shown frame's
+    small = clip.read([0, 3], (shown[0] // 2, shown[1] // 2))
+    assert small.shape == (2, shown[1] // 2, shown[0] // 2, 3) and marker_corner(small[0]) == SHOWN_CORNER[rotation,
+                                                                                                          hflip]
+
+
+def test_crop_takes_that_part_of_the_shown_frame(tmp_path, marker_clip):
+    phone = Clip(write_phone_clip(tmp_path / "phone.mp4", marker_clip, -90))  # shown 48x64, the square top right
+    whole = np.stack(list(phone.frames()))
+    right_half = np.stack(list(phone.frames(crop=(24, 0, 24, 64), size=(24, 64))))
+    assert_same_pixels(right_half, whole[:, :, 24:])
+    folder = write_folder(tmp_path / "frames", marker_frames(2), ["0.png", "1.png"])
+    cut = np.stack(list(Clip(folder).frames((16, 16), crop=(0, 0, 32, 32))))  # the top-left quarter, halved
+    assert marker_corner(cut[0]) == "top-left" and cut[0, :6, :6, 0].min() > 200  # 12 px square, halved: 6 px
+
+
+def test_non_square_pixels_are_shown_at_their_displayed_width(tmp_path, marker_clip):
+    path = tmp_path / "anamorphic.mp4"  # 64x48 stored, pixels twice as wide as tall: shown 128x48
+    ffmpeg("-i", marker_clip, "-vf", "setsar=2", "-c:v", "libx264", "-pix_fmt", "yuv420p", path)
+    clip = Clip(path)
+    assert (clip.info.width, clip.info.height) == (128, 48)
+    frame = clip.read([0])[0]
+    assert frame.shape == (48, 128, 3)
+    red = np.argwhere(frame[..., 0].astype(int) - frame[..., 1] > 100)
+    assert red[:, 1].max() + 1 == pytest.approx(2 * MARKER, abs=2) and red[:, 0].max() + 1 == pytest.approx(MARKER,
+                                                                                                            abs=2)
+
+
+def test_jpeg_frames_are_turned_by_their_exif_orientation(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(marker_frames(2)):
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90 CW to show", as a phone held upright writes
+        Image.fromarray(frame).save(folder / f"{i}.jpg", exif=exif, quality=95)
+    clip = Clip(folder)
+    assert (clip.info.width, clip.info.height) == (HEIGHT, WIDTH)
+    assert marker_corner(clip.read([1])[0]) == "top-right"

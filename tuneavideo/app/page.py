@@ -2,7 +2,8 @@
 
 The page never runs a job itself. Its buttons put jobs on the `JobRunner`'s queue (one job at a time on the machine)
 and a one-second timer redraws what the runner and the job folders say: queue positions, training step, the loss
-and learning rate curves and ETA, the newest validation sample and every sample, the edited videos; the Edit tab
+and learning rate curves and ETA, the newest validation sample and every sample, an edit's phase, window-steps
+and ETA (from its own progress file, as a training's come from its progress.json), the edited videos; the Edit tab
 offers the newest finished run first. So a page can be closed and opened again, by anyone, while a job runs, and a
 slow job never blocks the page.
 
@@ -13,6 +14,7 @@ message in the page (`gr.Error`); a job that fails shows the tool's own one-line
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -27,6 +29,7 @@ from gradio.utils import get_upload_folder
 
 from ..cli import read_tail
 from ..config import MAX_SEED
+from ..edit_progress import PHASES, EditProgress
 from ..errors import UserError
 from ..request import (
     CONTROLS,
@@ -60,13 +63,71 @@ NOISE_NOTE = (
 )
 SPAN_MODES = ("tuned window", "whole clip", "from / to")
 LOG_LINES = 40
+BAR_LINE = re.compile(r"(?P<name>[^|]*?):\s+\d+%\|")  # a tqdm bar's line: "Steps:  40%|####  | 2/5 ..."
 LOCAL = LocalEdit()  # the Local edit fields' defaults (Video-P2P's)
-CSS = ".status-box {min-height: 3em}"
+# Gradio's file list shows a remove button by each of several files, even where nothing can be removed
+CSS = ".status-box {min-height: 3em} #edit-files button[aria-label='Remove this file'] {display: none}"
+STEPS_SHOWN = 20  # the charts' x axis spans at least this many steps, so that its ticks fall on whole steps
+# The page's name for each setting its messages may quote (as the command line's `--num-inv-steps`, or by its
+# parameter name `num_inv_steps`, plain or in backquotes), and the settings whose values are the page's choices
+PAGE_WORDS = {"control": "Control", "inversion": "Inversion", "blend": "Blend word(s)", "reweight": "Reweight",
+              "blend_words": "Blend word(s)", "reweights": "Reweight", "source_prompt": "Source prompt",
+              "num_inference_steps": "Steps", "num_inv_steps": "Inversion steps", "guidance_scale": "Guidance scale",
+              "seed": "Seed", "span": "Span of the clip", "stride": "Stride", "prompt": "New prompts",
+              "prompts": "New prompts", "cross_replace_steps": "Cross-replace steps",
+              "self_replace_steps": "Self-replace steps", "blend_start": "Blend start",
+              "mask_threshold": "Mask threshold"}
+PAGE_CHOICES = {"control": CONTROLS, "inversion": INVERSIONS}
+OWN_WORDS = {"prompt", "prompts"}  # messages use them plainly in their own sense: "the prompt 'a cat'"
+_SETTING = re.compile(r"(?<![\w-])(?:--(?P<option>[a-z][a-z-]*)(?P<word> [a-z][a-z-]*)?|`(?P<field>[a-z_]+)`"
+                      r"|(?P<name>[a-z]+(?:_[a-z]+)*))(?P<value>=\S+| '[^']*')?")
 
 
-def user_error(err: Exception) -> gr.Error:
-    """A one-line message box in the page (and an AppError for API clients); no traceback anywhere."""
-    return gr.Error(" ".join(str(err).split()), print_exception=False)
+def page_words(message: str) -> str:
+    """A tool's message in the page's words: a setting it quotes becomes its field's name, and a setting with one of
+    the page's choices that choice ("use --control refine", "use control 'refine'" -> "use "refine" under Control").
+    A plain word is taken for a setting only where it cannot be one of the message's own words: with an underscore,
+    first in the message, or followed by a quoted value."""
+
+    def name(match: re.Match) -> str:
+        key = (match["option"] or "").replace("-", "_") or match["field"] or match["name"]
+        value = (match["word"] or "") + (match["value"] or "")
+        plain = match["name"] is not None
+        if key not in PAGE_WORDS or plain and (key in OWN_WORDS or "_" not in key and match.start() > 0
+                                               and value[:2] not in ("='", " '")):
+            return match[0]
+        given = value.lstrip("= ").strip("'")
+        if given in PAGE_CHOICES.get(key, ()):
+            return f'"{given}" under {PAGE_WORDS[key]}'
+        return PAGE_WORDS[key] + value
+
+    return _SETTING.sub(name, message)
+
+
+def user_error(err: Exception | str) -> gr.Error:
+    """A one-line message box in the page, in its words (and an AppError for API clients); no traceback anywhere."""
+    return gr.Error(page_words(" ".join(str(err).split())), print_exception=False)
+
+
+class Refusals:
+    """Why a page's last Tune or Edit was refused, kept for its status box until that page starts a job of the kind:
+    Gradio's message box closes by itself after a few seconds."""
+
+    def __init__(self) -> None:
+        self._messages: dict[tuple[str, str], str] = {}  # (page session, job kind) -> message
+
+    def refuse(self, session: str, kind: str, err: Exception) -> gr.Error:
+        error = user_error(err)
+        self._messages[session, kind] = error.message
+        return error
+
+    def started(self, session: str, kind: str) -> None:
+        self._messages.pop((session, kind), None)
+
+    def status(self, session: str, kind: str, status: str) -> str:
+        """`status`, or the refusal of the page's last try when there is one."""
+        message = self._messages.get((session, kind))
+        return status if message is None else f"**Not started:** {message}"
 
 
 def whole_number(value: float | None, name: str, minimum: int = 1, maximum: int | None = None) -> int:
@@ -103,7 +164,7 @@ def local_edit(on: bool, control: str, source_prompt: str | None, blend: str | N
     blend = (blend or "").strip()
     if not on:
         if blend or (reweight or "").strip():
-            raise UserError("blend and reweight are for a local edit: tick Local edit, or clear them")
+            raise UserError("Blend word(s) and Reweight are for a local edit: tick Local edit, or clear them")
         return None
     return LocalEdit(
         control=control, source_prompt=(source_prompt or "").strip() or None,
@@ -141,6 +202,14 @@ def history_frame(progress: Progress | None) -> pd.DataFrame | None:
     return pd.DataFrame(progress.history, columns=["step", "loss", "learning rate"])
 
 
+def history_plot(progress: Progress | None) -> dict:
+    """The charts' update: the history over an x axis from step 0 to the run's last (at least `STEPS_SHOWN`)."""
+    frame = history_frame(progress)
+    if frame is None:
+        return gr.update(value=None)
+    return gr.update(value=frame, x_lim=[0, max(progress.total, STEPS_SHOWN)])
+
+
 def outputs(result: EditResult | None) -> dict[str, list[str]]:
     """An edit's files by kind, as the API's `/job` reports them (empty lists before it is done)."""
     if result is None:
@@ -165,7 +234,15 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
         stopping = " · stopping after this step…" if job.stop_requested else ""
         elapsed = duration(time.time() - job.started) if job.started else "0:00"
         if job.kind == "edit":
-            return f"{head}: editing (elapsed {elapsed})…" + stopping
+            edit = edit_progress(job)
+            if edit is None or edit.phase == PHASES[0]:
+                return f"{head}: starting (loading the model)… (elapsed {elapsed}){stopping}"
+            text = f"{head}: {edit.phase}"
+            if edit.total:
+                text += f" · {edit.done} / {edit.total} window-steps"
+            if edit.done and edit.eta_seconds is not None:
+                text += f" · ETA {duration(edit.eta_seconds)}"
+            return text + f" (elapsed {elapsed}){stopping}"
         progress = job.progress()
         if progress is None:
             return f"{head}: starting (loading the model)…"
@@ -189,14 +266,19 @@ def status_markdown(runner: JobRunner, job: Job | None) -> str:
         return f"{head}: stopped{took}. `{job.message}`" + (" Press Resume to continue." if job.kind == "tune" else "")
     if job.status == "cancelled":
         return f"{head}: taken off the queue before it started."
-    return f"{head}: failed{took}. `{job.message}`"
+    return f"{head}: failed{took}. `{page_words(job.message or '')}`"
+
+
+def edit_progress(job: Job) -> EditProgress | None:
+    """What a started edit job's own progress file says (None before the edit wrote it)."""
+    return EditProgress.load(job.folder, since=job.started) if job.started else None
 
 
 def job_info(runner: JobRunner, job: Job) -> dict:
     """What the API's `/job` endpoint reports: the job record, its queue position, progress and output files."""
     info = {key: getattr(job, key) for key in ("id", "kind", "run", "status", "message", "returncode")}
     info["position"] = runner.position(job.id)
-    progress = job.progress()
+    progress = job.progress() if job.kind == "tune" else edit_progress(job)
     info["progress"] = asdict(progress) if progress else None
     if job.kind == "tune":
         run = Run(job.folder)
@@ -211,15 +293,26 @@ def job_info(runner: JobRunner, job: Job) -> dict:
 
 
 def log_tail(job: Job | None) -> str:
-    """The last lines of a job's log as a terminal would show them (each tqdm bar's redraws collapsed)."""
+    """The last lines of a job's log as a terminal would show them: a progress bar's successive lines (a bar in a
+    log is a line every few seconds, `tuneavideo.progress`) collapsed into its newest."""
     if job is None:
         return ""
-    lines = [line.rsplit("\r", 1)[-1].replace("\x1b[A", "") for line in read_tail(job.log).split("\n")]
-    return "\n".join([line for line in lines if line.strip()][-LOG_LINES:])
+    shown: list[str] = []
+    for line in read_tail(job.log).split("\n"):
+        line = line.rsplit("\r", 1)[-1]  # the libraries' bars (with --verbose) redraw in place
+        bar = BAR_LINE.match(line)
+        before = BAR_LINE.match(shown[-1]) if shown else None
+        if bar and before and bar["name"] == before["name"]:
+            shown[-1] = line
+        elif line.strip():
+            shown.append(line)
+    return "\n".join(shown[-LOG_LINES:])
 
 
 def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
     """The page: Tune and Edit tabs over `runner`'s queue; every file it writes goes under `workspace.root`."""
+
+    refusals = Refusals()
 
     def job_choices(kind: str) -> list[tuple[str, str]]:
         return [(f"{job.id} · {job.title[:40]} · {job.status}", job.id) for job in runner.jobs(kind)]
@@ -240,8 +333,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
 
     def submit_tune(video: str | None, clip: str | None, base_model: str | None, prompt: str, steps: float,
                     frames: float, stride: float, start: float, size: float, learning_rate: float, seed: float,
-                    sample_prompt: str, sample_steps: float, sample_every: float, loras: list[str] | None = None,
-                    lora_scale: float = 1.0):
+                    sample_prompt: str, sample_steps: float, sample_every: float, loras: list[str] | None,
+                    lora_scale: float, request: gr.Request):
         """Check everything, write the run folder and queue the job; returns its id and status line at once."""
         try:
             if video:
@@ -270,7 +363,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
             )
             folder, command = prepare_tune(workspace, base, source, settings)
         except UserError as err:
-            raise user_error(err) from None
+            raise refusals.refuse(request.session_hash, "tune", err) from None
+        refusals.started(request.session_hash, "tune")
         job = runner.submit(Job(id=folder.name, kind="tune", folder=folder, command=command, run=folder.name,
                                 title=settings.prompt.strip()))
         return job.id, status_markdown(runner, job)  # the timer puts it in the list
@@ -314,12 +408,12 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                     stride: float | None, local: bool, control: str, inversion: str,
                     cross_replace_steps: float | None, self_replace_steps: float | None, blend_start: float | None,
                     mask_threshold: float | None, source_prompt: str | None = None, blend: str | None = None,
-                    reweight: str | None = None):
+                    reweight: str | None = None, request: gr.Request = None):
         """Check the run and settings and queue the edit; returns its id and status line at once. `local` and the
         parameters after it are the Local edit fields (see `local_edit`); the text ones may be left out (None)."""
         try:
             seconds = [Fraction(str(value)) if value else None for value in (span_start, span_end)]  # 0: open
-            request = EditRequest(
+            edit_request = EditRequest(
                 prompts=(prompts or "").splitlines(), num_inference_steps=whole_number(steps, "steps"),
                 num_inv_steps=whole_number(inv_steps, "inversion steps"),
                 guidance_scale=None if guidance_scale is None else float(guidance_scale),  # None: the edit's default
@@ -329,9 +423,10 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                 local=local_edit(local, control, source_prompt, blend, reweight, inversion, cross_replace_steps,
                                  self_replace_steps, blend_start, mask_threshold),
             )
-            edit_folder, command = prepare_edit(workspace, run or "", request)
+            edit_folder, command = prepare_edit(workspace, run or "", edit_request)
         except UserError as err:
-            raise user_error(err) from None
+            raise refusals.refuse(request.session_hash, "edit", err) from None
+        refusals.started(request.session_hash, "edit")
         title = " | ".join(line.strip() for line in prompts.splitlines() if line.strip())
         job = runner.submit(Job(id=edit_folder.name, kind="edit", folder=edit_folder, command=command, run=run,
                                 title=title))
@@ -371,7 +466,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         """The finished runs' names, the newest to finish first (for API clients; the Edit tab offers the first)."""
         return list(workspace.runs())
 
-    def refresh(tune_id: str | None, edit_id: str | None, run_name: str | None, shown: dict | None):
+    def refresh(tune_id: str | None, edit_id: str | None, run_name: str | None, shown: dict | None,
+                request: gr.Request):
         """Redraw from the runner's state; outputs that did not change are skipped (a video is not reloaded)."""
         shown = dict(shown or {})
 
@@ -405,9 +501,11 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         sample = tune_progress.sample if tune_progress else None
         history = tune_progress.history if tune_progress else []
         history_key = (tune_job.id, len(history), history[-1] if history else None) if tune_job else None
-        plot = history_frame(tune_progress) if changed("history", history_key) else gr.skip()
+        plot = history_plot(tune_progress) if changed("history", history_key) else gr.skip()
         samples = samples_markdown(Run(tune_job.folder)) if tune_job else ""
-        tune_status, edit_status = status_markdown(runner, tune_job), status_markdown(runner, edit_job)
+        session = request.session_hash
+        tune_status = refusals.status(session, "tune", status_markdown(runner, tune_job))
+        edit_status = refusals.status(session, "edit", status_markdown(runner, edit_job))
         log = log_tail(tune_job)
         edit_key = (edit_job.id, edit_job.status) if edit_job else None
         media = edit_media(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 6
@@ -472,8 +570,9 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                             stride = gr.Number(quick["sample_frame_rate"], label="Stride",
                                                info="take every n-th frame", precision=0, minimum=1)
                             start = gr.Number(quick["sample_start_idx"], label="Start frame", precision=0, minimum=0)
-                        with gr.Row():
+                        with gr.Row():  # a row of its own: beside two fields its label wrapped onto three lines
                             size = gr.Slider(64, 1024, quick["size"], step=64, label="Size (long side, px)")
+                        with gr.Row():
                             learning_rate = gr.Number(quick["learning_rate"], label="Learning rate")
                             seed = gr.Number(quick["seed"], label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                         with gr.Row():
@@ -621,15 +720,26 @@ def launch(workspace: Workspace, host: str = "127.0.0.1", port: int = 7860, bloc
     demo = build_app(runner, workspace)
     demo.queue(default_concurrency_limit=None)
     if block and threading.current_thread() is threading.main_thread():
-        # `kill <pid>` stops like Ctrl-C: Gradio then closes the server and the running job gets its SIGINT below
+        # `kill <pid>` stops like Ctrl-C: the server is closed and the running job gets its SIGINT below
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, quiet=quiet,
+        # quiet: Gradio's own lines ("To create a public link, set share=True", its Ctrl-C note) are not ours to say
+        demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
                     max_file_size=workspace.max_upload_bytes, allowed_paths=[str(workspace.root.resolve())],
                     show_error=False, css=CSS)
     except BaseException:
         runner.shutdown()
         raise
+    if not quiet:
+        reach = "this machine only" if host in ("127.0.0.1", "localhost") else f"on {host}: other machines reach it"
+        print(f"the app is at {demo.local_url} ({reach}; never a public link); Ctrl-C stops it", flush=True)
     if block:
-        runner.shutdown()
+        try:
+            while demo.is_running:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            demo.close(verbose=False)
+            runner.shutdown()
     return demo, runner

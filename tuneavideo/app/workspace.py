@@ -171,13 +171,13 @@ def check_clip(path: Path, settings: TuneSettings, max_seconds: float) -> None:
     """
     try:
         info = Clip(path).info
-    except UserError as err:  # name the clip, not the server's copy of the upload
-        raise UserError(str(err).replace(str(path), "the clip")) from err
+    except UserError as err:  # by the name it was uploaded under, not the server's copy of the upload
+        raise UserError(str(err).replace(str(path), f"the clip {path.name!r}")) from err
     seconds = float(info.num_frames / info.fps)
     if seconds > max_seconds:
         raise UserError(f"the clip is {seconds:.1f} s long; the limit is {max_seconds:g} s (cut it, then upload it)")
     tuned_window(info.num_frames, settings.n_sample_frames, settings.sample_start_idx, settings.sample_frame_rate,
-                 "the clip")
+                 f"the clip {path.name!r}")
 
 
 def write_tune_config(folder: Path, base_model: Path, clip: Path, settings: TuneSettings) -> Path:

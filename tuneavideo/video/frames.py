@@ -2,7 +2,8 @@
 
 The original sampled `range(sample_start_idx, num_frames, sample_frame_rate)[:n_sample_frames]` and silently
 returned fewer frames from a short clip; here a short clip is an error that says which settings fit. It squashed
-every clip to width x height; here a clip keeps its aspect ratio (`clip_size`).
+every clip to width x height; here a clip keeps its aspect ratio (`clip_size`), and the few rows or columns that
+sides in multiples of 8 leave over are cut evenly from both edges (`even_crop`), so frames are never squashed.
 """
 
 from __future__ import annotations
@@ -74,12 +75,13 @@ def window_starts(num_frames: int, n_sample_frames: int, sample_start_idx: int, 
     return range(sample_start_idx, end - (n_sample_frames - 1) * sample_frame_rate)
 
 
-def fit_size(source_width: int, source_height: int, long_side: int = 512, multiple: int = 64) -> tuple[int, int]:
+def fit_size(source_width: int, source_height: int, long_side: int = 512, multiple: int = 8) -> tuple[int, int]:
     """The ``(width, height)`` to tune and edit a ``source_width`` x ``source_height`` clip at, keeping its aspect.
 
-    Both sides are multiples of ``multiple`` (64: the VAE's 8x and the UNet's three 2x downsamplings then give whole
-    latents at every level). The long side is ``long_side`` rounded down to a multiple (at least one multiple), the
-    short side the nearest multiple to the source's ratio (at least one multiple). 16:9 at 512 gives ``(512, 320)``.
+    Both sides are multiples of ``multiple`` (8: the VAE's factor, so latents are whole; the UNet takes latents of
+    any size, passing its upsamplings the skip connections' sizes). The long side is ``long_side`` rounded down to a
+    multiple (at least one multiple), the short side the nearest multiple to the source's ratio (at least one
+    multiple). 16:9 at 512 gives ``(512, 288)``; what rounding leaves over is cut by `even_crop`.
     """
     if min(source_width, source_height, long_side, multiple) <= 0:
         raise ValueError(f"sizes must be positive, got source {source_width}x{source_height}, long side {long_side}, "
@@ -102,15 +104,28 @@ def clip_size(source_width: int, source_height: int, width: int, height: int) ->
     return fit_size(source_width, source_height, max(width, height))
 
 
+def even_crop(source_width: int, source_height: int, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The middle of a ``source_width`` x ``source_height`` frame with the aspect ratio of `size`, as ``(x, y, width,
+    height)``: the rows or columns that `fit_size`'s multiples of 8 leave over, cut evenly from both edges, so that a
+    frame is resized without being squashed. None when the aspects agree to the pixel."""
+    width, height = size
+    if source_width * height > source_height * width:  # the source is wider: columns are cut
+        kept = round(source_height * width / height)
+        return None if kept >= source_width else ((source_width - kept) // 2, 0, kept, source_height)
+    kept = round(source_width * height / width)
+    return None if kept >= source_height else (0, (source_height - kept) // 2, source_width, kept)
+
+
 def decode_frames(clip: Clip, frames: range, size: tuple[int, int],
                   check: Callable[[int], object]) -> Iterator[np.ndarray]:
-    """Frames `frames` of `clip` at `size`, streamed.
+    """Frames `frames` of `clip` at `size`, streamed, the middle of each cut to the aspect of `size` (`even_crop`).
 
     A file can list more frames than decode (truncated or damaged); then `check(decodable_count)` raises the
     ClipTooShortError that says which settings fit the frames that do decode, and this adds why.
     """
     try:
-        yield from clip.frames(size, frames.start, frames.stop, frames.step)
+        yield from clip.frames(size, frames.start, frames.stop, frames.step,
+                               even_crop(clip.info.width, clip.info.height, size))
     except FramesMissingError as err:
         note = (f" (only {err.num_frames} of the {clip.info.num_frames} frames it lists decode: the file is "
                 "truncated or damaged)")

@@ -7,6 +7,12 @@ the order of the numbers in the file names (`1.jpg, 2.jpg, ..., 10.jpg`, as `ffm
 and resized as Video-P2P resized its folders, by Pillow's bicubic `Image.resize`. Frames stream: a long clip is
 resized as it is decoded, never held at its native size.
 
+Frames come out the way players show them. A phone held upright stores landscape frames and a display matrix saying
+how to turn them (-90, 90 or 180 degrees, sometimes mirrored); its frames are turned and flipped as FFmpeg's own
+player does (`Orientation`) before they are resized, and `VideoInfo`'s width and height are the shown ones. Pixels
+that are not square (a sample aspect ratio other than 1:1) are shown at their displayed width too. A JPEG frame in a
+folder is turned by its EXIF orientation, as image viewers do. The original's decord ignored all three.
+
 Every bad input ends in a one-line `VideoReadError` that names the file and says what to do.
 """
 
@@ -22,7 +28,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import UserError, first_line
 
@@ -73,6 +79,38 @@ class VideoInfo:
         return self.times[-1] + (index - len(self.times) + 1) * last
 
 
+@dataclass(frozen=True)
+class Orientation:
+    """How a player turns a video file's stored frames to show them, read from a frame's display matrix.
+
+    The matrix maps a stored pixel (x, y) to the shown (a x + c y, b x + d y) (FFmpeg's `libavutil/display.h`;
+    a, b, c, d its first, second, fourth and fifth entries); phones write quarter turns and mirrors, where each of
+    a, b, c, d is 0, 1 or -1. Other angles are taken to the nearest quarter turn.
+    """
+
+    transpose: bool = False  # rows become columns (a quarter turn, with the flips below)
+    hflip: bool = False  # then mirrored left to right
+    vflip: bool = False  # then mirrored top to bottom
+
+    @classmethod
+    def of(cls, frame: av.VideoFrame) -> Orientation:
+        matrix = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+        if matrix is None:
+            return cls()
+        a, b, _, c, d = np.frombuffer(bytes(matrix), dtype=np.int32)[:5].tolist()
+        if abs(b) > abs(a):  # x' = c y, y' = b x
+            return cls(True, c < 0, b < 0)
+        return cls(False, a < 0, d < 0)
+
+    def shown_size(self, width: int, height: int) -> tuple[int, int]:
+        return (height, width) if self.transpose else (width, height)
+
+    def filters(self) -> list[tuple[str, str | None]]:
+        """FFmpeg filters (name, arguments) that turn a stored frame into the shown one."""
+        return ([("transpose", "cclock_flip")] if self.transpose else []) + \
+            ([("hflip", None)] if self.hflip else []) + ([("vflip", None)] if self.vflip else [])
+
+
 class Clip:
     """A clip on disk, opened once: `info` at once, frames streamed at any size with `frames` or `read`.
 
@@ -92,9 +130,10 @@ class Clip:
             self.info = _video_info(_checked_file(self.path))
 
     def frames(self, size: tuple[int, int] | None = None, start: int = 0, stop: int | None = None,
-               step: int = 1) -> Iterator[np.ndarray]:
+               step: int = 1, crop: tuple[int, int, int, int] | None = None) -> Iterator[np.ndarray]:
         """Frames `start, start + step, ...` before `stop` (the clip's end if None), `(H, W, 3)` uint8 RGB at `size`
-        (width, height; the clip's own if None).
+        (width, height; the clip's own if None), as shown (`Orientation`). `crop` (x, y, width, height of the shown
+        frame) takes that part of each frame before it is resized; None: the whole frame.
 
         Raises:
             FramesMissingError: after the frames that decode, when decoding ends before `stop`.
@@ -104,9 +143,9 @@ class Clip:
         # Frames are scaled once picked, and a folder's images loaded only then; decoding ends at frame `stop - 1`.
         size = size or (self.info.width, self.info.height)
         if self.images is not None:
-            source, scale = range(len(self.images)), lambda index: self._folder_frame(index, size)
+            source, scale = range(len(self.images)), lambda index: self._folder_frame(index, size, crop)
         else:
-            source, scale = _video_frames(self.path), _scaler(size)
+            source, scale = _video_frames(self.path), _scaler(size, crop)
         count, stopped = 0, None
         try:
             for count, frame in enumerate(itertools.islice(source, stop), 1):
@@ -131,25 +170,28 @@ class Clip:
         found = {i: frame for i, frame in zip(range(first, stop), self.frames(size, first, stop)) if i in indices}
         return np.stack([found[i] for i in indices])
 
-    def _folder_frame(self, index: int, size: tuple[int, int]) -> np.ndarray:
+    def _folder_frame(self, index: int, size: tuple[int, int], crop: tuple[int, int, int, int] | None) -> np.ndarray:
         """Image `index` of a folder, checked to be the size of the first, at `size` by Pillow's bicubic resize
-        (Video-P2P's `Image.open(file).convert("RGB").resize((width, height))`; its own size: the pixels unchanged)."""
+        (Video-P2P's `Image.open(file).convert("RGB").resize((width, height))`; its own size: the pixels unchanged)
+        of `crop` (x, y, width, height) or the whole image."""
         file, width, height = self.images[index], self.info.width, self.info.height
         image = load_image(file)
         if image.size != (width, height):
             raise VideoReadError(f"{self.path}: frame images differ in size ({self.images[0].name} is {width}x"
                                  f"{height}, {file.name} is {image.width}x{image.height}); give frames of one size")
-        return np.asarray(image.resize(size, Image.Resampling.BICUBIC))
+        box = None if crop is None else (crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3])
+        return np.asarray(image.resize(size, Image.Resampling.BICUBIC, box))
 
 
 class _DecodingStopped(Exception):
     """A decoding error part-way through a stream: the frames before it are what a damaged file holds."""
 
 
-def _scaler(size: tuple[int, int]) -> Callable[[av.VideoFrame], np.ndarray]:
-    """A function giving a frame as `(H, W, 3)` uint8 RGB at `size` (width, height) through FFmpeg's filter graph
-    `scale=W:H:flags=bilinear` then `format=rgb24` (one frame out for each in), built for the first frame's size and
-    pixel format (a damaged header may not state the format)."""
+def _scaler(size: tuple[int, int], crop: tuple[int, int, int, int] | None) -> Callable[[av.VideoFrame], np.ndarray]:
+    """A function giving a frame as `(H, W, 3)` uint8 RGB at `size` (width, height) through FFmpeg's filter graph:
+    the first frame's `Orientation` (transpose, hflip, vflip, as FFmpeg's player inserts them), `crop=w:h:x:y` when
+    asked, `scale=W:H:flags=bilinear` then `format=rgb24` (one frame out for each in), built for the first frame's
+    size and pixel format (a damaged header may not state the format)."""
     graph = None
 
     def scale(frame: av.VideoFrame) -> np.ndarray:
@@ -158,8 +200,10 @@ def _scaler(size: tuple[int, int]) -> Callable[[av.VideoFrame], np.ndarray]:
             graph = av.filter.Graph()
             source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
                                       time_base=Fraction(1, 1000))  # timestamps only pass through
-            nodes = (source, graph.add("scale", f"{size[0]}:{size[1]}:flags=bilinear"), graph.add("format", "rgb24"),
-                     graph.add("buffersink"))
+            turns = [graph.add(name, args) for name, args in Orientation.of(frame).filters()]
+            cut = [graph.add("crop", "{2}:{3}:{0}:{1}".format(*crop))] if crop is not None else []
+            nodes = (source, *turns, *cut, graph.add("scale", f"{size[0]}:{size[1]}:flags=bilinear"),
+                     graph.add("format", "rgb24"), graph.add("buffersink"))
             graph.link_nodes(*nodes).configure()
         graph.push(frame)
         return graph.pull().to_ndarray()
@@ -180,7 +224,7 @@ def _video_frames(path: str) -> Iterator[av.VideoFrame]:
             for frame in container.decode(stream):
                 yield frame if (frame.width, frame.height) == native else frame.reformat(*native)
         except av.FFmpegError as err:
-            raise _DecodingStopped(first_line(err)) from err
+            raise _DecodingStopped(_reason(err)) from err
 
 
 def image_files(folder: str) -> list[Path]:
@@ -198,7 +242,7 @@ def image_files(folder: str) -> list[Path]:
 def load_image(file: Path) -> Image.Image:
     try:
         with Image.open(file) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")  # as shown: turned by its EXIF orientation
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise VideoReadError(f"{file}: cannot be read as an image ({first_line(err)}); re-export the frame or remove "
                              "it from the folder") from err
@@ -218,12 +262,18 @@ def _checked_file(path: str) -> str:
     return path
 
 
+def _reason(err: av.FFmpegError) -> str:
+    """FFmpeg's words for what went wrong ("Invalid data found when processing input"), without the error number
+    and file name that PyAV's message adds ("[Errno 1094995529] ...: 'path'"): the message names the file itself."""
+    return err.strerror or first_line(err)
+
+
 def _open(path: str) -> av.container.InputContainer:
     try:
         # metadata_errors="replace": a damaged text tag (title, encoder) must not stop the frames from being read
         container = av.open(path, metadata_errors="replace")
     except av.FFmpegError as err:
-        raise VideoReadError(f"{path}: cannot be read as a video ({first_line(err)}); {_FIX}") from err
+        raise VideoReadError(f"{path}: cannot be read as a video ({_reason(err)}); {_FIX}") from err
     # FFmpeg opens a still image (png_pipe, jpeg_pipe, bmp_pipe, ... or image2) as a one-frame "video"; a clip of one
     # still is never what was meant.
     name = container.format.name
@@ -259,12 +309,27 @@ def _video_info(path: str) -> VideoInfo:
         except av.FFmpegError:
             pass  # truncated or damaged: the packets before the fault are what the file holds
         size = stream.codec_context.width, stream.codec_context.height
+        pixel = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio  # None or 0/1: square
         time_base = stream.time_base
+    if pixel:  # not square: shown at the displayed width
+        size = round(size[0] * pixel), size[1]
     if not stamps:
         raise VideoReadError(f"{path}: has no decodable video frames; it is empty, truncated or damaged: {_FIX}")
     fps = Fraction(rate).limit_denominator(1001)
     times = None if None in stamps else _variable_times(sorted(stamps), time_base, fps)
-    return VideoInfo(len(stamps), fps, *size, start_time=start, times=times)
+    return VideoInfo(len(stamps), fps, *_orientation(path).shown_size(*size), start_time=start, times=times)
+
+
+def _orientation(path: str) -> Orientation:
+    """The `Orientation` of the first frame of `path` (FFmpeg puts the stream's display matrix on every frame);
+    none where no frame decodes (reading the frames then says why)."""
+    with _open(path) as container:
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                return Orientation.of(frame)
+        except av.FFmpegError:
+            pass
+    return Orientation()
 
 
 def _variable_times(stamps: list[int], time_base: Fraction, fps: Fraction) -> tuple[float, ...] | None:
