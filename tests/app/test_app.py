@@ -44,7 +44,6 @@ from tests.helpers import (  # the sample clip: 48 frames at 24 fps, 256x256, wi
     write_phone_clip,
 )
 from tuneavideo.app.page import Refusals, history_plot, launch, log_tail, page_words, status_markdown, uploaded_clip
-from tuneavideo.errors import UserError
 from tuneavideo.config import load_config
 from tuneavideo.errors import UserError
 from tuneavideo.evaluate import CLIP_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
