@@ -23,7 +23,7 @@ from torch import nn
 
 from .attention import SPATIAL_ATTENTION, SparseCausalAttention
 from .resnet import InflatedConv3d
-from .unet_blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, Transformers, get_block
+from .unet_blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, TransformerSettings, get_block
 
 TEMPORAL_KEY = "_temp."  # every parameter that inflation adds: `attn_temp.*` and `norm_temp.*`
 
@@ -105,8 +105,9 @@ class UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterM
 
         common = dict(temb_channels=time_embed_dim, resnet_eps=norm_eps, resnet_groups=norm_num_groups)
 
-        def transformers(num_heads: int) -> Transformers:
-            return Transformers(num_heads, cross_attention_dim, norm_num_groups, use_linear_projection, upcast_attention)
+        def transformers(num_heads: int) -> TransformerSettings:
+            return TransformerSettings(num_heads, cross_attention_dim, norm_num_groups, use_linear_projection,
+                                       upcast_attention)
 
         self.down_blocks = nn.ModuleList()
         output_channel = block_out_channels[0]

@@ -1,6 +1,6 @@
 """Down, mid and up blocks of the inflated UNet, with SD's attribute names so SD weights load by name.
 
-A "CrossAttn" block is the plain one with a transformer after every ResNet (`Transformers`); the config's block
+A "CrossAttn" block is the plain one with a transformer after every ResNet (`TransformerSettings`); the config's block
 names choose which (`get_block`).
 
 Every block keeps a `gradient_checkpointing` flag that `ModelMixin.enable_gradient_checkpointing` sets, together
@@ -21,8 +21,8 @@ from .transformer_3d import Transformer3DModel
 
 
 @dataclass(frozen=True)
-class Transformers:
-    """How a block builds its transformers."""
+class TransformerSettings:
+    """The settings every transformer of a cross-attention block is built with (`build` makes them)."""
 
     num_attention_heads: int  # SD's `attention_head_dim` config value is the head count; a head gets channels / heads
     cross_attention_dim: int
@@ -61,7 +61,7 @@ class DownBlock3D(_CheckpointedBlock):
         resnet_groups: int,
         add_downsample: bool,
         downsample_padding: int,
-        transformers: Transformers | None,
+        transformers: TransformerSettings | None,
     ):
         super().__init__()
         self.resnets = nn.ModuleList(
@@ -100,7 +100,7 @@ class UpBlock3D(_CheckpointedBlock):
         resnet_eps: float,
         resnet_groups: int,
         add_upsample: bool,
-        transformers: Transformers | None,
+        transformers: TransformerSettings | None,
     ):
         super().__init__()
         resnets = []
@@ -143,7 +143,7 @@ class UNetMidBlock3DCrossAttn(_CheckpointedBlock):
         resnet_eps: float,
         resnet_groups: int,
         output_scale_factor: float,
-        transformers: Transformers,
+        transformers: TransformerSettings,
     ):
         super().__init__()
         resnet = dict(temb_channels=temb_channels, groups=resnet_groups, eps=resnet_eps, output_scale_factor=output_scale_factor)
@@ -162,7 +162,7 @@ UP_BLOCKS = {"CrossAttnUpBlock3D": (UpBlock3D, True), "UpBlock3D": (UpBlock3D, F
 MID_BLOCKS = {"UNetMidBlock3DCrossAttn": (UNetMidBlock3DCrossAttn, True)}
 
 
-def get_block(kind: dict[str, tuple[type, bool]], name: str, transformers: Transformers, **kwargs) -> nn.Module:
+def get_block(kind: dict[str, tuple[type, bool]], name: str, transformers: TransformerSettings, **kwargs) -> nn.Module:
     """Build a block by its config name (`CrossAttnDownBlock3D`, ...), with a clear error for unknown names."""
     if name not in kind:
         raise ValueError(f"unsupported block type {name!r}; expected one of {sorted(kind)}")
