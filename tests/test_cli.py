@@ -100,7 +100,8 @@ def test_an_edit_names_every_phase_and_verbose_brings_the_libraries_back(tuned):
 
     lines, bars = printed(python(*edit[:-1], f"--output-dir={run / 'verbose'}", "--verbose"))
     assert f"INFO tuneavideo.editing: loading the tuned model {run}" in lines
-    assert {"Loading pipeline components...", "Editing 4 frames in 1 window(s)"} <= bars
+    # the libraries' own bars are back (the tuned model is loaded by parts: transformers' "Loading weights")
+    assert "Editing 4 frames in 1 window(s)" in bars and "Loading weights" in bars
 
 
 @pytest.mark.parametrize("launcher", [
