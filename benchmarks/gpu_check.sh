@@ -4,10 +4,10 @@
 #     bash benchmarks/gpu_check.sh [OUTPUT.json]          # default gpu_check.json; see benchmarks/gpu_check.py
 #     bash benchmarks/gpu_check.sh --tiny /tmp/check.json # the tiny model on the CPU, to check this script
 #
-# Needs torch, transformers and accelerate. diffusers, peft, omegaconf and PyAV may come as wheels in .whl/ at the
-# repository root, for a machine that cannot download them: `bash benchmarks/gpu_wheels.sh` fetches them beforehand
-# on one that can (wheels are not committed); this script installs what .whl/ holds into a temporary folder.
-# imageio-ffmpeg is not needed: the check imports it nowhere.
+# Needs torch, transformers and accelerate. diffusers, peft, omegaconf, PyAV and imageio-ffmpeg may come as wheels in
+# .whl/ at the repository root, for a machine that cannot download them: `bash benchmarks/gpu_wheels.sh` fetches
+# them beforehand on one that can (wheels are not committed); this script installs what .whl/ holds into a
+# temporary folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
