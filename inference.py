@@ -5,6 +5,8 @@
     python inference.py --model outputs/man-skiing --prompt "a panda is skiing" --span all --stride 1
     python inference.py --model outputs/rabbit-jump --control refine --prompt "a origami rabbit is jumping on the
         grass" --blend rabbit --reweight origami=2          # a local edit (Video-P2P's attention control)
+    python inference.py --model outputs/man-skiing --prompt "a panda is skiing" \
+        --controlnet checkpoints/control_v11p_sd15_canny --condition canny      # structure guidance
     python inference.py --model outputs/man-skiing --request request.json   # every setting from a file
     python inference.py --p2p-config configs/rabbit-jump-p2p.yaml [--fast]   # a Video-P2P edit config
 
@@ -26,21 +28,31 @@ from pathlib import Path
 
 from tuneavideo.base_model import parse_lora
 from tuneavideo.cli import OneLineArgumentParser, run_cli
-from tuneavideo.config import load_config
+from tuneavideo.config import ControlNetConfig, load_config
 from tuneavideo.editing import edit
 from tuneavideo.errors import UserError
 from tuneavideo.models.unet import SPATIAL_ATTENTION
 from tuneavideo.p2p_edit import edit_p2p
-from tuneavideo.request import EditRequest, LocalEdit, parse_blend_words, parse_reweights, parse_span
+from tuneavideo.request import (
+    EditRequest,
+    LocalEdit,
+    parse_blend_words,
+    parse_reweights,
+    parse_span,
+    parse_thresholds,
+)
 from tuneavideo.run import Run
 
 # the request's fields whose flags are not their names: the one place the command line names them
 FLAGS = {"prompts": "--prompt", "blend_words": "--blend", "reweights": "--reweight", "audio": "--no-audio",
-         "gif": "--no-gif", "loras": "--lora"}
+         "gif": "--no-gif", "loras": "--lora", "controlnets": "--controlnet",
+         "controlnet_inversion": "--no-controlnet-inversion"}
 # text -> value, of fields that are not numbers (of a list field: of each item)
-PARSERS = {"span": parse_span, "blend_words": parse_blend_words, "loras": parse_lora}
-METAVARS = {"prompts": "PROMPT", "reweights": "WORD=FACTOR", "blend_words": "WORD", "loras": "FILE[:SCALE]"}
-NOT_FLAGS = ("local",)  # the local edit's settings are flags of their own
+PARSERS = {"span": parse_span, "blend_words": parse_blend_words, "loras": parse_lora,
+           "canny_thresholds": parse_thresholds}
+METAVARS = {"prompts": "PROMPT", "reweights": "WORD=FACTOR", "blend_words": "WORD", "loras": "FILE[:SCALE]",
+            "canny_thresholds": "LOW:HIGH"}
+NOT_FLAGS = ("local", "controlnets")  # the local edit's settings and each ControlNet's are flags of their own
 
 
 def flag(name: str) -> str:
@@ -101,6 +113,17 @@ def parser() -> argparse.ArgumentParser:
                         "tuneavideo.request.EditRequest); no other edit flag then")
     add_fields(parser, EditRequest)
     add_fields(parser.add_argument_group("local edits (Video-P2P's attention control)"), LocalEdit)
+    structure = parser.add_argument_group("structure guidance (repeatable: the n-th --condition and --controlnet-scale "
+                                          "go with the n-th --controlnet)")
+    structure.add_argument("--controlnet", action="append", metavar="MODEL",
+                           help="a ControlNet: a diffusers folder, an original-format file or a hub id (default: the "
+                                "one the run was tuned under, if any)")
+    structure.add_argument("--condition", action="append", help="canny or depth (made from the source clip), or your "
+                           "own condition video or folder of frames, one per source frame (default: canny)")
+    structure.add_argument("--controlnet-scale", action="append", type=float, metavar="SCALE",
+                           help="how strongly it guides (default: 1.0)")
+    structure.add_argument("--no-controlnet", action="store_true", help="no structure guidance, not even the ControlNet "
+                           "the run was tuned under")
     p2p = parser.add_argument_group("Video-P2P's edit configs")
     p2p.add_argument("--fast", action="store_true", help="with --p2p-config: DDIM inversion only (Video-P2P's)")
     p2p.add_argument("--spatial-attention", choices=SPATIAL_ATTENTION, default=None,
@@ -130,6 +153,9 @@ def edit_request(args: argparse.Namespace) -> tuple[Path, EditRequest]:
     if args.fast or args.spatial_attention:
         raise UserError("--fast and --spatial-attention go with --p2p-config; use --inversion ddim for a fast edit")
     fields, local = given(args, EditRequest), given(args, LocalEdit)
+    controlnets = controlnet_settings(args)
+    if controlnets is not None:
+        fields["controlnets"] = controlnets
     if args.request is not None:
         if fields or local:
             raise UserError(f"--request holds every edit setting; leave out {flag([*fields, *local][0])}")
@@ -143,6 +169,24 @@ def edit_request(args: argparse.Namespace) -> tuple[Path, EditRequest]:
     except UserError as err:
         raise UserError(flag_names(str(err))) from err
     return run_folder(args.model, args.config), request
+
+
+def controlnet_settings(args: argparse.Namespace) -> list[ControlNetConfig] | None:
+    """The ControlNets of --controlnet, --condition and --controlnet-scale (paired in order), [] with --no-controlnet,
+    None (the run's own) when none is given."""
+    models, conditions, scales = args.controlnet or [], args.condition or [], args.controlnet_scale or []
+    if args.no_controlnet:
+        if models or conditions or scales:
+            raise UserError("--no-controlnet: leave out --controlnet, --condition and --controlnet-scale")
+        return []
+    for name, values in (("--condition", conditions), ("--controlnet-scale", scales)):
+        if values and len(values) != len(models):
+            raise UserError(f"{name}: given {len(values)} times for {len(models)} --controlnet; give one per "
+                            "--controlnet, in the same order (or none for the default)")
+    if not models:
+        return None
+    return [ControlNetConfig(model, condition, scale) for model, condition, scale in
+            zip(models, conditions or ["canny"] * len(models), scales or [1.0] * len(models))]
 
 
 def run_folder(model: str | None, config: str | None) -> Path:

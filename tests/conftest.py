@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from diffusers import DDIMScheduler
+from diffusers import ControlNetModel, DDIMScheduler
 
 from tests.helpers import SAMPLE_CLIP, train_in_process
 from tuneavideo.config import load_config
@@ -31,6 +31,14 @@ def tiny_controlnet_path(tiny_sd, tmp_path_factory):
     """Path of a tiny ControlNet folder for the tiny SD, with random (non-zero) output convolutions."""
     path = tmp_path_factory.mktemp("controlnet") / "tiny-controlnet"
     tiny_controlnet(tiny_sd, seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd2_controlnet_path(tiny_sd, tmp_path_factory):
+    """Path of a tiny ControlNet of another base model than the tiny SD's (a 32-wide text encoder, not 16)."""
+    path = tmp_path_factory.mktemp("sd2") / "controlnet"
+    ControlNetModel.from_config({**tiny_controlnet(tiny_sd).config, "cross_attention_dim": 32}).save_pretrained(path)
     return path
 
 

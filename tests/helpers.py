@@ -18,6 +18,8 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
+from tuneavideo.cli import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CLIP = ROOT / "data" / "sample.mp4"
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()  # no system ffmpeg is needed: imageio-ffmpeg ships one
@@ -299,3 +301,15 @@ def write_as_diffusers_0_11(run: Path, to: Path) -> Path:
              "vae": ["diffusers", "AutoencoderKL"]}
     (to / "model_index.json").write_text(json.dumps(index, indent=2))
     return to
+
+
+def edit_cli(run: Path, *args: str) -> tuple[int, str]:
+    """Run inference.py on `run` in-process through its CLI; returns (exit status, stderr's last line)."""
+    import inference
+
+    try:
+        run_cli(inference.main, "inference.py",
+                ["--model", str(run), "--num-inference-steps", "3", "--num-inv-steps", "3", *args])
+    except SystemExit as exit_info:
+        return 1, str(exit_info.code)
+    return 0, ""

@@ -31,6 +31,7 @@ from tests.helpers import (
     PHONE_TIMES,
     ROOT,
     SAMPLE_CLIP,
+    edit_cli,
     ffmpeg,
     frame_indices,
     index_frames,
@@ -391,18 +392,6 @@ def test_a_variable_frame_rate_clip_edited_whole_shows_every_frame_at_its_source
 
 
 # Bad options, damaged run folders, full disks, Ctrl-C ----------------------------------------------------------
-
-
-def edit_cli(run: Path, *args: str) -> tuple[int, str]:
-    """Run inference.py on `run` in-process through its CLI; returns (exit status, stderr's last line)."""
-    import inference
-
-    try:
-        run_cli(inference.main, "inference.py",
-                ["--model", str(run), "--num-inference-steps", "3", "--num-inv-steps", "3", *args])
-    except SystemExit as exit_info:
-        return 1, str(exit_info.code)
-    return 0, ""
 
 
 def test_an_edit_that_fills_the_disk_keeps_the_earlier_edits(tuned_run, tmp_path):

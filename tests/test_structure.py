@@ -14,7 +14,6 @@ from tests.helpers import SAMPLE_CLIP, frame_indices, write_index_clip
 from tuneavideo.config import ControlNetConfig
 from tuneavideo.errors import UserError
 from tuneavideo.structure import prepare_structure
-from tuneavideo.tiny import tiny_controlnet
 from tuneavideo.video.readers import Clip
 
 
@@ -52,30 +51,23 @@ def test_canny_and_a_condition_video_for_the_frames_edited(tiny_sd, tiny_control
     assert one.key() != key
 
 
-@pytest.fixture(scope="module")
-def sd2_controlnet(tiny_sd, tmp_path_factory):
-    path = tmp_path_factory.mktemp("sd2") / "controlnet"
-    ControlNetModel.from_config({**tiny_controlnet(tiny_sd).config, "cross_attention_dim": 32}).save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("case", ["unknown condition", "other base", "missing model", "negative scale",
                                   "bad thresholds", "short condition video"])
 def test_what_does_not_fit_is_one_line_before_any_condition_is_made(case, tiny_sd, tiny_controlnet_path,
-                                                                     sd2_controlnet, tmp_path):
+                                                                     sd2_controlnet_path, tmp_path):
     unet = type("Config", (), UNet2DConditionModel.load_config(tiny_sd, subfolder="unet"))
     short = write_index_clip(tmp_path / "short.mp4", num_frames=5, width=64, height=64)
     model, condition, scale, thresholds = str(tiny_controlnet_path), "canny", 1.0, (100, 200)
     expected = {"unknown condition": "condition 'pose': not canny or depth, nor an existing condition video",
                 "other base": "is made for a 32-wide text encoder but this model is 16-wide",
                 "missing model": "--controlnet nowhere: cannot load a ControlNet",
-                "negative scale": "controlnet_conditioning_scale: -1.0 is negative",
+                "negative scale": "scale -1.0 of ControlNet .*: must be a finite number >= 0",
                 "bad thresholds": "canny thresholds: need 0 <= low <= high, got 200 and 100",
                 "short condition video": "has 5 frames; this edit needs one per source frame up to frame 10"}[case]
     if case == "unknown condition":
         model, condition = "nowhere", "pose"  # the condition is checked before the model is loaded
     elif case == "other base":
-        model = str(sd2_controlnet)
+        model = str(sd2_controlnet_path)
     elif case == "missing model":
         model = "nowhere"
     elif case == "negative scale":

@@ -15,8 +15,10 @@ from .atomic import DiskFullError, atomic_path
 from .errors import UserError, first_line
 from .run import EDIT_PROGRESS_SUFFIX, PROGRESS_INTERVAL
 
-# an edit's phases, in order; then how it ended: done, stopped (Ctrl-C) or failed
-PHASES = ("loading the model", "inverting", "editing", "inverting and editing", "writing the videos", "scoring")
+# an edit's phases, in order (a guided edit makes its conditions between loading its ControlNets and the tuned
+# model); then how it ended: done, stopped (Ctrl-C) or failed
+PHASES = ("loading the model", "making the conditions", "inverting", "editing", "inverting and editing",
+          "writing the videos", "scoring")
 
 
 @dataclass

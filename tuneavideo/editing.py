@@ -7,7 +7,9 @@ the cached inversion), samples every prompt from that latent in overlapping wind
 (`video.edit_writer.EditWriter`, files named by `run.EditFiles`), per prompt, an MP4 with the source's sound over
 the same span (and a GIF for short edits), and the side-by-side of the source and every edit, all at source fps /
 stride, so picture and sound stay in sync. With `request.local`, every prompt is a local edit of the source prompt
-under attention control (Video-P2P), which also writes the source branch decoded and each prompt's blend mask.
+under attention control (Video-P2P), which also writes the source branch decoded and each prompt's blend mask. With
+ControlNets (`request.controlnets`, by default the run's own), the clip is inverted and sampled under their structure
+guidance (`tuneavideo.structure`), and the edit writes its condition frames.
 
 Memory does not grow with the clip beyond its latents: source frames are resized as they are decoded, and edited
 frames are decoded a few at a time and streamed to the encoder.
@@ -30,7 +32,7 @@ import torch
 
 from .atomic import atomic_path
 from .base_model import fuse_loras
-from .config import TrainConfig
+from .config import ControlNetConfig, TrainConfig
 from .edit_progress import EditProgressWriter
 from .evaluate import Evaluator
 from .pipelines.edit import invert, progress_steps, sample
@@ -38,6 +40,7 @@ from .pipelines.windows import Window, plan_windows
 from .progress import progress_bar
 from .request import EditRequest, LocalPlan, RequestError, Span
 from .run import EditFiles, EditResult, Run
+from .structure import check_structure, prepare_structure, structure_key
 from .video.edit_writer import EditWriter
 from .video.frames import ClipTooShortError, clip_size, decode_frames, shown_at_constant_rate, tuned_window
 from .video.readers import Clip, frames_text
@@ -65,12 +68,16 @@ class EditPlan:
     repeats: list[int]  # how often each edited frame is written at `fps` (all 1 but for a variable-rate source)
     variable_rate: bool
     control: LocalPlan | None  # a local edit's attention control, its words checked against the prompts
+    structure: list[ControlNetConfig]  # the ControlNets guiding the edit: the request's, else the run's own
 
     @property
     def cache(self) -> Path:
-        """Where the inversion of these frames is cached (`Run.inversion_cache`)."""
+        """Where the inversion of these frames is cached (`Run.inversion_cache`), keyed by its structure guidance."""
+        inverted = self.structure if self.request.controlnet_inversion else []
+        key = structure_key(inverted, self.request.canny_thresholds) if inverted else []
+        tuned = structure_key([self.cfg.controlnet]) if self.cfg.controlnet else []
         return self.run.inversion_cache(self.cfg, self.clip, self.size, self.frames, self.windows,
-                                        self.request.num_inv_steps)
+                                        self.request.num_inv_steps, key, key == tuned)
 
     def source_frames(self) -> Iterator[np.ndarray]:
         """The edited frames of the source at the tuned size, streamed."""
@@ -104,6 +111,8 @@ def plan_edit(run: str | os.PathLike, request: EditRequest) -> EditPlan:
     if request.local is not None:  # its words checked with the run's tokenizer, before any model loads
         tokenizer = run.load_tokenizer()
         control = request.local.plan(tokenizer, request.prompts, data.prompt)
+    structure = request.controlnets if request.controlnets is not None else [c for c in [cfg.controlnet] if c]
+    check_structure(structure)  # the run's own: its condition file may be gone since
     folder = output_folder(Path(request.output_dir) if request.output_dir is not None else run.edits)
     files = EditFiles.of(folder, [prompt_file_name(prompt) for prompt in request.prompts], stems)
     size = clip_size(clip.info.width, clip.info.height, data.width, data.height)
@@ -111,12 +120,12 @@ def plan_edit(run: str | os.PathLike, request: EditRequest) -> EditPlan:
     if info.times is None:
         span = source_span(frames.start, len(frames), stride, float(info.fps), info.start_time)
         return EditPlan(run, cfg, request, files, clip, size, frames, window, windows, info.fps / stride, span,
-                        [1] * len(frames), False, control)
+                        [1] * len(frames), False, control, structure)
     # a variable frame rate: every edited frame is shown at its source frame's time, at one constant rate
     span = info.time(frames.start), info.time(frames[-1] + stride)
     rate, repeats = shown_at_constant_rate([info.time(i) - span[0] for i in frames], span[1] - span[0])
     return EditPlan(run, cfg, request, files, clip, size, frames, window, windows, rate, span, repeats, True,
-                    control)
+                    control, structure)
 
 
 def edit(run: str | os.PathLike, request: EditRequest) -> EditResult:
@@ -131,9 +140,22 @@ def _edit(plan: EditPlan, request: EditRequest, report: EditProgressWriter) -> E
     # the scoring models are loaded first, so that a missing one fails before minutes of editing
     evaluator = Evaluator() if request.evaluate else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    structure = None
+    if plan.structure:  # the ControlNets are loaded and fitted before the tuned model, the conditions made
+        logger.info(f"loading {len(plan.structure)} ControlNet(s) and making their conditions")
+        report.phase("making the conditions")
+        info = plan.clip.info
+        structure = prepare_structure(plan.structure, plan.run.unet_config(), plan.frames, plan.source_frames,
+                                      (info.width, info.height), plan.size, device, dtype, request.canny_thresholds)
+        report.phase("loading the model")
     logger.info(f"loading the tuned model {plan.run.folder}")
-    pipe = plan.run.load_pipeline(torch.float16 if device.type == "cuda" else torch.float32)
+    pipe = plan.run.load_pipeline(dtype)
     fuse_loras(pipe, request.loras)
+    control = None
+    if structure:
+        pipe.controlnet = structure.controlnet
+        control = structure.pipeline_arguments()
     pipe.to(device)
     pipe.vae.enable_slicing()  # one frame at a time through the VAE: the whole clip at once is a memory spike
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole edit instead
@@ -162,13 +184,14 @@ def _edit(plan: EditPlan, request: EditRequest, report: EditProgressWriter) -> E
         if plan.control:
             report.phase("inverting and editing")
             local = plan.control.invert_and_edit(pipe, pipe.encode_video(plan.source_frames()).mean, prompts, steps,
-                                                 inv_steps, request.guidance, plan.window, request.overlap, progress)
+                                                 inv_steps, request.guidance, plan.window, request.overlap, progress,
+                                                 control=control, control_inversion=request.controlnet_inversion)
         elif reused:
             logger.info(f"using the run's inverted latent {plan.cache}")
         else:
             report.phase("inverting")
             latent = invert(pipe, pipe.encode_video(plan.source_frames()).mean, inv_steps, plan.window,
-                            request.overlap, progress)
+                            request.overlap, progress, control if request.controlnet_inversion else None)
             if not request.loras:
                 with atomic_path(plan.cache) as path:
                     torch.save(latent.cpu(), path)
@@ -176,7 +199,7 @@ def _edit(plan: EditPlan, request: EditRequest, report: EditProgressWriter) -> E
             report.phase("editing")
         edited = local.targets if local else sample(
             pipe, latent, prompts, steps, request.guidance, inv_steps, request.negative_prompt,
-            request.num_videos_per_prompt, request.eta, seed, plan.window, request.overlap, progress)
+            request.num_videos_per_prompt, request.eta, seed, plan.window, request.overlap, progress, control)
     files = plan.files
     with EditWriter(files.folder, plan.fps, plan.repeats) as writer:
         audio = span_audio(plan.clip, plan.span, writer.scratch) if request.audio else None
@@ -195,6 +218,9 @@ def _edit(plan: EditPlan, request: EditRequest, report: EditProgressWriter) -> E
             blended = [(path, mask) for path, mask in zip(files.masks(), local.masks) if mask is not None]
             result.masks = [path for path, _ in blended]
             writer.write_masks(plan.source_frames(), [mask for _, mask in blended], result.masks)
+        if structure:
+            result.condition = files.condition
+            writer.write_frames(structure.condition_video(), files.condition)
         if evaluator is not None:
             del pipe
             report.phase("scoring")

@@ -24,12 +24,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .base_model import check_loras
-from .config import MAX_SEED, LoraFile
+from .config import MAX_SEED, ControlNetConfig, LoraFile
 from .errors import UserError
 from .pipelines.local_edit import LocalLatents, invert_and_edit
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from .pipelines.prompt_alignment import CONTROLS, PromptEdit, prompt_edit
 from .run import SHARED_KINDS
+from .structure import check_structure
+from .video.conditions import CANNY_THRESHOLDS, check_canny_thresholds
 from .video.writers import prompt_file_name
 
 GUIDANCE_SCALE = 12.5  # Tune-A-Video's: its configs' and notebook's edits
@@ -115,10 +117,10 @@ class LocalPlan:
 
     def invert_and_edit(self, pipe: TuneAVideoPipeline, clean: torch.Tensor, prompts: list[str],
                         num_inference_steps: int, num_inv_steps: int, guidance_scale: float, window: int | None,
-                        overlap: int | None, progress: Callable[..., None],
-                        inversion_prompt: str | None = None, control: dict | None = None) -> LocalLatents:
+                        overlap: int | None, progress: Callable[..., None], inversion_prompt: str | None = None,
+                        control: dict | None = None, control_inversion: bool = True) -> LocalLatents:
         """`pipelines.local_edit.invert_and_edit` of the clean latent `clean` with these settings (`control`: the
-        pipeline's structure guidance arguments)."""
+        pipeline's structure guidance arguments, for the inversions too with `control_inversion`)."""
         settings = self.settings
         null_text = settings.null_text_iterations if settings.inversion == "null-text" else None
         return invert_and_edit(pipe, clean, self.source_prompt, prompts, self.edits, num_inference_steps,
@@ -126,7 +128,7 @@ class LocalPlan:
                                cross_replace_steps=settings.cross_replace_steps,
                                self_replace_steps=settings.self_replace_steps, blend_start=settings.blend_start,
                                mask_threshold=settings.mask_threshold, inversion_prompt=inversion_prompt,
-                               control=control)
+                               control=control, control_inversion=control_inversion)
 
 
 def is_utf8(text: str) -> bool:
@@ -176,6 +178,13 @@ class EditRequest:
     # then inverted with their weights, not taken from the run's cache
     loras: list[LoraFile] = setting([], "a LoRA (kohya / A1111 or diffusers .safetensors) fused on top of the "
                                         "run's model, times SCALE (default 1; repeatable)")
+    # structure guidance (README: "Structure guidance"); None: the ControlNet the run was tuned under, if any
+    controlnets: list[ControlNetConfig] | None = setting(None, "ControlNets, each with its condition and scale "
+                                                               "(default: the run's own `controlnet:`, if any)")
+    # ControlVideo's and VideoGrain's: the sampler then starts from noise made under what it is asked to follow
+    controlnet_inversion: bool = setting(True, "invert the clip under the same ControlNets (default: yes)")
+    canny_thresholds: tuple[float, float] = setting(CANNY_THRESHOLDS, "LOW:HIGH thresholds of the canny condition "
+                                                                      "(default: 100:200, ControlNet's annotator's)")
 
     @property
     def guidance(self) -> float:
@@ -213,6 +222,15 @@ class EditRequest:
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise RequestError(f"`eta` must be a finite number >= 0, got {self.eta}")
         check_loras(self.loras, "`loras`")
+        try:
+            check_canny_thresholds(*self.canny_thresholds)
+        except UserError as err:
+            raise RequestError(f"`canny_thresholds` {self.canny_thresholds[0]:g}:{self.canny_thresholds[1]:g}: "
+                               f"{str(err).partition(': ')[2]}") from None
+        try:
+            check_structure(self.controlnets or [])
+        except UserError as err:
+            raise RequestError(f"`controlnets` {err}") from None
         for lora in self.loras:
             if not math.isfinite(lora.scale):
                 raise RequestError(f"`loras` {lora.path}:{lora.scale}: the scale must be a finite number")
@@ -257,7 +275,7 @@ class EditRequest:
 
 
 def _build(kind: type, values: object, source: str):
-    """A `kind` (EditRequest, LocalEdit or LoraFile) from the JSON mapping `values`, with every key known and typed."""
+    """A `kind` (EditRequest, LocalEdit, LoraFile or ControlNetConfig) from the JSON mapping `values`, with every key known and typed."""
     if not isinstance(values, dict):
         raise RequestError(f"{source}: must be a mapping of {kind.__name__}'s fields")
     hints = typing.get_type_hints(kind)
@@ -281,8 +299,8 @@ def _build(kind: type, values: object, source: str):
 
 
 def _typed(hint, value, source: str, name: str):
-    """`value` as the type `hint` says (int, float, str, bool, optional, list[str], list[LoraFile],
-    dict[str, float], tuple[str, str]), else a RequestError naming the field."""
+    """`value` as the type `hint` says (int, float, str, bool, optional, list[str], a list of LoraFile or
+    ControlNetConfig, dict[str, float], a tuple of two), else a RequestError naming the field."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -293,12 +311,12 @@ def _typed(hint, value, source: str, name: str):
         return float(value)
     if hint in (int, str, bool, type(None)) and type(value) is hint:
         return value
-    if origin is list and isinstance(value, list) and args == (LoraFile,):
-        return [_build(LoraFile, item, f"{source}: {name}[{index}]") for index, item in enumerate(value)]
+    if origin is list and isinstance(value, list) and args[0] in (LoraFile, ControlNetConfig):
+        return [_build(args[0], item, f"{source}: {name}[{index}]") for index, item in enumerate(value)]
     if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
-    if origin is tuple and isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
-        return tuple(value)
+    if origin is tuple and isinstance(value, list) and len(value) == len(args):
+        return tuple(_typed(arg, item, source, name) for arg, item in zip(args, value))
     if origin is dict and isinstance(value, dict) \
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
         return {key: float(v) for key, v in value.items()}
@@ -344,6 +362,15 @@ def parse_reweights(items: list[str]) -> dict[str, float]:
         if not word:
             raise RequestError(f"`reweights` {item!r}: give WORD=FACTOR, e.g. origami=2")
     return factors
+
+
+def parse_thresholds(text: str) -> tuple[float, float]:
+    """`LOW:HIGH`, the canny thresholds."""
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise RequestError(f"`canny_thresholds` {text!r}: give LOW:HIGH, e.g. 100:200") from None
+    return low, high
 
 
 def span_text(span: Span) -> str:

@@ -43,6 +43,8 @@ import diffusers
 import torch
 import transformers
 from omegaconf import OmegaConf
+from diffusers import UNet2DConditionModel
+from diffusers.configuration_utils import FrozenDict
 from transformers import CLIPTokenizer
 
 from .atomic import DiskFullError, atomic_path
@@ -63,7 +65,8 @@ HISTORY_LIMIT = 1000  # most entries in progress.json's history: a longer run ke
 SIDE_BY_SIDE = "side-by-side"  # <edit>.side-by-side.mp4: the source and every video of the edit
 INVERSION = "inversion"  # <edit>.inversion.mp4: a local edit's source branch, decoded
 MASK = "mask"  # <prompt>.mask.mp4: a local edit's blend mask over the source
-SHARED_KINDS = (SIDE_BY_SIDE, INVERSION, MASK)  # a video's file name must not end in .<kind>: it would take theirs
+CONDITION = "condition"  # <edit>.condition.mp4: the condition frames of a structure-guided edit
+SHARED_KINDS = (SIDE_BY_SIDE, INVERSION, MASK, CONDITION)  # a video's file name must not end in .<kind>: it would take theirs
 EDIT_PROGRESS_SUFFIX = ".progress.json"  # <edit>.progress.json: how an edit goes (`tuneavideo.edit_progress`)
 EDIT_NAME_BYTES = 160  # an edit's name past this many UTF-8 bytes is cut and given a hash: file names hold 255
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -87,8 +90,8 @@ def request_file(edit_folder: str | os.PathLike) -> Path:
 @dataclass(frozen=True)
 class EditFiles:
     """Where one edit writes in `folder`: per video (of file stem `stems[k]`) its MP4, GIF, JPEG folder and a local
-    edit's mask; per edit its side-by-side, a local edit's inversion and a scored edit's metrics, named after the
-    edit (`name`), so that edits sharing a folder keep each other's files."""
+    edit's mask; per edit its side-by-side, a local edit's inversion, a guided edit's conditions and a scored edit's
+    metrics, named after the edit (`name`), so that edits sharing a folder keep each other's files."""
 
     folder: Path
     stems: list[str]  # one per video, in prompt order
@@ -118,6 +121,11 @@ class EditFiles:
     @property
     def inversion(self) -> Path:
         return self.folder / f"{self.name}.{INVERSION}.mp4"
+
+    @property
+    def condition(self) -> Path:
+        """Every ControlNet's condition frames, side by side, frame for frame with the edit."""
+        return self.folder / f"{self.name}.{CONDITION}.mp4"
 
     @property
     def metrics(self) -> Path:
@@ -152,6 +160,7 @@ class EditResult:
     variable_rate: bool = False
     inversion: Path | None = None  # a local edit's source branch decoded: how well the clip was recovered
     masks: list[Path] = field(default_factory=list)  # a local edit's blend mask over the source, per prompt
+    condition: Path | None = None  # a structure-guided edit's condition frames
 
     def save(self) -> None:
         """Add it to its folder's result.json (in place of an earlier edit of the same name), atomically, under a
@@ -405,15 +414,21 @@ class Run:
         except VideoReadError as err:
             raise RunError(f"{err} (the source clip, train_data.video_path in {self.config_file})") from err
 
+    def unet_config(self) -> FrozenDict:
+        """The tuned UNet's config (its widths, its text width), read without loading any weights."""
+        return FrozenDict(UNet2DConditionModel.load_config(self.folder, subfolder="unet"))
+
     def inversion_cache(self, cfg: TrainConfig, clip: Clip, size: tuple[int, int], frames: range,
-                        windows: list[Window], num_inv_steps: int) -> Path:
+                        windows: list[Window], num_inv_steps: int, control: list | None = None,
+                        validation_control: bool = True) -> Path:
         """Where the inversion of `frames` of `clip` at `size` in `windows` is cached. The tuned window inverted as
-        validation does it is the run's own validation latent; any other is keyed by everything it depends on: the
-        clip's files, the tuned weights, the size, the frames, the windows and the steps."""
+        validation does it (under the structure guidance the run was tuned under: `validation_control`) is the run's
+        own validation latent; any other is keyed by everything it depends on: the clip's files, the tuned weights,
+        the size, the frames, the windows, the steps and the structure guidance `control` (`structure_key`)."""
         data, validation = cfg.train_data, cfg.validation_data
         tuned = tuned_window(clip.info.num_frames, data.n_sample_frames, data.sample_start_idx,
                              data.sample_frame_rate, clip.path)
-        if (frames == tuned and len(windows) == 1 and validation.use_inv_latent
+        if (frames == tuned and len(windows) == 1 and validation.use_inv_latent and validation_control
                 and num_inv_steps == validation.num_inv_steps):
             return self.validation_latent(cfg.max_train_steps)
         source = os.stat(clip.path)
@@ -424,6 +439,8 @@ class Run:
                    unet=[[w.st_size, w.st_mtime_ns] for w in weights], size=list(size),
                    frames=[frames.start, frames.stop, frames.step], num_inv_steps=num_inv_steps,
                    windows=[[w.frames[0], w.frames[-1], len(w.frames)] for w in windows])
+        if control:  # keys of inversions without control stay what they were
+            key["control"] = control
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.folder / "inv_latents" / f"span-{digest}.pt"
 

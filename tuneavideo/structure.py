@@ -7,6 +7,7 @@ that cannot be loaded or does not fit the base model) before any frame is decode
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from diffusers import ControlNetModel, MultiControlNetModel
 
 from .config import ControlNetConfig
-from .pipelines.controlnet import ControlError, check_fits, check_settings, load_controlnet
+from .pipelines.controlnet import ControlError, check_fits, load_controlnet
 from .video.conditions import (
     CANNY_THRESHOLDS,
     CONDITIONS,
@@ -69,7 +70,10 @@ def check_structure(settings: list[ControlNetConfig], canny_thresholds: tuple[fl
         if setting.condition not in CONDITIONS and not os.path.exists(setting.condition):
             raise ControlError(f"condition {setting.condition!r}: not {' or '.join(CONDITIONS)}, nor an existing "
                                "condition video or folder of frames")
-    check_settings(len(settings), [s.scale for s in settings], [0.0] * len(settings), [1.0] * len(settings))
+        scale = setting.scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0 or math.isinf(scale):
+            raise ControlError(f"scale {scale!r} of ControlNet {setting.model}: must be a finite number >= 0 (1.0 as "
+                               "ControlNets are trained)")
     check_canny_thresholds(*canny_thresholds)
 
 

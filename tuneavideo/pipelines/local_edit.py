@@ -34,7 +34,7 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, source_prompt
                     window: int | None, overlap: int | None, progress: Callable[..., None], *,
                     null_text_iterations: int | None, cross_replace_steps: float, self_replace_steps: float,
                     blend_start: float, mask_threshold: float, inversion_prompt: str | None = None,
-                    control: Control | None = None) -> LocalLatents:
+                    control: Control | None = None, control_inversion: bool = True) -> LocalLatents:
     """Invert the clean latent `clean` `(1, 4, frames, h, w)` as Video-P2P does (DDIM conditioned on
     `inversion_prompt`, by default `source_prompt`, then, unless `null_text_iterations` is None (Video-P2P's fast
     mode), one unconditional embedding per step optimised for `guidance_scale` in at most that many iterations),
@@ -49,7 +49,8 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, source_prompt
     `PromptEdit` (`attention_control`, which is also the step-end hook that applies the local blend). Guidance is
     decoupled: the target is guided by `guidance_scale` against the empty prompt; the source against the null-text
     embedding of each step, or, after a plain DDIM inversion, not at all (its conditional prediction, Video-P2P's
-    fast mode). `control` (the pipeline's structure guidance arguments) guides the inversions and both branches.
+    fast mode). `control` (the pipeline's structure guidance arguments) guides both branches, and with
+    `control_inversion` the DDIM and null-text inversions too.
 
     Raises:
         PromptControlError: `guidance_scale` at most 1 (the controlled batch needs its unconditional half).
@@ -58,7 +59,7 @@ def invert_and_edit(pipe: TuneAVideoPipeline, clean: torch.Tensor, source_prompt
         raise PromptControlError(f"guidance_scale must be above 1 with attention control, got {guidance_scale}")
     null_text = null_text_iterations is not None
     inversion_prompt = inversion_prompt or source_prompt
-    guidance = control_of(pipe, clean, control)
+    guidance = control_of(pipe, clean, control) if control_inversion else None
     latents = ddim_inversion(pipe, pipe.scheduler, clean, num_inv_steps, prompt=inversion_prompt,
                              window_size=window, window_overlap=overlap, callback=progress, keep_all=null_text,
                              control=guidance)

@@ -1,5 +1,5 @@
 """Writing one edit's files: every video's MP4 (with the source's sound), GIF and JPEG frames, the side-by-side of
-the source and every video, a local edit's source branch and blend masks, at one constant rate (frame j written
+the source and every video, a local edit's source branch and blend masks, a guided edit's conditions, at one constant rate (frame j written
 `repeats[j]` times: a variable-rate source shown at its frames' times).
 
 Everything is written into a hidden staging folder of the edit folder (`.edit-<pid>-<hex>.tmp`) and moved in
@@ -152,6 +152,13 @@ class EditWriter:
         for path, frames in zip(gifs, gif_frames):
             write_gif(np.stack(frames), self.path(path), self.fps)
         return gifs
+
+    def write_frames(self, frames: Iterable[np.ndarray], path: Path) -> None:
+        """One silent MP4 of `frames` `(H, W, 3)` uint8, one per edited frame (streamed), e.g. the conditions."""
+        with Mp4Writer(self.path(path), self.fps) as writer:
+            for frame, count in zip(frames, self.repeats):
+                for _ in range(count):
+                    writer.write(frame)
 
     def write_masks(self, source: Iterable[np.ndarray], masks: list[torch.Tensor], paths: list[Path]) -> None:
         """One MP4 per mask `(frames, h, w)` at latent size: the `source` frames (streamed) with it over them."""
