@@ -313,3 +313,20 @@ def edit_cli(run: Path, *args: str) -> tuple[int, str]:
     except SystemExit as exit_info:
         return 1, str(exit_info.code)
     return 0, ""
+
+
+@contextlib.contextmanager
+def diffusers_errors():
+    """The messages diffusers logs as errors inside the block (its logger does not propagate, and its handler keeps
+    the stream it was made with, so neither caplog nor capfd sees them)."""
+    import logging
+
+    logged: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        yield logged
+    finally:
+        logger.removeHandler(handler)

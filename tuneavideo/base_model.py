@@ -16,6 +16,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from .checks import check_sd_folder
 from .config import LoraFile
 from .errors import UserError, first_line
 from .models.unet import UNet3DConditionModel
+from .pipelines.loading import safetensors_in
 from .pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 
 if TYPE_CHECKING:
@@ -136,10 +138,12 @@ class BaseModel:
 
         if self.path.is_dir():
             pipeline = StableDiffusionPipeline(
-                vae=_load(AutoencoderKL.from_pretrained, self.path, "vae"),
+                vae=_load(partial(AutoencoderKL.from_pretrained, use_safetensors=safetensors_in(self.path, "vae")),
+                          self.path, "vae"),
                 text_encoder=_load(CLIPTextModel.from_pretrained, self.path, "text_encoder"),
                 tokenizer=_load(CLIPTokenizer.from_pretrained, self.path, "tokenizer"),
-                unet=_load(UNet2DConditionModel.from_pretrained, self.path, "unet"),
+                unet=_load(partial(UNet2DConditionModel.from_pretrained,
+                                   use_safetensors=safetensors_in(self.path, "unet")), self.path, "unet"),
                 scheduler=self.scheduler(DDIMScheduler), **NO_SAFETY_CHECKER)
         else:
             try:

@@ -35,10 +35,3 @@ def check_sd_folder(path: str | Path) -> Path:
     if not isinstance(unet_config, dict) or len(unet_config.get("block_out_channels", [])) != 4:
         raise UserError(f"{config}: not a 4-level Stable Diffusion 1.x/2.x UNet")
     return folder
-
-
-def safetensors_in(folder: str | Path, subfolder: str) -> bool:
-    """Whether a model component's weights are safetensors. Given to diffusers' `from_pretrained` as
-    `use_safetensors`: left unsaid, a folder of `.bin` weights (older downloads) loads too, but only after diffusers
-    has logged, as an error, that it found no safetensors file."""
-    return any((Path(folder) / subfolder).glob("*.safetensors"))

@@ -23,14 +23,23 @@ from ..models.unet import UNet3DConditionModel
 from .pipeline_tuneavideo import TuneAVideoPipeline
 
 
+def safetensors_in(folder: str | Path, subfolder: str) -> bool:
+    """Whether a model component's weights are safetensors. Given to diffusers' `from_pretrained` as
+    `use_safetensors`: left unsaid, a folder of `.bin` weights (older downloads) loads too, but only after diffusers
+    has logged, as an error, that it found no safetensors file."""
+    return any((Path(folder) / subfolder).glob("*.safetensors"))
+
+
 def load_tuned_pipeline(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> TuneAVideoPipeline:
     """The pipeline saved in the run `folder` (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), every
     model in `dtype`. Raises what the libraries raise for a missing or damaged component."""
     return TuneAVideoPipeline(
-        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype,
+                                          use_safetensors=safetensors_in(folder, "vae")),
         text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
         tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-        unet=UNet3DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
+        unet=UNet3DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype,
+                                                  use_safetensors=safetensors_in(folder, "unet")),
         scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
     )
 
