@@ -1,6 +1,8 @@
-"""Write a diffusers Stable Diffusion 1.x folder as one checkpoint file in the original (CompVis / A1111) layout, the
-layout community checkpoints ship in; the key names are those of diffusers' conversion scripts
-(`scripts/convert_diffusers_to_original_stable_diffusion.py`), for any `layers_per_block`. Tests only."""
+"""Write a diffusers Stable Diffusion 1.x or 2.x folder as one checkpoint file in the original (CompVis / A1111 /
+Stability) layout, the layout community checkpoints ship in; the key names are those of diffusers' conversion scripts
+(`scripts/convert_diffusers_to_original_stable_diffusion.py`), for any `layers_per_block`; a 2.x text encoder in
+OpenCLIP's layout (`cond_stage_model.model.transformer.resblocks.*`, query, key and value in one `in_proj`). Tests
+only."""
 
 from __future__ import annotations
 
@@ -79,14 +81,38 @@ def vae_to_original(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     return result
 
 
+def open_clip_to_original(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """SD 2.x's text encoder in OpenCLIP's layout (the inverse of diffusers' `convert_open_clip_checkpoint`)."""
+    prefix = "cond_stage_model.model."
+    state = {key.removeprefix("text_model."): value for key, value in text_encoder.state_dict().items()}
+    result = {prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+              prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+              prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+              prefix + "ln_final.bias": state.pop("final_layer_norm.bias")}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    for layer in range(text_encoder.config.num_hidden_layers):
+        ours, theirs = f"encoder.layers.{layer}.", f"{prefix}transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            result[f"{theirs}attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{ours}self_attn.{name}_proj.{kind}") for name in ("q", "k", "v")])
+            for name, original in names.items():
+                result[f"{theirs}{original}.{kind}"] = state.pop(f"{ours}{name}.{kind}")
+    assert not state, f"not converted: {sorted(state)}"
+    return result
+
+
 def write_original_checkpoint(folder: str | Path, path: str | Path) -> Path:
-    """The UNet, VAE and text encoder of the diffusers folder `folder` as one `.safetensors` at `path`."""
+    """The UNet, VAE and text encoder of the diffusers folder `folder` as one `.safetensors` at `path`; a text
+    encoder as wide as SD 2.x's (1024) in OpenCLIP's layout, as 2.x checkpoints hold it."""
     folder = Path(folder)
     tensors = {**unet_to_original(UNet2DConditionModel.from_pretrained(folder, subfolder="unet")),
                **vae_to_original(AutoencoderKL.from_pretrained(folder, subfolder="vae"))}
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
-    # transformers 5 dropped CLIPTextModel's `text_model.` level, which the original layout's names keep
-    tensors.update({"cond_stage_model.transformer.text_model." + key.removeprefix("text_model."): value
-                    for key, value in text_encoder.state_dict().items()})
+    if text_encoder.config.hidden_size == 1024:
+        tensors.update(open_clip_to_original(text_encoder))
+    else:  # transformers 5 dropped CLIPTextModel's `text_model.` level, which the original layout's names keep
+        tensors.update({"cond_stage_model.transformer.text_model." + key.removeprefix("text_model."): value
+                        for key, value in text_encoder.state_dict().items()})
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(path))
     return Path(path)

@@ -18,12 +18,13 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import inference
 import train_tuneavideo
 from tests.helpers import ROOT, SAMPLE_CLIP, train_in_process
 from tests.original_layout import write_original_checkpoint
+from tuneavideo.app.page import picked_loras
 from tuneavideo.app.workspace import TuneSettings, Workspace, edit_command, write_tune_config
 from tuneavideo.base_model import BaseModel, fuse_loras, parse_lora
 from tuneavideo.cli import run_cli
@@ -132,6 +133,45 @@ def test_a_single_file_checkpoint_tunes_to_the_weights_of_its_folder(files, tiny
     assert recorded["pretrained_model_path"] == str(files["checkpoint"])
     assert Path(recorded["pretrained_model_config"]).resolve() == (files["root"] / "checkpoints" / "configs" /
                                                                    "stable-diffusion-v1-5").resolve()
+
+
+def tiny_sd2(tiny_sd: Path, folder: Path) -> Path:
+    """The tiny model as an SD 2.x: a 1024-wide text encoder (diffusers reads a checkpoint as 2.x from the width of
+    the second layer's cross-attention of the first level: SD's 2 layers a block), linear transformer projections,
+    v-prediction."""
+    shutil.copytree(tiny_sd, folder, ignore=shutil.ignore_patterns("unet", "text_encoder"))
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
+    torch.manual_seed(0)
+    UNet2DConditionModel(**{**tiny_unet_config(), "cross_attention_dim": 1024, "use_linear_projection": True,
+                            "layers_per_block": 2}).save_pretrained(folder / "unet")
+    config = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").config.to_dict()
+    config.update(hidden_size=1024, intermediate_size=64, num_attention_heads=8, num_hidden_layers=2, hidden_act="gelu")
+    CLIPTextModel(CLIPTextConfig(**config)).save_pretrained(folder / "text_encoder")
+    return folder
+
+
+def test_an_sd2_single_file_checkpoint_tunes_to_the_weights_of_its_folder(tiny_sd, tmp_path, run_config,
+                                                                         monkeypatch):
+    """SD 2.x's original layout (its text encoder as OpenCLIP's), found as 2.x from its keys, its architecture from
+    ./checkpoints/configs/stable-diffusion-2-1, tunes bit for bit as its folder."""
+    folder = tiny_sd2(tiny_sd, tmp_path / "tiny-sd2")
+    checkpoint = write_original_checkpoint(folder, tmp_path / "tiny-sd2.safetensors")
+    shutil.copytree(folder, tmp_path / "checkpoints" / "configs" / "stable-diffusion-2-1",
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    monkeypatch.chdir(tmp_path)
+    runs = [train_in_process(load_config(run_config(tmp_path / name, f"{name}.yaml", **QUICK),
+                                         [f"pretrained_model_path={base}"]))
+            for name, base in (("folder", folder), ("file", checkpoint))]
+    tuned = "tuned_parameters.safetensors"
+    assert_same(load_file(runs[1] / tuned), load_file(runs[0] / tuned))
+    pipes = [TuneAVideoPipeline.from_pretrained(run) for run in runs]
+    for component in ("unet", "vae", "text_encoder"):
+        assert_same(state(getattr(pipes[1], component)), state(getattr(pipes[0], component)))
+    assert pipes[1].scheduler.config.prediction_type == "v_prediction"
+    recorded = json.loads((runs[1] / "base_model.json").read_text())
+    assert Path(recorded["pretrained_model_config"]).resolve() == (tmp_path / "checkpoints" / "configs" /
+                                                                   "stable-diffusion-2-1").resolve()
 
 
 # LoRAs on the base ----------------------------------------------------------------------------------------------
@@ -372,6 +412,10 @@ def test_the_app_offers_model_files_and_loras_by_name_and_passes_them_on(files, 
     workspace = Workspace(root=tmp_path / "runs", checkpoints=checkpoints, data=tmp_path)
     assert list(workspace.base_models()) == ["community.safetensors", "tiny-sd"]
     assert workspace.loras() == {"style.safetensors": checkpoints / "loras" / "style.safetensors"}
+    # the Tune and Edit tabs take LoRAs by those names only
+    assert picked_loras(["style.safetensors"], workspace) == (checkpoints / "loras" / "style.safetensors",)
+    with pytest.raises(UserError, match=r"^there is no LoRA '../loras/style.safetensors' in checkpoints/loras/"):
+        picked_loras(["../loras/style.safetensors"], workspace)
     settings = TuneSettings("a ball", 1, 4, 3, 0, 64, 3e-5, 33, "", 2, 1,
                             loras=(workspace.loras()["style.safetensors"],), lora_scale=0.7)
     (tmp_path / "run").mkdir()
