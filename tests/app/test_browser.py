@@ -90,10 +90,15 @@ def test_bad_uploads_show_a_message_not_a_traceback(app, page, tmp_path):
 
     not_a_video = tmp_path / "holiday.mp4"
     not_a_video.write_text("this is not a video")
-    upload.set_input_files(not_a_video)
+    upload.set_input_files(not_a_video)  # refused as it arrives, in our one message, not Gradio's too
+    expect(page.get_by_text("the clip 'holiday.mp4': cannot be read as a video").first).to_be_visible()
+    page.wait_for_timeout(1000)
+    expect(page.get_by_text("Video not playable")).to_have_count(0)
     page.get_by_label("What the clip shows").fill("a ball is moving")
     page.locator("#tune-button").click()
-    expect(page.get_by_text("the clip 'holiday.mp4': cannot be read as a video")).to_be_visible()
+    expect(page.locator("#tune-status").get_by_text("the clip 'holiday.mp4': cannot be read as a video")
+           ).to_be_visible()
+    expect(page.get_by_text("Video not playable")).to_have_count(0)
     assert "Traceback" not in page.content()
     assert sorted(root.iterdir()) == before  # nothing was written
 

@@ -33,7 +33,7 @@ from ..base_model import SINGLE_FILE_SUFFIXES
 from ..checks import check_sd_folder
 from ..config import load_config
 from ..video.frames import tuned_window
-from ..video.readers import IMAGE_SUFFIXES, Clip
+from ..video.readers import IMAGE_SUFFIXES, Clip, VideoInfo
 from ..editing import plan_edit
 from ..errors import UserError
 from ..evaluate import evaluation_models
@@ -77,6 +77,19 @@ class Workspace:
     def loras(self) -> dict[str, Path]:
         """LoRA files in `checkpoints/loras/` (A1111's `models/Lora`), by name: a fixed list the page offers."""
         return {path.name: path for path in sorted(self.checkpoints.glob("loras/*.safetensors"))}
+
+    def controlnets(self) -> dict[str, Path]:
+        """ControlNet folders under `checkpoints` (diffusers' layout, as `download_models.sh --controlnet` writes
+        them), by name: a fixed list the page offers."""
+        found = {}
+        for config in sorted(self.checkpoints.glob("*/config.json")):
+            try:
+                kind = json.loads(config.read_text()).get("_class_name")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if kind == "ControlNetModel":
+                found[config.parent.name] = config.parent
+        return found
 
     def ensure_base_model(self) -> Path | None:
         """With no Stable Diffusion folder under `checkpoints`, write the tiny random one (as the demo does).
@@ -163,16 +176,22 @@ PRESETS: dict[str, dict[str, int | float]] = {
 }
 
 
+def read_clip(path: Path) -> VideoInfo:
+    """What `path` holds as a clip, or the reader's one-line error naming the clip by its upload name (not the
+    server's copy of the upload)."""
+    try:
+        return Clip(path).info
+    except UserError as err:
+        raise UserError(str(err).replace(str(path), f"the clip {path.name!r}")) from err
+
+
 def check_clip(path: Path, settings: TuneSettings, max_seconds: float) -> None:
     """Refuse a clip that is not a video, is longer than `max_seconds` or too short for `settings` (an upload too
     large never gets here: Gradio refuses it, by the app's `max_file_size`).
 
     The messages are the readers' one-line errors or name the limit, so the page can show them as they are.
     """
-    try:
-        info = Clip(path).info
-    except UserError as err:  # by the name it was uploaded under, not the server's copy of the upload
-        raise UserError(str(err).replace(str(path), f"the clip {path.name!r}")) from err
+    info = read_clip(path)
     seconds = float(info.num_frames / info.fps)
     if seconds > max_seconds:
         raise UserError(f"the clip is {seconds:.1f} s long; the limit is {max_seconds:g} s (cut it, then upload it)")
