@@ -11,7 +11,8 @@
     python inference.py --p2p-config configs/rabbit-jump-p2p.yaml [--fast]   # a Video-P2P edit config
 
 Writes, per prompt, `<prompt>.mp4` (H.264 with the source's sound over the same span) and, for edits of at most 128
-frames, `<prompt>.gif`, plus `<prompts>.side-by-side.mp4` (the source and every edit) and `result.json`, to
+frames, `<prompt>.gif`, plus `<prompts>.side-by-side.mp4` (the source and every edit), with ControlNets
+`<prompts>.condition.mp4` (what they follow), and `result.json`, to
 <run>/edits unless --output-dir says otherwise. By default the edit covers the tuned frames; --span all edits the
 whole clip, in overlapping windows. Each flag is a field of `tuneavideo.request.EditRequest` (its default and help
 are the field's); --request reads them all from a JSON file of those fields, as the web app writes it.

@@ -25,7 +25,7 @@ from tuneavideo.config import ControlNetConfig, load_config
 from tuneavideo.editing import edit, plan_edit
 from tuneavideo.evaluate import read_frames
 from tuneavideo.request import EditRequest, LocalEdit
-from tuneavideo.run import Run
+from tuneavideo.run import EditResult, Run
 from tuneavideo.video.readers import Clip
 
 
@@ -65,6 +65,7 @@ def test_a_whole_clip_edit_under_a_controlnet_writes_its_canny_edges_frame_for_f
     assert guided.windows > 1 and plain.condition is None
     assert guided.condition == tmp_path / "guided" / "a cat.condition.mp4"
     assert json.loads((tmp_path / "guided" / "result.json").read_text())[0]["condition"] == str(guided.condition)
+    assert EditResult.load(tmp_path / "guided") == guided  # as the app reads it back
     conditions = read_frames(guided.condition)
     assert probe(guided.condition)["fps"] == guided.fps and len(conditions) == len(guided.frames)
     frames = guided.frames

@@ -246,12 +246,13 @@ class EditRequest:
         names = [prompt_file_name(prompt) for prompt in self.prompts]
         if self.num_videos_per_prompt > 1:
             names = [f"{name}-{index}" for name in names for index in range(self.num_videos_per_prompt)]
-        # <stem>.mp4 of a video must not be <edit>.side-by-side.mp4, <edit>.inversion.mp4 or <prompt>.mask.mp4
+        # <stem>.mp4 of a video must not be <edit>.side-by-side.mp4, <edit>.inversion.mp4, <prompt>.mask.mp4, ...
         taken = [name for name in names if names.count(name) > 1 or ("." in name and name.rpartition(".")[2] in
                                                                      SHARED_KINDS)]
         if taken:
-            raise RequestError(f"`prompts` would overwrite each other's files (or an edit's side-by-side, inversion "
-                               f"or mask: leave out a last .{', .'.join(SHARED_KINDS)}): {sorted(set(taken))}")
+            raise RequestError(f"`prompts` would overwrite each other's files (or an edit's side-by-side, inversion, "
+                               f"mask or condition: leave out a last .{', .'.join(SHARED_KINDS)}): "
+                               f"{sorted(set(taken))}")
         return names
 
     # --- as a file ---------------------------------------------------------------------------------------------

@@ -199,7 +199,8 @@ class EditResult:
                     span=tuple(data["span"]), windows=data["windows"], cached_latent=path(data["cached_latent"]),
                     with_audio=data["with_audio"], frame_folders=[Path(p) for p in data["frame_folders"]],
                     metrics=path(data["metrics"]), variable_rate=data["variable_rate"],
-                    inversion=path(data.get("inversion")), masks=[Path(p) for p in data.get("masks", [])])
+                    inversion=path(data.get("inversion")), masks=[Path(p) for p in data.get("masks", [])],
+                    condition=path(data.get("condition")))
                 for data in _result_entries(folder)]
 
 

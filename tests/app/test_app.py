@@ -195,8 +195,9 @@ def test_tune_stop_resume_and_edit_with_sound(app):
     assert edited["progress"]["phase"] == "done" and edited["progress"]["done"] == edited["progress"]["total"] > 0
     assert [Path(path).name for path in edited["outputs"]["videos"]] == ["a red ball is moving.mp4",
                                                                          "a cat, cartoon style.mp4"]
-    video, mask, side_by_side, inversion, downloads, figures = client.predict(edit_id, api_name="/edit_result")
-    assert (mask, inversion) == (None, None)  # a plain edit has neither
+    video, mask, side_by_side, inversion, condition, downloads, figures = client.predict(edit_id,
+                                                                                         api_name="/edit_result")
+    assert (mask, inversion, condition) == (None, None, None)  # a plain edit has none of them
     assert sorted(Path(path).name for path in downloads) == sorted(
         ["a red ball is moving.mp4", "a cat, cartoon style.mp4", "a red ball is moving.gif",
          "a cat, cartoon style.gif", "a red ball is moving+a cat, cartoon style.side-by-side.mp4"])
@@ -239,9 +240,39 @@ def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
     done = wait_for(client, edit_id, lambda info: info["status"] == "done", timeout=120)
     assert [Path(path).name for path in done["outputs"]["masks"]] == ["a red ball is moving.mask.mp4"]
     assert [Path(path).name for path in done["outputs"]["inversion"]] == ["a red ball is moving.inversion.mp4"]
-    video, mask, _, inversion, downloads, _ = client.predict(edit_id, api_name="/edit_result")
+    video, mask, _, inversion, _, downloads, _ = client.predict(edit_id, api_name="/edit_result")
     assert {"a red ball is moving.mask.mp4", "a red ball is moving.inversion.mp4"} <= {Path(p).name for p in downloads}
     for path in (video, mask, inversion):  # downloaded through the app; 4 frames of 64x64 at 8 fps
+        info = probe(Path(path))
+        assert (info["frames"], info["size"], info["fps"], info["codec"]) == (4, (64, 64), Fraction(8), "h264")
+
+
+def test_a_guided_edit_takes_a_controlnet_of_checkpoints_by_name_and_shows_its_condition(app, tuned_run,
+                                                                                          tiny_controlnet_path):
+    client, root = app.client, app.root
+    run = root / "guided-run"
+    shutil.copytree(tuned_run, run, ignore=shutil.ignore_patterns("edits"))
+    shutil.copytree(tiny_controlnet_path, app.checkpoints / "tiny-canny")
+    edit = dict(run=run.name, prompts="a red ball is moving", steps=2, inv_steps=2, guidance_scale=None, seed=None,
+                span="tuned window", span_start=0, span_end=0, stride=None, controlnet="tiny-canny",
+                condition="canny", controlnet_scale=0.8, api_name="/edit")
+    # names of checkpoints/ only: a path from the page, or a condition file, never reaches the edit
+    for settings, message in ((dict(controlnet=str(tiny_controlnet_path)), "there is no ControlNet"),
+                              (dict(controlnet="../tiny-canny"), "there is no ControlNet '../tiny-canny'"),
+                              (dict(condition=str(SAMPLE_CLIP)), "is not in the list of choices: ['canny', 'depth']")):
+        with pytest.raises(AppError) as raised:
+            client.predict(**{**edit, **settings})
+        assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert not (run / "edits").exists()
+
+    edit_id, _ = client.predict(**edit)
+    done = wait_for(client, edit_id, lambda info: info["status"] == "done", timeout=120)
+    assert [Path(path).name for path in done["outputs"]["condition"]] == ["a red ball is moving.condition.mp4"]
+    assert json.loads((Path(done["outputs"]["videos"][0]).parent / "request.json").read_text())["controlnets"] == [
+        {"model": str(app.checkpoints / "tiny-canny"), "condition": "canny", "scale": 0.8}]
+    video, _, _, _, condition, downloads, _ = client.predict(edit_id, api_name="/edit_result")
+    assert "a red ball is moving.condition.mp4" in {Path(path).name for path in downloads}
+    for path in (video, condition):  # downloaded through the app; 4 frames of 64x64 at 8 fps
         info = probe(Path(path))
         assert (info["frames"], info["size"], info["fps"], info["codec"]) == (4, (64, 64), Fraction(8), "h264")
 
@@ -257,7 +288,7 @@ def test_a_portrait_phone_clip_is_tuned_and_edited_upright(app, tmp_path):
                                     seed=None, span="tuned window", span_start=0, span_end=0, stride=None,
                                     api_name="/edit")
     wait_for(app.client, edit_id, lambda info: info["status"] == "done", timeout=60)
-    video, _, side_by_side, _, _, _ = app.client.predict(edit_id, api_name="/edit_result")
+    video, _, side_by_side, _, _, _, _ = app.client.predict(edit_id, api_name="/edit_result")
     assert probe(Path(video))["size"] == (48, 64)
     source = Clip(side_by_side).read([0])[0, :, :48]
     assert source.shape == (64, 48, 3) and marker_corner(source) == "top-right"
@@ -651,8 +682,9 @@ def test_a_truncated_result_file_of_an_edit_fails_no_reader(app):
     runner.submit(Job(id="edit-1", kind="edit", folder=folder, command=[sys.executable, "-c", code],
                       run="truncated-result"))
     done = wait_for(client, "edit-1", lambda info: info["status"] == "done")  # /job reads result.json
-    assert done["outputs"] == {"videos": [], "gifs": [], "side_by_side": [], "masks": [], "inversion": []}
-    assert client.predict("edit-1", api_name="/edit_result")[:5] == (None, None, None, None, None)
+    assert done["outputs"] == {"videos": [], "gifs": [], "side_by_side": [], "masks": [], "inversion": [],
+                               "condition": []}
+    assert client.predict("edit-1", api_name="/edit_result")[:6] == (None,) * 6
     assert status_markdown(runner, runner.get("edit-1")).startswith("**edit `edit-1`**: done")
     assert (folder / "result.json").read_text() == '{"folder": "/x", "vid'  # read, never rewritten
 

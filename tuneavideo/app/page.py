@@ -28,7 +28,7 @@ import pandas as pd
 from gradio.utils import get_upload_folder
 
 from ..cli import read_tail
-from ..config import MAX_SEED
+from ..config import MAX_SEED, ControlNetConfig, LoraFile
 from ..edit_progress import PHASES, EditProgress
 from ..errors import UserError
 from ..request import (
@@ -42,6 +42,7 @@ from ..request import (
     parse_reweights,
 )
 from ..run import EditResult, Progress, Run
+from ..video.conditions import CONDITIONS
 from .jobs import FINISHED, Job, JobRunner
 from .workspace import (
     PRESETS,
@@ -52,6 +53,7 @@ from .workspace import (
     metrics_markdown,
     prepare_edit,
     prepare_tune,
+    read_clip,
     run_defaults,
     tune_command,
 )
@@ -62,11 +64,20 @@ NOISE_NOTE = (
     "results put a model there (`./download_models.sh`) and restart the app."
 )
 SPAN_MODES = ("tuned window", "whole clip", "from / to")
+RUN_CONTROLNET, NO_CONTROLNET = "the run's own, if any", "none"  # the Structure part's first ControlNet choices
 LOG_LINES = 40
 BAR_LINE = re.compile(r"(?P<name>[^|]*?):\s+\d+%\|")  # a tqdm bar's line: "Steps:  40%|####  | 2/5 ..."
 LOCAL = LocalEdit()  # the Local edit fields' defaults (Video-P2P's)
 # Gradio's file list shows a remove button by each of several files, even where nothing can be removed
 CSS = ".status-box {min-height: 3em} #edit-files button[aria-label='Remove this file'] {display: none}"
+# Gradio's own "Video not playable" toast for an upload the browser cannot preview (a file that is no video, or a
+# codec the browser lacks, such as a phone's HEVC): the app reads the upload itself and says once what is wrong, if
+# anything. The <video>'s error event is stopped on its way down, before Gradio's listener on the element.
+HEAD = """<script>
+window.addEventListener("error", (event) => {
+  if (event.target instanceof HTMLVideoElement && event.target.closest("#tune-video")) event.stopPropagation();
+}, true);
+</script>"""
 STEPS_SHOWN = 20  # the charts' x axis spans at least this many steps, so that its ticks fall on whole steps
 # The page's name for each setting its messages may quote (as the command line's `--num-inv-steps`, or by its
 # parameter name `num_inv_steps`, plain or in backquotes), and the settings whose values are the page's choices
@@ -76,7 +87,7 @@ PAGE_WORDS = {"control": "Control", "inversion": "Inversion", "blend": "Blend wo
               "seed": "Seed", "span": "Span of the clip", "stride": "Stride", "prompt": "New prompts",
               "prompts": "New prompts", "cross_replace_steps": "Cross-replace steps",
               "self_replace_steps": "Self-replace steps", "blend_start": "Blend start",
-              "mask_threshold": "Mask threshold"}
+              "mask_threshold": "Mask threshold", "controlnets": "ControlNet", "controlnet": "ControlNet"}
 PAGE_CHOICES = {"control": CONTROLS, "inversion": INVERSIONS}
 OWN_WORDS = {"prompt", "prompts"}  # messages use them plainly in their own sense: "the prompt 'a cat'"
 _SETTING = re.compile(r"(?<![\w-])(?:--(?P<option>[a-z][a-z-]*)(?P<word> [a-z][a-z-]*)?|`(?P<field>[a-z_]+)`"
@@ -177,6 +188,30 @@ def local_edit(on: bool, control: str, source_prompt: str | None, blend: str | N
     )
 
 
+def picked_loras(names: list[str] | None, workspace: Workspace) -> tuple[Path, ...]:
+    """The LoRA files of `checkpoints/loras/` picked by name: a path from the page never reaches a config."""
+    offered = workspace.loras()
+    unknown = [name for name in names or [] if name not in offered]
+    if unknown:
+        raise UserError(f"there is no LoRA {unknown[0]!r} in checkpoints/loras/; pick them from the list")
+    return tuple(offered[name] for name in names or [])
+
+
+def structure(controlnet: str | None, condition: str, scale: float | None,
+              workspace: Workspace) -> list[ControlNetConfig] | None:
+    """The Structure fields as `EditRequest.controlnets`: None (the ControlNet the run was tuned under), [] (none),
+    or one ControlNet of `checkpoints/` by name, never a path from the page, on a condition made from the clip (the
+    Condition choice: Gradio refuses any other value)."""
+    if controlnet in (None, "", RUN_CONTROLNET):
+        return None
+    if controlnet == NO_CONTROLNET:
+        return []
+    offered = workspace.controlnets()
+    if controlnet not in offered:
+        raise UserError(f"there is no ControlNet {controlnet!r} in checkpoints/; pick one from the list")
+    return [ControlNetConfig(str(offered[controlnet]), condition, given(scale, "ControlNet scale"))]
+
+
 def duration(seconds: float) -> str:
     """`seconds` as m:ss, or h:mm:ss from an hour on."""
     minutes, seconds = divmod(round(seconds), 60)
@@ -213,10 +248,11 @@ def history_plot(progress: Progress | None) -> dict:
 def outputs(result: EditResult | None) -> dict[str, list[str]]:
     """An edit's files by kind, as the API's `/job` reports them (empty lists before it is done)."""
     if result is None:
-        return {"videos": [], "gifs": [], "side_by_side": [], "masks": [], "inversion": []}
+        return {"videos": [], "gifs": [], "side_by_side": [], "masks": [], "inversion": [], "condition": []}
     return {"videos": [str(path) for path in result.videos], "gifs": [str(path) for path in result.gifs],
             "side_by_side": [str(result.side_by_side)], "masks": [str(path) for path in result.masks],
-            "inversion": [str(result.inversion)] if result.inversion else []}
+            "inversion": [str(result.inversion)] if result.inversion else [],
+            "condition": [str(result.condition)] if result.condition else []}
 
 
 def status_markdown(runner: JobRunner, job: Job | None) -> str:
@@ -348,10 +384,6 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
             base = workspace.base_models().get(base_model or "")
             if base is None:
                 raise UserError("pick a base model from the list")
-            offered = workspace.loras()  # names only: a path from the page never reaches the config
-            unknown = [name for name in loras or [] if name not in offered]
-            if unknown:
-                raise UserError(f"there is no LoRA {unknown[0]!r} in checkpoints/loras/; pick them from the list")
             settings = TuneSettings(
                 prompt=prompt or "", max_train_steps=whole_number(steps, "steps"),
                 n_sample_frames=whole_number(frames, "frames"), sample_frame_rate=whole_number(stride, "stride"),
@@ -359,7 +391,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                 learning_rate=float(learning_rate or 0), seed=whole_number(seed, "seed", minimum=0, maximum=MAX_SEED),
                 sample_prompt=sample_prompt or "", sample_steps=whole_number(sample_steps, "sample steps"),
                 validation_steps=whole_number(sample_every, "sample every"),
-                loras=tuple(offered[name] for name in loras or []), lora_scale=float(lora_scale),
+                loras=picked_loras(loras, workspace), lora_scale=float(lora_scale),
             )
             folder, command = prepare_tune(workspace, base, source, settings)
         except UserError as err:
@@ -368,6 +400,14 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         job = runner.submit(Job(id=folder.name, kind="tune", folder=folder, command=command, run=folder.name,
                                 title=settings.prompt.strip()))
         return job.id, status_markdown(runner, job)  # the timer puts it in the list
+
+    def check_upload(video: str | None, request: gr.Request) -> None:
+        """An upload that is no readable clip is refused as it arrives (and again by Tune), in one message."""
+        if video:
+            try:
+                read_clip(uploaded_clip(video, workspace))
+            except UserError as err:
+                raise refusals.refuse(request.session_hash, "tune", err) from None
 
     def stop(job_id: str | None) -> str:
         """Stop: a waiting job leaves the queue; a running one gets one SIGINT (a tuning job saves a checkpoint)."""
@@ -408,9 +448,13 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                     stride: float | None, local: bool, control: str, inversion: str,
                     cross_replace_steps: float | None, self_replace_steps: float | None, blend_start: float | None,
                     mask_threshold: float | None, source_prompt: str | None = None, blend: str | None = None,
-                    reweight: str | None = None, request: gr.Request = None):
+                    reweight: str | None = None, controlnet: str | None = None, condition: str = "canny",
+                    controlnet_scale: float | None = 1.0, loras: list[str] | None = None, lora_scale: float = 1.0,
+                    request: gr.Request = None):
         """Check the run and settings and queue the edit; returns its id and status line at once. `local` and the
-        parameters after it are the Local edit fields (see `local_edit`); the text ones may be left out (None)."""
+        parameters after it are the Local edit fields (see `local_edit`), then the Structure ones (see `structure`),
+        then LoRAs of checkpoints/loras/ (by name) fused on top of the run's model; the text ones may be left out
+        (None)."""
         try:
             seconds = [Fraction(str(value)) if value else None for value in (span_start, span_end)]  # 0: open
             edit_request = EditRequest(
@@ -422,6 +466,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                 stride=whole_number(stride, "stride") if stride else None,  # None, 0: the run's
                 local=local_edit(local, control, source_prompt, blend, reweight, inversion, cross_replace_steps,
                                  self_replace_steps, blend_start, mask_threshold),
+                controlnets=structure(controlnet, condition, controlnet_scale, workspace),
+                loras=[LoraFile(str(path), float(lora_scale)) for path in picked_loras(loras, workspace)],
             )
             edit_folder, command = prepare_edit(workspace, run or "", edit_request)
         except UserError as err:
@@ -434,26 +480,29 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
 
     def edit_result(job_id: str | None):
         """The first prompt's edit (MP4 with sound) and, for a local edit, its blend mask, the side-by-side, a local
-        edit's inversion, every file for download, and the edits' LOVEU-TGVE figures when the scoring models are
-        there."""
+        edit's inversion, a guided edit's condition video, every file for download, and the edits' LOVEU-TGVE
+        figures when the scoring models are there."""
         job = runner.get(job_id or "")
         result = job.result() if job is not None and job.status == "done" else None
         if result is None:
-            return None, None, None, None, None, gr.update(value="", visible=False)
+            return None, None, None, None, None, None, gr.update(value="", visible=False)
         videos = [str(path) for path in result.videos]
         masks = [str(path) for path in result.masks]
         inversion = [str(result.inversion)] if result.inversion else []
+        condition = [str(result.condition)] if result.condition else []
         figures = metrics_markdown(result.metrics) if result.metrics else ""
         return (videos[0] if videos else None, masks[0] if masks else None, str(result.side_by_side),
-                inversion[0] if inversion else None,
-                [*videos, *(str(path) for path in result.gifs), str(result.side_by_side), *masks, *inversion],
+                inversion[0] if inversion else None, condition[0] if condition else None,
+                [*videos, *(str(path) for path in result.gifs), str(result.side_by_side), *masks, *inversion,
+                 *condition],
                 gr.update(value=figures, visible=bool(figures)))
 
     def edit_media(job_id: str | None):
-        """`edit_result` for the page: the mask and inversion videos shown only when the edit has them."""
-        video, mask, side, inversion, files, figures = edit_result(job_id)
+        """`edit_result` for the page: the mask, inversion and condition videos shown only when the edit has them."""
+        video, mask, side, inversion, condition, files, figures = edit_result(job_id)
         return (video, gr.update(value=mask, visible=mask is not None), side,
-                gr.update(value=inversion, visible=inversion is not None), files, figures)
+                gr.update(value=inversion, visible=inversion is not None),
+                gr.update(value=condition, visible=condition is not None), files, figures)
 
     def job(job_id: str) -> dict:
         """The state of one job (for API clients): status, queue position, progress, samples and outputs."""
@@ -508,7 +557,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
         edit_status = refusals.status(session, "edit", status_markdown(runner, edit_job))
         log = log_tail(tune_job)
         edit_key = (edit_job.id, edit_job.status) if edit_job else None
-        media = edit_media(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 6
+        media = edit_media(edit_job.id if edit_job else None) if changed("edit", edit_key) else [gr.skip()] * 7
         queue, runs = queue_markdown(), run_choices()
         return (
             queue if changed("queue", queue) else gr.skip(),
@@ -647,6 +696,23 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                                                     info="fraction of the steps before the blend")
                             threshold = gr.Number(LOCAL.mask_threshold, label="Mask threshold",
                                                   info="in (0, 1): of the blend word's peak attention")
+                    with gr.Accordion("Structure", open=False, elem_id="edit-structure"):
+                        gr.Markdown("A ControlNet keeps the clip's shapes and motion: it follows each frame's "
+                                    "edges (canny) or depth, made from the clip. Download them with "
+                                    "`./download_models.sh --controlnet canny` (or `depth`).")
+                        with gr.Row():
+                            controlnet = gr.Dropdown([RUN_CONTROLNET, NO_CONTROLNET, *workspace.controlnets()],
+                                                     value=RUN_CONTROLNET, label="ControlNet (checkpoints/)",
+                                                     elem_id="edit-controlnet", allow_custom_value=True)
+                            condition = gr.Radio(list(CONDITIONS), value=CONDITIONS[0], label="Condition",
+                                                 info="canny: edges; depth: needs the depth estimator downloaded")
+                            controlnet_scale = gr.Number(1.0, label="ControlNet scale", minimum=0,
+                                                         info="1.0: as ControlNets are trained")
+                    with gr.Row():
+                        edit_loras = gr.Dropdown(choices=list(workspace.loras()), value=[], multiselect=True,
+                                                 label="LoRAs on top of the run's model (checkpoints/loras/)",
+                                                 elem_id="edit-loras", allow_custom_value=True)
+                        edit_lora_scale = gr.Slider(0, 2, 1.0, step=0.05, label="LoRA scale")
                     with gr.Row():
                         edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
                         edit_stop = gr.Button("Stop", elem_id="edit-stop")
@@ -658,6 +724,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                                               elem_id="edit-video", height=320)
                         edit_mask = gr.Video(label="Blend mask (red, over the source)", interactive=False,
                                              elem_id="edit-mask", height=320, visible=False)
+                        edit_condition = gr.Video(label="Condition (what the ControlNet follows)", interactive=False,
+                                                  elem_id="edit-condition", height=320, visible=False)
                     edit_side = gr.Video(label="Side by side", interactive=False, elem_id="edit-side", height=240)
                     edit_inversion = gr.Video(label="Inversion (the clip as the source branch recovers it)",
                                               interactive=False, elem_id="edit-inversion", height=240,
@@ -675,6 +743,7 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                                         learning_rate, seed, sample_prompt, sample_steps, sample_every, loras,
                                         lora_scale],
                           [tune_job, tune_status], api_name="tune")
+        video.upload(check_upload, video, None, api_visibility="private")
         tune_stop.click(stop, tune_job, tune_status, api_name="stop")
         tune_resume.click(resume, tune_job, [tune_job, tune_status], api_name="resume")
         local_on.change(lambda on: LOCAL_GUIDANCE_SCALE if on else GUIDANCE_SCALE, local_on, guidance,
@@ -683,18 +752,19 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                    api_visibility="private")
         edit_button.click(submit_edit, [run, prompts, edit_steps, inv_steps, guidance, edit_seed, span, span_start,
                                         span_end, edit_stride, local_on, control, inversion, cross_steps,
-                                        self_steps, blend_start, threshold, source_prompt, blend, reweight],
+                                        self_steps, blend_start, threshold, source_prompt, blend, reweight,
+                                        controlnet, condition, controlnet_scale, edit_loras, edit_lora_scale],
                           [edit_job, edit_status], api_name="edit")
         edit_stop.click(stop, edit_job, edit_status, api_name="stop_edit")
-        edit_job.change(edit_result, edit_job, [edit_video, edit_mask, edit_side, edit_inversion, edit_files,
-                                                edit_figures],
+        edit_job.change(edit_result, edit_job, [edit_video, edit_mask, edit_side, edit_inversion, edit_condition,
+                                                edit_files, edit_figures],
                         api_name="edit_result")
         gr.api(job, api_name="job", concurrency_limit=None)
         gr.api(finished_runs, api_name="runs", concurrency_limit=None)
         redraw = dict(fn=refresh, inputs=[tune_job, edit_job, run, shown],
                       outputs=[queue_box, tune_job, tune_status, tune_sample, tune_loss, tune_lr, tune_samples,
                                tune_log, edit_job, edit_status, edit_video, edit_mask, edit_side, edit_inversion,
-                               edit_files, edit_figures, run, shown],
+                               edit_condition, edit_files, edit_figures, run, shown],
                       api_visibility="private", show_progress="hidden", concurrency_limit=None)
         timer.tick(**redraw)
         demo.load(**redraw)
@@ -726,7 +796,7 @@ def launch(workspace: Workspace, host: str = "127.0.0.1", port: int = 7860, bloc
         # quiet: Gradio's own lines ("To create a public link, set share=True", its Ctrl-C note) are not ours to say
         demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
                     max_file_size=workspace.max_upload_bytes, allowed_paths=[str(workspace.root.resolve())],
-                    show_error=False, css=CSS)
+                    show_error=False, css=CSS, head=HEAD)
     except BaseException:
         runner.shutdown()
         raise
