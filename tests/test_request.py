@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 
 import inference
-from tuneavideo.config import LoraFile
+from tuneavideo.config import ControlNetConfig, LoraFile
 from tuneavideo.errors import UserError
 from tuneavideo.request import (
     GUIDANCE_SCALE,
@@ -127,3 +127,33 @@ def test_loras_are_a_field_kept_by_the_request_file_and_flagged_as_lora(tmp_path
         EditRequest(["a cat"], loras=[LoraFile(str(tmp_path / "missing.safetensors"))]).check()
     with pytest.raises(RequestError, match="the scale must be a finite number"):
         EditRequest(["a cat"], loras=[LoraFile(str(lora), float("inf"))]).check()
+
+
+def test_controlnets_pair_their_flags_in_order_and_are_kept_by_the_request_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").touch()
+    (run / "model_index.json").touch()
+    poses = tmp_path / "poses"
+    poses.mkdir()
+
+    def parsed(*args: str) -> EditRequest:
+        return inference.parse_args(["--model", str(run), "--prompt", "a cat", *args])[1]
+
+    assert parsed().controlnets is None  # the run's own, if it has one
+    assert parsed("--no-controlnet").controlnets == []
+    request = parsed("--controlnet", "cn/canny", "--controlnet", "cn/pose", "--condition", "canny", "--condition",
+                     str(poses), "--controlnet-scale", "0.8", "--controlnet-scale", "0.5", "--canny-thresholds",
+                     "50:150", "--no-controlnet-inversion")
+    assert request.controlnets == [ControlNetConfig("cn/canny", "canny", 0.8),
+                                   ControlNetConfig("cn/pose", str(poses), 0.5)]
+    assert (request.canny_thresholds, request.controlnet_inversion) == ((50.0, 150.0), False)
+    assert parsed("--controlnet", "cn/depth").controlnets == [ControlNetConfig("cn/depth", "canny", 1.0)]
+    assert EditRequest.load(request.save(tmp_path / "request.json")) == request
+    assert json.loads((tmp_path / "request.json").read_text())["controlnets"][1] == {
+        "model": "cn/pose", "condition": str(poses), "scale": 0.5}
+    (tmp_path / "bad.json").write_text(json.dumps({"prompts": ["a cat"], "controlnets": [{"condition": "canny"}]}))
+    with pytest.raises(RequestError, match="controlnets\\[0\\]: `model` is missing"):
+        EditRequest.load(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="--controlnet-scale: given 1 times for 2 --controlnet"):
+        parsed("--controlnet", "a", "--controlnet", "b", "--controlnet-scale", "1")

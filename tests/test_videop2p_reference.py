@@ -39,7 +39,11 @@ def config_file(case: str, run: Path, folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case, mode", [("refine_blend_reweight", "fast")])
+@pytest.mark.parametrize("case, mode", [
+    ("refine_blend_reweight", "fast"),
+    # null-text inversion optimises the unconditional embedding by backpropagating through the UNet at 512x512
+    pytest.param("refine_blend_reweight", "null_text", marks=pytest.mark.slow),
+])
 def test_videop2p_configs_give_videop2p_results(case, mode, videop2p_run, tmp_path):
     reference = np.load(FIXTURES / "reference" / f"{case}_{mode}.npz")
     config = config_file(case, videop2p_run, tmp_path)
