@@ -7,8 +7,8 @@ clip's canny edges.
 
 Random weights give noise, not pictures: this shows the whole job (tuning, inversion, validation videos,
 checkpoints, saved model, a windowed whole-clip edit with sound, a local edit of the ball with its mask video, a
-canny-guided edit with its condition video) running
-in two to three minutes on two idle CPU cores (README's figures; on a machine shared with other work it takes longer).
+canny-guided edit with its condition video) running in about two minutes on two idle CPU cores (107 s measured,
+README's figure; on a machine shared with other work it takes longer).
 """
 
 import logging
