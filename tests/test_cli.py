@@ -104,6 +104,20 @@ def test_an_edit_names_every_phase_and_verbose_brings_the_libraries_back(tuned):
     assert "Editing 4 frames in 1 window(s)" in bars and "Loading weights" in bars
 
 
+def test_a_process_of_several_that_stops_is_its_one_line_then_ours_without_torchruns_report(tmp_path, run_config):
+    config = run_config(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model_index.json").write_text("{}")  # a finished run is there: every process refuses it
+    result = subprocess.run([sys.executable, str(ROOT / "train_tuneavideo.py"), f"--config={config}",
+                             "--num-processes", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 1
+    assert lines[:2] == [f"train_tuneavideo.py: error: output_dir {tmp_path / 'run'} already holds a run: continue it "
+                         "with resume_from_checkpoint=latest, replace it with overwrite=true, or choose another "
+                         "output_dir"] * 2
+    assert lines[2:] == ["train_tuneavideo.py: error: 2 of 2 processes stopped (ranks 0, 1); the lines above say why"]
+
+
 @pytest.mark.parametrize("launcher", [
     [],  # README's command: one process needs no launcher
     ["-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",

@@ -99,9 +99,15 @@ def test_accelerate_launch_writes_every_output(tiny_sd, tmp_path, run_config):
 
 
 @pytest.mark.e2e
-def test_two_processes_train_together(tmp_path, run_config):
+@pytest.mark.parametrize("launcher", ["accelerate launch", "--num-processes"])
+def test_two_processes_train_together(launcher, tmp_path, run_config):
     run = tmp_path / "run"
-    result = launch(run_config(run), processes=2)
+    if launcher == "accelerate launch":
+        result = launch(run_config(run), processes=2)
+    else:  # README's command: the script starts its processes itself
+        result = subprocess.run([sys.executable, str(ROOT / "train_tuneavideo.py"), f"--config={run_config(run)}",
+                                 "--num-processes", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
     assert "2 process(es)" in result.stderr + result.stdout
     assert {p.name for p in (run / "checkpoint-2").glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert (run / "unet" / "config.json").exists() and (run / "tuned_parameters.safetensors").exists()

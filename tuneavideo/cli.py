@@ -103,6 +103,29 @@ def run_cli(main: Callable[[list[str]], None], prog: str, argv: list[str] | None
         sys.exit(f"{prog}: interrupted" + (f"; {interrupt}" if str(interrupt) else ""))
 
 
+def run_processes(script: str | os.PathLike, argv: list[str], num_processes: int) -> None:
+    """Run `python script *argv` as `num_processes` processes of this machine (one per GPU; CPU workers without
+    CUDA), as torchrun and `accelerate launch --multi_gpu` start them, but as one command: a process that stops says
+    why in its own line, and then this raises one `UserError` saying which stopped, instead of PyTorch's launcher
+    report and traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if not _env_flag(VERBOSE_ENV):  # the launcher's own lines about each process it stops or sees fail
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=num_processes, run_id=f"tuneavideo-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)  # torchrun --standalone
+    try:
+        elastic_launch(config, sys.executable)(os.fspath(script), *argv)
+    except ChildFailedError as err:
+        failed = sorted(err.failures)
+        ranks = f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}"
+        raise UserError(f"{len(failed)} of {num_processes} processes stopped ({ranks}); the lines above say why"
+                        ) from None
+
+
 def read_tail(path: Path, max_bytes: int = 65536) -> str:
     """The last `max_bytes` of a text file ("" if it cannot be read): logs grow, a reader only needs their end."""
     try:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel
 
 # Stable Diffusion v1-4's scheduler config (its `scheduler/scheduler_config.json`)
 SD_SCHEDULER_CONFIG = dict(
@@ -126,6 +130,10 @@ def tiny_controlnet(sd_path: str | Path, seed: int | None = None) -> ControlNetM
     """A ControlNet for the tiny SD at `sd_path`, made the way ControlNets start training
     (`ControlNetModel.from_unet`: the UNet's encoder, zero output convolutions, so its residuals are exactly zero);
     with `seed`, those convolutions and the hint encoder's last one random, so that it steers (as a trained one)."""
+    # imported here: tests/fixtures/videop2p/make_reference.py imports this module on diffusers 0.11.1, before
+    # ControlNets
+    from diffusers import ControlNetModel
+
     unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY_HINT_CHANNELS)
     if seed is not None:
