@@ -41,8 +41,12 @@ def config_file(case: str, run: Path, folder: Path) -> Path:
 
 @pytest.mark.parametrize("case, mode", [
     ("refine_blend_reweight", "fast"),
-    # null-text inversion optimises the unconditional embedding by backpropagating through the UNet at 512x512
+    # the rest take 1.5 minutes each on two cores (null-text optimises through the UNet at 512x512): -m slow
+    pytest.param("replace_blend", "fast", marks=pytest.mark.slow),  # a word swap under local blend
+    pytest.param("refine_noblend", "fast", marks=pytest.mark.slow),  # the whole frame may change
     pytest.param("refine_blend_reweight", "null_text", marks=pytest.mark.slow),
+    pytest.param("replace_blend", "null_text", marks=pytest.mark.slow),
+    pytest.param("refine_noblend", "null_text", marks=pytest.mark.slow),
 ])
 def test_videop2p_configs_give_videop2p_results(case, mode, videop2p_run, tmp_path):
     reference = np.load(FIXTURES / "reference" / f"{case}_{mode}.npz")
