@@ -123,8 +123,8 @@ def parser() -> argparse.ArgumentParser:
                            "own condition video or folder of frames, one per source frame (default: canny)")
     structure.add_argument("--controlnet-scale", action="append", type=float, metavar="SCALE",
                            help="how strongly it guides (default: 1.0)")
-    structure.add_argument("--no-controlnet", action="store_true", help="no structure guidance, not even the ControlNet "
-                           "the run was tuned under")
+    structure.add_argument("--no-controlnet", action="store_true",
+                           help="no structure guidance, not even the ControlNet the run was tuned under")
     p2p = parser.add_argument_group("Video-P2P's edit configs")
     p2p.add_argument("--fast", action="store_true", help="with --p2p-config: DDIM inversion only (Video-P2P's)")
     p2p.add_argument("--spatial-attention", choices=SPATIAL_ATTENTION, default=None,

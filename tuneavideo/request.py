@@ -276,7 +276,8 @@ class EditRequest:
 
 
 def _build(kind: type, values: object, source: str):
-    """A `kind` (EditRequest, LocalEdit, LoraFile or ControlNetConfig) from the JSON mapping `values`, with every key known and typed."""
+    """A `kind` (EditRequest, LocalEdit, LoraFile or ControlNetConfig) from the JSON mapping `values`, with every
+    key known and typed."""
     if not isinstance(values, dict):
         raise RequestError(f"{source}: must be a mapping of {kind.__name__}'s fields")
     hints = typing.get_type_hints(kind)

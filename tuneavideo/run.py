@@ -66,7 +66,8 @@ SIDE_BY_SIDE = "side-by-side"  # <edit>.side-by-side.mp4: the source and every v
 INVERSION = "inversion"  # <edit>.inversion.mp4: a local edit's source branch, decoded
 MASK = "mask"  # <prompt>.mask.mp4: a local edit's blend mask over the source
 CONDITION = "condition"  # <edit>.condition.mp4: the condition frames of a structure-guided edit
-SHARED_KINDS = (SIDE_BY_SIDE, INVERSION, MASK, CONDITION)  # a video's file name must not end in .<kind>: it would take theirs
+# a video's file name must not end in .<kind>: it would take theirs
+SHARED_KINDS = (SIDE_BY_SIDE, INVERSION, MASK, CONDITION)
 EDIT_PROGRESS_SUFFIX = ".progress.json"  # <edit>.progress.json: how an edit goes (`tuneavideo.edit_progress`)
 EDIT_NAME_BYTES = 160  # an edit's name past this many UTF-8 bytes is cut and given a hash: file names hold 255
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")

@@ -710,8 +710,8 @@ def build_app(runner: JobRunner, workspace: Workspace) -> gr.Blocks:
                                                          info="1.0: as ControlNets are trained")
                     with gr.Row():
                         edit_loras = gr.Dropdown(choices=list(workspace.loras()), value=[], multiselect=True,
-                                                 label="LoRAs on top of the run's model (checkpoints/loras/)",
-                                                 elem_id="edit-loras", allow_custom_value=True)
+                                                 label="LoRAs (checkpoints/loras/)", elem_id="edit-loras",
+                                                 info="fused on top of the run's model", allow_custom_value=True)
                         edit_lora_scale = gr.Slider(0, 2, 1.0, step=0.05, label="LoRA scale")
                     with gr.Row():
                         edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")

@@ -1,6 +1,6 @@
 """Writing one edit's files: every video's MP4 (with the source's sound), GIF and JPEG frames, the side-by-side of
-the source and every video, a local edit's source branch and blend masks, a guided edit's conditions, at one constant rate (frame j written
-`repeats[j]` times: a variable-rate source shown at its frames' times).
+the source and every video, a local edit's source branch and blend masks, a guided edit's conditions, at one
+constant rate (frame j written `repeats[j]` times: a variable-rate source shown at its frames' times).
 
 Everything is written into a hidden staging folder of the edit folder (`.edit-<pid>-<hex>.tmp`) and moved in
 together by `commit`, so a crash, Ctrl-C, SIGKILL or full disk leaves the earlier files as they were; the caller
