@@ -330,3 +330,23 @@ def diffusers_errors():
         yield logged
     finally:
         logger.removeHandler(handler)
+
+
+def denoising_losses(pipe, base: Path, video_path: str, prompt: str, unets: list, count: int) -> list[float]:
+    """Each of `unets`' noise-prediction error on `count` noised copies of the tuned window of `video_path` (4
+    frames of 64x64, every 3rd from 0) encoded by `pipe`, with `prompt`: noise seeded 0, timesteps 50 to 950 on
+    `base`'s DDPM schedule. How well a tuned UNet has learnt its clip, against the untuned one's."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from tuneavideo.video.readers import Clip
+
+    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    latents = pipe.encode_video(Clip(video_path).frames((64, 64), 0, 12, 3)).mean
+    with torch.no_grad():
+        text = pipe.encode_prompt(prompt, "cpu", do_classifier_free_guidance=False)
+        noise = torch.randn((count, *latents.shape[1:]), generator=torch.Generator().manual_seed(0))
+        timesteps = torch.linspace(50, 950, count).long()
+        noisy = scheduler.add_noise(latents.expand(count, -1, -1, -1, -1), noise, timesteps)
+        return [torch.nn.functional.mse_loss(unet(noisy, timesteps, text.expand(count, -1, -1)).sample, noise).item()
+                for unet in unets]

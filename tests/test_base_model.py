@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import inference
 import train_tuneavideo
-from tests.helpers import ROOT, SAMPLE_CLIP, train_in_process
+from tests.helpers import ROOT, SAMPLE_CLIP, denoising_losses, train_in_process
 from tests.original_layout import write_original_checkpoint
 from tuneavideo.app.page import picked_loras
 from tuneavideo.app.workspace import TuneSettings, Workspace, edit_command, write_tune_config
@@ -37,7 +37,6 @@ from tuneavideo.pipelines.pipeline_tuneavideo import TuneAVideoPipeline
 from tuneavideo.request import EditRequest
 from tuneavideo.tiny import tiny_unet_config
 from tuneavideo.tuned_parameters import apply_tuned_parameters
-from tuneavideo.video.readers import Clip
 
 EDIT = dict(num_inference_steps=2, num_inv_steps=2, audio=False, gif=False)
 QUICK = dict(max_train_steps=2, validation_steps=100, checkpointing_steps=100, mixed_precision="no")
@@ -281,19 +280,9 @@ def test_lora_tuning_lowers_the_loss_and_saves_adapters_and_temporal_layers(tiny
                                      run / "tuned_parameters.safetensors")
     assert_same(state(saved.unet), state(rebuilt))
 
-    scheduler = DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
-    latents = saved.encode_video(Clip(cfg.train_data.video_path).frames((64, 64), 0, 12, 3)).mean
-    with torch.no_grad():
-        text = saved.encode_prompt(cfg.train_data.prompt, "cpu", do_classifier_free_guidance=False)
-        noise = torch.randn((8, *latents.shape[1:]), generator=torch.Generator().manual_seed(0))
-        timesteps = torch.linspace(50, 950, 8).long()
-        noisy = scheduler.add_noise(latents.expand(8, -1, -1, -1, -1), noise, timesteps)
-
-        def loss(unet):
-            return torch.nn.functional.mse_loss(unet(noisy, timesteps, text.expand(8, -1, -1)).sample, noise).item()
-
-        before = loss(UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet"))
-        after = loss(saved.unet)
+    untuned = UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet")
+    before, after = denoising_losses(saved, tiny_sd, cfg.train_data.video_path, cfg.train_data.prompt,
+                                     [untuned, saved.unet], 8)
     assert after < 0.9 * before, (before, after)
 
 

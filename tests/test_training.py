@@ -25,6 +25,7 @@ from tests.helpers import (
     ROOT,
     SAMPLE_CLIP,
     assert_same_pixels,
+    denoising_losses,
     diffusers_errors,
     ffmpeg,
     index_frames,
@@ -118,26 +119,10 @@ def test_loss_falls_when_overfitting_the_clip(tiny_sd, tmp_path, run_config):
     cfg = load_config(config, ["max_train_steps=80", "learning_rate=1e-2", "checkpointing_steps=1000",
                                "gradient_checkpointing=False", "trainable_modules=[attn1,attn2,attn_temp,ff]"])
     train_in_process(cfg)
-
-    from diffusers import DDPMScheduler
-
     pipe = TuneAVideoPipeline.from_pretrained(tmp_path / "run")
-    scheduler = DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
-    data = cfg.train_data
-    clip = Clip(data.video_path)
-    latents = pipe.encode_video(clip.frames((64, 64), 0, 12, 3)).mean
-    with torch.no_grad():
-        text = pipe.encode_prompt(data.prompt, "cpu", do_classifier_free_guidance=False)
-        generator = torch.Generator().manual_seed(0)
-        noise = torch.randn((16, *latents.shape[1:]), generator=generator)
-        timesteps = torch.linspace(50, 950, 16).long()
-        noisy = scheduler.add_noise(latents.expand(16, -1, -1, -1, -1), noise, timesteps)
-
-        def loss(unet):
-            return torch.nn.functional.mse_loss(unet(noisy, timesteps, text.expand(16, -1, -1)).sample, noise).item()
-
-        before = loss(UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet"))
-        after = loss(pipe.unet)
+    untuned = UNet3DConditionModel.from_pretrained_2d(tiny_sd, subfolder="unet")
+    before, after = denoising_losses(pipe, tiny_sd, cfg.train_data.video_path, cfg.train_data.prompt,
+                                     [untuned, pipe.unet], 16)
     assert after < 0.9 * before, (before, after)
 
 

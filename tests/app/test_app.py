@@ -217,10 +217,22 @@ def test_tune_stop_resume_and_edit_with_sound(app):
         reopened.shutdown()
 
 
+def assert_refused(client: Client, settings: dict, message: str) -> None:
+    """The endpoint call of `settings` is refused with one line holding `message`."""
+    with pytest.raises(AppError) as raised:
+        client.predict(**settings)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def run_copy(tuned_run: Path, run: Path) -> Path:
+    """A copy of the tuned run (tuned on "a ball is moving") at `run`, without its edits."""
+    return shutil.copytree(tuned_run, run, ignore=shutil.ignore_patterns("edits"))
+
+
 def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
     client, root = app.client, app.root
     run = root / "local-run"
-    shutil.copytree(tuned_run, run, ignore=shutil.ignore_patterns("edits"))  # tuned on "a ball is moving"
+    run_copy(tuned_run, run)
     edit = dict(run=run.name, prompts="a red ball is moving", steps=2, inv_steps=2, guidance_scale=None, seed=None,
                 span="tuned window", span_start=0, span_end=0, stride=None, local=True, blend="ball",
                 api_name="/edit")  # inversion: ddim, the app's default
@@ -231,9 +243,7 @@ def test_a_local_edit_shows_its_blend_mask_and_inversion(app, tuned_run):
                                                         '"refine" under Control'),
                               (dict(reweight="red"), "Reweight 'red': give WORD=FACTOR"),
                               (dict(local=False), "Blend word(s) and Reweight are for a local edit: tick Local edit")):
-        with pytest.raises(AppError) as raised:
-            client.predict(**{**edit, **settings})
-        assert message in str(raised.value) and "\n" not in str(raised.value)
+        assert_refused(client, {**edit, **settings}, message)
     assert not (run / "edits").exists()
 
     edit_id, _ = client.predict(**edit)
@@ -251,7 +261,7 @@ def test_a_guided_edit_takes_a_controlnet_of_checkpoints_by_name_and_shows_its_c
                                                                                           tiny_controlnet_path):
     client, root = app.client, app.root
     run = root / "guided-run"
-    shutil.copytree(tuned_run, run, ignore=shutil.ignore_patterns("edits"))
+    run_copy(tuned_run, run)
     shutil.copytree(tiny_controlnet_path, app.checkpoints / "tiny-canny")
     edit = dict(run=run.name, prompts="a red ball is moving", steps=2, inv_steps=2, guidance_scale=None, seed=None,
                 span="tuned window", span_start=0, span_end=0, stride=None, controlnet="tiny-canny",
@@ -260,9 +270,7 @@ def test_a_guided_edit_takes_a_controlnet_of_checkpoints_by_name_and_shows_its_c
     for settings, message in ((dict(controlnet=str(tiny_controlnet_path)), "there is no ControlNet"),
                               (dict(controlnet="../tiny-canny"), "there is no ControlNet '../tiny-canny'"),
                               (dict(condition=str(SAMPLE_CLIP)), "is not in the list of choices: ['canny', 'depth']")):
-        with pytest.raises(AppError) as raised:
-            client.predict(**{**edit, **settings})
-        assert message in str(raised.value) and "\n" not in str(raised.value)
+        assert_refused(client, {**edit, **settings}, message)
     assert not (run / "edits").exists()
 
     edit_id, _ = client.predict(**edit)
@@ -691,7 +699,7 @@ def test_a_truncated_result_file_of_an_edit_fails_no_reader(app):
 
 def test_a_local_edit_of_a_run_with_a_damaged_tokenizer_is_one_line_and_leaves_no_folder(app, tuned_run):
     run = app.root / "damaged-tokenizer"
-    shutil.copytree(tuned_run, run, ignore=shutil.ignore_patterns("edits"))
+    run_copy(tuned_run, run)
     tokenizer = run / "tokenizer" / "tokenizer.json"
     tokenizer.write_bytes(tokenizer.read_bytes()[: tokenizer.stat().st_size // 2])
     with pytest.raises(AppError) as raised:

@@ -180,22 +180,14 @@ class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             latents = latents.to(device=device, dtype=dtype).expand(shape).contiguous()
         return latents * (scheduler or self.scheduler).init_noise_sigma
 
-    def structure_guidance(
-        self,
-        conditioning_frames,
-        video_length: int,
-        height: int,
-        width: int,
-        controlnet_conditioning_scale: float | list[float] = 1.0,
-        control_guidance_start: float | list[float] = 0.0,
-        control_guidance_end: float | list[float] = 1.0,
-        guess_mode: bool = False,
-    ) -> StructureGuidance:
+    def structure_guidance(self, conditioning_frames, video_length: int, height: int, width: int,
+                           **settings) -> StructureGuidance:
         """The pipeline's ControlNets with `conditioning_frames` (one condition frame per clip frame; a sequence
-        per ControlNet for several) and diffusers' ControlNet settings, as `__call__` takes them, for a clip of
-        `video_length` frames at `height` x `width`: what `__call__` is guided by, and what an inversion
-        (`inversion.ddim_inversion`, `null_text.null_text_inversion`) of the same clip takes to run under the same
-        control.
+        per ControlNet for several) and diffusers' ControlNet `settings` (`controlnet_conditioning_scale`,
+        `control_guidance_start`, `control_guidance_end`, `guess_mode`; `StructureGuidance.create`), as `__call__`
+        takes them, for a clip of `video_length` frames at `height` x `width`: what `__call__` is guided by, and what
+        an inversion (`inversion.ddim_inversion`, `null_text.null_text_inversion`) of the same clip takes to run
+        under the same control.
 
         Raises:
             ValueError: the pipeline has no `controlnet`.
@@ -203,9 +195,7 @@ class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """
         if self.controlnet is None:
             raise ValueError("`conditioning_frames` need a pipeline with a `controlnet`")
-        return StructureGuidance.create(self.controlnet, conditioning_frames, video_length, height, width,
-                                        controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
-                                        guess_mode)
+        return StructureGuidance.create(self.controlnet, conditioning_frames, video_length, height, width, **settings)
 
     def check_inputs(self, prompt, height: int, width: int, callback_steps: int) -> None:
         if not isinstance(prompt, (str, list)) or not prompt:
@@ -297,9 +287,11 @@ class TuneAVideoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         windows = plan_windows(video_length, window_size, window_overlap)
         control = None
         if conditioning_frames is not None:
-            control = self.structure_guidance(conditioning_frames, video_length, height, width,
-                                              controlnet_conditioning_scale, control_guidance_start,
-                                              control_guidance_end, guess_mode)
+            control = self.structure_guidance(
+                conditioning_frames, video_length, height, width,
+                controlnet_conditioning_scale=controlnet_conditioning_scale,
+                control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                guess_mode=guess_mode)
         prompts = [prompt] if isinstance(prompt, str) else prompt
         device = self._execution_device
         scales = _per_prompt(guidance_scale, len(prompts), "guidance_scale")
