@@ -800,16 +800,20 @@ def launch(workspace: Workspace, host: str = "127.0.0.1", port: int = 7860, bloc
     except BaseException:
         runner.shutdown()
         raise
-    if not quiet:
-        reach = "this machine only" if host in ("127.0.0.1", "localhost") else f"on {host}: other machines reach it"
-        print(f"the app is at {demo.local_url} ({reach}; never a public link); Ctrl-C stops it", flush=True)
-    if block:
-        try:
-            while demo.is_running:
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            demo.close(verbose=False)
-            runner.shutdown()
+    reach = "this machine only" if host in ("127.0.0.1", "localhost") else f"on {host}: other machines reach it"
+    listening = f"the app is at {demo.local_url} ({reach}; never a public link); Ctrl-C stops it"
+    if not block:
+        if not quiet:
+            print(listening, flush=True)
+        return demo, runner
+    try:  # from the line on: a Ctrl-C right after it must close the server too, or its thread keeps the process
+        if not quiet:
+            print(listening, flush=True)
+        while demo.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close(verbose=False)
+        runner.shutdown()
     return demo, runner
